@@ -1,0 +1,3 @@
+from resdistill.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""The ``resdistill`` command: one subcommand per module, heavy imports inside each command.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code:
+0 success, 1 finished with skipped input, 2 unusable input or options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("resdistill.commands.synth", "write synthetic H&E-like whole-slide images"),
+    "shard": ("resdistill.commands.shard", "tile slides at several magnifications into shards"),
+    "teacher": ("resdistill.teacher", "train the high-magnification teacher on Ray Train"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from resdistill import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="resdistill",
+        description="Resolution distillation for histology: shard slides, train a teacher, "
+        "distill a low-magnification student.",
+    )
+    parser.add_argument("--version", action="version", version=f"resdistill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:  # a stage still being built: leave it out of the menu
+            continue
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: published shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""Slide labels from a CSV and the split of slides into train / val / test / unlabeled.
+
+The CSV has a header with ``slide`` and ``label`` columns and an optional ``patient`` column.
+``slide`` is the slide's file stem (``CMU-1`` for ``CMU-1.svs``) or its slide id. Splits are drawn
+by patient when patients are given (else by slide), never by tile, stratified by label, and are
+deterministic for a seed: no patient and no slide contributes to two splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .layout import LABELLED_SPLITS, UnsafeNameError, slide_id
+
+
+class LabelsError(Exception):
+    """The labels file as a whole cannot be used (missing, unreadable, wrong columns)."""
+
+
+@dataclass
+class Labels:
+    """Parsed labels: per slide id its label and patient, plus one problem line per bad row.
+
+    ``skip`` holds slide ids that appear in the CSV but must not be sharded (empty, unknown or
+    conflicting label), each with the reason.
+    """
+
+    label: dict[str, str] = field(default_factory=dict)
+    patient: dict[str, str] = field(default_factory=dict)
+    skip: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.label.values()))
+
+
+def read_labels(
+    path: str | Path, known_slides: set[str], classes: list[str] | None = None
+) -> Labels:
+    """Read and validate a labels CSV against the slide ids being sharded.
+
+    Problems reported (one line each, naming the file, row and fix): a slide the input does not
+    contain, an empty label, a label outside ``classes`` when classes are given, a slide listed
+    twice, a slide name that could escape the output prefix. Rows with problems are not used; a
+    slide whose row is bad is skipped rather than silently sharded as unlabeled.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+            header = [h.strip() for h in (rows[0].keys() if rows else [])]
+    except FileNotFoundError:
+        raise LabelsError(f"{path}: labels file not found: check --labels") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise LabelsError(f"{path}: not a readable CSV ({exc}): save it as UTF-8 CSV") from None
+    if not rows:
+        raise LabelsError(
+            f"{path}: no rows: the CSV needs a header 'slide,label[,patient]' and rows"
+        )
+    if "slide" not in header or "label" not in header:
+        raise LabelsError(
+            f"{path}: header is {','.join(header)!r}: it must name the columns 'slide' and 'label' "
+            "(and optionally 'patient')"
+        )
+    out = Labels()
+    seen: dict[str, int] = {}
+    allowed = set(classes) if classes else None
+    for lineno, raw in enumerate(rows, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        name, label, patient = row.get("slide", ""), row.get("label", ""), row.get("patient", "")
+        try:
+            sid = slide_id(name)
+        except UnsafeNameError as exc:
+            out.problems.append(f"{path}:{lineno}: {exc}")
+            continue
+        if sid not in known_slides:
+            out.problems.append(
+                f"{path}:{lineno}: slide {name!r} is not among the input slides: remove the row or "
+                "add the slide file"
+            )
+            continue
+        if sid in seen:
+            out.problems.append(
+                f"{path}:{lineno}: slide {name!r} is listed again (first on line {seen[sid]}): keep "
+                "one row per slide; the slide is skipped until then"
+            )
+            out.skip[sid] = f"listed twice in {path.name}"
+            continue
+        seen[sid] = lineno
+        if not label:
+            out.problems.append(
+                f"{path}:{lineno}: slide {name!r} has an empty label: give its class, or drop the "
+                "row to shard it as unlabeled; the slide is skipped until then"
+            )
+            out.skip[sid] = f"empty label in {path.name}"
+            continue
+        if allowed is not None and label not in allowed:
+            out.problems.append(
+                f"{path}:{lineno}: slide {name!r} has label {label!r}, not one of "
+                f"{', '.join(sorted(allowed))}: fix the label or --classes; the slide is skipped"
+            )
+            out.skip[sid] = f"unknown label {label!r}"
+            continue
+        out.label[sid] = label
+        if patient:
+            out.patient[sid] = patient
+    for sid in out.skip:
+        out.label.pop(sid, None)
+        out.patient.pop(sid, None)
+    return out
+
+
+def _stable_rank(text: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
+
+
+def assign_splits(
+    labels: dict[str, str],
+    patients: dict[str, str],
+    ratios: tuple[float, float, float],
+    seed: int = 0,
+    fixed: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Split labelled slides into train/val/test by patient (or slide), stratified by label.
+
+    Groups are patients (a slide without a patient is its own group). Within each label, groups are
+    ordered by a seeded hash and dealt to splits by largest remainder so that each split gets
+    ``ratio * n`` groups, and every split with a positive ratio gets at least one group when there
+    are enough. ``fixed`` keeps earlier assignments (a resumed run): a group with a fixed slide
+    takes that split whole.
+    """
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
+        raise ValueError(f"--splits needs three non-negative ratios (train,val,test), got {ratios}")
+    total = sum(ratios)
+    ratios = tuple(r / total for r in ratios)
+    fixed = fixed or {}
+    groups: dict[str, list[str]] = {}
+    for sid in labels:
+        groups.setdefault(patients.get(sid, f"slide:{sid}"), []).append(sid)
+    out: dict[str, str] = {}
+    by_label: dict[str, list[str]] = {}
+    for gid, members in groups.items():
+        pinned = [fixed[s] for s in members if fixed.get(s) in LABELLED_SPLITS]
+        if pinned:
+            for s in members:
+                out[s] = pinned[0]
+            continue
+        by_label.setdefault(labels[members[0]], []).append(gid)
+    for label in sorted(by_label):
+        gids = sorted(by_label[label], key=lambda g: _stable_rank(g, seed))
+        counts = _deal(len(gids), ratios)
+        start = 0
+        for split, count in zip(LABELLED_SPLITS, counts, strict=True):
+            for gid in gids[start : start + count]:
+                for s in groups[gid]:
+                    out[s] = split
+            start += count
+    return out
+
+
+def _deal(n: int, ratios: tuple[float, ...]) -> list[int]:
+    """Largest-remainder counts summing to n; each positive ratio gets one first when n allows."""
+    counts = [0] * len(ratios)
+    positive = [i for i, r in enumerate(ratios) if r > 0]
+    if n >= len(positive):
+        for i in positive:
+            counts[i] = 1
+    left = n - sum(counts)
+    want = [max(0.0, r * n - c) for r, c in zip(ratios, counts, strict=True)]
+    scale = left / sum(want) if sum(want) > 0 else 0
+    share = [w * scale for w in want]
+    floor = [int(s) for s in share]
+    counts = [c + f for c, f in zip(counts, floor, strict=True)]
+    order = sorted(range(len(ratios)), key=lambda i: (share[i] - floor[i], ratios[i]), reverse=True)
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts

@@ -1,0 +1,92 @@
+"""The dataset contract: names and files that the sharding stage writes and every reader relies on.
+
+A dataset rooted at ``ROOT`` (a local folder or ``s3://bucket/prefix``) holds::
+
+    ROOT/dataset.json                 magnifications, tile sizes, classes, counts, mean/std per mag
+    ROOT/manifest.parquet             one row per sample (MANIFEST_COLUMNS); the source of truth
+    ROOT/<split>/shard-NNNNNN.tar     WebDataset shards; a sample is one region at every mag
+    ROOT/_state/...                   resume bookkeeping of the writer; readers ignore it
+
+Readers take the list of shards from ``manifest.parquet`` (never by listing the folder), so shards
+published by a run that has not finished yet are invisible until the manifest names them.
+
+A sample is the members of one tar sharing the key ``<slide>_<x>_<y>`` (level-0 pixel coordinates
+of the region's top-left corner): ``<mag>.jpg`` (or ``.png``) for each magnification, named by
+:attr:`sharding.magnification.Magnification.name`, and ``json`` with :data:`SAMPLE_JSON_FIELDS`.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Splits, in the order they are reported. Labelled slides go to train/val/test (by slide, or by
+#: patient when given); slides with no label go to ``unlabeled`` (used by distillation only).
+SPLITS = ("train", "val", "test", "unlabeled")
+LABELLED_SPLITS = SPLITS[:3]
+
+DATASET_JSON = "dataset.json"
+MANIFEST = "manifest.parquet"
+STATE_DIR = "_state"
+SHARD_PREFIX = "shard"
+FORMAT_VERSION = 1
+
+#: Fields of each sample's ``json`` member.
+SAMPLE_JSON_FIELDS = (
+    "slide",  # slide id (see slide_id)
+    "x",  # level-0 x of the region's top-left corner
+    "y",  # level-0 y
+    "size0",  # region edge in level-0 pixels
+    "mpp",  # {mag name: microns per pixel of that image}
+    "tissue",  # tissue fraction of the region in [0, 1]
+    "label",  # class name or null
+    "split",  # one of SPLITS
+    "patient",  # patient id or null
+)
+
+#: Columns of manifest.parquet. ``mean_<mag>`` / ``sqmean_<mag>`` hold per-channel means of the
+#: image and of its square (RGB scaled to [0, 1]); dataset.json's mean/std derive from them.
+MANIFEST_COLUMNS = ("key", "slide", "x", "y", "split", "label", "patient", "tissue", "shard")
+
+_SLIDE_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def sample_key(slide: str, x: int, y: int) -> str:
+    """``<slide>_<x>_<y>``: unique per region, dot-free so webdataset keeps members together."""
+    return f"{slide}_{int(x)}_{int(y)}"
+
+
+def image_member(mag_name: str, fmt: str) -> str:
+    """Member extension of one magnification's image, e.g. ``10x.jpg`` or ``2p5x.png``."""
+    return f"{mag_name}.{'jpg' if fmt == 'jpeg' else fmt}"
+
+
+def shard_name(split: str, index: int) -> str:
+    """Relative path of shard ``index`` in ``split``: ``train/shard-000012.tar``."""
+    return f"{split}/{SHARD_PREFIX}-{index:06d}.tar"
+
+
+class UnsafeNameError(ValueError):
+    """A slide name that cannot be used as a key or a storage path component."""
+
+
+def slide_id(name: str) -> str:
+    """The slide id used in keys and paths, from a file stem or a labels-CSV entry.
+
+    Letters, digits, ``_`` and ``-`` are kept; any other character (a dot in a TCGA barcode, a
+    space) becomes ``-``. Names that could address anything outside the output prefix (path
+    separators, ``..``, a leading dot, control characters, empty) are refused.
+    """
+    if (
+        not name
+        or name.strip() != name
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+        or ".." in name
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
+        raise UnsafeNameError(
+            f"slide name {name!r} could escape the output prefix (path separator, '..', leading "
+            "dot, control character or empty): rename the file or fix the labels CSV"
+        )
+    return _SLIDE_ID_BAD.sub("-", name)

@@ -1,0 +1,121 @@
+"""manifest.parquet and dataset.json: built from the index fragments of published shards.
+
+Normalisation in dataset.json is computed over every sample of every split, per magnification::
+
+    mean_c = average over samples of mean(image_c)
+    std_c  = sqrt(average over samples of mean(image_c ** 2) - mean_c ** 2)
+
+which is the exact pixel mean/std because every image of one magnification has the same number of
+pixels. RGB is scaled to [0, 1], as torchvision's ``Normalize`` expects after ``ToDtype``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .layout import FORMAT_VERSION, SPLITS
+
+
+def manifest_schema(mag_names: list[str]) -> pa.Schema:
+    """Columns of manifest.parquet (see sharding.layout.MANIFEST_COLUMNS) for these mags."""
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("slide", pa.string(), nullable=False),
+        pa.field("x", pa.int64(), nullable=False),
+        pa.field("y", pa.int64(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("patient", pa.string()),
+        pa.field("tissue", pa.float32()),
+        pa.field("shard", pa.string(), nullable=False),
+    ]
+    for name in mag_names:
+        fields.append(pa.field(f"mean_{name}", pa.list_(pa.float32(), 3)))
+        fields.append(pa.field(f"sqmean_{name}", pa.list_(pa.float32(), 3)))
+    return pa.schema(fields)
+
+
+def rows_to_parquet(rows: list[dict], mag_names: list[str]) -> bytes:
+    return manifest_bytes(pa.Table.from_pylist(rows, schema=manifest_schema(mag_names)))
+
+
+def manifest_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))
+
+
+def combine(fragments: list[pa.Table], mag_names: list[str]) -> pa.Table:
+    """One table from fragments, sorted by split, shard and key (stable, diff-friendly)."""
+    schema = manifest_schema(mag_names)
+    if not fragments:
+        return schema.empty_table()
+    table = pa.concat_tables([f.select(schema.names).cast(schema) for f in fragments])
+    return table.sort_by([("split", "ascending"), ("shard", "ascending"), ("key", "ascending")])
+
+
+def dataset_description(
+    table: pa.Table,
+    *,
+    mags: list[tuple[str, float]],
+    tile_px: dict[str, int],
+    image_format: str,
+    classes: list[str],
+    splits: dict[str, float],
+    seed: int,
+    min_tissue: float,
+    tool: str,
+) -> dict:
+    """The content of dataset.json for a manifest table (see the module docstring)."""
+    rows = table.select(["split", "label", "slide", "shard"]).to_pylist()
+    counts: dict[str, dict] = {}
+    for split in SPLITS:
+        part = [r for r in rows if r["split"] == split]
+        if not part:
+            continue
+        per_class: dict[str, int] = {}
+        for r in part:
+            if r["label"] is not None:
+                per_class[r["label"]] = per_class.get(r["label"], 0) + 1
+        counts[split] = {
+            "samples": len(part),
+            "slides": len({r["slide"] for r in part}),
+            "shards": len({r["shard"] for r in part}),
+            "per_class": dict(sorted(per_class.items())),
+        }
+    normalization = {}
+    n = table.num_rows
+    for name, _ in mags:
+        if n == 0:
+            continue
+        means = table.column(f"mean_{name}").combine_chunks().flatten().to_numpy().reshape(-1, 3)
+        sq = table.column(f"sqmean_{name}").combine_chunks().flatten().to_numpy().reshape(-1, 3)
+        mean = means.astype("float64").mean(0)
+        var = sq.astype("float64").mean(0) - mean**2
+        normalization[name] = {
+            "mean": [round(float(v), 6) for v in mean],
+            "std": [round(math.sqrt(max(float(v), 1e-12)), 6) for v in var],
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "magnifications": [name for name, _ in mags],
+        "mpp": {name: mpp for name, mpp in mags},
+        "tile_px": tile_px,
+        "image_format": image_format,
+        "classes": classes,
+        "counts": counts,
+        "samples": n,
+        "normalization": normalization,
+        "splits": splits,
+        "seed": seed,
+        "min_tissue": min_tissue,
+        "tool": tool,
+    }

@@ -1,0 +1,178 @@
+"""Open a whole-slide image with OpenSlide and read regions at a requested magnification.
+
+Contract (DESIGN.md, "Magnification"):
+
+* Base mpp (level 0) comes from ``openslide.mpp-x``, else from the TIFF resolution tags, else from
+  ``openslide.objective-power`` (``mpp = 10 / power``), else from the user's ``--mpp``; with none
+  of them the slide is refused with :class:`SlideError`, never guessed.
+* A magnification is read from the best pyramid level at or above it (the level with the largest
+  downsample that is still <= the wanted one) and resized with an anti-aliasing filter; a
+  magnification above the slide's base is refused, never upsampled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .magnification import Magnification
+
+#: Levels whose downsample exceeds the wanted one by less than this factor still count as "at or
+#: above" the magnification (vendors store e.g. 4.000244 for a 4x level).
+LEVEL_TOLERANCE = 1e-3
+
+#: File extensions scanned when a folder is given (OpenSlide's formats).
+SLIDE_SUFFIXES = frozenset(
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
+)
+
+
+class SlideError(Exception):
+    """A slide that cannot be sharded; the message is one line naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What the tiler needs to know about a slide."""
+
+    path: str
+    width: int
+    height: int
+    base_mpp: float
+    mpp_source: str  # "openslide.mpp-x", "tiff resolution", "objective power" or "--mpp"
+    level_downsamples: tuple[float, ...]
+    level_dimensions: tuple[tuple[int, int], ...]
+    vendor: str | None
+
+
+def _float(props: dict, key: str) -> float | None:
+    try:
+        value = float(props[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def base_mpp_from_properties(
+    props: dict, override: float | None = None
+) -> tuple[float, str] | None:
+    """Microns per level-0 pixel and where it came from, or None when the slide does not say."""
+    mpp = _float(props, "openslide.mpp-x")
+    if mpp:
+        return mpp, "openslide.mpp-x"
+    xres, unit = _float(props, "tiff.XResolution"), props.get("tiff.ResolutionUnit", "")
+    if xres and unit in ("centimeter", "inch"):
+        # XResolution is pixels per unit; 1 cm = 1e4 um, 1 inch = 25400 um.
+        per_unit_um = 1e4 if unit == "centimeter" else 25400.0
+        mpp = per_unit_um / xres
+        if 0.05 <= mpp <= 100:  # a scanner's range; 72 dpi defaults of image editors are not mpp
+            return mpp, "tiff resolution"
+    power = _float(props, "openslide.objective-power")
+    if power:
+        return Magnification(power).mpp, "objective power"
+    if override:
+        return float(override), "--mpp"
+    return None
+
+
+def open_slide(path: str | Path):
+    """Open ``path`` with OpenSlide (not its PIL fallback), raising :class:`SlideError`."""
+    import openslide
+
+    path = str(path)
+    if not Path(path).is_file():
+        raise SlideError(f"{path}: no such file: check the path")
+    try:
+        return openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError(
+            f"{path}: not a slide OpenSlide can read (unsupported format or not an image): "
+            "remove it from the input or convert it to a pyramidal TIFF"
+        ) from None
+    except openslide.OpenSlideError as exc:
+        raise SlideError(
+            f"{path}: OpenSlide cannot read it ({exc}); the file may be truncated or corrupt: "
+            "copy it again from the scanner"
+        ) from None
+
+
+def slide_info(slide, path: str, mpp_override: float | None = None) -> SlideInfo:
+    """Describe an open slide, refusing one whose microns per pixel cannot be known."""
+    found = base_mpp_from_properties(dict(slide.properties), mpp_override)
+    if found is None:
+        raise SlideError(
+            f"{path}: the slide records neither microns per pixel nor objective power: pass --mpp "
+            "(microns per level-0 pixel, e.g. --mpp 0.25 for 40x)"
+        )
+    width, height = slide.dimensions
+    return SlideInfo(
+        path=path,
+        width=int(width),
+        height=int(height),
+        base_mpp=found[0],
+        mpp_source=found[1],
+        level_downsamples=tuple(float(d) for d in slide.level_downsamples),
+        level_dimensions=tuple((int(w), int(h)) for w, h in slide.level_dimensions),
+        vendor=slide.properties.get("openslide.vendor"),
+    )
+
+
+def best_level(downsamples: tuple[float, ...], wanted: float) -> int:
+    """Index of the level with the largest downsample <= ``wanted`` (within LEVEL_TOLERANCE)."""
+    best = 0
+    for i, ds in enumerate(downsamples):
+        if ds <= wanted * (1 + LEVEL_TOLERANCE) and ds >= downsamples[best]:
+            best = i
+    return best
+
+
+def check_magnification(info: SlideInfo, mag: Magnification) -> None:
+    """Refuse a magnification the slide can only give by upsampling."""
+    if mag.mpp < info.base_mpp * (1 - LEVEL_TOLERANCE):
+        base = Magnification.from_mpp(info.base_mpp)
+        raise SlideError(
+            f"{info.path}: scanned at {base} ({info.base_mpp:.3g} um/px) but {mag} was asked; "
+            f"resdistill never upsamples: use magnifications of {base} or lower in --mags"
+        )
+
+
+def to_rgb(region: Image.Image) -> np.ndarray:
+    """RGBA from OpenSlide -> uint8 RGB, with transparent (unscanned) pixels shown as white glass."""
+    arr = np.asarray(region)
+    rgb = arr[..., :3]
+    alpha = arr[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.float32) / 255.0
+    return (rgb.astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
+
+
+def downsample(image: Image.Image, size: int) -> Image.Image:
+    """Anti-aliased reduction of a square image to ``size`` px: box average for whole factors
+    (each output pixel the mean of a k x k block), Lanczos otherwise. Never enlarges."""
+    if image.width == size and image.height == size:
+        return image
+    if image.width < size or image.height < size:
+        raise ValueError(f"refusing to upsample {image.size} to {size}px")
+    factor = image.width / size
+    if image.width == image.height and abs(factor - round(factor)) < 1e-9:
+        return image.reduce(int(round(factor)))
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def read_region_at(slide, info: SlideInfo, x: int, y: int, size0: int, out_px: int) -> Image.Image:
+    """The level-0 square ``(x, y, size0)`` as an ``out_px`` RGB image.
+
+    Reads the best level at or above the requested scale (``size0 / out_px`` level-0 pixels per
+    output pixel), then reduces it with :func:`downsample`.
+    """
+    wanted = size0 / out_px
+    level = best_level(info.level_downsamples, wanted)
+    ds = info.level_downsamples[level]
+    read_px = max(out_px, int(math.ceil(size0 / ds - 1e-6)))
+    region = slide.read_region((int(x), int(y)), level, (read_px, read_px))
+    return downsample(Image.fromarray(to_rgb(region)), out_px)
