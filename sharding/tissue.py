@@ -88,7 +88,8 @@ def thumbnail(slide, info: SlideInfo) -> tuple[np.ndarray, float]:
 
 
 def otsu(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold on values in [0, 1]: maximises between-class variance of the histogram."""
+    """Otsu's threshold on values in [0, 1]: maximises the between-class variance
+    ``w0 * w1 * (mean0 - mean1) ** 2`` over histogram cuts."""
     hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
     hist = hist.astype(np.float64)
     total = hist.sum()
@@ -101,7 +102,9 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
     mean0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
     mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
     between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(edges[int(np.argmax(between)) + 1])
+    # Between two well separated modes the criterion is flat: take the middle of the plateau.
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float(edges[int(round(best.mean())) + 1])
 
 
 def tissue_mask(rgb: np.ndarray) -> TissueMask:

@@ -26,11 +26,12 @@ def ray_bin() -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[str]:
+def ray_cluster(s3_server: str) -> Iterator[str]:
     """Start ``ray start --head`` on 127.0.0.1 (2 CPUs), yield its GCS address, ``ray stop`` after.
 
     Tests hand the address to the code under test (``--address``) so every run connects to this
-    cluster instead of paying for a fresh local Ray each time.
+    cluster instead of paying for a fresh local Ray each time. It depends on ``s3_server`` so that
+    Ray's workers inherit the S3 endpoint and dummy credentials from the environment.
     """
     tmp = Path(tempfile.mkdtemp(prefix="rdray-"))
     port = free_port()

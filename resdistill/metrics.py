@@ -1,0 +1,487 @@
+"""Classification metrics with bootstrap confidence intervals, tile- and slide-level (numpy only).
+
+Conventions (shared by ``evaluate`` and the plots):
+
+* ``y_true``: shape ``(N,)``, integer class indices ``0..K-1`` (or class names when ``classes`` is
+  given to :func:`evaluate_predictions`). ``y_prob``: shape ``(N, K)``, one score per class
+  (softmax probabilities; any score where higher means "more likely" works for AUC).
+* The predicted class is ``argmax(y_prob, axis=1)`` (ties -> lowest index).
+* Macro averages (F1, precision, recall) are unweighted means over the classes that occur in
+  ``y_true`` or ``y_pred`` (scikit-learn's default), or over ``labels`` when given. A per-class
+  ratio with a zero denominator counts as 0 (scikit-learn's ``zero_division=0``).
+* One-vs-rest ROC AUC of class ``k`` is the Mann-Whitney statistic: the probability that a random
+  positive (true class ``k``) scores higher than a random negative, ties counting 1/2. It is
+  **undefined (NaN; ``None`` in** :func:`evaluate_predictions` **output) when class ``k`` has no
+  positive or no negative sample** - e.g. a class absent from ``y_true``, or every class when
+  ``y_true`` holds a single class. ``macro_auc`` is the mean over the classes where it is defined.
+* Empty input raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "SlidePredictions",
+    "accuracy",
+    "aggregate_slides",
+    "binary_roc_auc",
+    "bootstrap_ci",
+    "confusion_matrix",
+    "evaluate_predictions",
+    "macro_auc",
+    "macro_f1",
+    "macro_precision",
+    "macro_recall",
+    "per_class_auc",
+    "precision_recall_f1",
+    "roc_curve",
+]
+
+MetricFn = Callable[[np.ndarray, np.ndarray], float]
+
+
+# ----------------------------------------------------------------------------- input checks
+def _labels_1d(y: Any, name: str = "y_true") -> np.ndarray:
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: nothing to evaluate")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0):
+            arr = arr.astype(np.int64)
+        else:
+            raise ValueError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
+    if arr.min() < 0:
+        raise ValueError(f"{name} holds a negative class index ({arr.min()})")
+    return arr.astype(np.int64, copy=False)
+
+
+def _probs_2d(y_prob: Any, n: int | None = None) -> np.ndarray:
+    arr = np.asarray(y_prob, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"y_prob must be (N, K), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"y_prob is empty (shape {arr.shape}): nothing to evaluate")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"y_true has {n} samples but y_prob has {arr.shape[0]}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("y_prob holds NaN or infinite values")
+    return arr
+
+
+def _pair(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    t = _labels_1d(y_true, "y_true")
+    p = _labels_1d(y_pred, "y_pred")
+    if t.shape != p.shape:
+        raise ValueError(f"y_true has {t.size} samples but y_pred has {p.size}")
+    return t, p
+
+
+# ----------------------------------------------------------------------------- label metrics
+def accuracy(y_true: Any, y_pred: Any) -> float:
+    """Fraction of samples with ``y_pred == y_true``: ``(1/N) * sum_i [y_pred_i == y_true_i]``."""
+    t, p = _pair(y_true, y_pred)
+    return float(np.mean(t == p))
+
+
+def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int | None = None) -> np.ndarray:
+    """``(K, K)`` int64 matrix, ``M[i, j]`` = number of samples of true class i predicted as j.
+
+    ``K = n_classes`` when given, else ``max(y_true, y_pred) + 1``.
+    """
+    t, p = _pair(y_true, y_pred)
+    k = int(max(t.max(), p.max())) + 1
+    if n_classes is not None:
+        if n_classes < k:
+            raise ValueError(f"n_classes={n_classes} but a class index {k - 1} occurs")
+        k = int(n_classes)
+    return np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.int64)
+
+
+def precision_recall_f1(
+    y_true: Any, y_pred: Any, labels: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class ``(labels, precision, recall, f1)`` with zero denominators counted as 0.
+
+    For class k: ``tp``, ``fp``, ``fn`` from the confusion matrix; ``precision = tp/(tp+fp)``,
+    ``recall = tp/(tp+fn)``, ``f1 = 2 tp / (2 tp + fp + fn)`` (equal to the harmonic mean of
+    precision and recall where that is defined). ``labels`` defaults to the sorted classes that
+    occur in ``y_true`` or ``y_pred``.
+    """
+    t, p = _pair(y_true, y_pred)
+    lab = np.union1d(t, p) if labels is None else np.asarray(labels, dtype=np.int64)
+    if lab.size == 0:
+        raise ValueError("labels is empty")
+    k = int(max(t.max(), p.max(), lab.max())) + 1
+    precision, recall, f1 = _prf_from_confusion(confusion_matrix(t, p, k), lab)
+    return lab, precision, recall, f1
+
+
+def _prf_from_confusion(
+    cm: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall, F1 for ``labels`` from a (possibly weighted) confusion matrix."""
+    tp = np.diag(cm)[labels].astype(np.float64)
+    fp = cm.sum(axis=0)[labels] - tp
+    fn = cm.sum(axis=1)[labels] - tp
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(num, dtype=np.float64)
+        np.divide(num, den, out=out, where=den > 0)
+        return out
+
+    return ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def macro_precision(y_true: Any, y_pred: Any, labels: Sequence[int] | None = None) -> float:
+    """Unweighted mean over classes of ``tp/(tp+fp)`` (0 for a class never predicted)."""
+    return float(np.mean(precision_recall_f1(y_true, y_pred, labels)[1]))
+
+
+def macro_recall(y_true: Any, y_pred: Any, labels: Sequence[int] | None = None) -> float:
+    """Unweighted mean over classes of ``tp/(tp+fn)`` (0 for a class absent from y_true)."""
+    return float(np.mean(precision_recall_f1(y_true, y_pred, labels)[2]))
+
+
+def macro_f1(y_true: Any, y_pred: Any, labels: Sequence[int] | None = None) -> float:
+    """Unweighted mean over classes of ``2 tp / (2 tp + fp + fn)``."""
+    return float(np.mean(precision_recall_f1(y_true, y_pred, labels)[3]))
+
+
+# ----------------------------------------------------------------------------- ROC / AUC
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` with ties given the mean of the ranks they span."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    # start index of each run of equal values
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], xs.size]  # exclusive
+    mean_rank = (starts + ends + 1) / 2.0  # mean of (starts+1 .. ends)
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+def binary_roc_auc(y_binary: Any, score: Any) -> float:
+    """Tie-aware ROC AUC (Mann-Whitney U / (n_pos * n_neg)); NaN when a class is missing.
+
+    ``AUC = (sum of ranks of the positives - n_pos (n_pos + 1) / 2) / (n_pos * n_neg)`` with
+    average ranks for tied scores, i.e. ``P(score_pos > score_neg) + 0.5 P(equal)``. This equals
+    the area under the (trapezoidal) ROC curve of :func:`roc_curve`.
+    """
+    y = np.asarray(y_binary).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    if y.ndim != 1 or s.shape != y.shape:
+        raise ValueError(
+            f"y_binary and score must be 1-D of equal length, got {y.shape}, {s.shape}"
+        )
+    if y.size == 0:
+        raise ValueError("binary_roc_auc: empty input")
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = _average_ranks(s)
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def roc_curve(y_binary: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve points ``(fpr, tpr, thresholds)`` for one binary problem.
+
+    One point per distinct score ``s`` (descending): predicting positive when ``score >= s``.
+    The first point is ``(0, 0)`` with threshold ``+inf``; the last is ``(1, 1)``. With no
+    positive (negative) sample, ``tpr`` (``fpr``) is NaN. Matches scikit-learn's
+    ``roc_curve(..., drop_intermediate=False)``.
+    """
+    y = np.asarray(y_binary).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    if y.ndim != 1 or s.shape != y.shape:
+        raise ValueError(
+            f"y_binary and score must be 1-D of equal length, got {y.shape}, {s.shape}"
+        )
+    if y.size == 0:
+        raise ValueError("roc_curve: empty input")
+    order = np.argsort(-s, kind="mergesort")
+    ss, ys = s[order], y[order]
+    last_of_run = np.r_[ss[1:] != ss[:-1], True]
+    tps = np.cumsum(ys)[last_of_run].astype(np.float64)
+    fps = np.cumsum(~ys)[last_of_run].astype(np.float64)
+    tps = np.r_[0.0, tps]
+    fps = np.r_[0.0, fps]
+    thresholds = np.r_[np.inf, ss[last_of_run]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = tps / tps[-1] if tps[-1] > 0 else np.full_like(tps, np.nan)
+        fpr = fps / fps[-1] if fps[-1] > 0 else np.full_like(fps, np.nan)
+    return fpr, tpr, thresholds
+
+
+def per_class_auc(y_true: Any, y_prob: Any) -> np.ndarray:
+    """One-vs-rest AUC for each of the K columns of ``y_prob``; NaN where undefined."""
+    t = _labels_1d(y_true)
+    p = _probs_2d(y_prob, t.size)
+    return np.array([binary_roc_auc(t == k, p[:, k]) for k in range(p.shape[1])])
+
+
+def macro_auc(y_true: Any, y_prob: Any) -> float:
+    """Mean of :func:`per_class_auc` over the classes where it is defined (NaN if none is)."""
+    aucs = per_class_auc(y_true, y_prob)
+    ok = np.isfinite(aucs)
+    return float(aucs[ok].mean()) if ok.any() else math.nan
+
+
+# ----------------------------------------------------------------------------- bootstrap
+def bootstrap_ci(
+    metric_fn: MetricFn,
+    y_true: Any,
+    y_prob: Any,
+    n: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(point, low, high)``: the metric on all data and a percentile bootstrap interval.
+
+    ``n`` resamples of the N samples are drawn with replacement (``numpy.random.default_rng(seed)``,
+    so the result is deterministic for a seed); ``metric_fn(y_true[idx], y_prob[idx])`` is
+    evaluated on each, and ``low``/``high`` are the ``alpha/2`` and ``1 - alpha/2`` percentiles
+    (linear interpolation) of the finite values. Resamples where the metric is undefined (NaN,
+    e.g. an AUC whose class was not drawn) are left out; if none is finite, low = high = NaN.
+    The point estimate is *not* forced into the interval (with a skewed distribution a percentile
+    interval can in principle exclude it).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    t = np.asarray(y_true)
+    p = np.asarray(y_prob)
+    if t.shape[0] == 0:
+        raise ValueError("bootstrap_ci: empty input")
+    if p.shape[0] != t.shape[0]:
+        raise ValueError(f"y_true has {t.shape[0]} samples but y_prob has {p.shape[0]}")
+    point = float(metric_fn(t, p))
+    values = np.array([metric_fn(t[idx], p[idx]) for idx in _resamples(t.shape[0], n, seed)])
+    low, high = _percentile_interval(values, alpha)
+    return point, low, high
+
+
+def _resamples(size: int, n: int, seed: int) -> Iterator[np.ndarray]:
+    """The ``n`` bootstrap index vectors used everywhere in this module (same seed, same draws)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield rng.integers(0, size, size=size)
+
+
+def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    """``alpha/2`` and ``1 - alpha/2`` percentiles of the finite ``values`` (NaN, NaN if none)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan, math.nan
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+class _WeightedMetrics:
+    """All report metrics of one sample set under integer sample weights, in O(N K) per call.
+
+    A bootstrap resample ``idx`` is the original samples weighted by ``w = bincount(idx)``; every
+    metric here is a function of such weights: the confusion matrix is a weighted count, and the
+    Mann-Whitney AUC is ``sum_pos w_i (W_neg below s_i + W_neg tied with s_i / 2) / (W_pos W_neg)``
+    over tie groups of the scores sorted once. Gives the same numbers as the plain functions on
+    ``(y_true[idx], y_prob[idx])`` without re-sorting for each resample.
+    """
+
+    def __init__(self, y_true: np.ndarray, y_prob: np.ndarray) -> None:
+        self.k = y_prob.shape[1]
+        self.cells = y_true * self.k + y_prob.argmax(axis=1)
+        self.sorted: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for c in range(self.k):
+            order = np.argsort(y_prob[:, c], kind="mergesort")
+            scores = y_prob[order, c]
+            starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
+            self.sorted.append((order, y_true[order] == c, starts))
+
+    def __call__(self, w: np.ndarray) -> dict[str, Any]:
+        k = self.k
+        cm = np.bincount(self.cells, weights=w, minlength=k * k).reshape(k, k)
+        labels = np.flatnonzero((cm.sum(axis=0) + cm.sum(axis=1)) > 0)
+        precision, recall, f1 = _prf_from_confusion(cm, labels)
+        aucs = np.empty(k)
+        for c, (order, positive, starts) in enumerate(self.sorted):
+            ws = w[order]
+            pos = np.add.reduceat(np.where(positive, ws, 0.0), starts)
+            neg = np.add.reduceat(np.where(positive, 0.0, ws), starts)
+            w_pos, w_neg = pos.sum(), neg.sum()
+            if w_pos == 0 or w_neg == 0:
+                aucs[c] = math.nan
+                continue
+            neg_below = np.cumsum(neg) - neg
+            aucs[c] = float(np.sum(pos * (neg_below + 0.5 * neg)) / (w_pos * w_neg))
+        defined = np.isfinite(aucs)
+        return {
+            "accuracy": float(np.trace(cm) / cm.sum()),
+            "macro_f1": float(f1.mean()),
+            "macro_precision": float(precision.mean()),
+            "macro_recall": float(recall.mean()),
+            "macro_auc": float(aucs[defined].mean()) if defined.any() else math.nan,
+            "auc": aucs,
+        }
+
+
+# ----------------------------------------------------------------------------- reports
+def _num(x: float) -> float | None:
+    """JSON-friendly float: NaN -> None."""
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _ci_dict(point: float, low: float, high: float) -> dict[str, float | None]:
+    return {"value": _num(point), "low": _num(low), "high": _num(high)}
+
+
+def _encode_labels(y_true: Any, classes: Sequence[str]) -> np.ndarray:
+    arr = np.asarray(y_true)
+    if arr.ndim != 1:
+        raise ValueError(f"y_true must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError("y_true is empty: nothing to evaluate")
+    if arr.dtype.kind in "USO":
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({str(v) for v in arr.tolist() if v not in index})
+        if unknown:
+            raise ValueError(f"y_true holds labels not in classes {list(classes)}: {unknown[:5]}")
+        return np.array([index[v] for v in arr.tolist()], dtype=np.int64)
+    t = _labels_1d(arr)
+    if t.max() >= len(classes):
+        raise ValueError(f"class index {t.max()} out of range for {len(classes)} classes")
+    return t
+
+
+def evaluate_predictions(
+    y_true: Any,
+    y_prob: Any,
+    classes: Sequence[str],
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    with_roc: bool = True,
+) -> dict[str, Any]:
+    """All metrics with ``1 - alpha`` bootstrap intervals, as a JSON-serialisable dict.
+
+    ``y_true``: class indices or class names (from ``classes``); ``y_prob``: ``(N, len(classes))``.
+    Returns::
+
+        {"n": N, "classes": [...], "alpha": alpha, "n_boot": n_boot, "seed": seed,
+         "support": {class: count},
+         "accuracy" | "macro_f1" | "macro_precision" | "macro_recall" | "macro_auc":
+             {"value": v, "low": lo, "high": hi},
+         "auc": {class: {"value", "low", "high"}},      # None where undefined (see module doc)
+         "confusion_matrix": [[...]],                  # rows true, columns predicted
+         "roc": {class: {"fpr": [...], "tpr": [...]}}  # only if with_roc and AUC defined
+        }
+
+    Macro F1/precision/recall average over all ``classes`` that occur in the (resampled) true or
+    predicted labels. Every interval uses the same resampled indices as :func:`bootstrap_ci` with
+    the same ``seed`` (so the numbers agree with it), computed by reweighting the samples rather
+    than re-sorting them for each resample.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    classes = list(classes)
+    if not classes:
+        raise ValueError("classes is empty")
+    t = _encode_labels(y_true, classes)
+    p = _probs_2d(y_prob, t.size)
+    if p.shape[1] != len(classes):
+        raise ValueError(f"y_prob has {p.shape[1]} columns but there are {len(classes)} classes")
+    pred = p.argmax(axis=1)
+
+    stats = _WeightedMetrics(t, p)
+    point = stats(np.ones(t.size))
+    boots = [stats(np.bincount(idx, minlength=t.size)) for idx in _resamples(t.size, n_boot, seed)]
+
+    def ci(key: str, column: int | None = None) -> dict[str, float | None]:
+        if column is None:
+            value, values = point[key], np.array([b[key] for b in boots])
+        else:
+            value, values = point[key][column], np.array([b[key][column] for b in boots])
+        if not math.isfinite(value):
+            return _ci_dict(math.nan, math.nan, math.nan)
+        return _ci_dict(value, *_percentile_interval(values, alpha))
+
+    out: dict[str, Any] = {
+        "n": int(t.size),
+        "classes": classes,
+        "alpha": alpha,
+        "n_boot": n_boot,
+        "seed": seed,
+        "support": {
+            c: int(v) for c, v in zip(classes, np.bincount(t, minlength=len(classes)), strict=True)
+        },
+    }
+    for key in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "macro_auc"):
+        out[key] = ci(key)
+    auc: dict[str, dict[str, float | None]] = {}
+    roc: dict[str, dict[str, list[float]]] = {}
+    for k, name in enumerate(classes):
+        auc[name] = ci("auc", k)
+        if with_roc and auc[name]["value"] is not None:
+            fpr, tpr, _ = roc_curve(t == k, p[:, k])
+            roc[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    out["auc"] = auc
+    out["confusion_matrix"] = confusion_matrix(t, pred, len(classes)).tolist()
+    if with_roc:
+        out["roc"] = roc
+    return out
+
+
+class SlidePredictions(NamedTuple):
+    """Slide-level predictions from :func:`aggregate_slides` (slides in sorted order)."""
+
+    slide_ids: np.ndarray  # (S,) slide identifiers, sorted
+    y_prob: np.ndarray  # (S, K) mean tile probability per slide
+    y_true: np.ndarray | None  # (S,) the slide's label (its tiles' common label), or None
+    n_tiles: np.ndarray  # (S,) number of tiles per slide
+
+
+def aggregate_slides(slide_ids: Any, y_prob: Any, y_true: Any = None) -> SlidePredictions:
+    """Aggregate tile predictions to slides: ``P(slide) = mean over its tiles of P(tile)``.
+
+    The slide label is the label shared by its tiles; a slide whose tiles disagree raises
+    ``ValueError`` (splits and labels are per slide in the dataset contract). ``y_true`` may be
+    omitted (``None``) for unlabeled predictions. Slides are returned in sorted order of id.
+    """
+    ids = np.asarray(slide_ids)
+    if ids.ndim != 1:
+        raise ValueError(f"slide_ids must be 1-D, got shape {ids.shape}")
+    if ids.size == 0:
+        raise ValueError("aggregate_slides: no tiles given")
+    p = _probs_2d(y_prob, ids.size)
+    uniq, first, inv = np.unique(ids, return_index=True, return_inverse=True)
+    inv = inv.reshape(-1)
+    counts = np.bincount(inv, minlength=uniq.size)
+    sums = np.zeros((uniq.size, p.shape[1]), dtype=np.float64)
+    np.add.at(sums, inv, p)
+    slide_prob = sums / counts[:, None]
+    slide_true = None
+    if y_true is not None:
+        t = np.asarray(y_true)
+        if t.shape != ids.shape:
+            raise ValueError(f"y_true has shape {t.shape} but slide_ids has {ids.shape}")
+        slide_true = t[first]  # the label of each slide's first tile
+        mismatch = t != slide_true[inv]
+        if np.any(mismatch):
+            bad = sorted({str(s) for s in ids[mismatch].tolist()})
+            raise ValueError(f"tiles of a slide carry different labels: slides {bad[:5]}")
+    return SlidePredictions(uniq, slide_prob, slide_true, counts)
