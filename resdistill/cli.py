@@ -12,6 +12,7 @@ import sys
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("resdistill.commands.demo", "run the pipeline end to end on synthetic slides"),
     "synth": ("resdistill.commands.synth", "write synthetic H&E-like whole-slide images"),
     "shard": ("resdistill.commands.shard", "tile slides at several magnifications into shards"),
     "teacher": ("resdistill.teacher", "train the high-magnification teacher on Ray Train"),
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted: published shards are kept; rerun the same command to resume", file=sys.stderr)
+        print(
+            "interrupted: published shards are kept; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
 
 

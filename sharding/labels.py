@@ -127,55 +127,47 @@ def assign_splits(
 ) -> dict[str, str]:
     """Split labelled slides into train/val/test by patient (or slide), stratified by label.
 
-    Groups are patients (a slide without a patient is its own group). Within each label, groups are
-    ordered by a seeded hash and dealt to splits by largest remainder so that each split gets
-    ``ratio * n`` groups, and every split with a positive ratio gets at least one group when there
-    are enough. ``fixed`` keeps earlier assignments (a resumed run): a group with a fixed slide
-    takes that split whole.
+    Groups are patients (a slide without a patient is its own group). Groups are ordered by label,
+    then by a seeded hash, and dealt one by one to the split furthest below its share so far
+    (``ratio * groups dealt - groups given``): every label is spread over the splits in proportion
+    and the totals follow the ratios. Each split with a positive ratio gets a group when there are
+    at least three. ``fixed`` keeps earlier assignments (a resumed run): a group with a fixed slide
+    takes that split whole and counts towards its share.
     """
     if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
         raise ValueError(f"--splits needs three non-negative ratios (train,val,test), got {ratios}")
     total = sum(ratios)
-    ratios = tuple(r / total for r in ratios)
+    shares = [r / total for r in ratios]
     fixed = fixed or {}
     groups: dict[str, list[str]] = {}
     for sid in labels:
         groups.setdefault(patients.get(sid, f"slide:{sid}"), []).append(sid)
     out: dict[str, str] = {}
-    by_label: dict[str, list[str]] = {}
+    given = [0, 0, 0]
+    free: list[str] = []
     for gid, members in groups.items():
         pinned = [fixed[s] for s in members if fixed.get(s) in LABELLED_SPLITS]
         if pinned:
             for s in members:
                 out[s] = pinned[0]
-            continue
-        by_label.setdefault(labels[members[0]], []).append(gid)
-    for label in sorted(by_label):
-        gids = sorted(by_label[label], key=lambda g: _stable_rank(g, seed))
-        counts = _deal(len(gids), ratios)
-        start = 0
-        for split, count in zip(LABELLED_SPLITS, counts, strict=True):
-            for gid in gids[start : start + count]:
-                for s in groups[gid]:
-                    out[s] = split
-            start += count
+            given[LABELLED_SPLITS.index(pinned[0])] += 1
+        else:
+            free.append(gid)
+    free.sort(key=lambda g: (labels[groups[g][0]], _stable_rank(g, seed)))
+    n = len(free) + sum(given)
+    # Splits owed one group up front (so val/test are never empty when groups allow).
+    owed = [i for i, r in enumerate(shares) if r > 0 and given[i] == 0] if n >= 3 else []
+    dealt = sum(given)
+    for k, gid in enumerate(free):
+        if owed and len(free) - k <= len(owed):
+            pick = owed[0]
+        else:
+            deficit = [shares[i] * (dealt + 1) - given[i] for i in range(3)]
+            pick = max(range(3), key=lambda i: (deficit[i], shares[i]))
+        if pick in owed:
+            owed.remove(pick)
+        given[pick] += 1
+        dealt += 1
+        for s in groups[gid]:
+            out[s] = LABELLED_SPLITS[pick]
     return out
-
-
-def _deal(n: int, ratios: tuple[float, ...]) -> list[int]:
-    """Largest-remainder counts summing to n; each positive ratio gets one first when n allows."""
-    counts = [0] * len(ratios)
-    positive = [i for i, r in enumerate(ratios) if r > 0]
-    if n >= len(positive):
-        for i in positive:
-            counts[i] = 1
-    left = n - sum(counts)
-    want = [max(0.0, r * n - c) for r, c in zip(ratios, counts, strict=True)]
-    scale = left / sum(want) if sum(want) > 0 else 0
-    share = [w * scale for w in want]
-    floor = [int(s) for s in share]
-    counts = [c + f for c, f in zip(counts, floor, strict=True)]
-    order = sorted(range(len(ratios)), key=lambda i: (share[i] - floor[i], ratios[i]), reverse=True)
-    for i in order[: n - sum(counts)]:
-        counts[i] += 1
-    return counts

@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             w, h = (float(v) for v in args.size_um.lower().split("x"))
         except ValueError:
-            console.print(f"[red]error:[/red] --size-um takes WxH in micrometres, got {args.size_um!r}")
+            console.print(
+                f"[red]error:[/red] --size-um takes WxH in micrometres, got {args.size_um!r}"
+            )
             return 2
         kwargs["size_um"] = (w, h)
     start = time.monotonic()
@@ -52,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     for col in ("slide", "format", "base", "size (px)", "label", "patient"):
         table.add_column(col)
     for s in slides:
-        table.add_row(s.name, s.format, f"{s.base_mag:g}x", f"{s.width}x{s.height}", s.label, s.patient)
+        table.add_row(
+            s.slide, s.format, f"{s.base_mag:g}x", f"{s.width}x{s.height}", s.label, s.patient
+        )
     console.print(table)
     console.print(f"written in {time.monotonic() - start:.1f}s")
     return 0
