@@ -18,7 +18,8 @@ os.environ.setdefault("RAY_TMPDIR", _TMP)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 pytest_plugins = [
-    "tests.fixtures_slides",
-    "tests.fixtures_s3",
     "tests.fixtures_ray",
+    "tests.fixtures_s3",
+    "tests.fixtures_slides",
+    "tests.fixtures_data",
 ]

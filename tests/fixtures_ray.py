@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,30 +27,52 @@ def ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server: str) -> Iterator[str]:
-    """Start ``ray start --head`` on 127.0.0.1 (2 CPUs), yield its GCS address, ``ray stop`` after.
+    """A Ray head on 127.0.0.1 (2 CPUs) for the session; yields its GCS address.
 
     Tests hand the address to the code under test (``--address``) so every run connects to this
     cluster instead of paying for a fresh local Ray each time. It depends on ``s3_server`` so that
     Ray's workers inherit the S3 endpoint and dummy credentials from the environment.
+
+    ``ray start --block`` runs in its own process group and is stopped by signalling that group,
+    never by ``ray stop`` (which would kill every Ray on the machine, other test runs' included).
     """
     tmp = Path(tempfile.mkdtemp(prefix="rdray-"))
     port = free_port()
     env = dict(os.environ, RAY_TMPDIR=str(tmp), TMPDIR=str(tmp))
     cmd = [
-        ray_bin(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        ray_bin(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--num-cpus", str(max(2, os.cpu_count() or 2)), "--num-gpus", "0",
         "--include-dashboard", "false", "--temp-dir", str(tmp / "ray"), "--disable-usage-stats",
     ]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
+    log = (tmp / "ray-start.log").open("wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     old = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "TMPDIR")}
-    os.environ["TMPDIR"] = str(tmp)
     try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start failed:\n{(tmp / 'ray-start.log').read_text()[-3000:]}")
+            return _port_open(port) and any((tmp / "ray").glob("session_*/logs/raylet.out"))
+
+        wait_for(ready, timeout=180, what="the Ray head to start")
+        os.environ["TMPDIR"] = str(tmp)
         yield address
     finally:
-        subprocess.run([ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -168,3 +168,36 @@ def test_unusable_options_exit_2(blob_slides, tmp_path):
         res = shard(str(blob_slides), "--out", str(tmp_path / "x"), "--workers", "0", *args)
         assert res.returncode == 2, (args, res.stderr)
         assert needle in res.stderr
+
+
+def test_synthetic_slides_both_formats_to_s3(synthetic_slides, s3_bucket, ray_cluster):
+    """SVS and generic TIFF at 20x and 40x, default magnifications, read back from S3."""
+    url = f"{s3_bucket}/synth"
+    res = shard(str(synthetic_slides.root), "--out", url, "--labels", str(synthetic_slides.labels_csv),
+                "--mags", "10,5,2.5", "--tile-px", "112", "--splits", "0.5,0.25,0.25",
+                "--address", ray_cluster)
+    assert res.returncode == 0, res.stderr
+    report = verify_dataset(url)
+    assert set(report["slides"]) == {s.slide for s in synthetic_slides.slides}
+    formats = {s.format for s in synthetic_slides.slides}
+    assert formats == {"svs", "tiff"}
+    rows = report["rows"]
+    labels = {s.slide: s.label for s in synthetic_slides.slides if s.labeled}
+    assert all(r["label"] == labels.get(r["slide"]) for r in rows)
+
+
+def test_real_he_slide_and_its_pyramid(real_slide, real_pyramid, tmp_path, ray_cluster):
+    """The CC0 Aperio sample (20x, one level) and a multi-level pyramid of the same pixels give
+    the same regions; tiles agree within JPEG error."""
+    outs = {}
+    for name, path in {"flat": real_slide, "pyramid": real_pyramid}.items():
+        out = tmp_path / name
+        res = shard(str(path), "--out", str(out), "--mags", "10,5,2.5", "--tile-px", "128",
+                    "--address", ray_cluster)
+        assert res.returncode == 0, res.stderr
+        outs[name] = verify_dataset(str(out))
+    flat, pyr = outs["flat"], outs["pyramid"]
+    assert flat["samples"] > 20, "the real slide has plenty of tissue"
+    coords = lambda rep: {(r["x"], r["y"]) for r in rep["rows"]}  # noqa: E731
+    overlap = coords(flat) & coords(pyr)
+    assert len(overlap) >= 0.9 * len(coords(flat))
