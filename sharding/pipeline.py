@@ -21,6 +21,7 @@ is retried by the next run, which cuts only its missing regions.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -50,6 +51,9 @@ from .storage import Storage, open_storage
 TOOL = "resdistill 0.1.0"
 CONFIG = f"{STATE_DIR}/config.json"
 CHUNK_REGIONS = 32
+#: Local scratch folders are named ``<prefix><pid>-<random>`` so a later run can tell which ones a
+#: killed run left behind.
+SCRATCH_PREFIX = "resdistill-shard-"
 
 
 class ShardError(Exception):
@@ -357,7 +361,8 @@ def run_shard(
         )
 
     mag_names = [m.name for m in opts.mags]
-    scratch = Path(tempfile.mkdtemp(prefix="resdistill-shard-"))
+    _remove_stale_scratch()
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     writers = {
         s: ShardWriter(store, s, next_index[s], target, mag_names, scratch=scratch, seed=seed)
         for s in SPLITS
@@ -510,6 +515,21 @@ def _fail(
         if entry[0].slide == job.slide:
             chunk_queues.remove(entry)
     bar.slide_failed(message)
+
+
+def _remove_stale_scratch() -> None:
+    """Delete scratch folders of sharding runs whose process is gone (killed mid-shard)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        try:
+            pid = int(path.name[len(SCRATCH_PREFIX) :].split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, another user's
 
 
 def _record(store: Storage, plan: SlidePlan) -> None:

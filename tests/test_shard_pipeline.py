@@ -8,10 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from sharding.pipeline import SCRATCH_PREFIX
 from sharding.storage import open_storage
 from tests.dataset_checks import verify_dataset
 from tests.fixtures_ray import wait_for
@@ -102,6 +104,9 @@ def test_kill_9_then_rerun_keeps_manifest_exact(tmp_path, ray_cluster):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     assert not (out / "manifest.parquet").exists(), "the run finished before it was killed"
+    tmp = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())  # what the child used
+    scratch = list(tmp.glob(f"{SCRATCH_PREFIX}{proc.pid}-*"))
+    assert scratch, "the killed run should have left its scratch folder"
     # Simulate the worst moment too: a shard published without its index fragment.
     first = sorted((out / "unlabeled").glob("*.tar"))[0]
     shutil.copy(first, out / "unlabeled" / "shard-999999.tar")
@@ -110,6 +115,7 @@ def test_kill_9_then_rerun_keeps_manifest_exact(tmp_path, ray_cluster):
     assert res.returncode == 0, res.stderr
     report = verify_dataset(str(out))
     assert not (out / "unlabeled" / "shard-999999.tar").exists()
+    assert not any(p.exists() for p in scratch), "the rerun removes the dead run's scratch"
 
     fresh = tmp_path / "fresh"
     clean = shard(str(slides), "--out", str(fresh), *MAGS, "--shard-size", "150KB", "--address", ray_cluster)
