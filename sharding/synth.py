@@ -838,12 +838,14 @@ def write_synthetic_slides(
     quality: int = 80,
     prefix: str = "synth",
     progress: Callable[[SynthSlide], None] | None = None,
+    workers: int = 1,
 ) -> list[SynthSlide]:
     """Write ``n_slides`` synthetic slides plus ``labels.csv`` and ``truth.csv`` into ``out_dir``.
 
     Files are ``<prefix>_<seed>_<iii>.<format>``. ``labels.csv`` (``slide,label,patient``) lists
     the labelled slides only; ``truth.csv`` (same columns) lists every slide with its true class.
-    Same arguments give identical pixels. ``progress`` is called after each slide is written.
+    Same arguments give identical pixels. ``progress`` is called after each slide is written;
+    ``workers > 1`` writes slides in that many processes (same files, in the same order).
     See :func:`slide_plan` for the assignment of classes, patients, formats and magnifications.
     """
     out = Path(out_dir)
@@ -851,39 +853,61 @@ def write_synthetic_slides(
     for fmt in formats:
         if fmt not in ("svs", "tiff"):
             raise ValueError(f"unknown slide format {fmt!r}: use 'svs' or 'tiff'")
-    slides: list[SynthSlide] = []
-    for entry in slide_plan(
+    plan = slide_plan(
         n_slides, seed, formats=formats, base_mags=base_mags,
         labeled_fraction=labeled_fraction, prefix=prefix,
-    ):  # fmt: skip
-        label, fmt, mag = str(entry["label"]), str(entry["format"]), float(entry["base_mag"])  # type: ignore[arg-type]
-        scene = make_scene(label, seed=seed, index=int(entry["index"]), size_um=size_um)  # type: ignore[arg-type]
-        path = out / f"{entry['slide']}.{fmt}"
-        width, height = write_slide(
-            path, scene, fmt=fmt, base_mag=mag, tile=tile, factor=factor,
-            min_level_px=min_level_px, quality=quality,
-        )  # fmt: skip
-        slide = SynthSlide(
-            path=path,
-            slide=str(entry["slide"]),
-            label=label,
-            patient=str(entry["patient"]),
-            format=fmt,
-            base_mag=mag,
-            mpp=Magnification(mag).mpp,
-            width=width,
-            height=height,
-            labeled=bool(entry["labeled"]),
-            index=int(entry["index"]),  # type: ignore[arg-type]
-            seed=int(seed),
-            size_um=(float(size_um[0]), float(size_um[1])),
-        )
-        slides.append(slide)
-        if progress is not None:
-            progress(slide)
+    )  # fmt: skip
+    common = {"out": out, "seed": seed, "size_um": size_um, "tile": tile, "factor": factor,
+              "min_level_px": min_level_px, "quality": quality}  # fmt: skip
+    slides: list[SynthSlide] = []
+    if workers > 1 and len(plan) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork would copy the parent's threads (Ray, torch); spawn starts clean.
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(plan)), mp_context=ctx) as pool:
+            for slide in pool.map(_write_one, plan, [common] * len(plan)):
+                slides.append(slide)
+                if progress is not None:
+                    progress(slide)
+    else:
+        for entry in plan:
+            slide = _write_one(entry, common)
+            slides.append(slide)
+            if progress is not None:
+                progress(slide)
     _write_csv(out / LABELS_CSV, [s for s in slides if s.labeled])
     _write_csv(out / TRUTH_CSV, slides)
     return slides
+
+
+def _write_one(entry: dict, common: dict) -> SynthSlide:
+    """Render and write one slide of a :func:`slide_plan` (a process-pool task)."""
+    label, fmt, mag = str(entry["label"]), str(entry["format"]), float(entry["base_mag"])
+    scene = make_scene(
+        label, seed=common["seed"], index=int(entry["index"]), size_um=common["size_um"]
+    )
+    path = common["out"] / f"{entry['slide']}.{fmt}"
+    width, height = write_slide(
+        path, scene, fmt=fmt, base_mag=mag, tile=common["tile"], factor=common["factor"],
+        min_level_px=common["min_level_px"], quality=common["quality"],
+    )  # fmt: skip
+    return SynthSlide(
+        path=path,
+        slide=str(entry["slide"]),
+        label=label,
+        patient=str(entry["patient"]),
+        format=fmt,
+        base_mag=mag,
+        mpp=Magnification(mag).mpp,
+        width=width,
+        height=height,
+        labeled=bool(entry["labeled"]),
+        index=int(entry["index"]),
+        seed=common["seed"],
+        size_um=common["size_um"],
+    )
 
 
 def _write_csv(path: Path, slides: Sequence[SynthSlide]) -> None:

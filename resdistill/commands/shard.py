@@ -18,7 +18,9 @@ def _ratios(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(p) for p in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--splits takes train,val,test ratios, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--splits takes train,val,test ratios, got {text!r}"
+        ) from None
     if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
         raise argparse.ArgumentTypeError(f"--splits takes three non-negative ratios, got {text!r}")
     return parts  # type: ignore[return-value]
@@ -27,20 +29,56 @@ def _ratios(text: str) -> tuple[float, float, float]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("slides", nargs="+", help="slide files, or folders scanned for slide files")
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
-    p.add_argument("--mags", default="10,5,2.5,1.25", help="magnifications, highest first (default: %(default)s)")
-    p.add_argument("--tile-px", type=int, default=224, help="tile edge at the highest magnification (default: %(default)s)")
-    p.add_argument("--labels", help="CSV with columns slide,label[,patient]; slides not in it go to 'unlabeled'")
+    p.add_argument(
+        "--mags",
+        default="10,5,2.5,1.25",
+        help="magnifications, highest first (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tile-px",
+        type=int,
+        default=224,
+        help="tile edge at the highest magnification (default: %(default)s)",
+    )
+    p.add_argument(
+        "--labels",
+        help="CSV with columns slide,label[,patient]; slides not in it go to 'unlabeled'",
+    )
     p.add_argument("--classes", help="comma list of allowed labels (rows with others are refused)")
-    p.add_argument("--splits", type=_ratios, default=(0.7, 0.15, 0.15), help="train,val,test ratios by slide/patient (default: 0.7,0.15,0.15)")
-    p.add_argument("--mpp", type=float, help="microns per level-0 pixel for slides that do not record it")
-    p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a region (default: %(default)s)")
+    p.add_argument(
+        "--splits",
+        type=_ratios,
+        default=(0.7, 0.15, 0.15),
+        help="train,val,test ratios by slide/patient (default: 0.7,0.15,0.15)",
+    )
+    p.add_argument(
+        "--mpp", type=float, help="microns per level-0 pixel for slides that do not record it"
+    )
+    p.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.5,
+        help="minimum tissue fraction of a region (default: %(default)s)",
+    )
     p.add_argument("--shard-size", default="256MB", help="target shard size (default: %(default)s)")
-    p.add_argument("--format", dest="fmt", choices=("jpeg", "png"), default="jpeg", help="tile encoding (default: %(default)s)")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("jpeg", "png"),
+        default="jpeg",
+        help="tile encoding (default: %(default)s)",
+    )
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default: %(default)s)")
     p.add_argument("--address", help="Ray cluster address (e.g. auto); default starts a local Ray")
-    p.add_argument("--workers", type=int, help="CPUs for a local Ray (default: all); 0 runs in-process without Ray")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="CPUs for a local Ray (default: all); 0 runs in-process without Ray",
+    )
     p.add_argument("--resources", help="custom Ray resources each slide task needs, e.g. shard=1")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split assignment and shard mixing")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the split assignment and shard mixing"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
 

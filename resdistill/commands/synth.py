@@ -8,6 +8,7 @@ truth.csv with every slide's class. Deterministic for a seed: the embedded demo 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 
@@ -22,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="share of slides listed in labels.csv; the rest are unlabeled (default: %(default)s)",
     )
     p.add_argument("--size-um", help="slide size in micrometres, WxH (default: the generator's)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
         kwargs["size_um"] = (w, h)
     start = time.monotonic()
     slides = write_synthetic_slides(
-        args.out, args.slides, seed=args.seed, labeled_fraction=args.labeled_fraction, **kwargs
+        args.out,
+        args.slides,
+        seed=args.seed,
+        labeled_fraction=args.labeled_fraction,
+        workers=args.workers or os.cpu_count() or 1,
+        **kwargs,
     )
     table = Table(title=f"{len(slides)} synthetic slides in {args.out}", title_justify="left")
     for col in ("slide", "format", "base", "size (px)", "label", "patient"):

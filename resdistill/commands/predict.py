@@ -1,0 +1,135 @@
+"""Predict the class of whole slides and draw heatmaps of tile probabilities.
+
+CKPT is a checkpoint folder (local or s3://), its model.pt or a tune result JSON. Each SLIDE (a
+file OpenSlide reads, or a folder scanned for them) is tiled like the sharding stage tiles it, at
+the magnification and tile size the model was trained on: tissue mask, grid of regions, best
+pyramid level and anti-aliased reduction. The slide's class is the argmax of the mean tile
+probabilities.
+
+Writes to --out, per slide: <slide>.json (class, probabilities, grid, every tile's
+probabilities), <slide>.heatmap.npy (rows x cols x classes, NaN off tissue) and
+<slide>.heatmap-<class>.png (the thumbnail with the class probability painted over each tile).
+
+exit codes: 0 all slides predicted; 1 some slides skipped (listed); 2 unusable checkpoint or options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint folder, model.pt or tune result JSON"
+    )
+    p.add_argument(
+        "slides", nargs="+", metavar="SLIDE", help="slide files, or folders scanned for them"
+    )
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    p.add_argument(
+        "--heatmap",
+        default="predicted",
+        help="heatmap classes: 'predicted' (the slide's class), 'all', or a comma list (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="tiles per inference batch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.5,
+        help="minimum tissue fraction of a tile (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mpp", type=float, help="microns per level-0 pixel for slides that do not record it"
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.55,
+        help="heatmap opacity over the thumbnail (default: %(default)s)",
+    )
+    p.add_argument("--cmap", default="viridis", help="matplotlib colormap (default: %(default)s)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import matplotlib
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from resdistill.evaluate import EvaluationError, load_model
+    from resdistill.predict import predict_slide, write_prediction
+    from sharding.pipeline import find_slides
+    from sharding.slide import SlideError
+    from sharding.storage import StorageError
+
+    console = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    if args.batch_size < 1:
+        print("predict: error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    if args.cmap not in matplotlib.colormaps:
+        print(
+            f"predict: error: unknown colormap {args.cmap!r} (try viridis, magma, RdYlBu_r)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        model = load_model(args.checkpoint, device=args.device or "cpu")
+    except (EvaluationError, StorageError) as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return 2
+    if args.heatmap not in ("predicted", "all"):
+        unknown = [
+            c for c in args.heatmap.split(",") if c.strip() and c.strip() not in model.classes
+        ]
+        if unknown:
+            print(
+                f"predict: error: --heatmap: unknown class(es) {unknown}: the model's classes are {model.classes}",
+                file=sys.stderr,
+            )
+            return 2
+    found, problems = find_slides(args.slides)
+    for problem in problems:
+        err.print(f"[red]skipped[/red] {escape(problem)}", soft_wrap=True)
+    if not found:
+        print(
+            "predict: error: no slide to predict (no file given, or the folders hold none)",
+            file=sys.stderr,
+        )
+        return 2
+    table = Table(
+        title=f"{model.name} ({model.meta.get('arch')} at {model.mag}) on {len(found)} slide(s)",
+        header_style="bold",
+    )
+    for col in ("slide", "class", "probability", "tiles", "grid", "seconds"):
+        table.add_column(col)
+    skipped = len(problems)
+    for sid, path in found.items():
+        try:
+            pred = predict_slide(
+                model, path, batch_size=args.batch_size, min_tissue=args.min_tissue,
+                mpp=args.mpp, device=args.device, slide_id=sid,
+            )  # fmt: skip
+            write_prediction(pred, args.out, classes=args.heatmap, alpha=args.alpha, cmap=args.cmap)
+        except (SlideError, EvaluationError) as exc:
+            err.print(f"[red]skipped[/red] {escape(str(exc))}", soft_wrap=True)
+            skipped += 1
+            continue
+        except StorageError as exc:
+            print(f"predict: error: {exc}", file=sys.stderr)
+            return 2
+        top = float(pred.probs.max())
+        table.add_row(
+            sid, pred.predicted, f"{top:.3f}", str(pred.n_tiles),
+            f"{pred.plan.rows}x{pred.plan.cols}", f"{pred.seconds:.1f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"output: {args.out}", soft_wrap=True)
+    return 1 if skipped else 0
