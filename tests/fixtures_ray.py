@@ -27,6 +27,23 @@ def ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def kill_processes_mentioning(text: str) -> int:
+    """SIGKILL every process whose command line contains ``text``; returns how many."""
+    killed = 0
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -66,12 +83,12 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
         os.environ["TMPDIR"] = str(tmp)
         yield address
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        # A graceful stop of a head takes about a minute here; the cluster is throw-away, so
+        # kill its process group, then any Ray process that still names our temp folder.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        kill_processes_mentioning(str(tmp))
         log.close()
         for k, v in old.items():
             if v is None:
