@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .extract import SlideJob, SlidePlan, extract_chunk, plan_slide
 from .labels import Labels, LabelsError, assign_splits, read_labels
@@ -44,6 +44,7 @@ from .layout import (
 )
 from .manifest import combine, dataset_description, manifest_bytes, read_parquet_bytes
 from .options import ShardOptions, parse_size
+from .remote_slides import is_s3, list_s3_slides
 from .shardwriter import ShardWriter, fragment_name
 from .slide import SLIDE_SUFFIXES, SlideError
 from .storage import Storage, open_storage
@@ -95,8 +96,11 @@ def find_slides(inputs: Iterable[str | Path]) -> tuple[dict[str, str], list[str]
     """Slide id -> path for files and folders given; problems for unusable names and clashes."""
     found: dict[str, str] = {}
     problems: list[str] = []
-    paths: list[Path] = []
+    paths: list[Path | str] = []
     for item in inputs:
+        if is_s3(str(item)):
+            paths.extend(list_s3_slides(str(item)))
+            continue
         p = Path(item)
         if p.is_dir():
             paths.extend(
@@ -108,11 +112,13 @@ def find_slides(inputs: Iterable[str | Path]) -> tuple[dict[str, str], list[str]
             paths.append(p)  # a missing or odd file is reported by the planner, with its path
     for p in paths:
         try:
-            sid = slide_id(p.stem)
+            sid = slide_id(PurePosixPath(str(p)).stem)
         except UnsafeNameError as exc:
             problems.append(f"{p}: {exc}")
             continue
-        if sid in found and Path(found[sid]).resolve() != p.resolve():
+        if sid in found and _same_file(found[sid], str(p)):
+            continue
+        if sid in found:
             problems.append(
                 f"{p}: slide id {sid!r} is also used by {found[sid]}: rename one of the files "
                 "(ids keep letters, digits, '_' and '-'; other characters become '-')"
@@ -120,6 +126,12 @@ def find_slides(inputs: Iterable[str | Path]) -> tuple[dict[str, str], list[str]
             continue
         found[sid] = str(p)
     return found, problems
+
+
+def _same_file(a: str, b: str) -> bool:
+    if is_s3(a) or is_s3(b):
+        return a == b
+    return Path(a).resolve() == Path(b).resolve()
 
 
 # --------------------------------------------------------------------------- executors

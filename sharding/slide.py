@@ -80,10 +80,17 @@ def base_mpp_from_properties(
 
 
 def open_slide(path: str | Path):
-    """Open ``path`` with OpenSlide (not its PIL fallback), raising :class:`SlideError`."""
+    """Open ``path`` with OpenSlide (not its PIL fallback), raising :class:`SlideError`.
+
+    An ``s3://`` path is first copied to this node's slide cache (see sharding.remote_slides).
+    """
     import openslide
 
     path = str(path)
+    if path.lower().startswith("s3://"):
+        from .remote_slides import local_copy
+
+        path = local_copy(path)
     if not Path(path).is_file():
         raise SlideError(f"{path}: no such file: check the path")
     try:

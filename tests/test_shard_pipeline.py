@@ -207,3 +207,22 @@ def test_real_he_slide_and_its_pyramid(real_slide, real_pyramid, tmp_path, ray_c
     coords = lambda rep: {(r["x"], r["y"]) for r in rep["rows"]}  # noqa: E731
     overlap = coords(flat) & coords(pyr)
     assert len(overlap) >= 0.9 * len(coords(flat))
+
+
+def test_slides_read_from_s3_through_node_cache(synthetic_slides, s3_bucket, ray_cluster, tmp_path):
+    """s3:// slide inputs are listed, fetched once into the node cache and sharded like local ones."""
+    store = open_storage(f"{s3_bucket}/scans")
+    chosen = synthetic_slides.slides[:2]
+    for s in chosen:
+        store.put_file(s.path.name, s.path)
+    out = tmp_path / "from-s3"
+    res = shard(f"{s3_bucket}/scans", "--out", str(out), "--mags", "10,5", "--tile-px", "64",
+                "--address", ray_cluster)
+    assert res.returncode == 0, res.stderr
+    report = verify_dataset(str(out))
+    assert set(report["slides"]) == {s.slide for s in chosen}
+    local = tmp_path / "from-disk"
+    res = shard(*[str(s.path) for s in chosen], "--out", str(local), "--mags", "10,5", "--tile-px", "64",
+                "--address", ray_cluster)
+    assert res.returncode == 0, res.stderr
+    assert {r["key"] for r in report["rows"]} == {r["key"] for r in verify_dataset(str(local))["rows"]}
