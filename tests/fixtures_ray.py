@@ -68,6 +68,10 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
         ray_bin(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--num-cpus", str(max(2, os.cpu_count() or 2)), "--num-gpus", "0",
         "--include-dashboard", "false", "--temp-dir", str(tmp / "ray"), "--disable-usage-stats",
+        # Every other listening port free too, so concurrent test sessions never collide.
+        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
     ]
     log = (tmp / "ray-start.log").open("wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
