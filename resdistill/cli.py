@@ -16,6 +16,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("resdistill.commands.synth", "write synthetic H&E-like whole-slide images"),
     "shard": ("resdistill.commands.shard", "tile slides at several magnifications into shards"),
     "teacher": ("resdistill.teacher", "train the high-magnification teacher on Ray Train"),
+    "distill": ("resdistill.distill", "distill a low-magnification student from the teacher"),
+    "evaluate": (
+        "resdistill.commands.evaluate",
+        "score checkpoints on a split: metrics with CIs, compute table, plots",
+    ),
+    "predict": ("resdistill.commands.predict", "classify slides and draw tile-probability heatmaps"),
 }
 
 

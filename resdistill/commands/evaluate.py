@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from sharding.storage import StorageError
 
     console = Console(highlight=False)
+    if not console.is_terminal:  # logs and pipes: room for the whole table
+        console = Console(highlight=False, width=max(console.width, 150))
     err = Console(stderr=True, highlight=False)
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     for opt in ("batch_size", "bench_batch", "n_boot"):
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             bench_batch=args.bench_batch,
             bench_seconds=args.bench_seconds,
             plots=not args.no_plots,
-            log=lambda msg: err.print(f"[dim]{msg}[/dim]", soft_wrap=True),
+            log=lambda msg: err.print(msg, style="dim", markup=False, soft_wrap=True),
         )
     except (EvaluationError, StorageError, FileNotFoundError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)

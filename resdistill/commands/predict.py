@@ -85,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
     except (EvaluationError, StorageError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
+    if not model.tile_px:
+        print(
+            f"predict: error: {model.url}: the checkpoint does not record tile_px, needed to tile a slide",
+            file=sys.stderr,
+        )
+        return 2
     if args.heatmap not in ("predicted", "all"):
         unknown = [
             c for c in args.heatmap.split(",") if c.strip() and c.strip() not in model.classes

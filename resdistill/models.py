@@ -1,0 +1,76 @@
+"""Classifier networks: torchvision ResNets that return logits and their last feature map.
+
+Teacher and student share this family (see the paper summary in the README): the same
+architecture, fed a high-magnification tile (teacher) or the low-magnification tile of the same
+region (student). Distillation uses both outputs of :meth:`ResNetClassifier.forward`:
+
+* ``logits``: ``fc(flatten(avgpool(F)))``, shape ``(N, num_classes)``;
+* ``features`` ``F``: the output of ``layer4`` (the last convolutional stage), shape
+  ``(N, C, H / 32, W / 32)`` with ``C = 512`` for resnet18/34 and ``2048`` for resnet50 (spatial
+  size rounded up by the strided convolutions, at least 1x1).
+
+Weights always start random (``weights=None``): nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Supported architectures and the channel count of their last feature map.
+ARCHITECTURES: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+DEFAULT_ARCH = "resnet18"
+
+
+class ResNetClassifier(nn.Module):
+    """A torchvision ResNet whose forward returns ``(logits, last conv feature map)``."""
+
+    def __init__(self, arch: str = DEFAULT_ARCH, num_classes: int = 2) -> None:
+        super().__init__()
+        if arch not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}"
+            )
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        import torchvision
+
+        self.arch = arch
+        self.num_classes = num_classes
+        self.net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels ``C`` of the feature map returned by :meth:`forward`."""
+        return ARCHITECTURES[self.arch]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``layer4(layer3(layer2(layer1(maxpool(relu(bn1(conv1(x))))))))``."""
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from a feature map: ``fc(flatten(adaptive_avgpool_1x1(features)))``."""
+        return self.net.fc(torch.flatten(self.net.avgpool(features), 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` of shape ``(N, 3, H, W)`` -> ``(logits (N, K), features (N, C, h, w))``."""
+        f = self.features(x)
+        return self.head(f), f
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, stored in checkpoints next to the weights."""
+        return {"arch": self.arch, "num_classes": self.num_classes}
+
+
+def build_model(arch: str = DEFAULT_ARCH, num_classes: int = 2) -> ResNetClassifier:
+    """A freshly initialised :class:`ResNetClassifier` (random weights, nothing downloaded)."""
+    return ResNetClassifier(arch=arch, num_classes=num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,811 @@
+"""Ray Train machinery shared by the training stages (teacher, distillation).
+
+Driver side (the process that runs ``python -m resdistill.teacher`` or ``ray job submit``):
+
+* :func:`ray_init` - connect to a given cluster (``--address``), to the cluster of a submitted
+  job (``RAY_ADDRESS``), or start a local Ray bound to 127.0.0.1. The standard AWS variables
+  of the driver (endpoint, region, credentials) travel to every actor of the job through its
+  ``runtime_env`` so workers read ``s3://`` data and write checkpoints like the driver does.
+* :func:`run_config` / :func:`storage_for` - ``RunConfig`` with the run's ``storage_path`` on a
+  local folder or ``s3://bucket/prefix`` (a ``pyarrow.fs.S3FileSystem`` built from
+  ``AWS_ENDPOINT_URL``), ``FailureConfig(max_failures)`` and a ``CheckpointConfig`` that keeps
+  the best checkpoint by a validation metric plus the latest.
+* :func:`launch` - a ``TorchTrainer`` (gloo on CPU, NCCL on GPU) run to completion.
+* :func:`summarize` / :func:`print_summary` - best epoch, metrics and checkpoint URLs.
+* :func:`load_checkpoint` - a checkpoint file from a checkpoint URL, ``weights_only=True``.
+
+Worker side (inside the training function):
+
+* :func:`worker_env` - rank, world size, device, bf16 autocast on GPU (no-op on CPU).
+* :func:`restore` - the latest checkpoint of the run (after a worker failure or a rerun with the
+  same name: Ray Train V2 reloads the run's checkpoint snapshot from ``storage_path/name``).
+* :func:`evaluate` - accuracy and macro F1 from confusion matrices summed over all ranks.
+* :func:`fit` - the epoch loop: train, validate, report metrics with a checkpoint each epoch.
+
+Checkpoint layout (a directory per epoch, ``checkpoint_epochNNNN``): ``model.pt`` (weights and the
+model's metadata), ``trainer.pt`` (optimizer state and :class:`TrainState`), ``meta.json``
+(human-readable: epoch, metrics, model metadata). All ``.pt`` files hold only tensors and plain
+containers so that ``torch.load(..., weights_only=True)`` reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+MODEL_FILE = "model.pt"
+TRAINER_FILE = "trainer.pt"
+META_FILE = "meta.json"
+CHECKPOINT_FORMAT = 1
+DEFAULT_METRIC = "val_macro_f1"
+
+#: AWS variables forwarded from the driver to the job's actors (the standard chain, nothing else).
+AWS_ENV_FORWARD = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_EC2_METADATA_DISABLED",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver: Ray, storage, trainer
+# --------------------------------------------------------------------------------------------------
+
+
+def forwarded_env(keys: Sequence[str] = AWS_ENV_FORWARD) -> dict[str, str]:
+    """The variables of ``keys`` set in this process (values never printed)."""
+    return {k: os.environ[k] for k in keys if os.environ.get(k)}
+
+
+_STARTED_LOCAL = False
+
+
+def ray_init(address: str | None = None, *, forward_env: bool = True) -> None:
+    """Connect to Ray: ``address`` if given, else the job's cluster (``RAY_ADDRESS``), else local.
+
+    A local Ray binds 127.0.0.1 without a dashboard. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps
+    the DDP rendezvous address on the node's IP (127.0.0.1 locally). With ``forward_env`` the AWS
+    variables of :data:`AWS_ENV_FORWARD` set here become the job's ``runtime_env`` env vars; on a
+    cluster whose nodes have their own credentials (instance roles), leave them unset here.
+    When Ray is already initialised in this process it is kept if its job already carries these
+    variables (and ``address``, when given, is the cluster it is connected to); otherwise this
+    driver disconnects and connects again with them.
+    """
+    global _STARTED_LOCAL
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    env_vars = forwarded_env() if forward_env else {}
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        current = (ctx.runtime_env or {}).get("env_vars") or {}
+        same_env = all(current.get(k) == v for k, v in env_vars.items())
+        same_cluster = not address or address in (ctx.gcs_address, "auto")
+        if same_env and same_cluster:
+            return
+        if not address and not _STARTED_LOCAL:
+            address = ctx.gcs_address
+        ray.shutdown()
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    if env_vars:
+        kwargs["runtime_env"] = {"env_vars": env_vars}
+    if address:
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        if host in ("127.0.0.1", "localhost"):  # a local cluster: keep the driver on loopback too
+            kwargs["_node_ip_address"] = "127.0.0.1"
+        ray.init(address=address, **kwargs)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
+        _STARTED_LOCAL = True
+        return
+    _STARTED_LOCAL = False
+
+
+def s3_filesystem() -> Any:
+    """A ``pyarrow.fs.S3FileSystem`` for the standard AWS environment.
+
+    The endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (scheme and host:port
+    split for pyarrow), the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``; credentials are
+    resolved by the AWS SDK wherever the filesystem is used (never embedded here).
+    """
+    import pyarrow.fs
+
+    kwargs: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc.rsplit("@", 1)[-1]
+        kwargs["scheme"] = parsed.scheme or "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def storage_for(url: str | os.PathLike[str]) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for ``RunConfig``.
+
+    ``s3://bucket/prefix`` -> ``("bucket/prefix", S3FileSystem)``; a local path -> its absolute
+    path and ``None`` (Ray's local filesystem).
+    """
+    from sharding.storage import is_remote, local_path, split_s3_url
+
+    text = os.fspath(url)
+    if is_remote(text):
+        bucket, prefix = split_s3_url(text)
+        return (f"{bucket}/{prefix}" if prefix else bucket), s3_filesystem()
+    path = local_path(text)
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path), None
+
+
+def run_url(storage: str, name: str) -> str:
+    """URL of a run's folder: ``<storage>/<name>``."""
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
+
+
+def run_config(
+    name: str,
+    storage: str,
+    *,
+    max_failures: int = 2,
+    metric: str = DEFAULT_METRIC,
+    mode: str = "max",
+    keep: int = 1,
+    log_level: str = "WARNING",
+) -> Any:
+    """``RunConfig`` of a run: storage (local or s3), failures retried from the last checkpoint,
+    the ``keep`` best checkpoints by ``metric`` kept plus always the latest one. Ray Train's own
+    INFO lines (one per report) are hidden by default: the stage prints its own progress.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+    path, fs = storage_for(storage)
+    return RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=keep, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+        ),
+        logging_config=LoggingConfig(log_level=log_level),
+    )
+
+
+def make_trainer(
+    train_fn: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    *,
+    name: str,
+    storage: str,
+    workers: int = 2,
+    gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    max_failures: int = 2,
+    metric: str = DEFAULT_METRIC,
+    mode: str = "max",
+    keep: int = 1,
+    timeout_s: int = 1800,
+) -> Any:
+    """A ``TorchTrainer`` running ``train_fn(config)`` on ``workers`` Ray Train workers (DDP).
+
+    Backend gloo on CPU; NCCL with one GPU per worker when ``gpu``. ``timeout_s`` bounds every
+    collective (a lost peer fails the step instead of hanging; FailureConfig then restarts).
+    """
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources: dict[str, float] = {"CPU": float(cpus_per_worker)}
+    if gpu:
+        resources["GPU"] = 1.0
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=timeout_s),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpu, resources_per_worker=resources
+        ),
+        run_config=run_config(
+            name, storage, max_failures=max_failures, metric=metric, mode=mode, keep=keep
+        ),
+    )
+
+
+def launch(
+    train_fn: Callable[[dict[str, Any]], None], config: dict[str, Any], **kwargs: Any
+) -> Any:
+    """``make_trainer(train_fn, config, **kwargs).fit()``: the run's ``Result``.
+
+    Raises ``ray.train.TrainingFailedError`` when the run fails beyond ``max_failures``.
+    """
+    return make_trainer(train_fn, config, **kwargs).fit()
+
+
+def checkpoint_url(checkpoint: Any) -> str | None:
+    """``s3://...`` or a local path for a Ray ``Checkpoint`` (None for None)."""
+    if checkpoint is None:
+        return None
+    fs = getattr(checkpoint, "filesystem", None)
+    kind = getattr(fs, "type_name", "local")
+    path = str(checkpoint.path)
+    return f"{kind}://{path}" if kind not in ("local", "") else path
+
+
+@dataclass
+class RunSummary:
+    """What a finished run printed and what callers (the CLI, the demo) read back."""
+
+    name: str
+    run_url: str
+    epochs: int
+    best_epoch: int | None
+    best_metrics: dict[str, Any]
+    last_metrics: dict[str, Any]
+    best_checkpoint: str | None
+    latest_checkpoint: str | None
+    metric: str
+    elapsed_s: float = 0.0
+
+
+def summarize(
+    result: Any, *, name: str, storage: str, metric: str = DEFAULT_METRIC, mode: str = "max",
+    elapsed_s: float = 0.0,
+) -> RunSummary:  # fmt: skip
+    """Best and latest checkpoint of a ``Result`` (best by ``metric``, ties to the later epoch)."""
+    best_ckpt, best_metrics = None, {}
+    sign = 1.0 if mode == "max" else -1.0
+    best_key: tuple[float, int] | None = None
+    for ckpt, metrics in result.best_checkpoints or []:
+        value = metrics.get(metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        key = (sign * float(value), int(metrics.get("epoch", 0)))
+        if best_key is None or key > best_key:
+            best_key, best_ckpt, best_metrics = key, ckpt, dict(metrics)
+    last = dict(result.metrics or {})
+    return RunSummary(
+        name=name,
+        run_url=run_url(storage, name),
+        epochs=int(last.get("epoch", 0)),
+        best_epoch=int(best_metrics["epoch"]) if "epoch" in best_metrics else None,
+        best_metrics=best_metrics,
+        last_metrics=last,
+        best_checkpoint=checkpoint_url(best_ckpt),
+        latest_checkpoint=checkpoint_url(result.checkpoint),
+        metric=metric,
+        elapsed_s=elapsed_s,
+    )
+
+
+def print_summary(summary: RunSummary, *, title: str, console: Any = None) -> None:
+    """A rich table: best epoch, its metrics, the last epoch's, checkpoint URLs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column(f"best (epoch {summary.best_epoch})" if summary.best_epoch else "best")
+    table.add_column(f"last (epoch {summary.epochs})")
+    keys = [k for k in summary.last_metrics if k not in ("epoch",)]
+    for k in sorted(set(keys) | set(summary.best_metrics) - {"epoch"}):
+        table.add_row(k, _fmt(summary.best_metrics.get(k)), _fmt(summary.last_metrics.get(k)))
+    console.print(table)
+    console.print(f"run:               {summary.run_url}")
+    console.print(f"best checkpoint:   {summary.best_checkpoint}")
+    console.print(f"latest checkpoint: {summary.latest_checkpoint}")
+    if summary.elapsed_s:
+        console.print(f"wall time:         {summary.elapsed_s:.1f} s")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def load_checkpoint(url: str | os.PathLike[str], file: str = MODEL_FILE) -> dict[str, Any]:
+    """``torch.load(<checkpoint url>/<file>, weights_only=True, map_location="cpu")``.
+
+    ``url`` is a checkpoint folder (local path or ``s3://``) as printed by the run summary.
+    """
+    from sharding.storage import open_storage
+
+    store = open_storage(os.fspath(url))
+    try:
+        data = store.read_bytes(file)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{store.child_url(file)}: not found; pass a checkpoint folder printed by a run"
+        ) from None
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker: environment, state, metrics
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """Where this training worker runs."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def use_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast on CUDA; a no-op context on CPU."""
+        if self.use_cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def distributed(self) -> bool:
+        import torch.distributed as dist
+
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def worker_env() -> WorkerEnv:
+    """The :class:`WorkerEnv` of the calling Ray Train worker (CPU unless it holds a GPU)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if isinstance(device, list):
+        device = device[0]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cpu")
+    return WorkerEnv(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        device=device,
+    )
+
+
+def prepare_model(model: torch.nn.Module, env: WorkerEnv) -> torch.nn.Module:
+    """Move to the worker's device and wrap in DDP when there is more than one worker."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model, move_to_device=env.device)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (the model itself otherwise)."""
+    return getattr(model, "module", model)
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: WorkerEnv) -> torch.Tensor:
+    """Sum of ``tensor`` over all ranks (in place; unchanged on one worker). gloo-safe on CPU."""
+    if env.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def reduce_means(sums: Mapping[str, float], count: float, env: WorkerEnv) -> dict[str, float]:
+    """``{k: sum_over_ranks(sums[k]) / sum_over_ranks(count)}`` (NaN when the count is 0)."""
+    keys = sorted(sums)
+    t = torch.tensor([float(sums[k]) for k in keys] + [float(count)], dtype=torch.float64)
+    if env.use_cuda:
+        t = t.to(env.device)
+    t = all_reduce_sum(t, env).cpu()
+    total = float(t[-1])
+    return {k: (float(t[i]) / total if total else float("nan")) for i, k in enumerate(keys)}
+
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``cm[t, p]`` = samples of true class ``t`` predicted as ``p`` (int64; labels < 0 skipped)."""
+    keep = labels >= 0
+    idx = labels[keep].to(torch.int64) * num_classes + preds[keep].to(torch.int64)
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
+
+
+def classification_metrics(cm: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro F1 from a confusion matrix (rows true, columns predicted).
+
+    ``accuracy = trace(cm) / sum(cm)``; per class ``F1_c = 2 TP / (2 TP + FP + FN)``; macro F1 is
+    the mean over classes that occur among the labels or the predictions (as scikit-learn's
+    ``f1_score(average="macro")``, whose default label set is exactly those). NaN when empty.
+    """
+    cm = cm.to(torch.float64)
+    total = float(cm.sum())
+    if total == 0:
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "samples": 0.0}
+    tp = torch.diag(cm)
+    fp = cm.sum(0) - tp
+    fn = cm.sum(1) - tp
+    denom = 2 * tp + fp + fn
+    present = denom > 0
+    f1 = torch.where(present, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    return {
+        "accuracy": float(tp.sum()) / total,
+        "macro_f1": float(f1[present].mean()),
+        "samples": total,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Any,
+    env: WorkerEnv,
+    num_classes: int,
+    *,
+    image_index: int = 0,
+    prefix: str = "val_",
+) -> dict[str, float]:
+    """Loss, accuracy and macro F1 of ``model`` on the loader's batches, over ALL ranks.
+
+    Each rank runs its own samples through the unwrapped model (no per-batch collectives, so
+    ranks may hold different sample counts); the confusion matrices and loss sums are then
+    summed with ``all_reduce`` and the metrics computed from the totals. ``image_index`` picks
+    the magnification of the batch to classify.
+    """
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    loss_sum, n = 0.0, 0
+    for batch in loader.epoch():
+        labels = batch.labels
+        keep = labels >= 0
+        if not bool(keep.any()):
+            continue
+        x = batch.images[image_index].to(env.device, non_blocking=True)
+        with env.autocast():
+            logits, _ = net(x)
+        logits = logits.float().cpu()
+        loss_sum += float(
+            torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
+        )
+        n += int(keep.sum())
+        cm += confusion_matrix(logits.argmax(1), labels, num_classes)
+    net.train(was_training)
+    packed = torch.cat(
+        [cm.flatten().to(torch.float64), torch.tensor([loss_sum, n], dtype=torch.float64)]
+    )
+    if env.use_cuda:
+        packed = packed.to(env.device)
+    packed = all_reduce_sum(packed, env).cpu()
+    cm_all = (
+        packed[: num_classes * num_classes]
+        .round()
+        .to(torch.int64)
+        .reshape(num_classes, num_classes)
+    )
+    metrics = classification_metrics(cm_all)
+    count = float(packed[-1])
+    metrics["loss"] = float(packed[-2]) / count if count else float("nan")
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------------
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant", "linear")
+
+
+def make_optimizer(
+    params: Any, name: str = "adam", lr: float = 1e-3, weight_decay: float = 1e-4
+) -> torch.optim.Optimizer:
+    """Adam (the paper's choice), AdamW, or SGD with Nesterov momentum 0.9."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+        )
+    raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def lr_at(
+    step: int, *, base_lr: float, total_steps: int, schedule: str, warmup_steps: int = 0
+) -> float:
+    """Learning rate at global ``step`` (0-based): linear warm-up over ``warmup_steps``, then
+
+    * ``constant``: ``base_lr``;
+    * ``cosine``: ``base_lr * 0.5 * (1 + cos(pi * t))``;
+    * ``linear``: ``base_lr * (1 - t)``;
+
+    with ``t = (step - warmup) / max(1, total - warmup)`` clipped to [0, 1]. A pure function of the
+    step, so a resumed run continues the same curve from its saved global step.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "linear":
+        return base_lr * (1.0 - t)
+    return base_lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --------------------------------------------------------------------------------------------------
+# Training state, checkpoints, the epoch loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Progress saved in every checkpoint; plain values only (``weights_only``-loadable).
+
+    ``epoch``: epochs completed (the next epoch to run, 0-based); ``step``: optimizer steps taken.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    best_epoch: int | None = None
+    best_metric: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainState:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+    def update_best(self, epoch: int, value: float, mode: str = "max") -> bool:
+        """Record ``value`` of the 1-based ``epoch``; True when it is the best so far (ties: later)."""
+        if value is None or math.isnan(value):
+            return False
+        better = (
+            self.best_metric is None
+            or (mode == "max" and value >= self.best_metric)
+            or (mode == "min" and value <= self.best_metric)
+        )
+        if better:
+            self.best_metric, self.best_epoch = float(value), epoch
+        return better
+
+
+@dataclass
+class Restored:
+    """The latest checkpoint of a run, loaded on a worker."""
+
+    model: dict[str, Any]
+    trainer: dict[str, Any]
+    state: TrainState
+    path: str
+
+
+def restore() -> Restored | None:
+    """Load the run's latest checkpoint (``ray.train.get_checkpoint()``) or None for a fresh run.
+
+    Ray Train V2 hands the latest reported checkpoint to the training function after a worker
+    group restart (FailureConfig) and when a new trainer starts with the same ``RunConfig(name,
+    storage_path)`` (it reloads the run's checkpoint-manager snapshot from storage).
+    """
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        model = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
+        trainer = torch.load(Path(d) / TRAINER_FILE, map_location="cpu", weights_only=True)
+    return Restored(
+        model, trainer, TrainState.from_dict(trainer["state"]), checkpoint_url(ckpt) or ""
+    )
+
+
+def report_epoch(
+    metrics: Mapping[str, Any],
+    *,
+    env: WorkerEnv,
+    epoch: int,
+    model_payload: Callable[[], dict[str, Any]],
+    trainer_payload: Callable[[], dict[str, Any]],
+) -> None:
+    """``ray.train.report(metrics, checkpoint)`` on every rank; rank 0 writes the checkpoint.
+
+    The checkpoint folder is ``checkpoint_epoch{epoch:04d}`` (``epoch`` 1-based) holding
+    :data:`MODEL_FILE`, :data:`TRAINER_FILE` and :data:`META_FILE`. Ray persists it to the run's
+    storage path (local or s3) before ``report`` returns on rank 0.
+    """
+    import ray.train
+
+    clean = {k: _plain(v) for k, v in metrics.items()}
+    with tempfile.TemporaryDirectory(prefix="rdckpt-") as tmp:
+        checkpoint = None
+        if env.is_main:
+            model = model_payload()
+            torch.save(model, Path(tmp) / MODEL_FILE)
+            torch.save(trainer_payload(), Path(tmp) / TRAINER_FILE)
+            meta = {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": epoch,
+                "metrics": clean,
+                "model": {k: v for k, v in model.items() if k != "state_dict"},
+                "time": time.time(),
+            }
+            (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(
+            clean, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+class Tracer:
+    """Optional JSON-lines trace of worker starts and epochs (``--trace-dir``), for tests and ops.
+
+    ``starts.jsonl``: ``{"rank", "pid", "start_epoch", "world_size", "time"}`` per worker start;
+    ``epochs.jsonl``: ``{"rank", "pid", "epoch", "steps", "samples", "time"}`` per finished epoch;
+    ``rank<r>.json``: the latest ``{"pid", "epoch", "phase"}`` of rank ``r`` (replaced atomically).
+    """
+
+    def __init__(self, directory: str | None, env: WorkerEnv) -> None:
+        self.dir = Path(directory) if directory else None
+        self.env = env
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _append(self, name: str, record: Mapping[str, Any]) -> None:
+        if self.dir is None:
+            return
+        line = json.dumps(
+            {"rank": self.env.rank, "pid": os.getpid(), "time": time.time(), **record}
+        )
+        with open(self.dir / name, "a") as fh:
+            fh.write(line + "\n")
+
+    def start(self, start_epoch: int) -> None:
+        self._append(
+            "starts.jsonl", {"start_epoch": start_epoch, "world_size": self.env.world_size}
+        )
+
+    def phase(self, epoch: int, phase: str) -> None:
+        if self.dir is None:
+            return
+        dest = self.dir / f"rank{self.env.rank}.json"
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "epoch": epoch, "phase": phase}))
+        os.replace(tmp, dest)
+
+    def epoch(self, epoch: int, steps: int, samples: int) -> None:
+        self._append("epochs.jsonl", {"epoch": epoch, "steps": steps, "samples": samples})
+
+
+@dataclass
+class EpochResult:
+    """What one rank's training epoch returns to :func:`fit` (metrics already all-reduced)."""
+
+    metrics: dict[str, float]
+    steps: int
+    samples: int
+
+
+def fit(
+    *,
+    env: WorkerEnv,
+    state: TrainState,
+    epochs: int,
+    train_epoch: Callable[[int], EpochResult],
+    validate: Callable[[int], dict[str, float]],
+    model_payload: Callable[[], dict[str, Any]],
+    trainer_payload: Callable[[TrainState], dict[str, Any]],
+    metric: str = DEFAULT_METRIC,
+    mode: str = "max",
+    tracer: Tracer | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainState:
+    """Run epochs ``state.epoch + 1 .. epochs`` (1-based): train, validate, report + checkpoint.
+
+    ``train_epoch(e)`` and ``validate(e)`` run on every rank and return metrics reduced over all
+    ranks; ``fit`` adds ``epoch``, ``step``, timing (``epoch_s``, ``train_samples_per_s``) and
+    ``best_epoch``, reports them with a checkpoint, and appends them to
+    ``state.history``. ``trainer_payload(state)`` gets the updated state to store.
+    """
+    tracer = tracer or Tracer(None, env)
+    for epoch in range(state.epoch + 1, epochs + 1):
+        t0 = time.perf_counter()
+        tracer.phase(epoch, "train")
+        result = train_epoch(epoch)
+        train_s = time.perf_counter() - t0
+        tracer.epoch(epoch, result.steps, result.samples)
+        tracer.phase(epoch, "validate")
+        metrics: dict[str, float] = {**result.metrics, **validate(epoch)}
+        epoch_s = time.perf_counter() - t0
+        state.epoch = epoch
+        state.update_best(epoch, metrics.get(metric, float("nan")), mode)
+        metrics.update(
+            epoch=epoch,
+            step=state.step,
+            epoch_s=epoch_s,
+            train_samples_per_s=result.samples * env.world_size / train_s if train_s > 0 else 0.0,
+            best_epoch=state.best_epoch if state.best_epoch is not None else 0,
+        )
+        state.history.append({k: float(v) for k, v in metrics.items()})
+        tracer.phase(epoch, "report")
+        report_epoch(
+            metrics,
+            env=env,
+            epoch=epoch,
+            model_payload=model_payload,
+            trainer_payload=lambda: trainer_payload(state),
+        )
+        if log is not None and env.is_main:
+            log(format_epoch(metrics, epochs, metric))
+    tracer.phase(state.epoch, "done")
+    return state
+
+
+def format_epoch(metrics: Mapping[str, Any], epochs: int, metric: str = DEFAULT_METRIC) -> str:
+    """One progress line: ``epoch 2/10  train_loss 0.41  val_accuracy 0.91  ...  12.3 s``."""
+    parts = [f"epoch {int(metrics['epoch'])}/{epochs}"]
+    for k in ("train_loss", "val_loss", "val_accuracy", metric):
+        if k in metrics and k not in parts:
+            parts.append(f"{k} {float(metrics[k]):.4f}")
+    parts.append(f"{float(metrics.get('train_samples_per_s', 0)):.0f} img/s")
+    parts.append(f"{float(metrics.get('epoch_s', 0)):.1f} s")
+    return "  ".join(dict.fromkeys(parts))
+
+
+def console_log(prefix: str = "") -> Callable[[str], None]:
+    """A ``log`` callable printing through rich (Ray forwards worker output to the driver)."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+
+    def log(text: str) -> None:
+        console.print(f"{prefix}{text}", soft_wrap=True)
+
+    return log

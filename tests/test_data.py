@@ -1,0 +1,342 @@
+"""The streaming data layer: dataset.json, shard plans, loaders, paired augmentation, models."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from resdistill.data import (
+    DatasetInfo,
+    FastColorJitter,
+    PairedAugment,
+    ShardTask,
+    hue_matrix,
+    key_bucket,
+    make_loader,
+    plan_all_ranks,
+    read_manifest,
+    shard_keys,
+    split_among_workers,
+    steps_per_epoch,
+)
+from resdistill.models import ARCHITECTURES, build_model
+from tests.fixtures_data import write_dataset
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _manifest_keys(root: str | Path, split: str) -> list[str]:
+    table = read_manifest(str(root))
+    cols = table.to_pydict()
+    return sorted(k for k, s in zip(cols["key"], cols["split"], strict=True) if s == split)
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset.json
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dataset_info_reads_contract(tiny_dataset: Path) -> None:
+    info = DatasetInfo.load(str(tiny_dataset))
+    assert info.magnifications == ("10x", "5x")
+    assert info.highest == "10x"
+    assert info.classes == ("benign", "tumor")
+    assert info.num_classes == 2
+    assert dict(info.tile_px) == {"10x": 32, "5x": 16}
+    assert info.resolve_mag("5") == "5x" and info.resolve_mag("10x") == "10x"
+    with pytest.raises(ValueError, match="2.5x is not in"):
+        info.resolve_mag("2.5x")
+    mean, std = info.mean_std("10x")
+    assert len(mean) == 3 and all(0 < s < 1 for s in std)
+    assert info.member("5x") == "5x.jpg"
+
+
+def test_missing_dataset_json_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"dataset\.json"):
+        DatasetInfo.load(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard plans
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_shards(sizes: list[int]) -> dict[str, list[str]]:
+    return {
+        f"train/shard-{i:06d}.tar": [f"s{i}_{j}_0" for j in range(n)] for i, n in enumerate(sizes)
+    }
+
+
+@pytest.mark.parametrize(
+    "sizes", [[10], [3, 17, 6], [5, 5, 5, 5], [1, 40, 2, 9, 13], [7, 7, 7, 7, 7, 7, 7]]
+)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_rank_plans_are_disjoint_and_cover_every_sample(sizes: list[int], world: int) -> None:
+    shards = _fake_shards(sizes)
+    plans = plan_all_ranks(shards, world)
+    assert len(plans) == world
+    seen: list[str] = []
+    for rank, tasks in enumerate(plans):
+        for task in tasks:
+            kept = [k for k in shards[task.rel] if task.keeps(k)]
+            assert len(kept) == task.samples
+            if task.modulus > 1:
+                assert task.modulus == world and task.residue == rank
+            seen += kept
+    assert sorted(seen) == sorted(itertools.chain.from_iterable(shards.values()))
+    if len(sizes) >= world:  # whole shards: each shard read by exactly one rank
+        owners = [t.rel for tasks in plans for t in tasks]
+        assert len(owners) == len(set(owners)) == len(sizes)
+        assert all(t.modulus == 1 for tasks in plans for t in tasks)
+
+
+def test_greedy_plan_balances_largest_first() -> None:
+    plans = plan_all_ranks(_fake_shards([3, 17, 6]), 2)
+    totals = [sum(t.samples for t in p) for p in plans]
+    assert totals == [17, 9]
+
+
+def test_workers_split_a_ranks_tasks() -> None:
+    tasks = [ShardTask(f"t{i}", n) for i, n in enumerate([4, 9, 1])]
+    shares = split_among_workers(tasks, 2)
+    assert len(shares) == 2
+    assert sorted(t.rel for s in shares for t in s) == ["t0", "t1", "t2"]
+    assert len(split_among_workers(tasks, 8)) == 3  # never more workers than tasks
+    assert split_among_workers([], 4) == [[]]
+
+
+def test_key_bucket_is_stable() -> None:
+    assert key_bucket("slide_0_0", 7) == key_bucket("slide_0_0", 7)
+    assert {key_bucket(f"s_{i}_0", 3) for i in range(50)} == {0, 1, 2}
+
+
+def test_shard_keys_select_splits_and_labels(tiny_dataset: Path) -> None:
+    manifest = read_manifest(str(tiny_dataset))
+    both = shard_keys(manifest, ["train", "unlabeled"])
+    labelled = shard_keys(manifest, ["train", "unlabeled"], labelled_only=True)
+    assert sum(map(len, both.values())) == 48 + 8
+    assert sorted(itertools.chain.from_iterable(labelled.values())) == _manifest_keys(
+        tiny_dataset, "train"
+    )
+    assert all(rel.startswith(("train/", "unlabeled/")) for rel in both)
+    with pytest.raises(ValueError, match="unknown split"):
+        shard_keys(manifest, ["training"])
+
+
+def test_steps_per_epoch() -> None:
+    assert steps_per_epoch(26, 2, 4) == 3
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        steps_per_epoch(7, 2, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world,loader_workers", [(1, 0), (2, 2), (3, 1), (4, 3)])
+def test_eval_loaders_read_each_sample_once_over_all_ranks(
+    tiny_dataset: Path, world: int, loader_workers: int
+) -> None:
+    info = DatasetInfo.load(str(tiny_dataset))
+    keys: list[str] = []
+    for rank in range(world):
+        loader = make_loader(
+            info,
+            ["train"],
+            ["10x"],
+            batch_size=5,
+            train=False,
+            rank=rank,
+            world_size=world,
+            num_workers=loader_workers,
+        )
+        got = [k for batch in loader.epoch() for k in batch.keys]
+        assert len(got) == loader.num_samples
+        keys += got
+        loader.close()
+    assert sorted(keys) == _manifest_keys(tiny_dataset, "train")
+
+
+def test_samples_decode_only_requested_mags_in_order(tiny_dataset: Path) -> None:
+    info = DatasetInfo.load(str(tiny_dataset))
+    pair = make_loader(info, ["val"], ["5x", "10x"], batch_size=4, train=False, num_workers=0)
+    batch = next(iter(pair.epoch()))
+    assert [tuple(t.shape) for t in batch.images] == [(4, 3, 16, 16), (4, 3, 32, 32)]
+    assert batch.images[0].dtype == torch.float32
+    assert set(batch.labels.tolist()) <= {0, 1}
+    single = make_loader(info, ["unlabeled"], ["5x"], batch_size=4, train=False, num_workers=0)
+    batch = next(iter(single.epoch()))
+    assert len(batch.images) == 1
+    assert batch.labels.tolist() == [-1] * 4  # null labels
+
+
+def test_normalisation_uses_dataset_statistics(tiny_dataset: Path) -> None:
+    info = DatasetInfo.load(str(tiny_dataset))
+    pixels = []
+    for split in ("train", "val", "test", "unlabeled"):
+        loader = make_loader(info, [split], ["10x"], batch_size=16, train=False, num_workers=0)
+        pixels += [b.images[0] for b in loader.epoch()]
+    x = torch.cat(pixels).transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(x.mean(1), torch.zeros(3), atol=1e-3)
+    assert torch.allclose(x.std(1), torch.ones(3), atol=1e-2)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_train_loaders_give_every_rank_the_same_steps_with_uneven_shards(
+    tmp_path: Path, world: int
+) -> None:
+    root = tmp_path / "uneven"
+    write_dataset(root, shard_sizes={"train": [3, 17, 6], "val": [4]})
+    info = DatasetInfo.load(str(root))
+    steps = steps_per_epoch(26, world, 2)
+    for rank in range(world):
+        loader = make_loader(
+            info,
+            ["train"],
+            ["10x", "5x"],
+            batch_size=2,
+            train=True,
+            rank=rank,
+            world_size=world,
+            num_workers=2,
+            shuffle_buffer=8,
+            augment=PairedAugment(),
+        )
+        assert loader.steps == steps
+        for _epoch in range(2):  # the source is endless: a short rank cycles, never runs dry
+            batches = list(loader.epoch())
+            assert len(batches) == steps
+            assert all(len(b) == 2 for b in batches)
+        loader.close()
+
+
+def test_train_loader_shuffles_and_covers_the_rank(tiny_dataset: Path) -> None:
+    info = DatasetInfo.load(str(tiny_dataset))
+    loader = make_loader(
+        info, ["train"], ["10x"], batch_size=4, train=True, num_workers=1, shuffle_buffer=16
+    )
+    assert loader.steps == 48 // 4
+    keys = [k for b in loader.epoch() for k in b.keys]
+    loader.close()
+    manifest = _manifest_keys(tiny_dataset, "train")
+    assert len(keys) == 48 and set(keys) <= set(manifest)
+    assert len(set(keys)) > 30  # a buffer of 16 < the data: mostly one pass
+    ordered = make_loader(info, ["train"], ["10x"], batch_size=4, train=False, num_workers=1)
+    assert keys != [k for b in ordered.epoch() for k in b.keys]
+
+
+def test_s3_loader_matches_local(tiny_dataset_s3: str, tmp_path: Path) -> None:
+    info = DatasetInfo.load(tiny_dataset_s3)
+    assert info.url == tiny_dataset_s3
+    keys = []
+    for rank in range(2):
+        loader = make_loader(
+            info, ["train"], ["10x", "5x"], batch_size=8, train=False, rank=rank, world_size=2,
+            num_workers=2,
+        )  # fmt: skip
+        keys += [k for b in loader.epoch() for k in b.keys]
+        loader.close()
+    local = tmp_path / "same"
+    write_dataset(local)  # same seed and layout as the S3 copy
+    assert sorted(keys) == _manifest_keys(local, "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_image(px: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, px, px), dtype=torch.uint8, generator=g)
+
+
+def test_paired_augment_applies_one_draw_to_every_image() -> None:
+    aug = PairedAugment(jitter=(0.5, 0.5, 0.5, 0.2))
+    img = _random_image(16, 0)
+    outs = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        a, b = aug(img, img.clone())
+        assert torch.equal(a, b)  # same flips, rotation and jitter factors
+        outs.add(a.numpy().tobytes())
+    assert len(outs) > 6  # and the draws differ between calls
+
+
+def test_paired_geometry_commutes_with_downsampling() -> None:
+    aug = PairedAugment(jitter=(0, 0, 0, 0))
+    high = _random_image(32, 1)
+    low = torch.nn.functional.avg_pool2d(high[None].float(), 2)[0]
+    seen = set()
+    for seed in range(16):
+        torch.manual_seed(seed)
+        h, lo = aug(high.float(), low)
+        assert torch.allclose(torch.nn.functional.avg_pool2d(h[None], 2)[0], lo)
+        seen.add(h.numpy().tobytes())
+    assert len(seen) >= 4  # several of the 8 flips/rotations occurred
+
+
+def test_fast_colour_jitter_formulas() -> None:
+    assert torch.allclose(hue_matrix(0.0), torch.eye(3), atol=1e-6)
+    assert torch.allclose(hue_matrix(0.25) @ hue_matrix(0.25), hue_matrix(0.5), atol=1e-5)
+    grey = torch.full((3, 4, 4), 0.4)
+    rotated = torch.einsum("ij,jhw->ihw", hue_matrix(0.3), grey)
+    assert torch.allclose(rotated, grey, atol=1e-5)  # hue leaves greys alone
+    x = torch.rand(3, 8, 8) * 0.5
+    jitter = FastColorJitter(0.5, 0.0, 0.0, 0.0)
+    out = jitter.transform(x, {"b": 1.5, "c": 1.0, "s": 1.0, "h": 0.0})
+    assert torch.allclose(out, x * 1.5)
+    out = jitter.transform(x, {"b": 1.0, "c": 0.0, "s": 1.0, "h": 0.0})  # contrast 0: flat grey
+    assert torch.allclose(out, out.mean().expand_as(out), atol=1e-6)
+    out = jitter.transform(x, {"b": 1.0, "c": 1.0, "s": 0.0, "h": 0.0})  # saturation 0: grey
+    assert torch.allclose(out[0], out[1]) and torch.allclose(out[1], out[2])
+    img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        (y,) = PairedAugment(jitter=(0.9, 0.9, 0.9, 0.5))(img)
+        assert y.dtype == torch.float32 and float(y.min()) >= 0 and float(y.max()) <= 1
+    with pytest.raises(ValueError, match="hue"):
+        FastColorJitter(0.1, 0.1, 0.1, 0.7)
+
+
+def test_plain_v2_transform_would_only_touch_the_first_tensor() -> None:
+    """Why PairedAugment wraps images: v2 treats only the first pure tensor as an image."""
+    from torchvision.transforms import v2
+
+    flip = v2.RandomHorizontalFlip(p=1.0)
+    img = _random_image(8, 2)
+    a, b = flip(img, img.clone())
+    assert not torch.equal(a, b)
+    a, b = PairedAugment(jitter=(0, 0, 0, 0))(img, img.clone())
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_models_return_logits_and_last_feature_map(arch: str) -> None:
+    model = build_model(arch, num_classes=3).eval()
+    with torch.no_grad():
+        logits, feats = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 3)
+    assert feats.shape == (2, ARCHITECTURES[arch], 2, 2)
+    assert model.feature_channels == ARCHITECTURES[arch]
+    with torch.no_grad():  # logits are the head applied to the returned features
+        assert torch.allclose(model.head(feats), logits, atol=1e-5)
+
+
+def test_tiny_tiles_give_a_1x1_feature_map() -> None:
+    logits, feats = build_model("resnet18", 2).eval()(torch.randn(1, 3, 28, 28))
+    assert feats.shape[-2:] == (1, 1) and logits.shape == (1, 2)
+
+
+def test_unknown_architecture_is_refused() -> None:
+    with pytest.raises(ValueError, match="resnet18"):
+        build_model("vgg16", 2)
