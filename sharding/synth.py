@@ -753,11 +753,12 @@ def slide_plan(
     base_mags: Sequence[float] = (40, 20),
     labeled_fraction: float = 1.0,
     prefix: str = "synth",
+    slides_per_patient: int = 2,
 ) -> list[dict[str, object]]:
     """Name, class, patient, format, base magnification and labelled flag of each slide.
 
-    Slide ``i``: class ``CLASSES[i % C]``; patient ``P{(i // (2C)) * C + i % C:03d}`` (slides
-    ``i`` and ``i + C`` share one); format ``formats[i % F]``; base magnification
+    Slide ``i``: class ``CLASSES[i % C]``; patient ``P{(i // (S * C)) * C + i % C:03d}`` with
+    ``S = slides_per_patient`` (with S = 2, slides ``i`` and ``i + C`` share one); format ``formats[i % F]``; base magnification
     ``base_mags[(i // F) % M]``. The labelled slides are the first ``round(f * n)`` (at least
     one when ``f > 0``), which cycle through the classes, so every class is labelled as soon as
     ``round(f * n) >= C``.
@@ -768,6 +769,8 @@ def slide_plan(
         raise ValueError(f"labeled_fraction must be in [0, 1], got {labeled_fraction}")
     if not formats or not base_mags:
         raise ValueError("formats and base_mags must not be empty")
+    if slides_per_patient < 1:
+        raise ValueError(f"slides_per_patient must be >= 1, got {slides_per_patient}")
     c, f = len(CLASSES), len(formats)
     n_lab = round(labeled_fraction * n_slides)
     if labeled_fraction > 0 and n_slides:
@@ -779,7 +782,7 @@ def slide_plan(
                 "index": i,
                 "slide": f"{prefix}_{seed}_{i:03d}",
                 "label": CLASSES[i % c],
-                "patient": f"P{(i // (2 * c)) * c + i % c:03d}",
+                "patient": f"P{(i // (slides_per_patient * c)) * c + i % c:03d}",
                 "format": formats[i % f],
                 "base_mag": float(base_mags[(i // f) % len(base_mags)]),
                 "labeled": i < n_lab,
@@ -839,6 +842,7 @@ def write_synthetic_slides(
     prefix: str = "synth",
     progress: Callable[[SynthSlide], None] | None = None,
     workers: int = 1,
+    slides_per_patient: int = 2,
 ) -> list[SynthSlide]:
     """Write ``n_slides`` synthetic slides plus ``labels.csv`` and ``truth.csv`` into ``out_dir``.
 
@@ -855,7 +859,7 @@ def write_synthetic_slides(
             raise ValueError(f"unknown slide format {fmt!r}: use 'svs' or 'tiff'")
     plan = slide_plan(
         n_slides, seed, formats=formats, base_mags=base_mags,
-        labeled_fraction=labeled_fraction, prefix=prefix,
+        labeled_fraction=labeled_fraction, prefix=prefix, slides_per_patient=slides_per_patient,
     )  # fmt: skip
     common = {"out": out, "seed": seed, "size_um": size_um, "tile": tile, "factor": factor,
               "min_level_px": min_level_px, "quality": quality}  # fmt: skip
