@@ -37,7 +37,7 @@ import json
 import math
 import random
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,7 +168,9 @@ def key_bucket(key: str, modulus: int) -> int:
     return zlib.crc32(key.encode("utf-8")) % modulus
 
 
-def read_manifest(url: str, columns: Sequence[str] = ("key", "split", "label", "shard")) -> Any:
+def read_manifest(
+    url: str, columns: Sequence[str] = ("key", "slide", "split", "label", "shard")
+) -> Any:
     """``manifest.parquet`` of a dataset as a pyarrow Table (only ``columns``)."""
     import pyarrow.parquet as pq
 
@@ -183,21 +185,55 @@ def read_manifest(url: str, columns: Sequence[str] = ("key", "split", "label", "
 
 
 def shard_keys(
-    manifest: Any, splits: Sequence[str], *, labelled_only: bool = False
+    manifest: Any,
+    splits: Sequence[str],
+    *,
+    labelled_only: bool = False,
+    labelled_slides: Collection[str] | None = None,
 ) -> dict[str, list[str]]:
-    """``{shard rel path: [sample keys]}`` for the rows of ``splits`` (labelled rows only if asked)."""
+    """``{shard rel path: [sample keys]}`` for the rows of ``splits`` (labelled rows only if asked).
+
+    ``labelled_slides`` (see :func:`select_labelled_slides`) treats every other slide's samples as
+    unlabeled.
+    """
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         raise ValueError(f"unknown split(s) {bad}: choose from {', '.join(SPLITS)}")
     cols = manifest.to_pydict()
     wanted = set(splits)
     out: dict[str, list[str]] = {}
-    for key, split, label, shard in zip(
-        cols["key"], cols["split"], cols["label"], cols["shard"], strict=True
+    keep = None if labelled_slides is None else set(labelled_slides)
+    for key, slide, split, label, shard in zip(
+        cols["key"], cols["slide"], cols["split"], cols["label"], cols["shard"], strict=True
     ):
+        if keep is not None and slide not in keep:
+            label = None
         if split in wanted and not (labelled_only and label is None):
             out.setdefault(shard, []).append(key)
     return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def select_labelled_slides(
+    manifest: Any, splits: Sequence[str], fraction: float, seed: int = 0
+) -> list[str] | None:
+    """Slides whose labels a label-scarce run may use: ``fraction`` of the labelled slides of
+    ``splits``, per class ``max(1, round(fraction * n_class))`` chosen by a seeded hash (so every
+    class keeps a labelled slide). ``fraction >= 1`` returns None (all labels)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    if fraction >= 1:
+        return None
+    cols = manifest.to_pydict()
+    wanted = set(splits)
+    by_class: dict[str, set[str]] = {}
+    for slide, split, label in zip(cols["slide"], cols["split"], cols["label"], strict=True):
+        if split in wanted and label is not None:
+            by_class.setdefault(label, set()).add(slide)
+    chosen: list[str] = []
+    for label in sorted(by_class):
+        ranked = sorted(by_class[label], key=lambda s: zlib.crc32(f"{seed}:{s}".encode()))
+        chosen.extend(ranked[: max(1, round(fraction * len(ranked)))])
+    return sorted(chosen)
 
 
 def _greedy(sizes: Mapping[str, int], bins: int) -> list[list[str]]:
@@ -440,6 +476,7 @@ class TileStream(IterableDataset):
         seed: int = 0,
         labelled_only: bool = False,
         check_size: bool = True,
+        labelled_slides: Collection[str] | None = None,
     ) -> None:
         super().__init__()
         if not mags:
@@ -453,6 +490,7 @@ class TileStream(IterableDataset):
         self.seed = seed
         self.labelled_only = labelled_only
         self.check_size = check_size
+        self.labelled_slides = None if labelled_slides is None else frozenset(labelled_slides)
         self._members = [info.member(m) for m in self.mags]
         self._class_index = {c: i for i, c in enumerate(info.classes)}
         self._norm = []
@@ -552,6 +590,10 @@ class TileStream(IterableDataset):
         samples = _shuffle_buffer(self._raw_samples(mine, rng), size, rng)
         for sample in samples:
             decoded = self._decode(sample)
+            if self.labelled_slides is not None and decoded[1] >= 0:
+                slide = decoded[2].rsplit("_", 2)[0]  # keys are <slide>_<x>_<y>
+                if slide not in self.labelled_slides:
+                    decoded = (decoded[0], -1, *decoded[2:])
             if self.labelled_only and decoded[1] < 0:
                 continue
             yield decoded
@@ -673,6 +715,7 @@ def make_loader(
     labelled_only: bool = False,
     pin_memory: bool = False,
     manifest: Any = None,
+    labelled_slides: Collection[str] | None = None,
 ) -> StreamLoader:
     """Batches of ``splits`` for ``rank`` of ``world_size`` (see the module docstring).
 
@@ -680,13 +723,16 @@ def make_loader(
     endless source cut into ``steps`` batches per epoch (default :func:`steps_per_epoch` of the
     manifest's total over all ranks). ``train=False``: shards in order, no augmentation, one pass.
     ``epoch`` only changes the random seed (pass the starting epoch when resuming).
-    ``labelled_only`` drops samples whose label is null (counts follow the manifest).
+    ``labelled_only`` drops samples whose label is null (counts follow the manifest);
+    ``labelled_slides`` hides the labels of every other slide (a label-scarce run).
     """
     if isinstance(info, str):
         info = DatasetInfo.load(info)
     if manifest is None:
         manifest = read_manifest(info.url)
-    keys = shard_keys(manifest, splits, labelled_only=labelled_only)
+    keys = shard_keys(
+        manifest, splits, labelled_only=labelled_only, labelled_slides=labelled_slides
+    )
     total = sum(len(v) for v in keys.values())
     plans = plan_all_ranks(keys, world_size)
     tasks = plans[rank]
@@ -713,6 +759,7 @@ def make_loader(
         augment=augment,
         seed=hash_seed(seed, rank, epoch),
         labelled_only=labelled_only,
+        labelled_slides=labelled_slides,
     )
     return StreamLoader(
         stream, batch_size=batch_size, steps=steps, num_workers=workers, pin_memory=pin_memory

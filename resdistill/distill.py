@@ -94,6 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "train). Distillation uses every sample of them, labelled or not",
     )
     g.add_argument("--val-split", default="val", help="labelled split scored after every epoch")
+    g.add_argument(
+        "--label-fraction",
+        type=float,
+        default=1.0,
+        help="with --supervised: use the labels of only this share of the training slides (at "
+        "least one per class), as the teacher's --label-fraction",
+    )
     g.add_argument("--batch-size", type=int, default=64, help="per-worker batch size")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
     g.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker")
@@ -282,7 +289,13 @@ def _mag_power(name: str) -> float:
 
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the dataset and teacher against the options; the workers' config (plain values)."""
-    from resdistill.data import DatasetInfo, read_manifest, shard_keys, steps_per_epoch
+    from resdistill.data import (
+        DatasetInfo,
+        read_manifest,
+        select_labelled_slides,
+        shard_keys,
+        steps_per_epoch,
+    )
 
     info = DatasetInfo.load(args.data)
     if info.num_classes < 2:
@@ -307,10 +320,21 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     train_splits = [s.strip() for s in (args.train_splits or default_splits).split(",")]
     train_splits = [s for s in train_splits if s]
     manifest = read_manifest(info.url)
-    train_keys = shard_keys(manifest, train_splits, labelled_only=supervised)
+    if args.label_fraction < 1 and not supervised:
+        raise UsageError("--label-fraction applies to --supervised: distillation uses no labels")
+    try:
+        labelled = select_labelled_slides(manifest, train_splits, args.label_fraction, args.seed)
+    except ValueError as exc:
+        raise UsageError(f"--label-fraction: {exc}") from None
+    train_keys = shard_keys(
+        manifest, train_splits, labelled_only=supervised, labelled_slides=labelled
+    )
     n_train = sum(len(v) for v in train_keys.values())
     n_labelled = sum(
-        len(v) for v in shard_keys(manifest, train_splits, labelled_only=True).values()
+        len(v)
+        for v in shard_keys(
+            manifest, train_splits, labelled_only=True, labelled_slides=labelled
+        ).values()
     )
     val_keys = shard_keys(manifest, [args.val_split], labelled_only=True)
     n_val = sum(len(v) for v in val_keys.values())
@@ -326,6 +350,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "stage": STAGE_SUPERVISED if supervised else STAGE_DISTILL,
         "supervised": supervised,
+        "labelled_slides": labelled,
         "data": info.url,
         "dataset": dict(info.raw),
         "student_mag": student_mag,

@@ -243,6 +243,7 @@ def train_worker(config: dict[str, Any]) -> None:
         epoch=state.epoch,
         steps=config["steps_per_epoch"],
         labelled_only=supervised,
+        labelled_slides=config.get("labelled_slides"),
         **common,
     )
     val_loader = D.make_loader(

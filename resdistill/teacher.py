@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument("--train-splits", default="train", help="comma list of training splits")
     g.add_argument("--val-split", default="val", help="split scored after every epoch")
+    g.add_argument(
+        "--label-fraction",
+        type=float,
+        default=1.0,
+        help="use the labels of only this share of the training slides (at least one per class; "
+        "a label-scarce experiment)",
+    )
     g.add_argument("--batch-size", type=int, default=64, help="per-worker batch size")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
     g.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker")
@@ -137,7 +144,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the dataset against the options and build the workers' config (plain values)."""
-    from resdistill.data import DatasetInfo, read_manifest, shard_keys, steps_per_epoch
+    from resdistill.data import (
+        DatasetInfo,
+        read_manifest,
+        select_labelled_slides,
+        shard_keys,
+        steps_per_epoch,
+    )
 
     info = DatasetInfo.load(args.data)
     mag = info.resolve_mag(args.mag or info.highest)
@@ -145,7 +158,11 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"{args.data}: dataset.json lists {info.num_classes} class(es), need 2+")
     train_splits = [s.strip() for s in args.train_splits.split(",") if s.strip()]
     manifest = read_manifest(info.url)
-    train_keys = shard_keys(manifest, train_splits, labelled_only=True)
+    try:
+        labelled = select_labelled_slides(manifest, train_splits, args.label_fraction, args.seed)
+    except ValueError as exc:
+        raise UsageError(f"--label-fraction: {exc}") from None
+    train_keys = shard_keys(manifest, train_splits, labelled_only=True, labelled_slides=labelled)
     val_keys = shard_keys(manifest, [args.val_split], labelled_only=True)
     n_train = sum(len(v) for v in train_keys.values())
     n_val = sum(len(v) for v in val_keys.values())
@@ -161,6 +178,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": dict(info.raw),
         "mag": mag,
         "train_splits": train_splits,
+        "labelled_slides": labelled,
         "val_split": args.val_split,
         "n_train": n_train,
         "n_val": n_val,
@@ -315,6 +333,7 @@ def train_worker(config: dict[str, Any]) -> None:
         labelled_only=True,
         pin_memory=env.use_cuda,
         manifest=manifest,
+        labelled_slides=config.get("labelled_slides"),
     )
     val_loader = D.make_loader(
         info,
