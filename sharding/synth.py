@@ -17,9 +17,11 @@ Classes (:data:`CLASSES`) carry their cue at different physical scales (:data:`C
   lumen, pale epithelial rim lined by a ring of nuclei): architecture, seen best in a wide field,
   i.e. at low magnification; it survives a 4-8x downsample. A high-magnification tile that falls
   between glands looks benign.
-* ``atypia``: same nuclear density, size and mean colour as ``benign``, but coarse clumped
-  chromatin, nucleoli and an irregular contour (1-3 um detail): clear at 40x and 20x, fading at
-  10x, gone at 5x (a nucleus is ~3 pixels there) where the class looks like ``benign``.
+* ``atypia``: same nuclear density as ``benign``, but coarse clumped chromatin, nucleoli and an
+  irregular contour (1-3 um detail): clear at 40x and 20x, fading at 10x, gone at 5x (a nucleus
+  is ~3 pixels there). Its nuclei are also 15% larger, which leaves only a faint darkening of a
+  few grey levels at low magnification: the kind of cue a low-magnification student must learn
+  to see from the teacher.
 * ``inflamed``: extra dense aggregates of small, very dark lymphocyte nuclei: darker and bluer
   at every scale.
 
@@ -49,7 +51,8 @@ CLASSES: tuple[str, ...] = ("benign", "glandular", "atypia", "inflamed")
 CLASS_CUES: dict[str, str] = {
     "benign": "reference: fibrous stroma, scattered oval nuclei with smooth chromatin",
     "glandular": "architecture: large regular glands with white lumens (low magnification)",
-    "atypia": "nuclear detail: clumped chromatin, nucleoli, irregular contour (high magnification only)",
+    "atypia": "nuclear detail: clumped chromatin, nucleoli, irregular contour (high magnification); "
+    "slightly enlarged nuclei (a faint darkening at low magnification)",
     "inflamed": "nuclear density and colour: dark lymphocyte aggregates (every magnification)",
 }
 
@@ -68,8 +71,10 @@ _NUC_CELL = 11.0
 _NUC_P = 0.6
 _NUC_R = (2.6, 3.4)  # mean semi-axis range, um
 _NUC_H = 1.35  # hematoxylin amount of a smooth nucleus
-# Atypia keeps the same mean colour: its clumps/nucleoli add density, so the base is lower.
+# Atypia: clumps/nucleoli add density, so the base is lower; nuclei are also enlarged by
+# _ATYPIA_SCALE (more hematoxylin per area of tissue), a faint cue that survives downsampling.
 _ATYPIA_H = 1.20
+_ATYPIA_SCALE = 1.15
 # Lymphocytes (inflamed).
 _LYM_CELL = 5.0
 _LYM_R = (2.2, 2.7)
@@ -425,9 +430,9 @@ class SlideScene:
         cellularity = 0.45 + 1.1 * _noise_pts(cx, cy, 220.0, self._s(12))
         keep = u[0] < _NUC_P * cellularity
         keep &= in_tissue(cx, cy) & outside_glands(cx, cy)
-        r = _NUC_R[0] + (_NUC_R[1] - _NUC_R[0]) * u[1]
-        elong = 1.0 + 0.45 * u[2]
         atypia = self.label == "atypia"
+        r = (_NUC_R[0] + (_NUC_R[1] - _NUC_R[0]) * u[1]) * (_ATYPIA_SCALE if atypia else 1.0)
+        elong = 1.0 + 0.45 * u[2]
         groups.append(
             {
                 "cx": cx[keep],

@@ -245,20 +245,20 @@ def cue_regions() -> dict[str, np.ndarray]:
     return {label: _region(label, index=2, size_px=1024) for label in CLASSES}
 
 
-def test_atypia_differs_at_high_magnification_only(cue_regions):
+def test_atypia_is_strong_at_high_magnification_and_faint_at_low(cue_regions):
     benign, atypia = cue_regions["benign"], cue_regions["atypia"]
+    inflamed = cue_regions["inflamed"]
     base_ratio = _nuclear_texture(atypia) / _nuclear_texture(benign)
     assert base_ratio > 1.5, base_ratio
-    # same average colour at every scale
-    mean_b, mean_a = benign.reshape(-1, 3).mean(0), atypia.reshape(-1, 3).mean(0)
-    assert np.abs(mean_b - mean_a).max() < 1.5, (mean_b, mean_a)
-    # after an 8x downsample (40x -> 5x) the texture statistics agree
+    # after an 8x downsample (40x -> 5x) the chromatin texture is gone ...
     low_b, low_a = box_downsample(benign, 8), box_downsample(atypia, 8)
     low_ratio = _texture(low_a) / _texture(low_b)
-    assert abs(low_ratio - 1.0) < 0.05, low_ratio
-    assert abs(_nuclear_texture(low_a) / _nuclear_texture(low_b) - 1.0) < 0.1
-    # the dark-pixel share (nuclear density) is the same too
-    assert abs((low_a.mean(-1) < 180).mean() - (low_b.mean(-1) < 180).mean()) < 0.02
+    assert abs(low_ratio - 1.0) < 0.1, low_ratio
+    # ... and what is left is a faint darkening from enlarged nuclei: a few grey levels, far
+    # less than the inflamed class's (a cue a low-magnification student must learn to see)
+    shift = low_b.mean() - low_a.mean()
+    assert 1.0 < shift < 6.0, shift
+    assert shift < 0.5 * (benign.mean() - inflamed.mean())
 
 
 def test_inflamed_is_darker_at_every_scale(cue_regions):
