@@ -1,52 +1,164 @@
 """Run the whole pipeline end to end on the embedded default: synthetic slides, local Ray, a local
-folder as storage. Each stage is the same code the individual commands run; rerunning resumes.
+folder as storage. Each stage is the code the individual commands run, and a rerun resumes
+(finished stages are skipped: slides, shards and trained runs are kept under --out).
 
-Stages: synth -> shard (more stages join as they land: teacher, distill, evaluate).
+Stages:
+  1. synth     synthetic slides (4 classes whose cues live at different scales)
+  2. shard     every region at the teacher's and the student's magnification
+  3. teacher   supervised, at the highest magnification
+  4. baseline  the student architecture at the low magnification, trained on labels only
+  5. distill   the student at the low magnification, taught by the frozen teacher, no labels
+  6. the same three with labels on only --label-fraction of the training slides (the teacher
+     and baseline see those labels; distillation sees every slide, unlabelled)
+  7. evaluate  all of them on the test split: one table, JSON and plots under OUT/eval
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo", help="working folder (default: %(default)s)")
-    p.add_argument("--slides", type=int, default=8, help="synthetic slides (default: %(default)s)")
+    p.add_argument("--slides", type=int, default=24, help="synthetic slides (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of slides, splits and training")
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the slides and splits (default: %(default)s)"
+        "--size-um", default="2000x1600", help="slide size in micrometres (default: %(default)s)"
     )
     p.add_argument(
-        "--mags", default="10,5,2.5,1.25", help="magnifications to shard (default: %(default)s)"
+        "--teacher-mag", default="10x", help="teacher magnification (default: %(default)s)"
     )
     p.add_argument(
-        "--size-um", default="3000x2400", help="slide size in micrometres (default: %(default)s)"
+        "--student-mag", default="2.5x", help="student magnification (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tile-px", type=int, default=128, help="tile edge at the teacher's magnification"
+    )
+    p.add_argument("--arch", default="resnet18", help="architecture of teacher and students")
+    p.add_argument(
+        "--epochs", type=int, default=6, help="epochs of the teacher (default: %(default)s)"
+    )
+    p.add_argument("--student-epochs", type=int, default=8, help="epochs of each student")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--label-fraction",
+        type=float,
+        default=0.1,
+        help="labelled share of training slides in the label-scarce comparison (0 skips it)",
     )
     p.add_argument("--address", help="Ray cluster address; default starts a local Ray on 127.0.0.1")
 
 
+def _parse(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    from rich.console import Console
+
+    from resdistill import distill, teacher
+    from resdistill.train_loop import ray_init
+    from sharding.magnification import Magnification
     from sharding.pipeline import run_shard
-    from sharding.progress import console, print_summary
+    from sharding.progress import print_summary
     from sharding.synth import LABELS_CSV, write_synthetic_slides
 
-    out = Path(args.out)
-    slides_dir, dataset = out / "slides", out / "dataset"
+    console = Console(stderr=True, highlight=False)
+    out = Path(args.out).resolve()
+    slides_dir, dataset, runs = out / "slides", out / "dataset", out / "runs"
     w, h = (float(v) for v in args.size_um.lower().split("x"))
+    t_mag, s_mag = Magnification.parse(args.teacher_mag), Magnification.parse(args.student_mag)
+    mags = ",".join(dict.fromkeys(f"{m.power:g}" for m in (t_mag, s_mag)))
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+
+    def stage(name: str) -> None:
+        timings[name] = time.monotonic()
+        console.rule(f"[bold]{name}")
+
+    def done(name: str) -> None:
+        timings[name] = time.monotonic() - timings[name]
+
+    stage("synth")
     if not (slides_dir / LABELS_CSV).exists():
-        console.rule("[bold]1. synthetic slides")
-        written = write_synthetic_slides(slides_dir, args.slides, seed=args.seed, size_um=(w, h))
+        written = write_synthetic_slides(
+            slides_dir, args.slides, seed=args.seed, size_um=(w, h), base_mags=(20,),
+            slides_per_patient=1, workers=os.cpu_count() or 1,
+        )  # fmt: skip
         console.print(f"{len(written)} slides in {slides_dir}")
-    console.rule("[bold]2. shard")
+    else:
+        console.print(f"kept the slides in {slides_dir}")
+    done("synth")
+
+    ray_init(args.address)
+    stage("shard")
     report = run_shard(
-        [slides_dir],
-        str(dataset),
-        mags=args.mags,
-        labels=slides_dir / LABELS_CSV,
-        address=args.address,
-        seed=args.seed,
-        shard_size="64MB",
-        progress=console.is_terminal,
-    )
+        [slides_dir], str(dataset), mags=mags, tile_px=args.tile_px,
+        labels=slides_dir / LABELS_CSV, splits=(0.6, 0.2, 0.2), address=args.address,
+        seed=args.seed, shard_size="64MB", progress=console.is_terminal,
+    )  # fmt: skip
     print_summary(report)
-    return 0 if report.ok else 1
+    if not report.ok:
+        return 1
+    done("shard")
+
+    common = ["--data", str(dataset), "--storage", str(runs), "--batch-size", str(args.batch_size),
+              "--workers", "1", "--cpus-per-worker", str(os.cpu_count() or 1),
+              "--loader-workers", "1", "--seed", str(args.seed)]  # fmt: skip
+    if args.address:
+        common += ["--address", args.address]
+
+    def train_teacher(name: str, extra: list[str]) -> str:
+        stage(name)
+        summary = teacher.train(_parse(teacher, [
+            *common, "--name", name, "--mag", str(t_mag), "--arch", args.arch,
+            "--epochs", str(args.epochs), *extra,
+        ]))  # fmt: skip
+        done(name)
+        return summary.best_checkpoint
+
+    def train_student(name: str, extra: list[str]) -> str:
+        stage(name)
+        summary = distill.train(_parse(distill, [
+            *common, "--name", name, "--student-mag", str(s_mag), "--arch", args.arch,
+            "--epochs", str(args.student_epochs), *extra,
+        ]))  # fmt: skip
+        done(name)
+        return summary.best_checkpoint
+
+    models: dict[str, str] = {}
+    models["teacher"] = train_teacher("teacher", [])
+    models["baseline"] = train_student("baseline", ["--supervised"])
+    models["distilled"] = train_student("distilled", ["--teacher", models["teacher"]])
+    if args.label_fraction and args.label_fraction < 1:
+        frac = ["--label-fraction", str(args.label_fraction)]
+        pct = f"{100 * args.label_fraction:g}pct"
+        models[f"teacher-{pct}"] = train_teacher(f"teacher-{pct}", frac)
+        models[f"baseline-{pct}"] = train_student(f"baseline-{pct}", ["--supervised", *frac])
+        models[f"distilled-{pct}"] = train_student(
+            f"distilled-{pct}", ["--teacher", models[f"teacher-{pct}"]]
+        )
+
+    from resdistill.evaluate import evaluate_models, format_table
+
+    stage("evaluate")
+    report = evaluate_models(
+        list(models.values()), str(dataset), "test", out=str(out / "eval"), names=list(models),
+        seed=args.seed, num_workers=1,
+    )  # fmt: skip
+    done("evaluate")
+    console.print(format_table(report))
+    total = time.monotonic() - started
+    timing = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    console.print(f"demo finished in {total / 60:.1f} min ({timing}); results in {out / 'eval'}")
+    (out / "eval" / "demo.json").write_text(
+        json.dumps({"models": models, "timings_s": timings, "total_s": total}, indent=1)
+    )
+    return 0
