@@ -13,7 +13,7 @@ per-pixel stain amounts ``h``, ``e``, plus Gaussian sensor noise.
 Classes (:data:`CLASSES`) carry their cue at different physical scales (:data:`CLASS_CUES`):
 
 * ``benign``: the reference - fibrous pink stroma with scattered oval nuclei (smooth chromatin).
-* ``glandular``: the same stroma and nuclei plus large regular glands (125-165 um across, white
+* ``glandular``: the same stroma and nuclei plus large regular glands (95-120 um across, white
   lumen, pale epithelial rim lined by a ring of nuclei): architecture, seen best in a wide field,
   i.e. at low magnification; it survives a 4-8x downsample. A high-magnification tile that falls
   between glands looks benign.
@@ -80,7 +80,7 @@ _LYM_CELL = 5.0
 _LYM_R = (2.2, 2.7)
 _LYM_H = 2.0
 # Glands (glandular): one candidate per cell of a jittered grid (um).
-_GLAND_CELL = 240.0
+_GLAND_CELL = 180.0
 # Vacuoles (all classes): one candidate per cell (um).
 _VAC_CELL = 70.0
 # Largest outward reach of the tissue edge noise, in units of an island's semi-axes.
