@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--arch", default="resnet18", help="architecture of teacher and students")
     p.add_argument(
-        "--epochs", type=int, default=6, help="epochs of the teacher (default: %(default)s)"
+        "--epochs", type=int, default=10, help="epochs of the teacher (default: %(default)s)"
     )
     p.add_argument("--student-epochs", type=int, default=8, help="epochs of each student")
     p.add_argument("--batch-size", type=int, default=32)
