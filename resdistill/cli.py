@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "score checkpoints on a split: metrics with CIs, compute table, plots",
     ),
     "predict": ("resdistill.commands.predict", "classify slides and draw tile-probability heatmaps"),
+    "tune": ("resdistill.tune", "tune distillation or the teacher with Ray Tune (ASHA/PBT)"),
+    "teacher-targets": (
+        "resdistill.teacher_targets",
+        "run the frozen teacher once and cache its targets for distillation",
+    ),
 }
 
 

@@ -22,6 +22,12 @@ on this path: samples with null labels (the ``unlabeled`` split) train the stude
 other. They are used only to score the ``--val-split`` after every epoch (accuracy and macro F1
 of the student's own classifier head on its own magnification, summed over all ranks).
 
+Cached teacher targets (``--targets URL``, written once by ``python -m resdistill.teacher_targets``):
+the loader reads only the student tile plus the stored teacher logits and pooled feature map of
+its key, and the teacher is not run per step (the same loss; flips/rotations are applied to the
+stored map too, colour jitter is refused: see :mod:`resdistill.teacher_targets`). Targets of
+another teacher checkpoint or dataset version are refused.
+
 Baseline (``--supervised``): ``cross_entropy(student(x_s), label)`` on the labelled samples of
 ``--train-splits`` (default ``train``), no teacher involved.
 
@@ -113,6 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "and the teacher's tile (0 disables; paper: 0.5,0.5,0.5,0.2)",
     )
     g.add_argument("--no-flips", action="store_true", help="no random flips / 90-degree rotations")
+    g.add_argument(
+        "--targets",
+        default=None,
+        help="cached teacher targets (a root written by `resdistill teacher-targets`): the "
+        "student learns from the stored teacher outputs instead of running the teacher; flips "
+        "and rotations stay, colour jitter is refused (see resdistill.teacher_targets)",
+    )
     g.add_argument(
         "--steps-per-epoch",
         type=int,
@@ -215,6 +228,28 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("--kd-weight and --feature-weight must be 0 or more")
         if args.kd_weight == 0 and args.feature_weight == 0:
             raise UsageError("--kd-weight and --feature-weight are both 0: nothing to learn from")
+    if getattr(args, "targets", None):
+        _check_targets_args(args)
+
+
+def _check_targets_args(args: argparse.Namespace) -> None:
+    """Options ``--targets`` cannot honour (see :mod:`resdistill.teacher_targets`): one line each.
+    The default colour jitter is switched off (the cached targets are of un-jittered tiles)."""
+    if args.supervised:
+        raise UsageError("--targets is for distillation; --supervised uses no teacher")
+    if args.feature_resize != "maxpool":
+        raise UsageError(
+            "--targets stores max-pooled teacher maps: --feature-resize must be maxpool"
+        )
+    jitter = tuple(float(v) for v in args.jitter)
+    if any(jitter):
+        if jitter != _floats("0.2,0.2,0.2,0.05"):
+            raise UsageError(
+                "--jitter is not allowed with --targets: the teacher's stored outputs are of the "
+                "un-jittered tiles (flips and 90-degree rotations are fine); pass --jitter 0"
+            )
+        print("note: --targets turns the default colour jitter off", file=sys.stderr)
+        args.jitter = (0.0, 0.0, 0.0, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,6 +382,21 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         steps = args.steps_per_epoch or steps_per_epoch(n_train, args.workers, args.batch_size)
     except ValueError as exc:
         raise UsageError(f"{args.data}: {exc}") from None
+    targets = None
+    if getattr(args, "targets", None):
+        from resdistill.teacher_targets import check_for_distill
+
+        try:
+            targets = check_for_distill(
+                args.targets,
+                teacher_checkpoint=teacher["checkpoint"],
+                data=info.url,
+                train_shards=list(train_keys),
+                student_mag=student_mag,
+                teacher_mag=teacher_mag,
+            )
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
     return {
         "stage": STAGE_SUPERVISED if supervised else STAGE_DISTILL,
         "supervised": supervised,
@@ -356,6 +406,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "student_mag": student_mag,
         "teacher_mag": teacher_mag,
         "teacher": None if supervised else teacher,
+        "targets": targets,
         "train_splits": train_splits,
         "val_split": args.val_split,
         "n_train": n_train,
@@ -444,6 +495,11 @@ def train(args: argparse.Namespace) -> Any:
             console.print(
                 f"[yellow]note[/]: the teacher was trained at {t['mag']} and is fed "
                 f"{config['teacher_mag']} tiles"
+            )
+        if config.get("targets"):
+            console.print(
+                f"cached teacher targets {config['targets']['url']}: the teacher is not run "
+                "during training"
             )
         if args.val_split in config["train_splits"]:
             console.print(

@@ -149,6 +149,23 @@ def distill_batch(
     return total, parts, s_logits, t_logits
 
 
+def cached_distill_batch(
+    step: nn.Module,
+    batch: Any,
+    *,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """:func:`distill_batch` from cached teacher targets: ``batch.images`` is ``(x_s, t_logits,
+    t_features)`` (:mod:`resdistill.cached_targets`), the teacher's feature map already pooled to
+    the student's size (so ``DistillLoss``'s resize is the identity). Same loss, no teacher run;
+    ``batch.labels`` is never read."""
+    x_s, t_logits, t_features = (t.to(device, non_blocking=True) for t in batch.images)
+    with autocast():
+        total, parts, s_logits = step(x_s, t_logits, t_features)
+    return total, parts, s_logits, t_logits
+
+
 def prepare(model: nn.Module, env: Any, *, find_unused: bool = False) -> nn.Module:
     """Move to the worker's device and wrap in DDP (``find_unused_parameters`` when asked: a
     KD weight of 0 leaves the student's classifier head out of the loss)."""
@@ -184,6 +201,7 @@ def train_worker(config: dict[str, Any]) -> None:
     tracer = T.Tracer(config.get("trace_dir"), env)
     loss_cfg = config["loss"]
     tmeta = config["teacher"]
+    cached = config.get("targets")  # cached teacher targets: the teacher is not run per step
 
     student = build_model(config["arch"], info.num_classes)
     teacher: FrozenTeacher | None = None
@@ -193,7 +211,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if tmeta.get("normalization"):
             tn = tmeta["normalization"]
             renorm = renormalizer(info.mean_std(t_mag), (tn["mean"], tn["std"]))
-        teacher = load_teacher(tmeta["checkpoint"], env.device, renorm)
+        if not cached or config["teacher_eval"]:
+            teacher = load_teacher(tmeta["checkpoint"], env.device, renorm)
         distill_loss = build_loss(loss_cfg, student.feature_channels, tmeta["feature_channels"])
 
     restored = T.restore()
@@ -231,21 +250,43 @@ def train_worker(config: dict[str, Any]) -> None:
         "pin_memory": env.use_cuda,
         "manifest": manifest,
     }
-    train_loader = D.make_loader(
-        info,
-        config["train_splits"],
-        [s_mag] if supervised else [s_mag, t_mag],
-        batch_size=config["batch_size"],
-        train=True,
-        shuffle_buffer=config["shuffle_buffer"],
-        augment=D.PairedAugment(config["jitter"], flips=config["flips"]),
-        seed=config["seed"],
-        epoch=state.epoch,
-        steps=config["steps_per_epoch"],
-        labelled_only=supervised,
-        labelled_slides=config.get("labelled_slides"),
-        **common,
-    )
+    if cached:
+        from resdistill.cached_targets import GeometricAugment, make_cached_loader
+        from resdistill.teacher_targets import TargetsIndex
+
+        train_loader = make_cached_loader(
+            info,
+            config["train_splits"],
+            s_mag,
+            TargetsIndex(cached["url"], cached["doc"]),
+            batch_size=config["batch_size"],
+            shuffle_buffer=config["shuffle_buffer"],
+            augment=GeometricAugment(flips=config["flips"]),
+            seed=config["seed"],
+            epoch=state.epoch,
+            steps=config["steps_per_epoch"],
+            rank=env.rank,
+            world_size=env.world_size,
+            num_workers=config["loader_workers"],
+            pin_memory=env.use_cuda,
+            manifest=manifest,
+        )
+    else:
+        train_loader = D.make_loader(
+            info,
+            config["train_splits"],
+            [s_mag] if supervised else [s_mag, t_mag],
+            batch_size=config["batch_size"],
+            train=True,
+            shuffle_buffer=config["shuffle_buffer"],
+            augment=D.PairedAugment(config["jitter"], flips=config["flips"]),
+            seed=config["seed"],
+            epoch=state.epoch,
+            steps=config["steps_per_epoch"],
+            labelled_only=supervised,
+            labelled_slides=config.get("labelled_slides"),
+            **common,
+        )
     val_loader = D.make_loader(
         info,
         [config["val_split"]],
@@ -292,9 +333,14 @@ def train_worker(config: dict[str, Any]) -> None:
                 loss = ce(logits.float(), y)
                 sums["train_accuracy"] += (logits.detach().argmax(1) == y).sum()
             else:
-                loss, parts, logits, t_logits = distill_batch(
-                    model, teacher, batch, device=env.device, autocast=env.autocast
-                )
+                if cached:
+                    loss, parts, logits, t_logits = cached_distill_batch(
+                        model, batch, device=env.device, autocast=env.autocast
+                    )
+                else:
+                    loss, parts, logits, t_logits = distill_batch(
+                        model, teacher, batch, device=env.device, autocast=env.autocast
+                    )
                 sums["train_kd"] += parts["kd"] * b
                 sums["train_feature"] += parts["feature"] * b
                 sums["train_agreement"] += (logits.detach().argmax(1) == t_logits.argmax(1)).sum()

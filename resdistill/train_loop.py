@@ -623,18 +623,38 @@ class Restored:
     path: str
 
 
+_START_CHECKPOINT: str | None = None
+
+
+def set_start_checkpoint(url: str | None) -> None:
+    """Make :func:`restore` start this worker from checkpoint folder ``url`` (local or
+    ``s3://``) when its run has no checkpoint of its own yet; None clears it.
+
+    Used by :mod:`resdistill.tune`: a trial restored by Tune (``Tuner.restore``, or a PBT
+    exploit copying another trial's checkpoint) starts a new Ray Train run whose first epoch
+    continues from that checkpoint. Per worker process; call it before the stage's worker.
+    """
+    global _START_CHECKPOINT
+    _START_CHECKPOINT = url
+
+
 def restore() -> Restored | None:
     """Load the run's latest checkpoint (``ray.train.get_checkpoint()``) or None for a fresh run.
 
     Ray Train V2 hands the latest reported checkpoint to the training function after a worker
     group restart (FailureConfig) and when a new trainer starts with the same ``RunConfig(name,
-    storage_path)`` (it reloads the run's checkpoint-manager snapshot from storage).
+    storage_path)`` (it reloads the run's checkpoint-manager snapshot from storage). When the run
+    has none, the checkpoint set by :func:`set_start_checkpoint` (if any) is loaded instead.
     """
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return None
+        if _START_CHECKPOINT is None:
+            return None
+        model = load_checkpoint(_START_CHECKPOINT, MODEL_FILE)
+        trainer = load_checkpoint(_START_CHECKPOINT, TRAINER_FILE)
+        return Restored(model, trainer, TrainState.from_dict(trainer["state"]), _START_CHECKPOINT)
     with ckpt.as_directory() as d:
         model = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
         trainer = torch.load(Path(d) / TRAINER_FILE, map_location="cpu", weights_only=True)

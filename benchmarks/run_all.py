@@ -1,0 +1,480 @@
+"""All benchmark rows in one run: each row a baseline and ours measured here, now, and their ratio.
+
+    python benchmarks/run_all.py --quick          # ~ a few minutes on 2 cores
+    python benchmarks/run_all.py --json out.json  # bigger samples; --only shard,compute,...
+
+Rows (``--only`` names in brackets):
+
+* [shard] sharding: the naive per-tile ``read_region`` loop (``bench_shard.naive_shard``) vs
+  ``run_shard`` in one process; and ``run_shard`` vs the codec bound: the time to decode each
+  region from the slide (``read_region`` at level 0) and JPEG-encode its output tiles alone
+  (ratio ``codec / ours``: 1.0 means sharding costs no more than its codecs).
+* [loader] loader samples/s (training mode, augmentation) vs the samples/s training consumes
+  (``bench_loader.loader_rate`` / ``train_rates``), at the teacher's tile and the pair.
+* [s3] the same loader from an S3 endpoint (a local ``moto_server``) vs the local folder.
+* [compute] FLOPs and measured inference images/s of the student at each magnification vs the
+  teacher at the highest (:func:`resdistill.compute.compute_table`; paper: 4x/16x/64x FLOPs).
+* [distill] one distillation epoch (same samples, loader included, in-process) with cached
+  teacher targets (:mod:`resdistill.teacher_targets`) vs the online teacher; target 5x or faster.
+  The one-off cost of computing the targets is reported beside it.
+* [ddp] the same cached-target distillation epoch on Ray Train with 2 workers vs 1 (same global
+  samples per epoch): ratio of train samples/s, plus where the time goes (start-up, train,
+  validation+checkpoint).
+
+Every figure depends on the machine and its load: the table header prints the core count and the
+load average; compare ratios, not absolute rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+ROWS = ("shard", "loader", "s3", "compute", "distill", "ddp")
+MAGS = "10,5,2.5,1.25"
+TILE_PX = 224
+
+
+def row(
+    name: str, baseline: str, base: float, ours_label: str, ours: float, unit: str,
+    ratio: float, target: str = "", note: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    """One table row: ``ratio`` is stated per row (ours/base or base/ours, as the name says)."""
+    return {"row": name, "baseline": baseline, "baseline_value": base, "ours": ours_label,
+            "ours_value": ours, "unit": unit, "ratio": ratio, "target": target, "note": note}  # fmt: skip
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+def make_slides(work: Path, n: int, size_um: tuple[float, float]) -> Path:
+    from sharding.synth import write_synthetic_slides
+
+    out = work / "slides"
+    write_synthetic_slides(out, n, seed=0, size_um=size_um)
+    return out
+
+
+def make_dataset(slides: Path, out: Path) -> str:
+    """The slides sharded at 10x/5x/2.5x/1.25x (224/112/56/28 px), half the slides train, half val."""
+    from sharding.pipeline import run_shard
+    from sharding.synth import LABELS_CSV
+
+    rep = run_shard(
+        [slides], str(out), mags=MAGS, tile_px=TILE_PX, labels=slides / LABELS_CSV, workers=0,
+        shard_size="1MB", progress=False, splits=(0.5, 0.5, 0.0), overwrite=True,
+    )  # fmt: skip
+    if not rep.ok:
+        raise SystemExit(f"sharding the benchmark dataset failed: {rep}")
+    return str(out)
+
+
+def make_teacher(data: str, folder: Path) -> str:
+    """A randomly initialised resnet18 teacher at the highest magnification, in the layout
+    ``resdistill teacher`` writes (only speed is measured, not quality)."""
+    import torch
+
+    from resdistill import train_loop as T
+    from resdistill.data import DatasetInfo
+    from resdistill.models import build_model
+
+    info = DatasetInfo.load(data)
+    mag = info.highest
+    torch.manual_seed(0)
+    net = build_model("resnet18", info.num_classes)
+    mean, std = info.mean_std(mag)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"format": T.CHECKPOINT_FORMAT, "stage": "teacher", "arch": "resnet18",
+         "num_classes": info.num_classes, "classes": list(info.classes), "mag": mag,
+         "tile_px": int(info.tile_px[mag]), "normalization": {"mean": list(mean), "std": list(std)},
+         "dataset": data, "state_dict": net.state_dict()},
+        folder / T.MODEL_FILE,
+    )  # fmt: skip
+    return str(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_shard_rows(slides: Path, work: Path) -> list[dict[str, Any]]:
+    import openslide
+    from bench_shard import naive_shard
+    from PIL import Image
+
+    from sharding.extract import SlideJob, plan_slide
+    from sharding.options import ShardOptions
+    from sharding.pipeline import run_shard
+
+    files = sorted(p for p in slides.iterdir() if p.suffix in (".svs", ".tiff"))
+    work.mkdir(parents=True, exist_ok=True)
+    opts = ShardOptions.make(MAGS, TILE_PX)
+    n_naive, naive_s = _timed(lambda: naive_shard(files, work / "naive.tar", opts))
+    rep, ours_s = _timed(
+        lambda: run_shard(
+            files,
+            str(work / "ours"),
+            mags=MAGS,
+            tile_px=TILE_PX,
+            workers=0,
+            progress=False,
+            overwrite=True,
+        )  # fmt: skip
+    )
+    # codec bound: decode each region once from the slide + encode its output tiles, nothing else
+    decode_s = encode_s = 0.0
+    for path in files:
+        plan = plan_slide(SlideJob(str(path), path.stem, "train", None, None), opts)
+        slide = openslide.OpenSlide(str(path))
+        for x, y in zip(plan.xs.tolist(), plan.ys.tolist(), strict=True):
+            t0 = time.perf_counter()
+            region = slide.read_region((x, y), 0, (plan.size0, plan.size0)).convert("RGB")
+            decode_s += time.perf_counter() - t0
+            tiles = [
+                region.resize((opts.sizes[m.name],) * 2, Image.Resampling.BILINEAR)
+                for m in opts.mags
+            ]
+            t0 = time.perf_counter()
+            for tile in tiles:
+                tile.save(io.BytesIO(), format="JPEG", quality=opts.quality)
+            encode_s += time.perf_counter() - t0
+        slide.close()
+    codec_s = decode_s + encode_s
+    n = rep.new_samples
+    return [
+        row("shard: resdistill vs naive read_region loop (1 core)", "naive", n_naive / naive_s,
+            "run_shard", n / ours_s, "samples/s", (n / ours_s) / (n_naive / naive_s), ">= 4x",
+            f"{n} samples x {len(opts.mags)} mags"),
+        row("shard: codec bound vs resdistill (1 core)", "decode+encode only", n / codec_s,
+            "run_shard", n / ours_s, "samples/s", codec_s / ours_s, "-> 1.0",
+            f"decode {decode_s:.2f}s + encode {encode_s:.2f}s vs {ours_s:.2f}s"),
+    ]  # fmt: skip
+
+
+def bench_loader_rows(
+    local: str, *, workers: int, batch: int, samples: int, steps: int, with_s3: bool, work: Path
+) -> list[dict[str, Any]]:
+    from bench_loader import loader_rate, moto_endpoint, train_rates, upload
+
+    from resdistill.data import DatasetInfo
+
+    info = DatasetInfo.load(local)
+    high, low = info.magnifications[0], info.magnifications[-1]
+    kw = {"workers": workers, "batch": batch, "samples": samples}
+    hi_local = loader_rate(local, [high], **kw)
+    pair_local = loader_rate(local, [high, low], **kw)
+    teach, dist = train_rates(info.tile_px[high], info.tile_px[low], batch=batch, steps=steps)
+    rows = [
+        row(f"loader {high} vs teacher training", "teacher step", teach, "loader", hi_local,
+            "samples/s", hi_local / teach, ">= 10", f"{workers} loader workers"),
+        row(f"loader {high}+{low} vs distill training (online)", "distill step", dist, "loader",
+            pair_local, "samples/s", pair_local / dist, ">= 10"),
+    ]  # fmt: skip
+    if with_s3:
+        with moto_endpoint(work):
+            s3 = "s3://bench/dataset"
+            upload(local, s3)
+            hi_s3 = loader_rate(s3, [high], **kw)
+        rows.append(
+            row(
+                f"loader {high}: local vs S3 endpoint",
+                "s3",
+                hi_s3,
+                "local",
+                hi_local,
+                "samples/s",
+                hi_local / hi_s3,
+                "<= 1.3",
+                "moto_server on 127.0.0.1",
+            )  # fmt: skip
+        )
+    return rows
+
+
+def bench_compute_rows(data: str, *, seconds: float, batch: int) -> list[dict[str, Any]]:
+    from resdistill.compute import compute_table
+    from resdistill.data import DatasetInfo
+    from resdistill.models import build_model
+
+    info = DatasetInfo.load(data)
+    models = {m: (build_model("resnet18", 2), (3, info.tile_px[m], info.tile_px[m]))
+              for m in info.magnifications}  # fmt: skip
+    table = {r["name"]: r for r in compute_table(models, batch=batch, seconds=seconds, repeats=3)}
+    t = table[info.highest]
+    out = []
+    for m in info.magnifications[1:]:
+        s = table[m]
+        out.append(
+            row(
+                f"compute: student {m} vs teacher {info.highest} (resnet18)",
+                f"teacher {t['gflops']:.2f} GFLOPs",
+                t["images_per_s"],
+                f"student {s['gflops']:.3f} GFLOPs",
+                s["images_per_s"],
+                "images/s",
+                s["images_per_s"] / t["images_per_s"],
+                "",
+                f"FLOPs ratio {t['flops'] / s['flops']:.1f}x",
+            )  # fmt: skip
+        )
+    return out
+
+
+def distill_epoch_s(
+    data: str, teacher: str, targets: Any, s_mag: str, *, cached: bool, batch: int, steps: int,
+    workers: int,
+) -> float:  # fmt: skip
+    """Seconds of ``steps`` distillation steps (loader, teacher if online, student fwd+bwd+Adam);
+    the first batch (loader start-up) is not timed."""
+    import torch
+
+    from resdistill import data as D
+    from resdistill.cached_targets import GeometricAugment, make_cached_loader
+    from resdistill.distill_worker import (
+        DistillStep,
+        build_loss,
+        cached_distill_batch,
+        distill_batch,
+        load_teacher,
+    )
+    from resdistill.models import build_model
+
+    info = D.DatasetInfo.load(data)
+    t_mag = info.highest
+    cfg = {"temperature": 1.0, "kd_weight": 1.0, "feature_weight": 1.0, "feature_loss": "mse",
+           "feature_resize": "maxpool"}  # fmt: skip
+    torch.manual_seed(0)
+    step = DistillStep(build_model("resnet18", info.num_classes), build_loss(cfg, 512, 512))
+    opt = torch.optim.Adam(step.parameters(), 1e-3)
+    common = {"batch_size": batch, "num_workers": workers, "shuffle_buffer": 64,
+              "steps": steps + 1, "seed": 0}  # fmt: skip
+    if cached:
+        loader = make_cached_loader(info, ["train"], s_mag, targets, augment=GeometricAugment(),
+                                    **common)  # fmt: skip
+        frozen = None
+    else:
+        loader = D.make_loader(info, ["train"], [s_mag, t_mag], train=True,
+                               augment=D.PairedAugment((0, 0, 0, 0)), **common)  # fmt: skip
+        frozen = load_teacher(teacher)
+    it = loader.epoch()
+    first = True
+    t0 = 0.0
+    for b in it:
+        loss = (cached_distill_batch(step, b) if cached else distill_batch(step, frozen, b))[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if first:
+            first, t0 = False, time.perf_counter()
+    elapsed = time.perf_counter() - t0
+    loader.close()
+    return elapsed
+
+
+def bench_distill_rows(
+    data: str, teacher: str, work: Path, *, mags: list[str], batch: int, steps: int, workers: int
+) -> tuple[list[dict[str, Any]], Any]:
+    from resdistill.teacher_targets import write_targets
+
+    targets, targets_s = _timed(
+        lambda: write_targets(
+            data, teacher, out=str(work / "targets"), splits=["train", "val"], use_ray=False
+        )  # fmt: skip
+    )
+    out = []
+    kw = {"batch": batch, "steps": steps, "workers": workers}
+    for m in mags:
+        online = distill_epoch_s(data, teacher, targets, m, cached=False, **kw)
+        cached = distill_epoch_s(data, teacher, targets, m, cached=True, **kw)
+        n = batch * steps
+        out.append(
+            row(
+                f"distill epoch at {m}: cached targets vs online teacher",
+                "online teacher",
+                n / online,
+                "cached targets",
+                n / cached,
+                "samples/s",
+                online / cached,
+                ">= 5x",
+                f"targets once: {targets.doc['samples']} samples in {targets_s:.1f}s",
+            )  # fmt: skip
+        )
+    return out, targets
+
+
+def bench_ddp_rows(
+    data: str, teacher: str, targets: Any, work: Path, *, mag: str, batch: int, steps: int
+) -> list[dict[str, Any]]:
+    """Ray Train cached-target distillation, 1 worker vs 2, the same samples per epoch."""
+    from resdistill import distill
+    from resdistill import train_loop as T
+
+    res = {}
+    for workers in (1, 2):
+        argv = ["--data", data, "--teacher", teacher, "--targets", targets.url,
+                "--student-mag", mag, "--storage", str(work / "runs"), "--name", f"ddp{workers}",
+                "--workers", str(workers), "--batch-size", str(batch), "--loader-workers", "1",
+                "--steps-per-epoch", str(max(1, steps // workers)), "--epochs", "2",
+                "--jitter", "0", "--no-teacher-eval", "--shuffle-buffer", "64"]  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary, wall = _timed(
+                lambda a=argv: distill.train(distill.build_parser().parse_args(a))
+            )
+        hist = T.load_checkpoint(summary.latest_checkpoint, T.TRAINER_FILE)["state"]["history"]
+        epochs_s = sum(h["epoch_s"] for h in hist)
+        last = hist[-1]
+        train_s = batch * max(1, steps // workers) * workers / last["train_samples_per_s"]
+        res[workers] = {
+            "rate": last["train_samples_per_s"], "wall": wall, "startup": wall - epochs_s,
+            "train": train_s, "val_ckpt": last["epoch_s"] - train_s,
+        }  # fmt: skip
+    one, two = res[1], res[2]
+    note = "; ".join(
+        f"{w}w: start-up {r['startup']:.1f}s, train {r['train']:.1f}s, val+ckpt {r['val_ckpt']:.1f}s"
+        for w, r in res.items()
+    )
+    return [
+        row(
+            f"DDP distill at {mag} (cached): 2 workers vs 1",
+            "1 worker",
+            one["rate"],
+            "2 workers",
+            two["rate"],
+            "train samples/s",
+            two["rate"] / one["rate"],
+            "-> 2 (1 core each)",
+            note,
+        )  # fmt: skip
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[dict[str, Any]], header: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=header)
+    for col, just in (("row", "left"), ("baseline", "right"), ("ours", "right"),
+                      ("ratio", "right"), ("target", "left"), ("note", "left")):  # fmt: skip
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(
+            r["row"],
+            f"{r['baseline_value']:,.1f} {r['unit']}\n({r['baseline']})",
+            f"{r['ours_value']:,.1f} {r['unit']}\n({r['ours']})",
+            f"{r['ratio']:.2f}x",
+            r["target"],
+            r["note"],
+        )
+    Console(width=160).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="smallest sizes (a few minutes, 2 cores)")
+    ap.add_argument("--only", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--work", help="working folder (default: a temporary one)")
+    args = ap.parse_args(argv)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    bad = only - set(ROWS)
+    if bad:
+        ap.error(f"unknown row(s) {sorted(bad)}: choose from {', '.join(ROWS)}")
+    q = args.quick
+    size = (1600.0, 1280.0) if q else (3000.0, 2400.0)
+    n_slides = 4
+    batch = 16 if q else 32
+    cores = os.cpu_count() or 1
+
+    rows: list[dict[str, Any]] = []
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="rdbench-") as tmp:
+        work = Path(args.work or tmp)
+        slides, timings["slides_s"] = _timed(lambda: make_slides(work, n_slides, size))
+        data, timings["dataset_s"] = _timed(lambda: make_dataset(slides, work / "dataset"))
+        teacher = make_teacher(data, work / "teacher" / "checkpoint_epoch0001")
+        print(f"dataset: {data} ({n_slides} synthetic slides, {MAGS} at {TILE_PX} px)", flush=True)
+
+        def section(name: str, fn: Callable[[], list[dict[str, Any]]]) -> None:
+            if name not in only:
+                return
+            out, timings[f"{name}_s"] = _timed(fn)
+            rows.extend(out)
+            print(f"[{name}] done in {timings[f'{name}_s']:.1f}s", flush=True)
+
+        section("shard", lambda: bench_shard_rows(slides, work / "shard"))
+        section("loader", lambda: bench_loader_rows(
+            data, workers=cores, batch=batch, samples=96 if q else 600, steps=2 if q else 3,
+            with_s3="s3" in only, work=work))  # fmt: skip
+        if "s3" in only and "loader" not in only:
+            section("s3", lambda: bench_loader_rows(
+                data, workers=cores, batch=batch, samples=96, steps=1, with_s3=True,
+                work=work)[2:])  # fmt: skip
+        section("compute", lambda: bench_compute_rows(data, seconds=1.0 if q else 3.0, batch=batch))
+        targets_box: list[Any] = []
+
+        def distill_rows() -> list[dict[str, Any]]:
+            out, targets = bench_distill_rows(
+                data, teacher, work, mags=["2p5x", "1p25x"] if q else ["5x", "2p5x", "1p25x"], batch=batch,
+                steps=6 if q else 10, workers=1,
+            )  # fmt: skip
+            targets_box.append(targets)
+            return out
+
+        section("distill", distill_rows)
+        if "ddp" in only:
+            if not targets_box:
+                from resdistill.teacher_targets import write_targets
+
+                targets_box.append(write_targets(data, teacher, out=str(work / "targets"),
+                                                 splits=["train", "val"], use_ray=False))  # fmt: skip
+            section("ddp", lambda: bench_ddp_rows(
+                data, teacher, targets_box[0], work, mag="2p5x", batch=batch,
+                steps=4 if q else 10))  # fmt: skip
+            import ray
+
+            ray.shutdown()  # only this driver's local cluster; never `ray stop`
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    header = (
+        f"resdistill benchmarks ({'quick' if q else 'full'}): {cores} cores, load average {load}"
+    )
+    print_table(rows, header)
+    if args.json:
+        doc = {"rows": rows, "cores": cores, "loadavg": os.getloadavg(), "quick": q,
+               "timings_s": timings, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
