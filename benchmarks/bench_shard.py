@@ -71,12 +71,16 @@ def peak_rss_mb(slide: Path, out: Path) -> float:
         f"run_shard([{str(slide)!r}], {str(out)!r}, mags={MAGS!r}, workers=0, progress=False); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     return int(res.stdout.strip().splitlines()[-1]) / 1024
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--slides", type=int, default=4)
     ap.add_argument("--size-um", type=float, nargs=2, default=(3000.0, 2400.0))
     ap.add_argument("--work", default=None, help="working folder (default: a temp folder)")
@@ -89,19 +93,28 @@ def main() -> None:
         write_synthetic_slides(slides_dir, args.slides, seed=1, size_um=tuple(args.size_um))
     slides = sorted(p for p in slides_dir.iterdir() if p.suffix in (".svs", ".tiff"))
     opts = ShardOptions.make(MAGS, TILE_PX)
-    results: dict = {"slides": len(slides), "size_um": list(args.size_um), "mags": MAGS, "tile_px": TILE_PX}
+    results: dict = {
+        "slides": len(slides),
+        "size_um": list(args.size_um),
+        "mags": MAGS,
+        "tile_px": TILE_PX,
+    }
 
     t = time.perf_counter()
     n_naive = naive_shard(slides, work / "naive.tar", opts)
     naive_s = time.perf_counter() - t
     t = time.perf_counter()
-    rep = run_shard(slides, str(work / "ours-1"), mags=MAGS, workers=0, progress=False, overwrite=True)
+    rep = run_shard(
+        slides, str(work / "ours-1"), mags=MAGS, workers=0, progress=False, overwrite=True
+    )
     ours_s = time.perf_counter() - t
     assert rep.new_samples == n_naive, (rep.new_samples, n_naive)
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)  # not timed
+    ray.init(
+        _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False
+    )  # not timed
     t = time.perf_counter()
     rep_ray = run_shard(slides, str(work / "ours-ray"), mags=MAGS, progress=False, overwrite=True)
     ray_s = time.perf_counter() - t
@@ -126,15 +139,23 @@ def main() -> None:
         results["peak_rss_mb_16x"] = peak_rss_mb(large, mem_dir / "out-large")
         results["memory_ratio_16x"] = results["peak_rss_mb_16x"] / results["peak_rss_mb_small"]
 
-    print(f"sharding {results['tiles']} samples ({MAGS} at {TILE_PX}px) from {len(slides)} synthetic slides")
+    print(
+        f"sharding {results['tiles']} samples ({MAGS} at {TILE_PX}px) from {len(slides)} synthetic slides"
+    )
     print(f"  naive read_region loop, 1 core : {results['naive_tiles_per_s']:8.1f} samples/s")
-    print(f"  resdistill shard, 1 core       : {results['ours_tiles_per_s']:8.1f} samples/s  "
-          f"ratio {results['speedup_1core']:.1f}x (target >= 4x)")
-    print(f"  resdistill shard, Ray {results['ray_cores']} cores   : {results['ours_ray_tiles_per_s']:8.1f} samples/s  "
-          f"ratio {results['speedup_ray']:.1f}x")
+    print(
+        f"  resdistill shard, 1 core       : {results['ours_tiles_per_s']:8.1f} samples/s  "
+        f"ratio {results['speedup_1core']:.1f}x (target >= 4x)"
+    )
+    print(
+        f"  resdistill shard, Ray {results['ray_cores']} cores   : {results['ours_ray_tiles_per_s']:8.1f} samples/s  "
+        f"ratio {results['speedup_ray']:.1f}x"
+    )
     if "memory_ratio_16x" in results:
-        print(f"  peak RSS: slide {results['peak_rss_mb_small']:.0f} MB, 16x larger slide "
-              f"{results['peak_rss_mb_16x']:.0f} MB, ratio {results['memory_ratio_16x']:.2f} (target <= 1.25)")
+        print(
+            f"  peak RSS: slide {results['peak_rss_mb_small']:.0f} MB, 16x larger slide "
+            f"{results['peak_rss_mb_16x']:.0f} MB, ratio {results['memory_ratio_16x']:.2f} (target <= 1.25)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -21,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "resdistill.commands.evaluate",
         "score checkpoints on a split: metrics with CIs, compute table, plots",
     ),
-    "predict": ("resdistill.commands.predict", "classify slides and draw tile-probability heatmaps"),
+    "predict": (
+        "resdistill.commands.predict",
+        "classify slides and draw tile-probability heatmaps",
+    ),
     "tune": ("resdistill.tune", "tune distillation or the teacher with Ray Tune (ASHA/PBT)"),
     "teacher-targets": (
         "resdistill.teacher_targets",

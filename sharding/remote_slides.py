@@ -73,7 +73,9 @@ def local_copy(url: str) -> str:
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except Exception as exc:  # noqa: BLE001 - one line for the user, whatever boto3 raised
-        raise SlideError(f"{url}: cannot read the slide from S3 ({exc}): check the URL and access") from None
+        raise SlideError(
+            f"{url}: cannot read the slide from S3 ({exc}): check the URL and access"
+        ) from None
     size = int(head["ContentLength"])
     version = hashlib.sha256(f"{url}|{size}|{head.get('ETag', '')}".encode()).hexdigest()[:16]
     cache = cache_dir()
@@ -87,7 +89,9 @@ def local_copy(url: str) -> str:
     try:
         client.download_file(bucket, key, str(tmp))
         if tmp.stat().st_size != size:
-            raise SlideError(f"{url}: download incomplete ({tmp.stat().st_size} of {size} bytes): retry")
+            raise SlideError(
+                f"{url}: download incomplete ({tmp.stat().st_size} of {size} bytes): retry"
+            )
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -57,7 +57,12 @@ def verify_dataset(url: str, check_pixels: bool = True) -> dict:
         meta = json.loads(s["json"])
         assert s["__key__"] == sample_key(meta["slide"], meta["x"], meta["y"])
         assert (meta["slide"], meta["x"], meta["y"], meta["split"], meta["label"]) == (
-            row["slide"], row["x"], row["y"], row["split"], row["label"])
+            row["slide"],
+            row["x"],
+            row["y"],
+            row["split"],
+            row["label"],
+        )
         assert (meta["label"] is None) == (meta["split"] == "unlabeled")
         assert set(meta["mpp"]) == set(mags)
         images = {}
@@ -67,18 +72,29 @@ def verify_dataset(url: str, check_pixels: bool = True) -> dict:
             assert img.size == (sizes[mag], sizes[mag]) and img.mode == "RGB"
             images[mag] = np.asarray(img, dtype=np.float32)
             # Each image covers the same region: mpp * px is the region's extent for every mag.
-            assert abs(meta["mpp"][mag] * sizes[mag] - meta["mpp"][top] * sizes[top]) < 1e-3 * meta["mpp"][top] * sizes[top]
+            assert (
+                abs(meta["mpp"][mag] * sizes[mag] - meta["mpp"][top] * sizes[top])
+                < 1e-3 * meta["mpp"][top] * sizes[top]
+            )
         if check_pixels:
             hi = Image.fromarray(images[top].astype(np.uint8))
             for mag in mags[1:]:
                 reduced = np.asarray(hi.reduce(sizes[top] // sizes[mag]), dtype=np.float32)
                 diffs.append(float(np.abs(reduced - images[mag]).mean()))
     if diffs:
-        assert max(diffs) < MAX_MEAN_ABS_DIFF, f"low-magnification tile is not the reduced high one ({max(diffs):.2f})"
+        assert max(diffs) < MAX_MEAN_ABS_DIFF, (
+            f"low-magnification tile is not the reduced high one ({max(diffs):.2f})"
+        )
     slides_in = {}
     for r in rows:
         slides_in.setdefault(r["slide"], set()).add(r["split"])
     assert all(len(v) == 1 for v in slides_in.values()), "a slide contributes to two splits"
     total = sum(c["samples"] for c in desc["counts"].values())
     assert total == len(rows) == desc["samples"]
-    return {"desc": desc, "rows": rows, "samples": len(samples), "slides": slides_in, "max_diff": max(diffs, default=0.0)}
+    return {
+        "desc": desc,
+        "rows": rows,
+        "samples": len(samples),
+        "slides": slides_in,
+        "max_diff": max(diffs, default=0.0),
+    }

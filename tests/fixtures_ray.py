@@ -34,7 +34,9 @@ def kill_processes_mentioning(text: str) -> int:
         if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
             continue
         try:
-            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (
+                (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            )
         except OSError:
             continue
         if text in cmdline:
@@ -65,22 +67,48 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
     port = free_port()
     env = dict(os.environ, RAY_TMPDIR=str(tmp), TMPDIR=str(tmp))
     cmd = [
-        ray_bin(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-        "--num-cpus", str(max(2, os.cpu_count() or 2)), "--num-gpus", "0",
-        "--include-dashboard", "false", "--temp-dir", str(tmp / "ray"), "--disable-usage-stats",
+        ray_bin(),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-cpus",
+        str(max(2, os.cpu_count() or 2)),
+        "--num-gpus",
+        "0",
+        "--include-dashboard",
+        "false",
+        "--temp-dir",
+        str(tmp / "ray"),
+        "--disable-usage-stats",
         # Every other listening port free too, so concurrent test sessions never collide.
-        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-        "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
-        "--runtime-env-agent-port", str(free_port()),
+        "--ray-client-server-port",
+        str(free_port()),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+        "--metrics-export-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
     ]
     log = (tmp / "ray-start.log").open("wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     address = f"127.0.0.1:{port}"
     old = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "TMPDIR")}
     try:
+
         def ready() -> bool:
             if proc.poll() is not None:
-                raise RuntimeError(f"ray start failed:\n{(tmp / 'ray-start.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"ray start failed:\n{(tmp / 'ray-start.log').read_text()[-3000:]}"
+                )
             return _port_open(port) and any((tmp / "ray").glob("session_*/logs/raylet.out"))
 
         wait_for(ready, timeout=180, what="the Ray head to start")

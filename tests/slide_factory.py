@@ -19,7 +19,9 @@ def blob_image(width: int, height: int, seed: int = 0, blank: bool = False) -> n
     img += rng.integers(0, 6, img.shape, dtype=np.uint8)
     if not blank:
         yy, xx = np.mgrid[:height, :width]
-        inside = ((yy - height / 2) / (0.4 * height)) ** 2 + ((xx - width / 2) / (0.4 * width)) ** 2 < 1
+        inside = ((yy - height / 2) / (0.4 * height)) ** 2 + (
+            (xx - width / 2) / (0.4 * width)
+        ) ** 2 < 1
         stain = np.array([205, 110, 175]) + rng.integers(-40, 40, (int(inside.sum()), 3))
         img[inside] = stain.clip(0, 255).astype(np.uint8)
     return img
@@ -42,11 +44,20 @@ def write_slide(
         if mpp is not None:
             desc += f"|MPP = {mpp:g}"
     with tifffile.TiffWriter(path) as tw:
-        tw.write(img, tile=(256, 256), photometric="rgb", compression="zlib", description=desc, metadata=None)
+        tw.write(
+            img,
+            tile=(256, 256),
+            photometric="rgb",
+            compression="zlib",
+            description=desc,
+            metadata=None,
+        )
         for f in factors:
             sub = img[::f, ::f]
             tile = (256, 256) if min(sub.shape[:2]) >= 256 else (16, 16)
-            tw.write(sub, tile=tile, photometric="rgb", compression="zlib", subfiletype=1, metadata=None)
+            tw.write(
+                sub, tile=tile, photometric="rgb", compression="zlib", subfiletype=1, metadata=None
+            )
     return path
 
 

@@ -20,7 +20,12 @@ def test_demo_end_to_end_tiny(tmp_path, ray_cluster):
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads((out / "eval" / "demo.json").read_text())
     assert set(summary["models"]) == {
-        "teacher", "baseline", "distilled", "teacher-50pct", "baseline-50pct", "distilled-50pct"
+        "teacher",
+        "baseline",
+        "distilled",
+        "teacher-50pct",
+        "baseline-50pct",
+        "distilled-50pct",
     }
     evaluation = json.loads((out / "eval" / "evaluation.json").read_text())
     names = [m["name"] for m in evaluation["models"]]

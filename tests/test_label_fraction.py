@@ -17,8 +17,9 @@ from tests.fixtures_data import write_dataset
 @pytest.fixture(scope="module")
 def many_slides(tmp_path_factory):
     root = tmp_path_factory.mktemp("many-slides")
-    write_dataset(root, samples={"train": 120, "val": 16}, shards={"train": 3, "val": 1},
-                  slides_per_split=20)
+    write_dataset(
+        root, samples={"train": 120, "val": 16}, shards={"train": 3, "val": 1}, slides_per_split=20
+    )
     return root
 
 
@@ -42,8 +43,16 @@ def test_loader_hides_labels_of_other_slides(many_slides):
     kept = {k.rsplit("_", 2)[0] for v in keys.values() for k in v}
     assert kept == set(chosen)
     info = DatasetInfo.load(str(many_slides))
-    loader = make_loader(info, ["train"], ["10x"], batch_size=8, train=False, num_workers=0,
-                         manifest=manifest, labelled_slides=chosen)
+    loader = make_loader(
+        info,
+        ["train"],
+        ["10x"],
+        batch_size=8,
+        train=False,
+        num_workers=0,
+        manifest=manifest,
+        labelled_slides=chosen,
+    )
     seen = Counter()
     for batch in loader.epoch():
         for key, label in zip(batch.keys, batch.labels.tolist(), strict=True):

@@ -30,8 +30,13 @@ def test_each_bad_row_gets_one_line(tmp_path):
     assert set(out.skip) == {"s2", "s3", "s4"}
     assert len(out.problems) == 5
     text = "\n".join(out.problems)
-    for needle in ["'ghost' is not among the input slides", "empty label", "listed again",
-                   "'weird', not one of", "escape the output prefix"]:
+    for needle in [
+        "'ghost' is not among the input slides",
+        "empty label",
+        "listed again",
+        "'weird', not one of",
+        "escape the output prefix",
+    ]:
         assert needle in text
     assert all(line.startswith(str(p)) for line in out.problems)
 
@@ -49,8 +54,10 @@ def test_unusable_file(tmp_path, text, match):
 def test_splits_by_patient_stratified_deterministic():
     labels = {f"s{i}": ("a" if i % 2 else "b") for i in range(40)}
     patients = {f"s{i}": f"P{i // 2}" for i in range(40)}  # two slides per patient, one label each?
-    patients = {s: f"P{s}-{labels[s]}" if int(s[1:]) % 4 < 2 else f"Q{int(s[1:]) // 4}-{labels[s]}"
-                for s in labels}
+    patients = {
+        s: f"P{s}-{labels[s]}" if int(s[1:]) % 4 < 2 else f"Q{int(s[1:]) // 4}-{labels[s]}"
+        for s in labels
+    }
     out = assign_splits(labels, patients, (0.7, 0.15, 0.15), seed=3)
     assert out == assign_splits(labels, patients, (0.7, 0.15, 0.15), seed=3)
     assert set(out) == set(labels)

@@ -7,8 +7,16 @@ from sharding.options import parse_size
 
 @pytest.mark.parametrize(
     ("text", "power", "name"),
-    [("10x", 10, "10x"), ("5", 5, "5x"), ("2.5x", 2.5, "2p5x"), ("1.25", 1.25, "1p25x"),
-     ("0.625x", 0.625, "0p625x"), ("0.5um", 20, "20x"), ("0.25mpp", 40, "40x"), ("2p5x", 2.5, "2p5x")],
+    [
+        ("10x", 10, "10x"),
+        ("5", 5, "5x"),
+        ("2.5x", 2.5, "2p5x"),
+        ("1.25", 1.25, "1p25x"),
+        ("0.625x", 0.625, "0p625x"),
+        ("0.5um", 20, "20x"),
+        ("0.25mpp", 40, "40x"),
+        ("2p5x", 2.5, "2p5x"),
+    ],
 )
 def test_parse_and_name(text, power, name):
     mag = Magnification.parse(text)

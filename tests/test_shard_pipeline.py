@@ -42,8 +42,18 @@ MAGS = ["--mags", "20,10,5", "--tile-px", "128"]
 
 def test_shard_local_roundtrip_and_resume(blob_slides, tmp_path, ray_cluster):
     out = tmp_path / "ds"
-    res = shard(str(blob_slides), "--out", str(out), *MAGS, "--labels", str(blob_slides / "labels.csv"),
-                "--shard-size", "300KB", "--address", ray_cluster)
+    res = shard(
+        str(blob_slides),
+        "--out",
+        str(out),
+        *MAGS,
+        "--labels",
+        str(blob_slides / "labels.csv"),
+        "--shard-size",
+        "300KB",
+        "--address",
+        ray_cluster,
+    )
     assert res.returncode == 0, res.stderr
     report = verify_dataset(str(out))
     desc = report["desc"]
@@ -60,15 +70,34 @@ def test_shard_local_roundtrip_and_resume(blob_slides, tmp_path, ray_cluster):
 
     # A rerun with the same inputs does nothing and leaves the same manifest.
     before = (out / "manifest.parquet").read_bytes()
-    again = shard(str(blob_slides), "--out", str(out), *MAGS, "--labels", str(blob_slides / "labels.csv"),
-                  "--shard-size", "300KB", "--address", ray_cluster)
+    again = shard(
+        str(blob_slides),
+        "--out",
+        str(out),
+        *MAGS,
+        "--labels",
+        str(blob_slides / "labels.csv"),
+        "--shard-size",
+        "300KB",
+        "--address",
+        ray_cluster,
+    )
     assert again.returncode == 0, again.stderr
     assert "3 slide(s) already done" in again.stderr
     assert (out / "manifest.parquet").read_bytes() == before
 
     # Other settings on the same output are refused with one line, nothing touched.
-    clash = shard(str(blob_slides), "--out", str(out), "--mags", "20,10", "--tile-px", "128",
-                  "--address", ray_cluster)
+    clash = shard(
+        str(blob_slides),
+        "--out",
+        str(out),
+        "--mags",
+        "20,10",
+        "--tile-px",
+        "128",
+        "--address",
+        ray_cluster,
+    )
     assert clash.returncode == 2
     assert "other settings" in clash.stderr and "--overwrite" in clash.stderr
     assert (out / "manifest.parquet").read_bytes() == before
@@ -77,8 +106,20 @@ def test_shard_local_roundtrip_and_resume(blob_slides, tmp_path, ray_cluster):
 def test_shard_to_s3_multipart(blob_slides, s3_bucket, ray_cluster, monkeypatch):
     monkeypatch.setenv("RESDISTILL_MULTIPART_THRESHOLD", str(5 * 1024 * 1024 + 1))
     url = f"{s3_bucket}/datasets/blobs"
-    res = shard(str(blob_slides), "--out", url, *MAGS, "--labels", str(blob_slides / "labels.csv"),
-                "--shard-size", "6MB", "--format", "png", "--address", ray_cluster)
+    res = shard(
+        str(blob_slides),
+        "--out",
+        url,
+        *MAGS,
+        "--labels",
+        str(blob_slides / "labels.csv"),
+        "--shard-size",
+        "6MB",
+        "--format",
+        "png",
+        "--address",
+        ray_cluster,
+    )
     assert res.returncode == 0, res.stderr
     report = verify_dataset(url)
     assert report["desc"]["image_format"] == "png"
@@ -93,13 +134,31 @@ def test_kill_9_then_rerun_keeps_manifest_exact(tmp_path, ray_cluster):
     for i in range(4):
         write_slide(slides / f"k{i}.svs", blob_image(3072, 2048, seed=10 + i), app_mag=40, mpp=0.25)
     out = tmp_path / "ds"
-    args = [sys.executable, "-m", "resdistill", "shard", "--no-progress", str(slides), "--out", str(out),
-            *MAGS, "--shard-size", "150KB", "--address", ray_cluster]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        sys.executable,
+        "-m",
+        "resdistill",
+        "shard",
+        "--no-progress",
+        str(slides),
+        "--out",
+        str(out),
+        *MAGS,
+        "--shard-size",
+        "150KB",
+        "--address",
+        ray_cluster,
+    ]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     index = out / "_state" / "index"
     try:
-        wait_for(lambda: index.exists() and len(list(index.rglob("*.parquet"))) >= 2, timeout=240,
-                 what="two published shards")
+        wait_for(
+            lambda: index.exists() and len(list(index.rglob("*.parquet"))) >= 2,
+            timeout=240,
+            what="two published shards",
+        )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
@@ -118,14 +177,18 @@ def test_kill_9_then_rerun_keeps_manifest_exact(tmp_path, ray_cluster):
     assert not any(p.exists() for p in scratch), "the rerun removes the dead run's scratch"
 
     fresh = tmp_path / "fresh"
-    clean = shard(str(slides), "--out", str(fresh), *MAGS, "--shard-size", "150KB", "--address", ray_cluster)
+    clean = shard(
+        str(slides), "--out", str(fresh), *MAGS, "--shard-size", "150KB", "--address", ray_cluster
+    )
     assert clean.returncode == 0, clean.stderr
     fresh_rows = verify_dataset(str(fresh), check_pixels=False)["rows"]
     assert {r["key"] for r in report["rows"]} == {r["key"] for r in fresh_rows}
     per_shard: dict[str, set] = {}
     for r in fresh_rows:
         per_shard.setdefault(r["shard"], set()).add(r["slide"])
-    assert max(len(v) for v in per_shard.values()) >= 3, "shards should mix samples of several slides"
+    assert max(len(v) for v in per_shard.values()) >= 3, (
+        "shards should mix samples of several slides"
+    )
 
 
 def test_bad_inputs_each_get_one_line_and_the_rest_is_sharded(blob_slides, tmp_path, ray_cluster):
@@ -142,7 +205,9 @@ def test_bad_inputs_each_get_one_line_and_the_rest_is_sharded(blob_slides, tmp_p
     labels = tmp_path / "labels.csv"
     labels.write_text("slide,label\ngood,tumor\nnolabel,\nghost,tumor\ntwice,tumor\ntwice,benign\n")
     out = tmp_path / "ds"
-    res = shard(str(slides), "--out", str(out), *MAGS, "--labels", str(labels), "--address", ray_cluster)
+    res = shard(
+        str(slides), "--out", str(out), *MAGS, "--labels", str(labels), "--address", ray_cluster
+    )
     assert res.returncode == 1, res.stderr
     err = " ".join(res.stderr.split())
     for needle in [
@@ -160,8 +225,16 @@ def test_bad_inputs_each_get_one_line_and_the_rest_is_sharded(blob_slides, tmp_p
     # The labelled slide and the slide absent from the CSV are sharded, nothing else.
     assert report["slides"] == {"good": {"train"}, "good2": {"unlabeled"}}
     # With --mpp the slide without metadata is sharded.
-    fixed = shard(str(slides / "nompp.tif"), "--out", str(tmp_path / "ds2"), *MAGS, "--mpp", "0.25",
-                  "--address", ray_cluster)
+    fixed = shard(
+        str(slides / "nompp.tif"),
+        "--out",
+        str(tmp_path / "ds2"),
+        *MAGS,
+        "--mpp",
+        "0.25",
+        "--address",
+        ray_cluster,
+    )
     assert fixed.returncode == 0, fixed.stderr
     assert set(verify_dataset(str(tmp_path / "ds2"))["slides"]) == {"nompp"}
 
@@ -183,9 +256,21 @@ def test_unusable_options_exit_2(blob_slides, tmp_path):
 def test_synthetic_slides_both_formats_to_s3(synthetic_slides, s3_bucket, ray_cluster):
     """SVS and generic TIFF at 20x and 40x, default magnifications, read back from S3."""
     url = f"{s3_bucket}/synth"
-    res = shard(str(synthetic_slides.root), "--out", url, "--labels", str(synthetic_slides.labels_csv),
-                "--mags", "10,5,2.5", "--tile-px", "112", "--splits", "0.5,0.25,0.25",
-                "--address", ray_cluster)
+    res = shard(
+        str(synthetic_slides.root),
+        "--out",
+        url,
+        "--labels",
+        str(synthetic_slides.labels_csv),
+        "--mags",
+        "10,5,2.5",
+        "--tile-px",
+        "112",
+        "--splits",
+        "0.5,0.25,0.25",
+        "--address",
+        ray_cluster,
+    )
     assert res.returncode == 0, res.stderr
     report = verify_dataset(url)
     assert set(report["slides"]) == {s.slide for s in synthetic_slides.slides}
@@ -202,8 +287,17 @@ def test_real_he_slide_and_its_pyramid(real_slide, real_pyramid, tmp_path, ray_c
     outs = {}
     for name, path in {"flat": real_slide, "pyramid": real_pyramid}.items():
         out = tmp_path / name
-        res = shard(str(path), "--out", str(out), "--mags", "10,5,2.5", "--tile-px", "128",
-                    "--address", ray_cluster)
+        res = shard(
+            str(path),
+            "--out",
+            str(out),
+            "--mags",
+            "10,5,2.5",
+            "--tile-px",
+            "128",
+            "--address",
+            ray_cluster,
+        )
         assert res.returncode == 0, res.stderr
         outs[name] = verify_dataset(str(out))
     flat, pyr = outs["flat"], outs["pyramid"]
@@ -220,13 +314,33 @@ def test_slides_read_from_s3_through_node_cache(synthetic_slides, s3_bucket, ray
     for s in chosen:
         store.put_file(s.path.name, s.path)
     out = tmp_path / "from-s3"
-    res = shard(f"{s3_bucket}/scans", "--out", str(out), "--mags", "10,5", "--tile-px", "64",
-                "--address", ray_cluster)
+    res = shard(
+        f"{s3_bucket}/scans",
+        "--out",
+        str(out),
+        "--mags",
+        "10,5",
+        "--tile-px",
+        "64",
+        "--address",
+        ray_cluster,
+    )
     assert res.returncode == 0, res.stderr
     report = verify_dataset(str(out))
     assert set(report["slides"]) == {s.slide for s in chosen}
     local = tmp_path / "from-disk"
-    res = shard(*[str(s.path) for s in chosen], "--out", str(local), "--mags", "10,5", "--tile-px", "64",
-                "--address", ray_cluster)
+    res = shard(
+        *[str(s.path) for s in chosen],
+        "--out",
+        str(local),
+        "--mags",
+        "10,5",
+        "--tile-px",
+        "64",
+        "--address",
+        ray_cluster,
+    )
     assert res.returncode == 0, res.stderr
-    assert {r["key"] for r in report["rows"]} == {r["key"] for r in verify_dataset(str(local))["rows"]}
+    assert {r["key"] for r in report["rows"]} == {
+        r["key"] for r in verify_dataset(str(local))["rows"]
+    }

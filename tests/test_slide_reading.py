@@ -35,11 +35,17 @@ def test_best_level_never_above_wanted():
 
 def test_mpp_sources():
     assert base_mpp_from_properties({"openslide.mpp-x": "0.2525"}) == (0.2525, "openslide.mpp-x")
-    assert base_mpp_from_properties({"tiff.XResolution": "20000", "tiff.ResolutionUnit": "centimeter"}) == (
-        0.5, "tiff resolution")
-    assert base_mpp_from_properties({"openslide.objective-power": "40"}) == (0.25, "objective power")
+    assert base_mpp_from_properties(
+        {"tiff.XResolution": "20000", "tiff.ResolutionUnit": "centimeter"}
+    ) == (0.5, "tiff resolution")
+    assert base_mpp_from_properties({"openslide.objective-power": "40"}) == (
+        0.25,
+        "objective power",
+    )
     assert base_mpp_from_properties({}, override=0.5) == (0.5, "--mpp")
-    assert base_mpp_from_properties({"tiff.XResolution": "72", "tiff.ResolutionUnit": "inch"}) is None
+    assert (
+        base_mpp_from_properties({"tiff.XResolution": "72", "tiff.ResolutionUnit": "inch"}) is None
+    )
 
 
 def test_downsample_is_antialiased_and_never_upsamples():
