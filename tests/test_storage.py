@@ -391,6 +391,8 @@ def test_store_in_ray_task(s3_bucket: str, ray_cluster: str) -> None:
 
     store = open_storage(f"{s3_bucket}/ray")
     store.write_bytes("in", b"shipped by ray")
+    if ray.is_initialized():  # an earlier test's driver connection; this test needs its own env
+        ray.shutdown()
     ray.init(address=ray_cluster, runtime_env={"env_vars": s3_env()}, log_to_driver=False)
     try:
         url, pid = ray.get(ray.remote(num_cpus=1)(_ray_task_body).remote(store, "in"), timeout=120)
