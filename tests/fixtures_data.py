@@ -202,23 +202,10 @@ def write_dataset(
                 "per_class": per_class if split != "unlabeled" else {},
             }
 
-    fields = [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("slide", pa.string(), nullable=False),
-        pa.field("x", pa.int64(), nullable=False),
-        pa.field("y", pa.int64(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("label", pa.string()),
-        pa.field("patient", pa.string()),
-        pa.field("tissue", pa.float32()),
-        pa.field("shard", pa.string(), nullable=False),
-    ]
-    for name in names:
-        fields += [
-            pa.field(f"mean_{name}", pa.list_(pa.float32(), 3)),
-            pa.field(f"sqmean_{name}", pa.list_(pa.float32(), 3)),
-        ]
-    table = pa.Table.from_pylist(rows, schema=pa.schema(fields))
+    # the one definition of the manifest columns, so test data cannot drift from the writer
+    from sharding.manifest import manifest_schema
+
+    table = pa.Table.from_pylist(rows, schema=manifest_schema(names))
     buf = io.BytesIO()
     pq.write_table(table, buf)
     store.write_bytes(MANIFEST, buf.getvalue())
