@@ -8,7 +8,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+
+import pytest
 
 # Ray must never bind a public interface nor ask for auth tokens in tests, and its session files go
 # to a temp folder we remove. Set before any test imports ray.
@@ -26,3 +30,16 @@ pytest_plugins = [
     "tests.fixtures_slides",
     "tests.fixtures_data",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _disconnect_ray_after_module() -> Iterator[None]:
+    """Leave no in-process Ray driver connected once a test module is done.
+
+    Tests that call training code in-process connect this process to the session cluster; a
+    driver left behind would outlive the cluster and make Ray abort pytest at exit.
+    """
+    yield
+    ray_module = sys.modules.get("ray")
+    if ray_module is not None and ray_module.is_initialized():
+        ray_module.shutdown()

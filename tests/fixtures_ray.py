@@ -115,6 +115,11 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
         os.environ["TMPDIR"] = str(tmp)
         yield address
     finally:
+        # A driver still connected when its GCS dies makes Ray abort this process a minute later
+        # ("Failed to connect to GCS"), failing the whole pytest run after every test passed.
+        ray_module = sys.modules.get("ray")
+        if ray_module is not None and ray_module.is_initialized():
+            ray_module.shutdown()
         # A graceful stop of a head takes about a minute here; the cluster is throw-away, so
         # kill its process group, then any Ray process that still names our temp folder.
         with contextlib.suppress(ProcessLookupError):

@@ -30,16 +30,6 @@ from tests.fixtures_ray import free_port, ray_bin, wait_for
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _disconnect_ray_after_module():
-    """Leave no driver connected to the session cluster (``ray stop`` waits ~20 s for one)."""
-    yield
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def _args(data: str, storage: str, name: str, address: str | None, *extra: str) -> Any:
     argv = [
         "--data", data, "--storage", storage, "--name", name, "--workers", "2",
