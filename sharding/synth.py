@@ -13,17 +13,17 @@ per-pixel stain amounts ``h``, ``e``, plus Gaussian sensor noise.
 Classes (:data:`CLASSES`) carry their cue at different physical scales (:data:`CLASS_CUES`):
 
 * ``benign``: the reference - fibrous pink stroma with scattered oval nuclei (smooth chromatin).
-* ``glandular``: the same stroma and nuclei plus large regular glands (95-120 um across, white
-  lumen, pale epithelial rim lined by a ring of nuclei): architecture, seen best in a wide field,
-  i.e. at low magnification; it survives a 4-8x downsample. A high-magnification tile that falls
-  between glands looks benign.
+* ``glandular``: the same stroma and nuclei plus regular glands (75-95 um across on a 140 um
+  grid, white lumen, pale epithelial rim lined by a ring of nuclei): architecture, which
+  survives a 4-8x downsample. Glands are dense enough that any 128 um field of the tissue holds
+  a good part of one, so a tile's slide label is true of the tile itself.
 * ``atypia``: same nuclear density as ``benign``, but coarse clumped chromatin, nucleoli and an
   irregular contour (1-3 um detail): clear at 40x and 20x, fading at 10x, gone at 5x (a nucleus
-  is ~3 pixels there). Its nuclei are also 15% larger, which leaves only a faint darkening of a
-  few grey levels at low magnification: the kind of cue a low-magnification student must learn
-  to see from the teacher.
-* ``inflamed``: extra dense aggregates of small, very dark lymphocyte nuclei: darker and bluer
-  at every scale.
+  is ~3 pixels there). Its nuclei are also 25% larger, which leaves a faint darkening at low
+  magnification, partly masked by the regional variation of cellularity (0.6-1.4x): the kind of
+  cue a low-magnification student must learn to see from the teacher.
+* ``inflamed``: small, very dark lymphocyte nuclei scattered through the tissue and packed into
+  wide aggregates: darker and bluer at every scale.
 
 Slide ``i`` of a set gets class ``CLASSES[i % len(CLASSES)]`` (round robin), format
 ``formats[i % len(formats)]`` and base magnification ``base_mags[(i // len(formats)) % len(base_mags)]``
@@ -74,13 +74,13 @@ _NUC_H = 1.35  # hematoxylin amount of a smooth nucleus
 # Atypia: clumps/nucleoli add density, so the base is lower; nuclei are also enlarged by
 # _ATYPIA_SCALE (more hematoxylin per area of tissue), a faint cue that survives downsampling.
 _ATYPIA_H = 1.20
-_ATYPIA_SCALE = 1.15
+_ATYPIA_SCALE = 1.25
 # Lymphocytes (inflamed).
 _LYM_CELL = 5.0
 _LYM_R = (2.2, 2.7)
 _LYM_H = 2.0
 # Glands (glandular): one candidate per cell of a jittered grid (um).
-_GLAND_CELL = 180.0
+_GLAND_CELL = 140.0
 # Vacuoles (all classes): one candidate per cell (um).
 _VAC_CELL = 70.0
 # Largest outward reach of the tissue edge noise, in units of an island's semi-axes.
@@ -367,8 +367,9 @@ class SlideScene:
     def glands(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
         """Glands whose ellipse reaches the um box: rows ``(cx, cy, a, b, angle)``.
 
-        One candidate per ``_GLAND_CELL`` cell; kept with probability 0.85 when its centre lies
-        in tissue. Semi-axes ``a in [0.26, 0.34] * cell``, ``b = a * [0.7, 1]``: no two overlap.
+        One candidate per ``_GLAND_CELL`` cell; kept with probability 0.95 when its centre lies
+        in tissue. Semi-axes ``a in [0.26, 0.34] * cell``, ``b = a * [0.8, 1]``: no two overlap,
+        and any 128 um field inside the tissue holds a good part of at least one.
         """
         if self.label != "glandular":
             return np.zeros((0, 5), np.float32)
@@ -382,9 +383,9 @@ class SlideScene:
         cx = (IX + 0.5 + 0.12 * (u[1] - 0.5)) * g
         cy = (IY + 0.5 + 0.12 * (u[2] - 0.5)) * g
         a = (0.26 + 0.08 * u[3]) * g
-        b = a * (0.7 + 0.3 * u[4])
+        b = a * (0.8 + 0.2 * u[4])
         ang = u[5] * np.pi
-        keep = (u[0] < 0.85) & (self.tissue(cx, cy, grid=False) > 0.5)
+        keep = (u[0] < 0.95) & (self.tissue(cx, cy, grid=False) > 0.5)
         keep &= (cx + a > x0) & (cx - a < x1) & (cy + a > y0) & (cy - a < y1)
         return np.stack([cx, cy, a, b, ang], axis=1)[keep].astype(np.float32)
 
@@ -427,7 +428,7 @@ class SlideScene:
         # stromal / parenchymal nuclei: same grid, density and size in every class
         margin = 2 * _NUC_R[1]
         cx, cy, u = self._grid_nuclei(x0, y0, x1, y1, _NUC_CELL, self._s(10), margin)
-        cellularity = 0.45 + 1.1 * _noise_pts(cx, cy, 220.0, self._s(12))
+        cellularity = 0.6 + 0.8 * _noise_pts(cx, cy, 220.0, self._s(12))
         keep = u[0] < _NUC_P * cellularity
         keep &= in_tissue(cx, cy) & outside_glands(cx, cy)
         atypia = self.label == "atypia"
@@ -449,7 +450,7 @@ class SlideScene:
             margin = 2 * _LYM_R[1]
             cx, cy, u = self._grid_nuclei(x0, y0, x1, y1, _LYM_CELL, self._s(20), margin)
             cluster = _noise_pts(cx, cy, 160.0, self._s(21))
-            p = 0.10 + 0.85 * np.clip((cluster - 0.45) / 0.25, 0.0, 1.0)
+            p = 0.20 + 0.75 * np.clip((cluster - 0.35) / 0.25, 0.0, 1.0)
             keep = (u[0] < p) & in_tissue(cx, cy) & outside_glands(cx, cy)
             r = _LYM_R[0] + (_LYM_R[1] - _LYM_R[0]) * u[1]
             groups.append(
