@@ -50,6 +50,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from resdistill.train_options import ARCH_CHOICES, add_speed_arguments, speed_config
+
 STAGE_DISTILL = "distill"
 STAGE_SUPERVISED = "supervised"
 #: Keys a teacher checkpoint's ``model.pt`` must hold (written by :mod:`resdistill.teacher`).
@@ -157,7 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--arch",
         default=None,
-        choices=("resnet18", "resnet34", "resnet50"),
+        choices=ARCH_CHOICES,
         help="student architecture (default: the teacher's; resnet18 without a teacher)",
     )
     g.add_argument("--epochs", type=int, default=10)
@@ -176,6 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0)
     g.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
+    add_speed_arguments(g)
     g.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
     g.add_argument("--keep", type=int, default=1, help="best checkpoints kept (plus the latest)")
     g.add_argument(
@@ -439,6 +442,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "teacher_eval": not (supervised or args.no_teacher_eval),
         "log_every": args.log_every,
         "trace_dir": args.trace_dir,
+        **speed_config(args),
     }
 
 

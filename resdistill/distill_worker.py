@@ -133,6 +133,7 @@ def distill_batch(
     *,
     device: torch.device | str = "cpu",
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    memory_format: torch.memory_format = torch.preserve_format,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """The distillation loss of one batch: ``(total, parts, student_logits, teacher_logits)``.
 
@@ -141,8 +142,8 @@ def distill_batch(
     its absence (-1) can change the loss or its gradients. ``step`` is a (possibly DDP-wrapped)
     :class:`DistillStep`, ``teacher`` a :class:`FrozenTeacher`.
     """
-    x_s = batch.images[0].to(device, non_blocking=True)
-    x_t = batch.images[1].to(device, non_blocking=True)
+    x_s = batch.images[0].to(device, non_blocking=True, memory_format=memory_format)
+    x_t = batch.images[1].to(device, non_blocking=True, memory_format=memory_format)
     with autocast():
         t_logits, t_features = teacher(x_t)
         total, parts, s_logits = step(x_s, t_logits, t_features)
@@ -155,26 +156,17 @@ def cached_distill_batch(
     *,
     device: torch.device | str = "cpu",
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    memory_format: torch.memory_format = torch.preserve_format,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """:func:`distill_batch` from cached teacher targets: ``batch.images`` is ``(x_s, t_logits,
     t_features)`` (:mod:`resdistill.cached_targets`), the teacher's feature map already pooled to
     the student's size (so ``DistillLoss``'s resize is the identity). Same loss, no teacher run;
     ``batch.labels`` is never read."""
     x_s, t_logits, t_features = (t.to(device, non_blocking=True) for t in batch.images)
+    x_s = x_s.contiguous(memory_format=memory_format)
     with autocast():
         total, parts, s_logits = step(x_s, t_logits, t_features)
     return total, parts, s_logits, t_logits
-
-
-def prepare(model: nn.Module, env: Any, *, find_unused: bool = False) -> nn.Module:
-    """Move to the worker's device and wrap in DDP (``find_unused_parameters`` when asked: a
-    KD weight of 0 leaves the student's classifier head out of the loss)."""
-    import ray.train.torch
-
-    kwargs = {"find_unused_parameters": True} if find_unused else None
-    return ray.train.torch.prepare_model(
-        model, move_to_device=env.device, parallel_strategy_kwargs=kwargs
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +183,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from resdistill import train_loop as T
     from resdistill.models import build_model
 
-    env = T.worker_env()
+    env = T.worker_env(config)
     torch.manual_seed(config["seed"])  # same init on every rank (DDP also broadcasts rank 0's)
     info = D.DatasetInfo.from_json(config["data"], config["dataset"])
     supervised = config["supervised"]
@@ -213,6 +205,8 @@ def train_worker(config: dict[str, Any]) -> None:
             renorm = renormalizer(info.mean_std(t_mag), (tn["mean"], tn["std"]))
         if not cached or config["teacher_eval"]:
             teacher = load_teacher(tmeta["checkpoint"], env.device, renorm)
+            if env.channels_last:
+                teacher = teacher.to(memory_format=torch.channels_last)
         distill_loss = build_loss(loss_cfg, student.feature_channels, tmeta["feature_channels"])
 
     restored = T.restore()
@@ -233,7 +227,7 @@ def train_worker(config: dict[str, Any]) -> None:
         model = T.prepare_model(student, env)
     else:
         assert distill_loss is not None
-        model = prepare(
+        model = T.prepare_model(
             DistillStep(student, distill_loss), env, find_unused=loss_cfg["kd_weight"] == 0
         )
     optimizer = T.make_optimizer(
@@ -318,6 +312,8 @@ def train_worker(config: dict[str, Any]) -> None:
             warmup_steps=warmup,
         )
 
+    fmt = torch.channels_last if env.channels_last else torch.preserve_format
+
     def train_epoch(epoch: int) -> T.EpochResult:
         model.train()
         sums = {k: torch.zeros((), device=env.device) for k in keys}
@@ -326,7 +322,7 @@ def train_worker(config: dict[str, Any]) -> None:
             T.set_lr(optimizer, lr_now())
             b = len(batch)
             if supervised:
-                x = batch.images[0].to(env.device, non_blocking=True)
+                x = env.input(batch.images[0])
                 y = batch.labels.to(env.device, non_blocking=True)
                 with env.autocast():
                     logits, _ = model(x)
@@ -335,12 +331,13 @@ def train_worker(config: dict[str, Any]) -> None:
             else:
                 if cached:
                     loss, parts, logits, t_logits = cached_distill_batch(
-                        model, batch, device=env.device, autocast=env.autocast
+                        model, batch, device=env.device, autocast=env.autocast, memory_format=fmt
                     )
                 else:
                     loss, parts, logits, t_logits = distill_batch(
-                        model, teacher, batch, device=env.device, autocast=env.autocast
-                    )
+                        model, teacher, batch, device=env.device, autocast=env.autocast,
+                        memory_format=fmt,
+                    )  # fmt: skip
                 sums["train_kd"] += parts["kd"] * b
                 sums["train_feature"] += parts["feature"] * b
                 sums["train_agreement"] += (logits.detach().argmax(1) == t_logits.argmax(1)).sum()

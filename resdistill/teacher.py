@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any
 
+from resdistill.train_options import ARCH_CHOICES, add_speed_arguments, speed_config
+
 STAGE = "teacher"
 
 
@@ -75,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--arch",
         default="resnet18",
-        choices=("resnet18", "resnet34", "resnet50"),
+        choices=ARCH_CHOICES,
         help="torchvision ResNet (random init)",
     )
     g.add_argument("--epochs", type=int, default=10, help="total epochs of the run")
@@ -102,6 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per worker")
     g.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
+    add_speed_arguments(g)
     g.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
     g.add_argument("--keep", type=int, default=1, help="best checkpoints kept (plus the latest)")
     g.add_argument(
@@ -201,6 +204,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "log_every": args.log_every,
         "trace_dir": args.trace_dir,
+        **speed_config(args),
     }
 
 
@@ -287,7 +291,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from resdistill import train_loop as T
     from resdistill.models import build_model
 
-    env = T.worker_env()
+    env = T.worker_env(config)
     if env.use_cuda:
         torch.backends.cudnn.benchmark = True  # fixed tile sizes: let cuDNN pick its kernels
     torch.manual_seed(config["seed"])  # same init on every rank (DDP also broadcasts rank 0's)
@@ -369,7 +373,7 @@ def train_worker(config: dict[str, Any]) -> None:
         n = 0
         done = 0
         for batch in train_loader.epoch():
-            x = batch.images[0].to(env.device, non_blocking=True)
+            x = env.input(batch.images[0])
             y = batch.labels.to(env.device, non_blocking=True)
             T.set_lr(optimizer, lr_now())
             with env.autocast():

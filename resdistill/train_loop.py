@@ -83,8 +83,9 @@ _STARTED_LOCAL = False
 def ray_init(address: str | None = None, *, forward_env: bool = True) -> None:
     """Connect to Ray: ``address`` if given, else the job's cluster (``RAY_ADDRESS``), else local.
 
-    A local Ray binds 127.0.0.1 without a dashboard. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps
-    the DDP rendezvous address on the node's IP (127.0.0.1 locally). With ``forward_env`` the AWS
+    A local Ray binds 127.0.0.1, its dashboard (and State API) on a free loopback port.
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps the DDP rendezvous address, and every port
+    Ray listens on, on the node's IP (127.0.0.1 locally). With ``forward_env`` the AWS
     variables of :data:`AWS_ENV_FORWARD` set here become the job's ``runtime_env`` env vars; on a
     cluster whose nodes have their own credentials (instance roles), leave them unset here.
     When Ray is already initialised in this process it is kept if its job already carries these
@@ -117,10 +118,28 @@ def ray_init(address: str | None = None, *, forward_env: bool = True) -> None:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
+        # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls
+        # (without it every run logs a warning per second and a killed controller's placement
+        # group is never freed); loopback only, on a free port.
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_local_port(),
+            **kwargs,
+        )
         _STARTED_LOCAL = True
         return
     _STARTED_LOCAL = False
+
+
+def _free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def s3_filesystem() -> Any:
@@ -353,12 +372,20 @@ def load_checkpoint(url: str | os.PathLike[str], file: str = MODEL_FILE) -> dict
 
 @dataclass(frozen=True)
 class WorkerEnv:
-    """Where this training worker runs."""
+    """Where this training worker runs, and how its model and inputs are laid out.
+
+    ``amp``: see :data:`resdistill.train_options.AMP_MODES`; ``channels_last``: NHWC weights and inputs (faster
+    convolutions on tensor cores and oneDNN); ``compile``: a ``torch.compile`` backend name
+    (``""``: eager), applied by :func:`prepare_model` after the DDP wrap.
+    """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    amp: str = "auto"
+    channels_last: bool = False
+    compile: str = ""
 
     @property
     def is_main(self) -> bool:
@@ -369,10 +396,18 @@ class WorkerEnv:
         return self.device.type == "cuda"
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """bf16 autocast on CUDA; a no-op context on CPU."""
-        if self.use_cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast on the worker's device when ``amp`` is ``bf16`` (or ``auto`` on CUDA);
+        a no-op context otherwise. Losses are computed in float32 outside it."""
+        if self.amp == "bf16" or (self.amp == "auto" and self.use_cuda):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the worker's device (non-blocking: pinned batches overlap the copy), NHWC
+        when ``channels_last`` and ``x`` is an image batch."""
+        if self.channels_last and x.dim() == 4:
+            return x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return x.to(self.device, non_blocking=True)
 
     @property
     def distributed(self) -> bool:
@@ -381,8 +416,9 @@ class WorkerEnv:
         return self.world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
-def worker_env() -> WorkerEnv:
-    """The :class:`WorkerEnv` of the calling Ray Train worker (CPU unless it holds a GPU)."""
+def worker_env(config: Mapping[str, Any] | None = None) -> WorkerEnv:
+    """The :class:`WorkerEnv` of the calling Ray Train worker (CPU unless it holds a GPU), with
+    ``amp``, ``channels_last`` and ``compile`` from the worker ``config`` when given."""
     import ray.train
     import ray.train.torch
 
@@ -392,23 +428,45 @@ def worker_env() -> WorkerEnv:
         device = device[0]
     if device.type == "cuda" and not torch.cuda.is_available():
         device = torch.device("cpu")
+    config = config or {}
     return WorkerEnv(
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
         local_rank=ctx.get_local_rank(),
         device=device,
+        amp=str(config.get("amp") or "auto"),
+        channels_last=bool(config.get("channels_last")),
+        compile=str(config.get("compile") or ""),
     )
 
 
-def prepare_model(model: torch.nn.Module, env: WorkerEnv) -> torch.nn.Module:
-    """Move to the worker's device and wrap in DDP when there is more than one worker."""
+def prepare_model(
+    model: torch.nn.Module, env: WorkerEnv, *, find_unused: bool = False
+) -> torch.nn.Module:
+    """Lay out, move, wrap and compile ``model`` for the worker.
+
+    NHWC weights when ``env.channels_last``; moved to ``env.device`` and wrapped in DDP when
+    there is more than one worker (``find_unused_parameters`` when asked); then
+    ``torch.compile(model, backend=env.compile)`` when set (compiling the DDP wrapper lets
+    torch's DDPOptimizer split the graph at bucket boundaries). :func:`unwrap` gets the module
+    back for checkpoints.
+    """
     import ray.train.torch
 
-    return ray.train.torch.prepare_model(model, move_to_device=env.device)
+    if env.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    kwargs = {"find_unused_parameters": True} if find_unused else None
+    model = ray.train.torch.prepare_model(
+        model, move_to_device=env.device, parallel_strategy_kwargs=kwargs
+    )
+    if env.compile:
+        model = torch.compile(model, backend=env.compile)
+    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper (the model itself otherwise)."""
+    """The module inside ``torch.compile`` and DDP wrappers (the model itself otherwise)."""
+    model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
 
@@ -492,7 +550,7 @@ def evaluate(
         keep = labels >= 0
         if not bool(keep.any()):
             continue
-        x = batch.images[image_index].to(env.device, non_blocking=True)
+        x = env.input(batch.images[image_index])
         with env.autocast():
             logits, _ = net(x)
         logits = logits.float().cpu()

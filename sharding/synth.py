@@ -19,9 +19,10 @@ Classes (:data:`CLASSES`) carry their cue at different physical scales (:data:`C
   a good part of one, so a tile's slide label is true of the tile itself.
 * ``atypia``: same nuclear density as ``benign``, but coarse clumped chromatin, nucleoli and an
   irregular contour (1-3 um detail): clear at 40x and 20x, fading at 10x, gone at 5x (a nucleus
-  is ~3 pixels there). Its nuclei are also 25% larger, which leaves a faint darkening at low
-  magnification, partly masked by the regional variation of cellularity (0.6-1.4x): the kind of
-  cue a low-magnification student must learn to see from the teacher.
+  is ~3 pixels there). Its nuclei are also 40% larger and a little darker (nucleomegaly,
+  hyperchromasia), a cue that survives at low magnification as slightly bigger, darker dots,
+  partly masked by the regional variation of cellularity (0.7-1.3x): the kind of cue a
+  low-magnification student must learn to see from the teacher.
 * ``inflamed``: small, very dark lymphocyte nuclei scattered through the tissue and packed into
   wide aggregates: darker and bluer at every scale.
 
@@ -73,8 +74,8 @@ _NUC_R = (2.6, 3.4)  # mean semi-axis range, um
 _NUC_H = 1.35  # hematoxylin amount of a smooth nucleus
 # Atypia: clumps/nucleoli add density, so the base is lower; nuclei are also enlarged by
 # _ATYPIA_SCALE (more hematoxylin per area of tissue), a faint cue that survives downsampling.
-_ATYPIA_H = 1.20
-_ATYPIA_SCALE = 1.25
+_ATYPIA_H = 1.30
+_ATYPIA_SCALE = 1.4
 # Lymphocytes (inflamed).
 _LYM_CELL = 5.0
 _LYM_R = (2.2, 2.7)
@@ -428,7 +429,7 @@ class SlideScene:
         # stromal / parenchymal nuclei: same grid, density and size in every class
         margin = 2 * _NUC_R[1]
         cx, cy, u = self._grid_nuclei(x0, y0, x1, y1, _NUC_CELL, self._s(10), margin)
-        cellularity = 0.6 + 0.8 * _noise_pts(cx, cy, 220.0, self._s(12))
+        cellularity = 0.7 + 0.6 * _noise_pts(cx, cy, 220.0, self._s(12))
         keep = u[0] < _NUC_P * cellularity
         keep &= in_tissue(cx, cy) & outside_glands(cx, cy)
         atypia = self.label == "atypia"

@@ -23,6 +23,7 @@ def test_demo_end_to_end_tiny(tmp_path, ray_cluster):
         "teacher",
         "baseline",
         "distilled",
+        "distilled-cached",
         "teacher-50pct",
         "baseline-50pct",
         "distilled-50pct",

@@ -116,6 +116,38 @@ def test_gpu_settings_without_a_gpu(tmp_path: Path) -> None:
     assert not isinstance(cpu_env.autocast(), torch.autocast) and not cpu_env.distributed
 
 
+def test_speed_options_run_on_the_cpu() -> None:
+    """bf16 autocast, channels-last and torch.compile (the eager backend: no C++ toolchain
+    needed) on the CPU, so these GPU-minded paths are exercised by every test run."""
+    import dataclasses
+
+    from resdistill.models import ARCHITECTURES
+    from resdistill.train_options import ARCH_CHOICES
+
+    assert set(ARCH_CHOICES) == set(ARCHITECTURES)
+    args = teacher.build_parser().parse_args(
+        ["--data", "d", "--amp", "bf16", "--channels-last", "--compile", "eager"]
+    )
+    env = T.WorkerEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                      **{k: getattr(args, k) for k in ("amp", "channels_last", "compile")})  # fmt: skip
+    assert (env.amp, env.channels_last, env.compile) == ("bf16", True, "eager")
+    ctx = env.autocast()
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+    assert not isinstance(dataclasses.replace(env, amp="off").autocast(), torch.autocast)
+    x = env.input(torch.rand(2, 3, 64, 64))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert env.input(torch.arange(2)).tolist() == [0, 1]  # labels: no layout change
+    model = build_model("resnet-small", 3).to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, backend=env.compile)  # as prepare_model does
+    with env.autocast():
+        logits, features = compiled(x)
+    assert logits.dtype == torch.bfloat16 and features.shape == (2, 256, 2, 2)
+    logits.float().sum().backward()
+    assert model.net.conv1.weight.grad is not None
+    assert T.unwrap(compiled) is model
+    assert not any(k.startswith("_orig_mod") for k in T.unwrap(compiled).state_dict())
+
+
 def test_load_checkpoint_refuses_pickled_code(tmp_path: Path) -> None:
     good = tmp_path / "good"
     good.mkdir()
@@ -249,13 +281,20 @@ def test_uneven_shards_do_not_hang_and_ranks_take_equal_steps(
     # 1 val shard for 2 ranks: split by sample key.
     write_dataset(root, shard_sizes={"train": [3, 17, 6], "val": [10]})
     trace = tmp_path / "trace"
+    # also runs the speed options through DDP: bf16 autocast on CPU, NHWC, torch.compile (eager)
     args = _args(str(root), str(tmp_path / "runs"), "t-uneven", ray_cluster, "--epochs", "1",
-                 "--batch-size", "4", "--loader-workers", "2", "--trace-dir", str(trace))  # fmt: skip
+                 "--batch-size", "4", "--loader-workers", "2", "--trace-dir", str(trace),
+                 "--arch", "resnet-small", "--amp", "bf16", "--channels-last",
+                 "--compile", "eager")  # fmt: skip
     with ThreadPoolExecutor(1) as pool:
         summary = pool.submit(teacher.train, args).result(timeout=300)
     epochs = _jsonl(trace / "epochs.jsonl")
     assert sorted((r["rank"], r["steps"], r["samples"]) for r in epochs) == [(0, 3, 12), (1, 3, 12)]
     assert summary.last_metrics["val_samples"] == 10
+    saved = T.load_checkpoint(summary.latest_checkpoint)
+    build_model("resnet-small", 2).load_state_dict(saved["state_dict"])  # no wrapper prefixes
+    config = T.load_checkpoint(summary.latest_checkpoint, T.TRAINER_FILE)["config"]
+    assert (config["amp"], config["channels_last"], config["compile"]) == ("bf16", True, "eager")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,12 @@ Stages:
   3. teacher   supervised, at the highest magnification
   4. baseline  the student architecture at the low magnification, trained on labels only
   5. distill   the student at the low magnification, taught by the frozen teacher, no labels
-  6. the same three with labels on only --label-fraction of the training slides (the teacher
-     and baseline see those labels; distillation sees every slide, unlabelled)
-  7. evaluate  all of them on the test split: one table, JSON and plots under OUT/eval
+  6. cached   the teacher's outputs stored once (teacher-targets), and the same student
+     distilled from them without running the teacher (--no-cached skips it)
+  7. the teacher, baseline and distilled student again with labels on only --label-fraction of
+     the training slides (the teacher and baseline see those labels; distillation sees every
+     slide, unlabelled)
+  8. evaluate  all of them on the test split: one table, JSON and plots under OUT/eval
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo", help="working folder (default: %(default)s)")
-    p.add_argument("--slides", type=int, default=24, help="synthetic slides (default: %(default)s)")
+    p.add_argument("--slides", type=int, default=32, help="synthetic slides (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of slides, splits and training")
     p.add_argument(
-        "--size-um", default="2000x1600", help="slide size in micrometres (default: %(default)s)"
+        "--size-um", default="1600x1500", help="slide size in micrometres (default: %(default)s)"
     )
     p.add_argument(
         "--teacher-mag", default="10x", help="teacher magnification (default: %(default)s)"
@@ -37,17 +40,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tile-px", type=int, default=128, help="tile edge at the teacher's magnification"
     )
-    p.add_argument("--arch", default="resnet18", help="architecture of teacher and students")
     p.add_argument(
-        "--epochs", type=int, default=10, help="epochs of the teacher (default: %(default)s)"
+        "--arch",
+        default="resnet-small",
+        help="architecture of teacher and students (default: %(default)s, the paper's reference)",
     )
-    p.add_argument("--student-epochs", type=int, default=8, help="epochs of each student")
+    p.add_argument(
+        "--epochs", type=int, default=20, help="epochs of the teacher (default: %(default)s)"
+    )
+    p.add_argument("--student-epochs", type=int, default=20, help="epochs of each student")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--label-fraction",
         type=float,
         default=0.1,
         help="labelled share of training slides in the label-scarce comparison (0 skips it)",
+    )
+    p.add_argument(
+        "--no-cached",
+        dest="cached",
+        action="store_false",
+        help="skip the student distilled from cached teacher targets (issue 6's comparison)",
     )
     p.add_argument("--address", help="Ray cluster address; default starts a local Ray on 127.0.0.1")
 
@@ -71,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     from sharding.synth import LABELS_CSV, write_synthetic_slides
 
     console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:  # a log file: room for the whole results table
+        console.width = 160
     out = Path(args.out).resolve()
     slides_dir, dataset, runs = out / "slides", out / "dataset", out / "runs"
     w, h = (float(v) for v in args.size_um.lower().split("x"))
@@ -137,6 +152,17 @@ def run(args: argparse.Namespace) -> int:
     models["teacher"] = train_teacher("teacher", [])
     models["baseline"] = train_student("baseline", ["--supervised"])
     models["distilled"] = train_student("distilled", ["--teacher", models["teacher"]])
+    if args.cached:
+        from resdistill.teacher_targets import write_targets
+
+        stage("teacher-targets")
+        targets = write_targets(
+            str(dataset), models["teacher"], student_mags=[str(s_mag)], address=args.address
+        )
+        done("teacher-targets")
+        models["distilled-cached"] = train_student(
+            "distilled-cached", ["--teacher", models["teacher"], "--targets", targets.url]
+        )
     if args.label_fraction and args.label_fraction < 1:
         frac = ["--label-fraction", str(args.label_fraction)]
         pct = f"{100 * args.label_fraction:g}pct"
