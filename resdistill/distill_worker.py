@@ -163,7 +163,7 @@ def cached_distill_batch(
     the student's size (so ``DistillLoss``'s resize is the identity). Same loss, no teacher run;
     ``batch.labels`` is never read."""
     x_s, t_logits, t_features = (t.to(device, non_blocking=True) for t in batch.images)
-    x_s = x_s.contiguous(memory_format=memory_format)
+    x_s = x_s.to(memory_format=memory_format)
     with autocast():
         total, parts, s_logits = step(x_s, t_logits, t_features)
     return total, parts, s_logits, t_logits

@@ -82,6 +82,9 @@ _LYM_R = (2.2, 2.7)
 _LYM_H = 2.0
 # Glands (glandular): one candidate per cell of a jittered grid (um).
 _GLAND_CELL = 140.0
+# How far beyond a box glands still shape its nuclei: the widest nucleus reach into the box
+# (2 x the largest atypical semi-axis) plus the 10% exclusion rim of the largest gland.
+_GLAND_MARGIN = 16.0
 # Vacuoles (all classes): one candidate per cell (um).
 _VAC_CELL = 70.0
 # Largest outward reach of the tissue edge noise, in units of an island's semi-axes.
@@ -412,7 +415,10 @@ class SlideScene:
         amount, ``seed`` a per-nucleus integer for its texture.
         """
         groups: list[dict[str, np.ndarray]] = []
-        glands = self.glands(x0, y0, x1, y1)
+        # Glands near the box too: a nucleus drawn into the box may sit just outside it, inside
+        # a gland's exclusion zone (1.1 semi-axes) or on its ring; every tile must see the same.
+        reach = _GLAND_MARGIN
+        glands = self.glands(x0 - reach, y0 - reach, x1 + reach, y1 + reach)
 
         def outside_glands(cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
             ok = np.ones(cx.shape, bool)

@@ -245,7 +245,7 @@ def cue_regions() -> dict[str, np.ndarray]:
     return {label: _region(label, index=2, size_px=1024) for label in CLASSES}
 
 
-def test_atypia_is_strong_at_high_magnification_and_faint_at_low(cue_regions):
+def test_atypia_is_strong_at_high_magnification_and_subtle_at_low(cue_regions):
     benign, atypia = cue_regions["benign"], cue_regions["atypia"]
     inflamed = cue_regions["inflamed"]
     base_ratio = _nuclear_texture(atypia) / _nuclear_texture(benign)
@@ -254,10 +254,10 @@ def test_atypia_is_strong_at_high_magnification_and_faint_at_low(cue_regions):
     low_b, low_a = box_downsample(benign, 8), box_downsample(atypia, 8)
     low_ratio = _texture(low_a) / _texture(low_b)
     assert abs(low_ratio - 1.0) < 0.1, low_ratio
-    # ... and what is left is a faint darkening from enlarged nuclei: a few grey levels, far
-    # less than the inflamed class's (a cue a low-magnification student must learn to see)
+    # ... and what is left is a darkening from enlarged, hyperchromatic nuclei: some grey levels,
+    # well below the inflamed class's (a cue a low-magnification student must learn to see)
     shift = low_b.mean() - low_a.mean()
-    assert 1.0 < shift < 6.0, shift
+    assert 3.0 < shift < 16.0, shift
     assert shift < 0.5 * (benign.mean() - inflamed.mean())
 
 
