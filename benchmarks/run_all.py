@@ -2,6 +2,7 @@
 
     python benchmarks/run_all.py --quick          # ~ a few minutes on 2 cores
     python benchmarks/run_all.py --json out.json  # bigger samples; --only shard,compute,...
+    python benchmarks/run_all.py --quick --markdown perf.md   # the README's table
 
 Rows (``--only`` names in brackets):
 
@@ -402,6 +403,19 @@ def print_table(rows: list[dict[str, Any]], header: str) -> None:
     Console(width=160).print(table)
 
 
+def markdown_table(rows: list[dict[str, Any]], header: str) -> str:
+    """The rows as a Markdown table (what the README's performance section shows)."""
+    lines = [f"*{header}*", "", "| row | baseline | ours | ratio | target | note |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | {r['baseline_value']:,.1f} {r['unit']} ({r['baseline']}) | "
+            f"{r['ours_value']:,.1f} {r['unit']} ({r['ours']}) | {r['ratio']:.2f}x | "
+            f"{r['target']} | {r['note']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -409,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smallest sizes (a few minutes, 2 cores)")
     ap.add_argument("--only", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--markdown", help="also write the table here as Markdown (for the README)")
     ap.add_argument("--work", help="working folder (default: a temporary one)")
     args = ap.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -478,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"rows": rows, "cores": cores, "loadavg": os.getloadavg(), "quick": q,
                "timings_s": timings, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
         Path(args.json).write_text(json.dumps(doc, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(rows, header))
     return 0
 
 

@@ -11,8 +11,9 @@ Stages:
   6. cached   the teacher's outputs stored once (teacher-targets), and the same student
      distilled from them without running the teacher (--no-cached skips it)
   7. the teacher, baseline and distilled student again with labels on only --label-fraction of
-     the training slides (the teacher and baseline see those labels; distillation sees every
-     slide, unlabelled)
+     the training slides (the teacher and baseline see those labels, cycled for as many steps
+     as the full-label runs take; distillation sees every slide, unlabelled, from cached
+     targets of that teacher unless --no-cached)
   8. evaluate  all of them on the test split: one table, JSON and plots under OUT/eval
 """
 
@@ -152,25 +153,40 @@ def run(args: argparse.Namespace) -> int:
     models["teacher"] = train_teacher("teacher", [])
     models["baseline"] = train_student("baseline", ["--supervised"])
     models["distilled"] = train_student("distilled", ["--teacher", models["teacher"]])
-    if args.cached:
+
+    def cached_targets(name: str, teacher_checkpoint: str) -> str:
         from resdistill.teacher_targets import write_targets
 
-        stage("teacher-targets")
-        targets = write_targets(
-            str(dataset), models["teacher"], student_mags=[str(s_mag)], address=args.address
+        stage(name)
+        index = write_targets(
+            str(dataset), teacher_checkpoint, student_mags=[str(s_mag)], address=args.address
         )
-        done("teacher-targets")
+        done(name)
+        return index.url
+
+    if args.cached:
+        targets = cached_targets("teacher-targets", models["teacher"])
         models["distilled-cached"] = train_student(
-            "distilled-cached", ["--teacher", models["teacher"], "--targets", targets.url]
+            "distilled-cached", ["--teacher", models["teacher"], "--targets", targets]
         )
     if args.label_fraction and args.label_fraction < 1:
+        import pyarrow.parquet as pq
+
         frac = ["--label-fraction", str(args.label_fraction)]
         pct = f"{100 * args.label_fraction:g}pct"
-        models[f"teacher-{pct}"] = train_teacher(f"teacher-{pct}", frac)
-        models[f"baseline-{pct}"] = train_student(f"baseline-{pct}", ["--supervised", *frac])
-        models[f"distilled-{pct}"] = train_student(
-            f"distilled-{pct}", ["--teacher", models[f"teacher-{pct}"]]
+        # As many optimizer steps as the full-label runs (the labelled subset is cycled), so
+        # neither the teacher nor the baseline is short of training for having fewer labels.
+        splits = pq.read_table(dataset / "manifest.parquet", columns=["split"]).column("split")
+        n_train = splits.to_pylist().count("train")
+        steps = ["--steps-per-epoch", str(max(1, n_train // args.batch_size))]
+        teacher_pct = models[f"teacher-{pct}"] = train_teacher(f"teacher-{pct}", [*frac, *steps])
+        models[f"baseline-{pct}"] = train_student(
+            f"baseline-{pct}", ["--supervised", *frac, *steps]
         )
+        student = ["--teacher", teacher_pct]
+        if args.cached:  # the fast path: this student is distilled from cached targets
+            student += ["--targets", cached_targets(f"teacher-targets-{pct}", teacher_pct)]
+        models[f"distilled-{pct}"] = train_student(f"distilled-{pct}", student)
 
     from resdistill.evaluate import evaluate_models, format_table
 
