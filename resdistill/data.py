@@ -537,6 +537,18 @@ class TileStream(IterableDataset):
                 finally:
                     stream.close()
 
+    def _usable(self, sample: Mapping[str, Any]) -> bool:
+        """Whether a raw sample may be yielded, judged before any image is decoded: with
+        ``labelled_only``, only a labelled sample of a labelled slide (a label-scarce run would
+        otherwise decode, augment and drop the unlabelled majority of every shard)."""
+        if not self.labelled_only:
+            return True
+        slide = sample["__key__"].rsplit("_", 2)[0]  # keys are <slide>_<x>_<y>
+        if self.labelled_slides is not None and slide not in self.labelled_slides:
+            return False
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        return meta.get("label") is not None
+
     def _decode(self, sample: Mapping[str, Any]) -> tuple[tuple[torch.Tensor, ...], int, str]:
         key = sample["__key__"]
         meta = json.loads(sample["json"]) if "json" in sample else {}
@@ -587,7 +599,8 @@ class TileStream(IterableDataset):
         # at most one pass of this worker's samples: a bigger buffer would only delay the first
         # batch and repeat samples within a pass
         size = min(self.shuffle_buffer, sum(t.samples for t in mine))
-        samples = _shuffle_buffer(self._raw_samples(mine, rng), size, rng)
+        raw = (s for s in self._raw_samples(mine, rng) if self._usable(s))
+        samples = _shuffle_buffer(raw, size, rng)
         for sample in samples:
             decoded = self._decode(sample)
             if self.labelled_slides is not None and decoded[1] >= 0:

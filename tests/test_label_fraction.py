@@ -59,3 +59,31 @@ def test_loader_hides_labels_of_other_slides(many_slides):
             seen[(key.rsplit("_", 2)[0] in chosen, label >= 0)] += 1
     assert seen[(True, True)] > 0 and seen[(False, False)] > 0
     assert seen[(True, False)] == 0 and seen[(False, True)] == 0
+
+
+def test_label_scarce_stream_decodes_only_what_it_yields(many_slides, monkeypatch):
+    """Unlabelled samples are dropped before their images are decoded (a 10% run would
+    otherwise decode and augment ten samples for each one it trains on)."""
+    import resdistill.data as D
+
+    manifest = read_manifest(str(many_slides))
+    chosen = select_labelled_slides(manifest, ["train"], 0.1, seed=1)
+    decoded = Counter()
+    real = D.decode_image
+
+    def counting(data):
+        decoded["images"] += 1
+        return real(data)
+
+    monkeypatch.setattr(D, "decode_image", counting)
+    loader = make_loader(DatasetInfo.load(str(many_slides)), ["train"], ["10x"], batch_size=4,
+                         train=True, steps=3, num_workers=0, shuffle_buffer=8, manifest=manifest,
+                         labelled_only=True, labelled_slides=chosen)  # fmt: skip
+    yielded = 0
+    for batch in loader.epoch():
+        assert all(k.rsplit("_", 2)[0] in chosen for k in batch.keys)
+        assert (batch.labels >= 0).all()
+        yielded += len(batch.keys)
+    assert yielded == 12
+    # the shuffle buffer reads ahead by at most its size; nothing unlabelled is ever decoded
+    assert yielded <= decoded["images"] <= yielded + 8, decoded
