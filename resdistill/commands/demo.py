@@ -170,13 +170,13 @@ def run(args: argparse.Namespace) -> int:
             "distilled-cached", ["--teacher", models["teacher"], "--targets", targets]
         )
     if args.label_fraction and args.label_fraction < 1:
-        import pyarrow.parquet as pq
+        from resdistill.data import read_manifest
 
         frac = ["--label-fraction", str(args.label_fraction)]
         pct = f"{100 * args.label_fraction:g}pct"
         # As many optimizer steps as the full-label runs (the labelled subset is cycled), so
         # neither the teacher nor the baseline is short of training for having fewer labels.
-        splits = pq.read_table(dataset / "manifest.parquet", columns=["split"]).column("split")
+        splits = read_manifest(str(dataset), columns=["split"]).column("split")
         n_train = splits.to_pylist().count("train")
         steps = ["--steps-per-epoch", str(max(1, n_train // args.batch_size))]
         teacher_pct = models[f"teacher-{pct}"] = train_teacher(f"teacher-{pct}", [*frac, *steps])
