@@ -218,7 +218,6 @@ def train_worker(config: dict[str, Any]) -> None:
             distill_loss.load_state_dict(restored.trainer["loss"])
         teacher_val = dict(restored.trainer.get("teacher_val") or {})
         state = restored.state
-        state.resumes += 1
         if env.is_main:
             log(f"resuming after epoch {state.epoch} from {restored.path}")
     tracer.start(state.epoch)

@@ -306,7 +306,6 @@ def train_worker(config: dict[str, Any]) -> None:
     if restored is not None:
         model.load_state_dict(restored.model["state_dict"])
         state = restored.state
-        state.resumes += 1
         if env.is_main:
             log(f"resuming after epoch {state.epoch} from {restored.path}")
             if state.epoch >= config["epochs"]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -416,12 +417,23 @@ class WorkerEnv:
         return self.world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
+def _quiet_train_reports() -> None:
+    """Ray Train V2 logs every ``report`` at INFO with its whole metrics dict ("Reporting training
+    result N: ..."), which the driver prints beside our one-line epoch summary; keep its
+    warnings only. (The logger is named after its module's file.)"""
+    with contextlib.suppress(Exception):  # a private module: a Ray upgrade may move it
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def worker_env(config: Mapping[str, Any] | None = None) -> WorkerEnv:
     """The :class:`WorkerEnv` of the calling Ray Train worker (CPU unless it holds a GPU), with
     ``amp``, ``channels_last`` and ``compile`` from the worker ``config`` when given."""
     import ray.train
     import ray.train.torch
 
+    _quiet_train_reports()
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     if isinstance(device, list):
@@ -639,7 +651,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class TrainState:
     """Progress saved in every checkpoint; plain values only (``weights_only``-loadable).
 
-    ``epoch``: epochs completed (the next epoch to run, 0-based); ``step``: optimizer steps taken.
+    ``epoch``: epochs completed (the next epoch to run, 0-based); ``step``: optimizer steps taken;
+    ``resumes``: restores so far; ``restored_from``: the checkpoint URL of each restore, oldest
+    first (a run's own checkpoint after a worker restart or rerun, another run's when a Tune
+    trial starts from a copied checkpoint): the state's lineage.
     """
 
     epoch: int = 0
@@ -648,6 +663,7 @@ class TrainState:
     best_metric: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     resumes: int = 0
+    restored_from: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -699,6 +715,9 @@ def set_start_checkpoint(url: str | None) -> None:
 def restore() -> Restored | None:
     """Load the run's latest checkpoint (``ray.train.get_checkpoint()``) or None for a fresh run.
 
+    The returned state counts the restore: ``resumes`` + 1 and the checkpoint's URL appended to
+    ``restored_from``.
+
     Ray Train V2 hands the latest reported checkpoint to the training function after a worker
     group restart (FailureConfig) and when a new trainer starts with the same ``RunConfig(name,
     storage_path)`` (it reloads the run's checkpoint-manager snapshot from storage). When the run
@@ -712,13 +731,16 @@ def restore() -> Restored | None:
             return None
         model = load_checkpoint(_START_CHECKPOINT, MODEL_FILE)
         trainer = load_checkpoint(_START_CHECKPOINT, TRAINER_FILE)
-        return Restored(model, trainer, TrainState.from_dict(trainer["state"]), _START_CHECKPOINT)
-    with ckpt.as_directory() as d:
-        model = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
-        trainer = torch.load(Path(d) / TRAINER_FILE, map_location="cpu", weights_only=True)
-    return Restored(
-        model, trainer, TrainState.from_dict(trainer["state"]), checkpoint_url(ckpt) or ""
-    )
+        path = _START_CHECKPOINT
+    else:
+        with ckpt.as_directory() as d:
+            model = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
+            trainer = torch.load(Path(d) / TRAINER_FILE, map_location="cpu", weights_only=True)
+        path = checkpoint_url(ckpt) or ""
+    state = TrainState.from_dict(trainer["state"])
+    state.resumes += 1
+    state.restored_from = [*state.restored_from, path]
+    return Restored(model, trainer, state, path)
 
 
 def report_epoch(

@@ -25,6 +25,9 @@ Schedulers (``--scheduler``):
   checkpoint: the donor's weights, optimizer state, epoch and step. ``weight_decay``,
   ``batch_size``, ``optimizer`` and the magnification are not mutated (the restored optimizer
   state carries the donor's weight decay; the others change what a checkpoint means).
+  ``--pbt-synch`` waits until every live trial has reached the interval before ranking them
+  (each trial then restarts once per interval); asynchronous PBT ranks whatever trials have
+  reported, so a trial that runs ahead may finish before a slow one is ever compared with it.
 * ``fifo`` - every trial runs to ``--epochs``.
 
 Each trial is a Tune function trainable that runs one Ray Train V2 ``TorchTrainer`` (see
@@ -48,6 +51,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -308,6 +312,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--pbt-quantile", type=float, default=0.25, help="pbt: bottom/top share exploited/copied"
     )
+    g.add_argument(
+        "--pbt-synch",
+        action="store_true",
+        help="pbt: rank and exploit only when every trial has reached the interval",
+    )
     g.add_argument("--trial-cpus", type=float, default=1.0, help="CPUs of each trial's own actor")
     g.add_argument(
         "--max-concurrent",
@@ -458,6 +467,7 @@ def make_scheduler(args: argparse.Namespace, space: Mapping[str, Domain]) -> Any
             perturbation_interval=args.perturbation_interval,
             hyperparam_mutations=mutations,
             quantile_fraction=args.pbt_quantile,
+            synch=args.pbt_synch,
         )
     return FIFOScheduler()
 
@@ -623,6 +633,21 @@ def _num(value: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
+_TRIAL_DIR = re.compile(r"_([0-9a-f]{5}_\d{5})_\d+_")
+
+
+def trial_id_of(path: str) -> str:
+    """The Tune trial id in a trial folder's name (``<trainable>_<id>_<index>_<tag>_<date>``,
+    e.g. ``trial_function_96532_00001_1_lr=...`` -> ``96532_00001``), else the folder name.
+
+    Not ``result.metrics["trial_id"]``: after a PBT exploit that leaves nothing to train, Tune
+    repeats the donor's last result (with the donor's id) as the trial's final one.
+    """
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    match = _TRIAL_DIR.search(name)
+    return match.group(1) if match else name
+
+
 def summarize(grid: Any, args: argparse.Namespace, name: str, space: Mapping[str, Domain],
               *, resumed: bool, elapsed_s: float) -> TuneSummary:  # fmt: skip
     """Rows per trial (best by ``--metric`` over every reported epoch) and the best trial's best
@@ -635,7 +660,7 @@ def summarize(grid: Any, args: argparse.Namespace, name: str, space: Mapping[str
     best_key: float | None = None
     for result in grid:
         metrics = result.metrics or {}
-        trial = str(metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1])
+        trial = trial_id_of(result.path)
         df = result.metrics_dataframe
         best_val = best_epoch = None
         if df is not None and args.metric in df and len(df):

@@ -220,6 +220,7 @@ def test_two_workers_on_s3_learn_checkpoint_and_resume(
     assert sorted(s["start_epoch"] for s in starts) == [0, 0, 2, 2]
     state = T.load_checkpoint(second.latest_checkpoint, T.TRAINER_FILE)["state"]
     assert state["resumes"] == 1 and state["step"] == 12
+    assert [Path(u).name for u in state["restored_from"]] == ["checkpoint_epoch0002"]
     losses = [h["train_loss"] for h in state["history"]]
     assert len(losses) == 3
     assert losses[-1] < losses[0]  # the loss falls

@@ -40,14 +40,19 @@ def _results(trial_dir: Path) -> list[dict[str, Any]]:
 
 
 def _trial_dirs(exp: Path) -> dict[str, Path]:
-    """trial id -> trial folder (the id is the last part of ``result.json``'s ``trial_id``)."""
-    out = {}
-    for d in exp.iterdir():
-        if d.is_dir() and (d / "params.json").exists():
-            rows = _results(d)
-            tid = rows[0]["trial_id"] if rows else d.name
-            out[tid] = d
-    return out
+    """trial id -> trial folder."""
+    return {
+        tune.trial_id_of(str(d)): d
+        for d in exp.iterdir()
+        if d.is_dir() and (d / "params.json").exists()
+    }
+
+
+def test_trial_id_from_the_trial_folder() -> None:
+    name = "trial_function_96532_00001_1_lr=0.0000,temperature=2_2026-11-25_15-05-01"
+    assert tune.trial_id_of(f"/runs/pbt/{name}") == "96532_00001"
+    assert tune.trial_id_of(f"s3://bucket/runs/pbt/{name}/") == "96532_00001"
+    assert tune.trial_id_of("/runs/pbt/not-a-trial") == "not-a-trial"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,49 +191,47 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(
     trained_teacher: str,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
 ) -> None:
-    """Two trials side by side, ranked by their (constant) learning rate so the ranking is
-    deterministic (a 3-step train loss is noise): the tiny-lr trial is in the bottom half at its
-    first perturbation (epoch 1 or 2), copies the other's checkpoint and carries on from the
-    donor's epoch, step and training history."""
+    """Two trials in synchronous PBT, ranked by their (constant) learning rate so the ranking is
+    deterministic (a 3-step train loss is noise): at epoch 2 the tiny-lr trial is the bottom half,
+    copies the other's checkpoint and carries on from the donor's epoch, step and history."""
     runs = tmp_path / "runs"
     argv = _argv(str(tiny_dataset), trained_teacher, runs, "pbt",
                  "--address", ray_cluster, "--scheduler", "pbt", "--epochs", "4",
-                 "--perturbation-interval", "1", "--pbt-quantile", "0.5", "--max-concurrent", "2",
-                 "--metric", "lr", "--mode", "max", "--num-samples", "1", "--tune-seed", "0",
-                 "--keep-trial-checkpoints", "8",
+                 "--perturbation-interval", "2", "--pbt-quantile", "0.5", "--pbt-synch",
+                 "--max-concurrent", "2", "--metric", "lr", "--mode", "max", "--num-samples", "1",
+                 "--tune-seed", "0", "--keep-trial-checkpoints", "8",
                  "--space", f"lr=grid:{GOOD},{WEAK}", "--space", "temperature=choice:1,2,4")  # fmt: skip
     summary = tune.tune_run(tune.build_parser().parse_args(argv))
     assert len(summary.trials) == 2 and all(r.epochs == 4 for r in summary.trials)
+    # the table names each trial once, by its own id (not the donor's it ended as a copy of)
+    assert len({r.trial for r in summary.trials}) == 2
     exp = runs / "pbt"
-    # PBT's own log (pbt_global.txt) stays in Ray's local session folder; the trials' results
-    # name the checkpoint each (re)start began from, which is what an exploit changes.
-    # Every (re)start of a trial is its own Train run; group each trial's rows by run.
-    resumed = []  # (trial id, first row of a restarted run, last row of that run)
-    for tid, folder in _trial_dirs(exp).items():
-        by_run: dict[str, list[dict[str, Any]]] = {}
-        for row in _results(folder):
-            by_run.setdefault(row["train_run"], []).append(row)
-        resumed += [(tid, rows[0], rows[-1]) for rows in by_run.values() if rows[0]["resumed_from"]]
-    assert resumed, "no trial restarted from a copied checkpoint"
-    for _tid, first, last in resumed:
-        donor_state = T.load_checkpoint(first["resumed_from"], T.TRAINER_FILE)["state"]
-        # the first epoch after the restart is the one after the copied checkpoint's
-        assert first["epoch"] == donor_state["epoch"] + 1
-        assert first["step"] == donor_state["step"] + 3
-        # the restarted Train run's newest checkpoint carries the donor's history for the epochs
-        # before it: weights, optimizer and state came along. (Train keeps only its latest and
-        # best checkpoints, and a run may have checkpointed past the last epoch Tune saw before
-        # the trial was paused, so read what the run folder holds.)
-        kept = sorted((exp / "_train" / first["train_run"]).glob("checkpoint_epoch*"))
-        assert kept and kept[-1].name >= f"checkpoint_epoch{last['epoch']:04d}", kept
+    # Every (re)start of a trial is its own Train run, ``_train/<trial id>-<suffix>``; the state in
+    # its checkpoints lists the checkpoints it was restored from. (Tune's result.json is no
+    # record: a restarted trial's file is replaced by the last copy synced to storage.)
+    exploits = []  # (run folder, the run's newest state, the copied checkpoint it started from)
+    for run in sorted((exp / "_train").iterdir()):
+        kept = sorted(run.glob("checkpoint_epoch*"))
+        if not kept:  # a restart that had no epochs left to train
+            continue
         own = T.load_checkpoint(str(kept[-1]), T.TRAINER_FILE)["state"]
-        assert own["history"][: donor_state["epoch"]] == donor_state["history"]
-        assert own["resumes"] == donor_state["resumes"] + 1
-    # at least one restart copied ANOTHER trial's checkpoint (an exploit, not its own restore)
-    dirs = _trial_dirs(exp)
-    assert any(
-        not first["resumed_from"].startswith(str(dirs[tid]) + os.sep) for tid, first, _ in resumed
-    )
+        if not own["restored_from"]:
+            continue
+        start = own["restored_from"][-1]
+        donor_trial = tune.trial_id_of(str(Path(start).parent))
+        if not start.startswith(str(run) + os.sep) and donor_trial != run.name.split("-")[0]:
+            exploits.append((run, own, start))
+    assert exploits, "no trial restarted from another trial's checkpoint"
+    for _run, own, start in exploits:
+        donor = T.load_checkpoint(start, T.TRAINER_FILE)["state"]
+        assert donor["epoch"] == 2 and own["epoch"] == 4
+        # the restarted run went on from the donor's epoch and step (3 steps an epoch) ...
+        assert own["step"] == donor["step"] + 3 * (own["epoch"] - donor["epoch"])
+        # ... and carries the donor's history, restore count and lineage
+        assert own["history"][: donor["epoch"]] == donor["history"]
+        assert len(own["history"]) == own["epoch"]
+        assert own["resumes"] == donor["resumes"] + 1
+        assert own["restored_from"] == [*donor["restored_from"], start]
 
 
 @pytest.mark.slow
