@@ -209,12 +209,15 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(
     # Every (re)start of a trial is its own Train run, ``_train/<trial id>-<suffix>``; the state in
     # its checkpoints lists the checkpoints it was restored from. (Tune's result.json is no
     # record: a restarted trial's file is replaced by the last copy synced to storage.)
+    # Only checkpoints Train registered count: a run stopped while it persisted one leaves a
+    # partial folder behind, which its snapshot never names.
     exploits = []  # (run folder, the run's newest state, the copied checkpoint it started from)
     for run in sorted((exp / "_train").iterdir()):
-        kept = sorted(run.glob("checkpoint_epoch*"))
-        if not kept:  # a restart that had no epochs left to train
+        snapshot = run / "checkpoint_manager_snapshot.json"
+        if not snapshot.exists():  # a restart that had no epochs left to train
             continue
-        own = T.load_checkpoint(str(kept[-1]), T.TRAINER_FILE)["state"]
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+        own = T.load_checkpoint(str(run / latest), T.TRAINER_FILE)["state"]
         if not own["restored_from"]:
             continue
         start = own["restored_from"][-1]
