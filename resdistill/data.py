@@ -37,7 +37,7 @@ import json
 import math
 import random
 import zlib
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -537,32 +537,28 @@ class TileStream(IterableDataset):
                 finally:
                     stream.close()
 
-    def _usable(self, sample: Mapping[str, Any]) -> bool:
-        """Whether a raw sample may be yielded, judged before any image is decoded: with
-        ``labelled_only``, only a labelled sample of a labelled slide (a label-scarce run would
-        otherwise decode, augment and drop the unlabelled majority of every shard)."""
-        if not self.labelled_only:
-            return True
-        slide = sample["__key__"].rsplit("_", 2)[0]  # keys are <slide>_<x>_<y>
-        if self.labelled_slides is not None and slide not in self.labelled_slides:
-            return False
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        return meta.get("label") is not None
-
-    def _decode(self, sample: Mapping[str, Any]) -> tuple[tuple[torch.Tensor, ...], int, str]:
+    def _label(self, sample: Mapping[str, Any]) -> int:
+        """A raw sample's class index, read before any image is decoded: -1 when the sample is
+        unlabelled or its slide is not among ``labelled_slides`` (its label is hidden)."""
         key = sample["__key__"]
         meta = json.loads(sample["json"]) if "json" in sample else {}
         label_name = meta.get("label")
         if label_name is None:
-            label = -1
-        else:
-            try:
-                label = self._class_index[label_name]
-            except KeyError:
-                raise ValueError(
-                    f"sample {key}: label {label_name!r} is not among the dataset's classes "
-                    f"{list(self.info.classes)}"
-                ) from None
+            return -1
+        if label_name not in self._class_index:
+            raise ValueError(
+                f"sample {key}: label {label_name!r} is not among the dataset's classes "
+                f"{list(self.info.classes)}"
+            )
+        slide = key.rsplit("_", 2)[0]  # keys are <slide>_<x>_<y>
+        if self.labelled_slides is not None and slide not in self.labelled_slides:
+            return -1
+        return self._class_index[label_name]
+
+    def _decode(self, sample: Mapping[str, Any]) -> tuple[tuple[torch.Tensor, ...], int, str]:
+        """``(images, label, key)`` of a raw sample whose ``__label__`` :meth:`__iter__` set."""
+        key = sample["__key__"]
+        label = sample["__label__"]
         images = []
         for mag, member in zip(self.mags, self._members, strict=True):
             if member not in sample:
@@ -599,17 +595,17 @@ class TileStream(IterableDataset):
         # at most one pass of this worker's samples: a bigger buffer would only delay the first
         # batch and repeat samples within a pass
         size = min(self.shuffle_buffer, sum(t.samples for t in mine))
-        raw = (s for s in self._raw_samples(mine, rng) if self._usable(s))
-        samples = _shuffle_buffer(raw, size, rng)
+        # labels are read (and, with labelled_only, unlabelled samples dropped) before decoding:
+        # a label-scarce run would otherwise decode and augment the unlabelled majority
+        raw = self._labelled(self._raw_samples(mine, rng))
+        for sample in _shuffle_buffer(raw, size, rng):
+            yield self._decode(sample)
+
+    def _labelled(self, samples: Iterable[dict]) -> Iterator[dict]:
         for sample in samples:
-            decoded = self._decode(sample)
-            if self.labelled_slides is not None and decoded[1] >= 0:
-                slide = decoded[2].rsplit("_", 2)[0]  # keys are <slide>_<x>_<y>
-                if slide not in self.labelled_slides:
-                    decoded = (decoded[0], -1, *decoded[2:])
-            if self.labelled_only and decoded[1] < 0:
-                continue
-            yield decoded
+            sample["__label__"] = label = self._label(sample)
+            if label >= 0 or not self.labelled_only:
+                yield sample
 
 
 # --------------------------------------------------------------------------------------------------
