@@ -126,24 +126,27 @@ def build_loss(
     )
 
 
+def _as_is(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def distill_batch(
     step: nn.Module,
     teacher: nn.Module,
     batch: Any,
     *,
-    device: torch.device | str = "cpu",
+    move: Callable[[torch.Tensor], torch.Tensor] = _as_is,
     autocast: Callable[[], Any] = contextlib.nullcontext,
-    memory_format: torch.memory_format = torch.preserve_format,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """The distillation loss of one batch: ``(total, parts, student_logits, teacher_logits)``.
 
     Reads ``batch.images[0]`` (student magnification) and ``batch.images[1]`` (teacher
     magnification) and nothing else: ``batch.labels`` is never touched, so neither a label nor
     its absence (-1) can change the loss or its gradients. ``step`` is a (possibly DDP-wrapped)
-    :class:`DistillStep`, ``teacher`` a :class:`FrozenTeacher`.
+    :class:`DistillStep`, ``teacher`` a :class:`FrozenTeacher`. ``move`` puts each input where the
+    models are (a worker passes :meth:`resdistill.train_loop.WorkerEnv.input`).
     """
-    x_s = batch.images[0].to(device, non_blocking=True, memory_format=memory_format)
-    x_t = batch.images[1].to(device, non_blocking=True, memory_format=memory_format)
+    x_s, x_t = move(batch.images[0]), move(batch.images[1])
     with autocast():
         t_logits, t_features = teacher(x_t)
         total, parts, s_logits = step(x_s, t_logits, t_features)
@@ -154,16 +157,14 @@ def cached_distill_batch(
     step: nn.Module,
     batch: Any,
     *,
-    device: torch.device | str = "cpu",
+    move: Callable[[torch.Tensor], torch.Tensor] = _as_is,
     autocast: Callable[[], Any] = contextlib.nullcontext,
-    memory_format: torch.memory_format = torch.preserve_format,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """:func:`distill_batch` from cached teacher targets: ``batch.images`` is ``(x_s, t_logits,
     t_features)`` (:mod:`resdistill.cached_targets`), the teacher's feature map already pooled to
     the student's size (so ``DistillLoss``'s resize is the identity). Same loss, no teacher run;
     ``batch.labels`` is never read."""
-    x_s, t_logits, t_features = (t.to(device, non_blocking=True) for t in batch.images)
-    x_s = x_s.to(memory_format=memory_format)
+    x_s, t_logits, t_features = (move(t) for t in batch.images)
     with autocast():
         total, parts, s_logits = step(x_s, t_logits, t_features)
     return total, parts, s_logits, t_logits
@@ -311,8 +312,6 @@ def train_worker(config: dict[str, Any]) -> None:
             warmup_steps=warmup,
         )
 
-    fmt = torch.channels_last if env.channels_last else torch.preserve_format
-
     def train_epoch(epoch: int) -> T.EpochResult:
         model.train()
         sums = {k: torch.zeros((), device=env.device) for k in keys}
@@ -330,13 +329,12 @@ def train_worker(config: dict[str, Any]) -> None:
             else:
                 if cached:
                     loss, parts, logits, t_logits = cached_distill_batch(
-                        model, batch, device=env.device, autocast=env.autocast, memory_format=fmt
+                        model, batch, move=env.input, autocast=env.autocast
                     )
                 else:
                     loss, parts, logits, t_logits = distill_batch(
-                        model, teacher, batch, device=env.device, autocast=env.autocast,
-                        memory_format=fmt,
-                    )  # fmt: skip
+                        model, teacher, batch, move=env.input, autocast=env.autocast
+                    )
                 sums["train_kd"] += parts["kd"] * b
                 sums["train_feature"] += parts["feature"] * b
                 sums["train_agreement"] += (logits.detach().argmax(1) == t_logits.argmax(1)).sum()
