@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import sys
 import tempfile
@@ -128,7 +127,7 @@ def bench_shard_rows(slides: Path, work: Path) -> list[dict[str, Any]]:
     from sharding.extract import SlideJob, encode, plan_slide
     from sharding.options import ShardOptions
     from sharding.pipeline import run_shard
-    from sharding.slide import best_level, open_slide, slide_info
+    from sharding.slide import open_slide, read_level, slide_info
 
     files = sorted(p for p in slides.iterdir() if p.suffix in (".svs", ".tiff"))
     work.mkdir(parents=True, exist_ok=True)
@@ -154,9 +153,7 @@ def bench_shard_rows(slides: Path, work: Path) -> list[dict[str, Any]]:
         plan = plan_slide(SlideJob(str(path), path.stem, "train", None, None), opts)
         slide = open_slide(str(path))
         info = slide_info(slide, str(path), plan.base_mpp)
-        top_px = opts.sizes[opts.mags[0].name]
-        level = best_level(info.level_downsamples, plan.size0 / top_px)
-        read_px = max(top_px, math.ceil(plan.size0 / info.level_downsamples[level] - 1e-6))
+        level, read_px = read_level(info, plan.size0, opts.sizes[opts.mags[0].name])
         tiles = []
         for x, y in zip(plan.xs.tolist(), plan.ys.tolist(), strict=True):
             t0 = time.perf_counter()

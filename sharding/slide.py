@@ -171,15 +171,20 @@ def downsample(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
+def read_level(info: SlideInfo, size0: int, out_px: int) -> tuple[int, int]:
+    """``(level, read_px)``: the best level at or above the requested scale (``size0 / out_px``
+    level-0 pixels per output pixel) and the square it holds the region in, never under
+    ``out_px``: ``read_px = max(out_px, ceil(size0 / downsample[level]))``."""
+    level = best_level(info.level_downsamples, size0 / out_px)
+    ds = info.level_downsamples[level]
+    return level, max(out_px, int(math.ceil(size0 / ds - 1e-6)))
+
+
 def read_region_at(slide, info: SlideInfo, x: int, y: int, size0: int, out_px: int) -> Image.Image:
     """The level-0 square ``(x, y, size0)`` as an ``out_px`` RGB image.
 
-    Reads the best level at or above the requested scale (``size0 / out_px`` level-0 pixels per
-    output pixel), then reduces it with :func:`downsample`.
+    Reads the region at :func:`read_level`, then reduces it with :func:`downsample`.
     """
-    wanted = size0 / out_px
-    level = best_level(info.level_downsamples, wanted)
-    ds = info.level_downsamples[level]
-    read_px = max(out_px, int(math.ceil(size0 / ds - 1e-6)))
+    level, read_px = read_level(info, size0, out_px)
     region = slide.read_region((int(x), int(y)), level, (read_px, read_px))
     return downsample(Image.fromarray(to_rgb(region)), out_px)
