@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=4.0,
         help="KD temperature of the distilled students (default: %(default)s; the paper's 1 left "
-        "the student 3 points under the 10%%-label baseline, where the teacher, fit to few "
+        "the student 2 points under the 10%%-label baseline, where the teacher, fit to few "
         "slides, is nearly one-hot)",
     )
     p.add_argument(
