@@ -42,10 +42,11 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from resdistill.checkpoint import CheckpointError, LoadedModel, load_model, resolve_spec
 
 __all__ = [
     "CheckpointError",
@@ -72,239 +73,14 @@ ACC_FLOPS_PNG = "accuracy_vs_flops.png"
 #: ROC points per curve kept in ``evaluation.json`` (the plots use every point).
 ROC_JSON_POINTS = 1000
 #: Keys a checkpoint's ``model.pt`` must hold besides the weights.
-REQUIRED_META = ("arch", "classes", "mag")
 
 
 class EvaluationError(ValueError):
     """Input that cannot be evaluated; the message is one line naming the input and the fix."""
 
 
-class CheckpointError(EvaluationError):
-    """A checkpoint that is missing or is not a resdistill model checkpoint."""
-
-
 class MismatchError(EvaluationError):
     """A model and a dataset (or slide) that do not fit together: magnification, classes, size."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading a model
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedModel:
-    """A model in eval mode on the CPU with the metadata of its checkpoint.
-
-    ``meta`` is ``model.pt`` without ``state_dict``: the teacher writes ``format``, ``stage``,
-    ``arch``, ``num_classes``, ``classes``, ``mag`` (a magnification name such as ``10x``),
-    ``tile_px``, ``normalization`` (``{"mean": [r, g, b], "std": [r, g, b]}`` of [0, 1] pixels)
-    and ``dataset``; students write the same keys.
-    """
-
-    model: Any  # torch.nn.Module returning (logits, features)
-    meta: dict[str, Any]
-    url: str  # the checkpoint folder
-    name: str
-    config: dict[str, Any] | None = None  # from a tune result JSON, when one was given
-
-    @property
-    def mag(self) -> str:
-        from sharding.magnification import Magnification
-
-        return Magnification.parse(str(self.meta["mag"])).name
-
-    @property
-    def classes(self) -> list[str]:
-        return [str(c) for c in self.meta["classes"]]
-
-    @property
-    def tile_px(self) -> int | None:
-        px = self.meta.get("tile_px")
-        return int(px) if px else None
-
-    @property
-    def stage(self) -> str | None:
-        stage = self.meta.get("stage")
-        return str(stage) if stage else None
-
-    def mean_std(self) -> tuple[list[float], list[float]] | None:
-        """The normalization the model was trained with, or None when the checkpoint lacks it."""
-        norm = self.meta.get("normalization") or {}
-        if not norm.get("mean") or not norm.get("std"):
-            return None
-        return [float(v) for v in norm["mean"]], [max(float(v), 1e-3) for v in norm["std"]]
-
-
-def _parent_and_name(url: str) -> tuple[str, str]:
-    from sharding.storage import is_remote
-
-    if is_remote(url):
-        head, _, name = url.rstrip("/").rpartition("/")
-        return head, name
-    p = Path(url)
-    return str(p.parent), p.name
-
-
-def read_url(url: str) -> bytes:
-    """The bytes of one file given as a local path or ``s3://bucket/key`` (FileNotFoundError)."""
-    from sharding.storage import is_remote, open_storage
-
-    if not is_remote(url):
-        return Path(url).read_bytes()
-    parent, name = _parent_and_name(url)
-    return open_storage(parent).read_bytes(name)
-
-
-def resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, str, dict[str, Any] | None]:
-    """``(checkpoint folder URL, weights file name, tune config or None)`` for a model argument.
-
-    Accepted: a checkpoint folder (``.../checkpoint_epochNNNN``, local or ``s3://``; weights in
-    its ``model.pt``), a weights file itself (``.../model.pt`` or any ``*.pt``), a tune result
-    JSON ``{"checkpoint": url, "config": {...}}``, or a run summary JSON (``--summary-json``: its
-    ``best_checkpoint``, else ``latest_checkpoint``). A relative local checkpoint path inside a
-    JSON is taken relative to the JSON's folder when it exists there.
-    """
-    from resdistill.train_loop import MODEL_FILE
-    from sharding.storage import is_remote
-
-    text = os.fspath(spec)
-    if text.endswith(".json"):
-        try:
-            doc = json.loads(read_url(text))
-        except (FileNotFoundError, IsADirectoryError):
-            raise CheckpointError(
-                f"{text}: no such file: pass a checkpoint folder or a tune result JSON"
-            ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{text}: not valid JSON ({exc})") from None
-        if not isinstance(doc, dict):
-            raise CheckpointError(f"{text}: expected a JSON object with a 'checkpoint' field")
-        url = doc.get("checkpoint") or doc.get("best_checkpoint") or doc.get("latest_checkpoint")
-        if not url or not isinstance(url, str):
-            raise CheckpointError(
-                f"{text}: names no checkpoint: expected {{'checkpoint': url, 'config': {{...}}}} "
-                "(a tune result) or a run summary with 'best_checkpoint'"
-            )
-        config = doc.get("config") if isinstance(doc.get("config"), dict) else None
-        if not is_remote(url) and not Path(url).is_absolute() and not is_remote(text):
-            beside = Path(text).parent / url
-            if beside.exists():
-                url = str(beside)
-        if url.endswith(".json"):
-            raise CheckpointError(f"{text}: its checkpoint {url} is another JSON, not a checkpoint")
-        folder, file, _ = resolve_spec(url)
-        return folder, file, config
-    stripped = text.rstrip("/")
-    if stripped.endswith(".pt") or (not is_remote(text) and Path(text).is_file()):
-        parent, name = _parent_and_name(stripped)
-        return parent or ".", name, None
-    return text, MODEL_FILE, None
-
-
-def _missing_checkpoint(url: str) -> CheckpointError:
-    """The most helpful one-line message for a checkpoint folder without ``model.pt``."""
-    from sharding.storage import StorageError, is_remote, open_storage
-
-    if not is_remote(url) and not Path(url).exists():
-        return CheckpointError(
-            f"{url}: no such checkpoint: pass a checkpoint folder printed by a run "
-            "(.../checkpoint_epochNNNN), its model.pt, or a tune result JSON"
-        )
-    try:
-        inside = [p for p in open_storage(url).list("checkpoint_") if "/" in p]
-    except (StorageError, OSError, ValueError):
-        inside = []
-    if inside:
-        first = sorted({p.split("/", 1)[0] for p in inside})[-1]
-        return CheckpointError(
-            f"{url} is a run folder, not a checkpoint: pass one of its checkpoints, e.g. "
-            f"{url.rstrip('/')}/{first} (the run summary prints the best one)"
-        )
-    return CheckpointError(
-        f"{url}: no model.pt there: pass a checkpoint folder printed by a run "
-        "(.../checkpoint_epochNNNN), its model.pt, or a tune result JSON"
-    )
-
-
-def load_model(
-    spec: str | os.PathLike[str], *, name: str | None = None, device: str = "cpu"
-) -> LoadedModel:
-    """Load ``spec`` (see :func:`resolve_spec`) into a :class:`LoadedModel` in eval mode.
-
-    Weights are read with ``torch.load(..., weights_only=True)``
-    (:func:`resdistill.train_loop.load_checkpoint`) and loaded strictly into
-    :func:`resdistill.models.build_model` ``(arch, num_classes)``; a ``module.`` prefix left by
-    DDP is stripped. Raises :class:`CheckpointError` with one line when anything is missing.
-    """
-    import pickle
-    import zipfile
-
-    from resdistill.models import build_model
-    from resdistill.train_loop import MODEL_FILE, load_checkpoint
-    from sharding.storage import StorageError
-
-    url, file, config = resolve_spec(spec)
-    where = f"{url.rstrip('/')}/{file}"
-    try:
-        payload = load_checkpoint(url, file)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise (
-            _missing_checkpoint(url)
-            if file == MODEL_FILE
-            else CheckpointError(f"{where}: no such checkpoint file")
-        ) from None
-    except StorageError as exc:
-        raise CheckpointError(f"{url}: {exc}") from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{where}: not a readable checkpoint ({first})") from None
-    if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise CheckpointError(f"{where}: not a resdistill model checkpoint (no state_dict)")
-    missing = [k for k in REQUIRED_META if k not in payload]
-    if missing:
-        raise CheckpointError(
-            f"{where}: the checkpoint lacks {', '.join(missing)}: it was not written by "
-            "resdistill teacher/distill"
-        )
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    classes = [str(c) for c in meta["classes"]]
-    num_classes = int(meta.get("num_classes") or len(classes))
-    if num_classes != len(classes):
-        raise CheckpointError(f"{where}: num_classes {num_classes} but {len(classes)} class names")
-    try:
-        model = build_model(str(meta["arch"]), num_classes)
-    except ValueError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
-    state = {
-        (k[len("module.") :] if k.startswith("module.") else k): v
-        for k, v in payload["state_dict"].items()
-    }
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{where}: weights do not fit {meta['arch']}: {first}") from None
-    model.eval().to(device)
-    try:
-        from sharding.magnification import Magnification
-
-        Magnification.parse(str(meta["mag"]))
-    except ValueError as exc:
-        raise CheckpointError(f"{where}: bad magnification: {exc}") from None
-    loaded = LoadedModel(model=model, meta=meta, url=url, name="", config=config)
-    loaded.name = name or default_name(loaded)
-    return loaded
-
-
-def default_name(model: LoadedModel) -> str:
-    """A display name: the checkpoint's ``name`` or ``stage`` (e.g. ``teacher``), else its folder."""
-    for key in ("name", "stage"):
-        if model.meta.get(key):
-            return str(model.meta[key])
-    if model.config and model.config.get("stage"):
-        return str(model.config["stage"])
-    return _parent_and_name(model.url)[1] or "model"
 
 
 def unique_names(names: Sequence[str], mags: Sequence[str]) -> list[str]:

@@ -230,11 +230,11 @@ def predict_slide(
 
     ``on_tiles(done, total)`` is called after each batch. Raises
     :class:`sharding.slide.SlideError` for an unreadable slide and
-    :class:`resdistill.evaluate.CheckpointError` for a checkpoint without ``tile_px``.
+    :class:`resdistill.checkpoint.CheckpointError` for a checkpoint without ``tile_px``.
     """
     import torch
 
-    from resdistill.evaluate import CheckpointError
+    from resdistill.checkpoint import CheckpointError
     from sharding.slide import SlideError, open_slide, read_region_at
 
     path = os.fspath(path)

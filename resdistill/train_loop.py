@@ -31,340 +31,39 @@ containers so that ``torch.load(..., weights_only=True)`` reads them.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
-MODEL_FILE = "model.pt"
-TRAINER_FILE = "trainer.pt"
-META_FILE = "meta.json"
-CHECKPOINT_FORMAT = 1
-DEFAULT_METRIC = "val_macro_f1"
-
-#: AWS variables forwarded from the driver to the job's actors (the standard chain, nothing else).
-AWS_ENV_FORWARD = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_PROFILE",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_EC2_METADATA_DISABLED",
+from resdistill.checkpoint import (  # noqa: F401 - re-exported until the stages move
+    CHECKPOINT_FORMAT,
+    META_FILE,
+    MODEL_FILE,
+    TRAINER_FILE,
+    checkpoint_url,
+    load_checkpoint,
 )
-
-
-# --------------------------------------------------------------------------------------------------
-# Driver: Ray, storage, trainer
-# --------------------------------------------------------------------------------------------------
-
-
-def forwarded_env(keys: Sequence[str] = AWS_ENV_FORWARD) -> dict[str, str]:
-    """The variables of ``keys`` set in this process (values never printed)."""
-    return {k: os.environ[k] for k in keys if os.environ.get(k)}
-
-
-_STARTED_LOCAL = False
-
-
-def ray_init(address: str | None = None, *, forward_env: bool = True) -> None:
-    """Connect to Ray: ``address`` if given, else the job's cluster (``RAY_ADDRESS``), else local.
-
-    A local Ray binds 127.0.0.1, its dashboard (and State API) on a free loopback port.
-    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps the DDP rendezvous address, and every port
-    Ray listens on, on the node's IP (127.0.0.1 locally). With ``forward_env`` the AWS
-    variables of :data:`AWS_ENV_FORWARD` set here become the job's ``runtime_env`` env vars; on a
-    cluster whose nodes have their own credentials (instance roles), leave them unset here.
-    When Ray is already initialised in this process it is kept if its job already carries these
-    variables (and ``address``, when given, is the cluster it is connected to); otherwise this
-    driver disconnects and connects again with them.
-    """
-    global _STARTED_LOCAL
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    env_vars = forwarded_env() if forward_env else {}
-    if ray.is_initialized():
-        ctx = ray.get_runtime_context()
-        current = (ctx.runtime_env or {}).get("env_vars") or {}
-        same_env = all(current.get(k) == v for k, v in env_vars.items())
-        same_cluster = not address or address in (ctx.gcs_address, "auto")
-        if same_env and same_cluster:
-            return
-        if not address and not _STARTED_LOCAL:
-            address = ctx.gcs_address
-        ray.shutdown()
-    kwargs: dict[str, Any] = {"log_to_driver": True}
-    if env_vars:
-        kwargs["runtime_env"] = {"env_vars": env_vars}
-    if address:
-        host = address.split("://")[-1].rsplit(":", 1)[0]
-        if host in ("127.0.0.1", "localhost"):  # a local cluster: keep the driver on loopback too
-            kwargs["_node_ip_address"] = "127.0.0.1"
-        ray.init(address=address, **kwargs)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(**kwargs)
-    else:
-        # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls
-        # (without it every run logs a warning per second and a killed controller's placement
-        # group is never freed); loopback only, on a free port.
-        ray.init(
-            _node_ip_address="127.0.0.1",
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=_free_local_port(),
-            **kwargs,
-        )
-        _STARTED_LOCAL = True
-        return
-    _STARTED_LOCAL = False
-
-
-def _free_local_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def s3_filesystem() -> Any:
-    """A ``pyarrow.fs.S3FileSystem`` for the standard AWS environment.
-
-    The endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (scheme and host:port
-    split for pyarrow), the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``; credentials are
-    resolved by the AWS SDK wherever the filesystem is used (never embedded here).
-    """
-    import pyarrow.fs
-
-    kwargs: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        kwargs["endpoint_override"] = parsed.netloc.rsplit("@", 1)[-1]
-        kwargs["scheme"] = parsed.scheme or "https"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    return pyarrow.fs.S3FileSystem(**kwargs)
-
-
-def storage_for(url: str | os.PathLike[str]) -> tuple[str, Any]:
-    """``(storage_path, storage_filesystem)`` for ``RunConfig``.
-
-    ``s3://bucket/prefix`` -> ``("bucket/prefix", S3FileSystem)``; a local path -> its absolute
-    path and ``None`` (Ray's local filesystem).
-    """
-    from sharding.storage import is_remote, local_path, split_s3_url
-
-    text = os.fspath(url)
-    if is_remote(text):
-        bucket, prefix = split_s3_url(text)
-        return (f"{bucket}/{prefix}" if prefix else bucket), s3_filesystem()
-    path = local_path(text)
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path), None
-
-
-def run_url(storage: str, name: str) -> str:
-    """URL of a run's folder: ``<storage>/<name>``."""
-    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
-
-
-def run_config(
-    name: str,
-    storage: str,
-    *,
-    max_failures: int = 2,
-    metric: str = DEFAULT_METRIC,
-    mode: str = "max",
-    keep: int = 1,
-    log_level: str = "WARNING",
-) -> Any:
-    """``RunConfig`` of a run: storage (local or s3), failures retried from the last checkpoint,
-    the ``keep`` best checkpoints by ``metric`` kept plus always the latest one. Ray Train's own
-    INFO lines (one per report) are hidden by default: the stage prints its own progress.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-
-    path, fs = storage_for(storage)
-    return RunConfig(
-        name=name,
-        storage_path=path,
-        storage_filesystem=fs,
-        failure_config=FailureConfig(max_failures=max_failures),
-        checkpoint_config=CheckpointConfig(
-            num_to_keep=keep, checkpoint_score_attribute=metric, checkpoint_score_order=mode
-        ),
-        logging_config=LoggingConfig(log_level=log_level),
-    )
-
-
-def make_trainer(
-    train_fn: Callable[[dict[str, Any]], None],
-    config: dict[str, Any],
-    *,
-    name: str,
-    storage: str,
-    workers: int = 2,
-    gpu: bool = False,
-    cpus_per_worker: float = 1.0,
-    max_failures: int = 2,
-    metric: str = DEFAULT_METRIC,
-    mode: str = "max",
-    keep: int = 1,
-    timeout_s: int = 1800,
-) -> Any:
-    """A ``TorchTrainer`` running ``train_fn(config)`` on ``workers`` Ray Train workers (DDP).
-
-    Backend gloo on CPU; NCCL with one GPU per worker when ``gpu``. ``timeout_s`` bounds every
-    collective (a lost peer fails the step instead of hanging; FailureConfig then restarts).
-    """
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    resources: dict[str, float] = {"CPU": float(cpus_per_worker)}
-    if gpu:
-        resources["GPU"] = 1.0
-    return TorchTrainer(
-        train_fn,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=timeout_s),
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=gpu, resources_per_worker=resources
-        ),
-        run_config=run_config(
-            name, storage, max_failures=max_failures, metric=metric, mode=mode, keep=keep
-        ),
-    )
-
-
-def launch(
-    train_fn: Callable[[dict[str, Any]], None], config: dict[str, Any], **kwargs: Any
-) -> Any:
-    """``make_trainer(train_fn, config, **kwargs).fit()``: the run's ``Result``.
-
-    Raises ``ray.train.TrainingFailedError`` when the run fails beyond ``max_failures``.
-    """
-    return make_trainer(train_fn, config, **kwargs).fit()
-
-
-def checkpoint_url(checkpoint: Any) -> str | None:
-    """``s3://...`` or a local path for a Ray ``Checkpoint`` (None for None)."""
-    if checkpoint is None:
-        return None
-    fs = getattr(checkpoint, "filesystem", None)
-    kind = getattr(fs, "type_name", "local")
-    path = str(checkpoint.path)
-    return f"{kind}://{path}" if kind not in ("local", "") else path
-
-
-@dataclass
-class RunSummary:
-    """What a finished run printed and what callers (the CLI, the demo) read back."""
-
-    name: str
-    run_url: str
-    epochs: int
-    best_epoch: int | None
-    best_metrics: dict[str, Any]
-    last_metrics: dict[str, Any]
-    best_checkpoint: str | None
-    latest_checkpoint: str | None
-    metric: str
-    elapsed_s: float = 0.0
-
-
-def summarize(
-    result: Any, *, name: str, storage: str, metric: str = DEFAULT_METRIC, mode: str = "max",
-    elapsed_s: float = 0.0,
-) -> RunSummary:  # fmt: skip
-    """Best and latest checkpoint of a ``Result`` (best by ``metric``, ties to the later epoch)."""
-    best_ckpt, best_metrics = None, {}
-    sign = 1.0 if mode == "max" else -1.0
-    best_key: tuple[float, int] | None = None
-    for ckpt, metrics in result.best_checkpoints or []:
-        value = metrics.get(metric)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
-        key = (sign * float(value), int(metrics.get("epoch", 0)))
-        if best_key is None or key > best_key:
-            best_key, best_ckpt, best_metrics = key, ckpt, dict(metrics)
-    last = dict(result.metrics or {})
-    return RunSummary(
-        name=name,
-        run_url=run_url(storage, name),
-        epochs=int(last.get("epoch", 0)),
-        best_epoch=int(best_metrics["epoch"]) if "epoch" in best_metrics else None,
-        best_metrics=best_metrics,
-        last_metrics=last,
-        best_checkpoint=checkpoint_url(best_ckpt),
-        latest_checkpoint=checkpoint_url(result.checkpoint),
-        metric=metric,
-        elapsed_s=elapsed_s,
-    )
-
-
-def print_summary(summary: RunSummary, *, title: str, console: Any = None) -> None:
-    """A rich table: best epoch, its metrics, the last epoch's, checkpoint URLs."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    table = Table(title=title, show_header=True, header_style="bold")
-    table.add_column("")
-    table.add_column(f"best (epoch {summary.best_epoch})" if summary.best_epoch else "best")
-    table.add_column(f"last (epoch {summary.epochs})")
-    keys = [k for k in summary.last_metrics if k not in ("epoch",)]
-    for k in sorted(set(keys) | set(summary.best_metrics) - {"epoch"}):
-        table.add_row(k, _fmt(summary.best_metrics.get(k)), _fmt(summary.last_metrics.get(k)))
-    console.print(table)
-    console.print(f"run:               {summary.run_url}")
-    console.print(f"best checkpoint:   {summary.best_checkpoint}")
-    console.print(f"latest checkpoint: {summary.latest_checkpoint}")
-    if summary.elapsed_s:
-        console.print(f"wall time:         {summary.elapsed_s:.1f} s")
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-def load_checkpoint(url: str | os.PathLike[str], file: str = MODEL_FILE) -> dict[str, Any]:
-    """``torch.load(<checkpoint url>/<file>, weights_only=True, map_location="cpu")``.
-
-    ``url`` is a checkpoint folder (local path or ``s3://``) as printed by the run summary.
-    """
-    from sharding.storage import open_storage
-
-    store = open_storage(os.fspath(url))
-    try:
-        data = store.read_bytes(file)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{store.child_url(file)}: not found; pass a checkpoint folder printed by a run"
-        ) from None
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
+from resdistill.config import DEFAULT_METRIC
+from resdistill.train.runner import (  # noqa: F401 - re-exported until the stages move
+    RunSummary,
+    launch,
+    make_trainer,
+    print_summary,
+    run_config,
+    run_url,
+    storage_for,
+    summarize,
+)
+from sharding.ray_cluster import ray_init  # noqa: F401 - re-exported until the stages move
 
 # --------------------------------------------------------------------------------------------------
 # Worker: environment, state, metrics

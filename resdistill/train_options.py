@@ -11,12 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-#: ``--arch`` choices: the keys of :data:`resdistill.models.ARCHITECTURES`.
-ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet-small")
-
-#: ``--amp`` choices: ``auto`` is bf16 autocast on CUDA and none on CPU; ``bf16`` autocasts on
-#: any device (CPU autocast is how the tests keep this path from rotting); ``off`` never does.
-AMP_MODES = ("auto", "bf16", "off")
+from resdistill.config import AMP_MODES, ARCH_CHOICES  # noqa: F401 - ARCH_CHOICES re-exported
 
 
 def add_speed_arguments(group: Any) -> None:

@@ -170,22 +170,10 @@ class _RayExecutor:
     def __init__(self, address: str | None, workers: int | None, resources: dict | None) -> None:
         import ray
 
+        from sharding.ray_cluster import ray_init
+
         self.ray = ray
-        self.started = False
-        if not ray.is_initialized():
-            kwargs: dict = {
-                "include_dashboard": False,
-                "log_to_driver": False,
-                "configure_logging": False,
-            }
-            if address:
-                kwargs["address"] = address
-            else:
-                kwargs["_node_ip_address"] = "127.0.0.1"
-                if workers:
-                    kwargs["num_cpus"] = workers
-            ray.init(**kwargs)
-            self.started = True
+        self.started = ray_init(address, num_cpus=workers, dashboard=False, log_to_driver=False)
         opts = {"num_cpus": 1, "max_retries": 2, "retry_exceptions": False}
         if resources:
             opts["resources"] = resources

@@ -404,6 +404,37 @@ def s3_client() -> Any:
     return client
 
 
+def arrow_filesystem(url: str | os.PathLike[str]) -> tuple[str, Any]:
+    """``(path, pyarrow filesystem)`` for a storage URL, as Ray's ``storage_path`` /
+    ``storage_filesystem`` want them.
+
+    ``s3://bucket/prefix`` -> ``("bucket/prefix", pyarrow.fs.S3FileSystem)`` configured from the
+    same standard AWS environment as :func:`s3_client`: the endpoint from ``AWS_ENDPOINT_URL_S3``
+    or ``AWS_ENDPOINT_URL`` (split into scheme and host:port, as pyarrow wants), the region from
+    ``AWS_REGION`` / ``AWS_DEFAULT_REGION``; credentials are resolved by the AWS SDK where the
+    filesystem is used, never embedded. A local path -> its absolute path (created) and ``None``
+    (Ray's local filesystem).
+    """
+    text = os.fspath(url)
+    if not is_remote(text):
+        path = local_path(text)
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path), None
+    import pyarrow.fs
+
+    bucket, prefix = split_s3_url(text)
+    kwargs: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc.rsplit("@", 1)[-1]
+        kwargs["scheme"] = parsed.scheme or "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return (f"{bucket}/{prefix}" if prefix else bucket), pyarrow.fs.S3FileSystem(**kwargs)
+
+
 def _endpoint_text() -> str:
     """Where requests go, without any user-info part of the URL (never a secret)."""
     try:

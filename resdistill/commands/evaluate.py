@@ -72,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from resdistill.checkpoint import CheckpointError
     from resdistill.evaluate import EvaluationError, evaluate_models, format_table
     from sharding.storage import StorageError
 
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             plots=not args.no_plots,
             log=lambda msg: err.print(msg, style="dim", markup=False, soft_wrap=True),
         )
-    except (EvaluationError, StorageError, FileNotFoundError) as exc:
+    except (EvaluationError, CheckpointError, StorageError, FileNotFoundError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
     console.print(format_table(report))

@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from resdistill.evaluate import EvaluationError, load_model
+    from resdistill.checkpoint import CheckpointError, load_model
+    from resdistill.evaluate import EvaluationError
     from resdistill.predict import predict_slide, write_prediction
     from sharding.pipeline import find_slides
     from sharding.slide import SlideError
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         model = load_model(args.checkpoint, device=args.device or "cpu")
-    except (EvaluationError, StorageError) as exc:
+    except (EvaluationError, CheckpointError, StorageError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
     if not model.tile_px:
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                 mpp=args.mpp, device=args.device, slide_id=sid,
             )  # fmt: skip
             write_prediction(pred, args.out, classes=args.heatmap, alpha=args.alpha, cmap=args.cmap)
-        except (SlideError, EvaluationError) as exc:
+        except (SlideError, EvaluationError, CheckpointError) as exc:
             err.print(f"[red]skipped[/red] {escape(str(exc))}", soft_wrap=True)
             skipped += 1
             continue

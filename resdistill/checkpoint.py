@@ -1,0 +1,368 @@
+"""Checkpoints: one format, one writer, one reader, used by every stage and command.
+
+A checkpoint is a folder (``<storage>/<run>/checkpoint_epochNNNN``, local or ``s3://``)::
+
+    model.pt     {**ModelCard fields, "state_dict": {name: tensor}}   what evaluation needs
+    trainer.pt   {"optimizer", "state" (TrainState), "config" (TrainConfig), stage extras}
+    meta.json    {"format", "epoch", "metrics", "model" (the card), "time"}   for people
+
+Both ``.pt`` files hold only tensors and plain containers, so they are read with
+``torch.load(..., weights_only=True)``: a checkpoint cannot run code on the reader's machine.
+The :class:`ModelCard` records what the model reads (magnification, tile size, normalization and
+the dataset's read chain), so evaluation and prediction read exactly what training read.
+
+A model is named to a command by any of (:func:`resolve_spec`): a checkpoint folder, its
+``model.pt`` (or any ``*.pt``), a tune result JSON ``{"checkpoint": url, "config": {...}}``, or a
+run summary JSON (``best_checkpoint``, else ``latest_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MODEL_FILE = "model.pt"
+TRAINER_FILE = "trainer.pt"
+META_FILE = "meta.json"
+CHECKPOINT_FORMAT = 1
+#: dataset.json fields that decide which pixels a model sees: stored with every model.
+READ_CHAIN_KEYS = ("magnifications", "mpp", "tile_px", "image_format", "quality", "min_tissue",
+                   "tissue", "format_version")  # fmt: skip
+#: model.pt fields a model needs besides its weights.
+REQUIRED_META = ("arch", "classes", "mag")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or is not a resdistill model checkpoint (one line)."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What ``model.pt`` says about its network, besides the weights.
+
+    ``mag`` is a magnification name (``10x``, ``2p5x``); ``normalization`` the per-channel
+    ``{"mean": [r, g, b], "std": [r, g, b]}`` of [0, 1] pixels the model was trained with;
+    ``read_chain`` the dataset's :data:`READ_CHAIN_KEYS`; ``teacher`` (students) names the
+    teacher checkpoint, its arch, magnification and classes; ``loss`` the loss settings.
+    """
+
+    stage: str
+    arch: str
+    classes: tuple[str, ...]
+    mag: str
+    tile_px: int = 0
+    normalization: Mapping[str, Any] | None = None
+    dataset: str | None = None
+    read_chain: Mapping[str, Any] = field(default_factory=dict)
+    train_splits: tuple[str, ...] | None = None
+    teacher: Mapping[str, Any] | None = None
+    loss: Mapping[str, Any] | None = None
+    format: int = CHECKPOINT_FORMAT
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def mean_std(self) -> tuple[list[float], list[float]] | None:
+        """The normalization the model was trained with, or None when the card lacks it."""
+        norm = self.normalization or {}
+        if not norm.get("mean") or not norm.get("std"):
+            return None
+        return [float(v) for v in norm["mean"]], [max(float(v), 1e-3) for v in norm["std"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """model.pt's metadata: the card's fields plus ``num_classes`` (plain values)."""
+        out = {k: v for k, v in asdict(self).items()}
+        out["classes"] = list(self.classes)
+        if self.train_splits is not None:
+            out["train_splits"] = list(self.train_splits)
+        out["num_classes"] = self.num_classes
+        return out
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], where: str = "model.pt") -> ModelCard:
+        """The card of a model.pt payload; :class:`CheckpointError` when a required field is
+        missing or ``num_classes`` disagrees with the class names."""
+        missing = [k for k in REQUIRED_META if k not in doc]
+        if missing:
+            raise CheckpointError(
+                f"{where}: the checkpoint lacks {', '.join(missing)}: it was not written by "
+                "resdistill teacher/distill"
+            )
+        classes = tuple(str(c) for c in doc["classes"])
+        n = int(doc.get("num_classes") or len(classes))
+        if n != len(classes):
+            raise CheckpointError(f"{where}: num_classes {n} but {len(classes)} class names")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in doc.items() if k in known}
+        kwargs["classes"] = classes
+        kwargs["tile_px"] = int(doc.get("tile_px") or 0)
+        if doc.get("train_splits") is not None:
+            kwargs["train_splits"] = tuple(doc["train_splits"])
+        kwargs["read_chain"] = dict(doc.get("read_chain") or {})
+        return cls(**kwargs)
+
+
+def read_chain(dataset_json: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`READ_CHAIN_KEYS` of a dataset.json document."""
+    return {k: dataset_json[k] for k in READ_CHAIN_KEYS if k in dataset_json}
+
+
+def checkpoint_url(checkpoint: Any) -> str | None:
+    """``s3://...`` or a local path for a Ray ``Checkpoint`` (None for None)."""
+    if checkpoint is None:
+        return None
+    fs = getattr(checkpoint, "filesystem", None)
+    kind = getattr(fs, "type_name", "local")
+    path = str(checkpoint.path)
+    return f"{kind}://{path}" if kind not in ("local", "") else path
+
+
+def write_checkpoint(
+    folder: str | os.PathLike[str],
+    *,
+    card: ModelCard,
+    state_dict: Mapping[str, Any],
+    trainer: Mapping[str, Any],
+    epoch: int,
+    metrics: Mapping[str, Any],
+) -> None:
+    """Write model.pt, trainer.pt and meta.json into the local ``folder`` (see module doc)."""
+    import torch
+
+    folder = Path(folder)
+    weights = {k: v.detach().cpu() for k, v in state_dict.items()}
+    torch.save({**card.to_dict(), "state_dict": weights}, folder / MODEL_FILE)
+    torch.save(dict(trainer), folder / TRAINER_FILE)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "metrics": dict(metrics),
+        "model": card.to_dict(),
+        "time": time.time(),
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+
+
+def load_checkpoint(url: str | os.PathLike[str], file: str = MODEL_FILE) -> dict[str, Any]:
+    """``torch.load(<checkpoint url>/<file>, weights_only=True, map_location="cpu")``.
+
+    ``url`` is a checkpoint folder (local path or ``s3://``) as printed by the run summary;
+    ``FileNotFoundError`` naming the file when it is missing.
+    """
+    import torch
+
+    from sharding.storage import open_storage
+
+    store = open_storage(os.fspath(url))
+    try:
+        data = store.read_bytes(file)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{store.child_url(file)}: not found; pass a checkpoint folder printed by a run"
+        ) from None
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _parent_and_name(url: str) -> tuple[str, str]:
+    from sharding.storage import is_remote
+
+    if is_remote(url):
+        head, _, name = url.rstrip("/").rpartition("/")
+        return head, name
+    p = Path(url)
+    return str(p.parent), p.name
+
+
+def folder_name(url: str) -> str:
+    """The last component of a checkpoint URL (local or ``s3://``)."""
+    return _parent_and_name(url)[1]
+
+
+def read_url(url: str) -> bytes:
+    """The bytes of one file given as a local path or ``s3://bucket/key`` (FileNotFoundError)."""
+    from sharding.storage import is_remote, open_storage
+
+    if not is_remote(url):
+        return Path(url).read_bytes()
+    parent, name = _parent_and_name(url)
+    return open_storage(parent).read_bytes(name)
+
+
+def resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, str, dict[str, Any] | None]:
+    """``(checkpoint folder URL, weights file name, tune config or None)`` for a model argument.
+
+    Accepted: a checkpoint folder (``.../checkpoint_epochNNNN``, local or ``s3://``; weights in
+    its ``model.pt``), a weights file itself (``.../model.pt`` or any ``*.pt``), a tune result
+    JSON ``{"checkpoint": url, "config": {...}}``, or a run summary JSON (``--summary-json``: its
+    ``best_checkpoint``, else ``latest_checkpoint``). A relative local checkpoint path inside a
+    JSON is taken relative to the JSON's folder when it exists there.
+    """
+    from sharding.storage import is_remote
+
+    text = os.fspath(spec)
+    if text.endswith(".json"):
+        try:
+            doc = json.loads(read_url(text))
+        except (FileNotFoundError, IsADirectoryError):
+            raise CheckpointError(
+                f"{text}: no such file: pass a checkpoint folder or a tune result JSON"
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{text}: not valid JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise CheckpointError(f"{text}: expected a JSON object with a 'checkpoint' field")
+        url = doc.get("checkpoint") or doc.get("best_checkpoint") or doc.get("latest_checkpoint")
+        if not url or not isinstance(url, str):
+            raise CheckpointError(
+                f"{text}: names no checkpoint: expected {{'checkpoint': url, 'config': {{...}}}} "
+                "(a tune result) or a run summary with 'best_checkpoint'"
+            )
+        config = doc.get("config") if isinstance(doc.get("config"), dict) else None
+        if not is_remote(url) and not Path(url).is_absolute() and not is_remote(text):
+            beside = Path(text).parent / url
+            if beside.exists():
+                url = str(beside)
+        if url.endswith(".json"):
+            raise CheckpointError(f"{text}: its checkpoint {url} is another JSON, not a checkpoint")
+        folder, file, _ = resolve_spec(url)
+        return folder, file, config
+    stripped = text.rstrip("/")
+    if stripped.endswith(".pt") or (not is_remote(text) and Path(text).is_file()):
+        parent, name = _parent_and_name(stripped)
+        return parent or ".", name, None
+    return text, MODEL_FILE, None
+
+
+def _missing_checkpoint(url: str) -> CheckpointError:
+    """The most helpful one-line message for a checkpoint folder without ``model.pt``."""
+    from sharding.storage import StorageError, is_remote, open_storage
+
+    if not is_remote(url) and not Path(url).exists():
+        return CheckpointError(
+            f"{url}: no such checkpoint: pass a checkpoint folder printed by a run "
+            "(.../checkpoint_epochNNNN), its model.pt, or a tune result JSON"
+        )
+    try:
+        inside = [p for p in open_storage(url).list("checkpoint_") if "/" in p]
+    except (StorageError, OSError, ValueError):
+        inside = []
+    if inside:
+        first = sorted({p.split("/", 1)[0] for p in inside})[-1]
+        return CheckpointError(
+            f"{url} is a run folder, not a checkpoint: pass one of its checkpoints, e.g. "
+            f"{url.rstrip('/')}/{first} (the run summary prints the best one)"
+        )
+    return CheckpointError(
+        f"{url}: no model.pt there: pass a checkpoint folder printed by a run "
+        "(.../checkpoint_epochNNNN), its model.pt, or a tune result JSON"
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its card, where it came from, and its tune config if any."""
+
+    model: Any  # torch.nn.Module returning (logits, features)
+    card: ModelCard
+    url: str  # the checkpoint folder
+    name: str = ""
+    config: dict[str, Any] | None = None  # from a tune result JSON, when one was given
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """model.pt without ``state_dict`` (the card as a dict)."""
+        return self.card.to_dict()
+
+    @property
+    def mag(self) -> str:
+        from sharding.magnification import Magnification
+
+        return Magnification.parse(str(self.card.mag)).name
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card.classes)
+
+    @property
+    def tile_px(self) -> int | None:
+        return self.card.tile_px or None
+
+    @property
+    def stage(self) -> str | None:
+        return self.card.stage or None
+
+    def mean_std(self) -> tuple[list[float], list[float]] | None:
+        return self.card.mean_std()
+
+
+def load_model(
+    spec: str | os.PathLike[str], *, name: str | None = None, device: str = "cpu"
+) -> LoadedModel:
+    """Load ``spec`` (see :func:`resolve_spec`) into a :class:`LoadedModel` in eval mode.
+
+    Weights are read with ``weights_only=True`` and loaded strictly into
+    :func:`resdistill.models.build_model` ``(arch, num_classes)``; a ``module.`` prefix left by
+    DDP is stripped. :class:`CheckpointError` with one line when anything is missing or wrong.
+    """
+    import pickle
+    import zipfile
+
+    from resdistill.models import build_model
+    from sharding.magnification import Magnification
+    from sharding.storage import StorageError
+
+    url, file, config = resolve_spec(spec)
+    where = f"{url.rstrip('/')}/{file}"
+    try:
+        payload = load_checkpoint(url, file)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise (
+            _missing_checkpoint(url)
+            if file == MODEL_FILE
+            else CheckpointError(f"{where}: no such checkpoint file")
+        ) from None
+    except StorageError as exc:
+        raise CheckpointError(f"{url}: {exc}") from None
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{where}: not a readable checkpoint ({first})") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise CheckpointError(f"{where}: not a resdistill model checkpoint (no state_dict)")
+    card = ModelCard.from_dict({k: v for k, v in payload.items() if k != "state_dict"}, where)
+    try:
+        model = build_model(card.arch, card.num_classes)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    state = {
+        (k[len("module.") :] if k.startswith("module.") else k): v
+        for k, v in payload["state_dict"].items()
+    }
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{where}: weights do not fit {card.arch}: {first}") from None
+    model.eval().to(device)
+    try:
+        Magnification.parse(str(card.mag))
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: bad magnification: {exc}") from None
+    loaded = LoadedModel(model=model, card=card, url=url, config=config)
+    loaded.name = name or _default_name(loaded)
+    return loaded
+
+
+def _default_name(model: LoadedModel) -> str:
+    """A display name: the card's stage (e.g. ``teacher``), the tune config's, else the folder."""
+    if model.card.stage:
+        return model.card.stage
+    if model.config and model.config.get("stage"):
+        return str(model.config["stage"])
+    return folder_name(model.url) or "model"

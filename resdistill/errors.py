@@ -1,0 +1,11 @@
+"""Errors every command reports the same way.
+
+A :class:`UsageError` is input that cannot work (an option, a dataset, a checkpoint): the
+command prints its message as one line naming the input and the fix, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """Options or data that cannot work; reported as one line, exit status 2."""
