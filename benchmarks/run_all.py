@@ -14,7 +14,7 @@ Rows (``--only`` names in brackets):
   (``bench_loader.loader_rate`` / ``train_rates``), at the teacher's tile and the pair.
 * [s3] the same loader from an S3 endpoint (a local ``moto_server``) vs the local folder.
 * [compute] FLOPs and measured inference images/s of the student at each magnification vs the
-  teacher at the highest (:func:`resdistill.compute.compute_table`; paper: 4x/16x/64x FLOPs).
+  teacher at the highest (:func:`resdistill.eval.compute.compute_table`; paper: 4x/16x/64x FLOPs).
 * [distill] one distillation epoch (same samples, loader included, in-process) with cached
   teacher targets (:mod:`resdistill.teacher_targets`) vs the online teacher; target 5x or faster.
   The one-off cost of computing the targets is reported beside it.
@@ -218,8 +218,8 @@ def bench_loader_rows(
 
 
 def bench_compute_rows(data: str, *, seconds: float, batch: int) -> list[dict[str, Any]]:
-    from resdistill.compute import compute_table
     from resdistill.data import DatasetInfo
+    from resdistill.eval.compute import compute_table
     from resdistill.models import build_model
 
     info = DatasetInfo.load(data)

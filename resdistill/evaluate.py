@@ -9,16 +9,16 @@ Pipeline for each model (a checkpoint folder, its ``model.pt``, or a tune result
                                           checkpoint's normalization -> softmax probabilities
     evaluate_models(...)                  metrics, compute table, JSON + PNG output
 
-Metrics (:func:`resdistill.metrics.evaluate_predictions`, 95% percentile bootstrap intervals by
+Metrics (:func:`resdistill.eval.metrics.evaluate_predictions`, 95% percentile bootstrap intervals by
 default): accuracy, macro F1, macro precision, macro recall, per-class one-vs-rest AUC and their
 mean, confusion matrix, ROC points.
 
 * Tile level: one sample per tile, ``y_prob`` the model's softmax output.
 * Slide level: ``P(slide) = mean over the slide's tiles of P(tile)``
-  (:func:`resdistill.metrics.aggregate_slides`), the slide's label its tiles' label; the
+  (:func:`resdistill.eval.metrics.aggregate_slides`), the slide's label its tiles' label; the
   bootstrap resamples slides.
 
-Compute (:func:`resdistill.compute.compute_table`): parameters, FLOPs of one tile at the model's
+Compute (:func:`resdistill.eval.compute.compute_table`): parameters, FLOPs of one tile at the model's
 input size ``(3, tile_px, tile_px)`` counted with ``FlopCounterMode`` (2 FLOPs per
 multiply-accumulate), and measured inference images/s on this machine.
 
@@ -346,9 +346,9 @@ def evaluate_models(
     measured with batches of ``bench_batch`` for about ``bench_seconds``). With ``out`` the
     report is written by :func:`write_report`.
     """
-    from resdistill.compute import compute_table
     from resdistill.data import DatasetInfo, read_manifest
-    from resdistill.metrics import aggregate_slides, evaluate_predictions
+    from resdistill.eval.compute import compute_table
+    from resdistill.eval.metrics import aggregate_slides, evaluate_predictions
 
     if not specs:
         raise EvaluationError("no model given: pass one or more checkpoints")
@@ -435,7 +435,7 @@ def plot_roc(report: EvaluationReport) -> bytes:
     """PNG: one panel per class; per model its one-vs-rest ROC (tile level solid, slide dashed)."""
     from matplotlib.figure import Figure
 
-    from resdistill.metrics import roc_curve
+    from resdistill.eval.metrics import roc_curve
 
     classes = report.models[0].model.classes
     k = len(classes)

@@ -4,7 +4,7 @@ Checkpoints are written in the teacher's ``model.pt`` format (see ``resdistill.t
 ``model_payload``) from small ResNets whose heads are fitted here to a contract-conforming
 dataset (``tests.fixtures_data.write_dataset``), so that the metrics are far from chance and a
 label or key mix-up would show. Predictions are checked against an independent pass that reads
-the tar shards with ``tarfile`` and PIL, the metrics against ``resdistill.metrics`` and
+the tar shards with ``tarfile`` and PIL, the metrics against ``resdistill.eval.metrics`` and
 scikit-learn on those predictions, the FLOPs against ``count_flops``, and ``predict`` against the
 sharding planner's functions on the real Aperio slide.
 """
@@ -251,7 +251,7 @@ def test_evaluate_metrics_match_resdistill_metrics_and_sklearn(
 ) -> None:
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-    from resdistill.metrics import aggregate_slides, evaluate_predictions
+    from resdistill.eval.metrics import aggregate_slides, evaluate_predictions
 
     report = json.loads((evaluated[1] / "evaluation.json").read_text())
     for m in report["models"]:
@@ -292,7 +292,7 @@ def test_evaluate_metrics_match_resdistill_metrics_and_sklearn(
 def test_evaluate_compute_table_counts_flops(
     evaluated: tuple[int, Path, str], checkpoints: dict[str, Path]
 ) -> None:
-    from resdistill.compute import count_flops, count_params
+    from resdistill.eval.compute import count_flops, count_params
 
     rc, out, stdout = evaluated
     report = json.loads((out / "evaluation.json").read_text())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from resdistill.metrics import (
+from resdistill.eval.metrics import (
     accuracy,
     aggregate_slides,
     binary_roc_auc,

@@ -32,6 +32,7 @@ __all__ = [
     "binary_roc_auc",
     "bootstrap_ci",
     "confusion_matrix",
+    "confusion_scores",
     "evaluate_predictions",
     "macro_auc",
     "macro_f1",
@@ -139,6 +140,22 @@ def _prf_from_confusion(
         return out
 
     return ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def confusion_scores(cm: Any) -> dict[str, float]:
+    """Accuracy and macro F1 of a confusion matrix (rows true, columns predicted), and its size.
+
+    ``accuracy = trace(cm) / sum(cm)``; macro F1 as :func:`macro_f1` (over the classes that occur
+    among the labels or the predictions). NaN for an empty matrix. Training validation sums the
+    ranks' matrices and scores the total here, so it agrees with :func:`evaluate_predictions`.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    total = float(cm.sum())
+    if total == 0:
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "samples": 0.0}
+    present = np.flatnonzero((cm.sum(axis=0) + cm.sum(axis=1)) > 0)
+    f1 = _prf_from_confusion(cm, present)[2]
+    return {"accuracy": float(np.trace(cm)) / total, "macro_f1": float(f1.mean()), "samples": total}
 
 
 def macro_precision(y_true: Any, y_pred: Any, labels: Sequence[int] | None = None) -> float:

@@ -1,0 +1,1 @@
+"""Scoring models: metrics with confidence intervals, compute cost, evaluation, prediction."""
