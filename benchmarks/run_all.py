@@ -255,7 +255,7 @@ def distill_epoch_s(
     import torch
 
     from resdistill import data as D
-    from resdistill.cached_targets import GeometricAugment, make_cached_loader
+    from resdistill.data.cached import GeometricAugment, make_cached_loader
     from resdistill.distill_worker import (
         DistillStep,
         build_loss,

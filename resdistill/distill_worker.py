@@ -245,7 +245,7 @@ def train_worker(config: dict[str, Any]) -> None:
         "manifest": manifest,
     }
     if cached:
-        from resdistill.cached_targets import GeometricAugment, make_cached_loader
+        from resdistill.data.cached import GeometricAugment, make_cached_loader
         from resdistill.teacher_targets import TargetsIndex
 
         train_loader = make_cached_loader(

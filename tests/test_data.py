@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from resdistill.data import (
+    Dataset,
     DatasetInfo,
     FastColorJitter,
     PairedAugment,
@@ -57,6 +58,34 @@ def test_dataset_info_reads_contract(tiny_dataset: Path) -> None:
 def test_missing_dataset_json_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"dataset\.json"):
         DatasetInfo.load(str(tmp_path))
+
+
+def test_dataset_handle_reads_each_file_once(tiny_dataset: Path, monkeypatch) -> None:
+    """A Dataset opened once answers info, manifest (any columns), its sha256 and a loader's plan
+    with one read of dataset.json and one of manifest.parquet."""
+    import hashlib
+    from collections import Counter
+
+    from sharding.layout import MANIFEST
+    from sharding.storage import open_storage
+
+    store = open_storage(str(tiny_dataset))
+    reads: Counter[str] = Counter()
+    real = store.read_bytes
+
+    def counting(rel: str) -> bytes:
+        reads[rel] += 1
+        return real(rel)
+
+    monkeypatch.setattr(store, "read_bytes", counting)
+    ds = Dataset.open(store)
+    assert ds.info == DatasetInfo.load(str(tiny_dataset)) and ds.url == ds.info.url
+    assert ds.manifest().equals(read_manifest(str(tiny_dataset)))
+    assert ds.manifest(["split"]).column_names == ["split"]
+    assert ds.manifest_sha256 == hashlib.sha256((tiny_dataset / MANIFEST).read_bytes()).hexdigest()
+    loader = make_loader(ds, ["val"], ["10x"], batch_size=4, train=False, num_workers=0)
+    assert sorted(k for b in loader.epoch() for k in b.keys) == _manifest_keys(tiny_dataset, "val")
+    assert reads == {"dataset.json": 1, MANIFEST: 1}
 
 
 # ---------------------------------------------------------------------------------------------

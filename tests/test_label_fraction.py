@@ -64,7 +64,7 @@ def test_loader_hides_labels_of_other_slides(many_slides):
 def test_label_scarce_stream_decodes_only_what_it_yields(many_slides, monkeypatch):
     """Unlabelled samples are dropped before their images are decoded (a 10% run would
     otherwise decode and augment ten samples for each one it trains on)."""
-    import resdistill.data as D
+    import resdistill.data.stream as D
 
     manifest = read_manifest(str(many_slides))
     chosen = select_labelled_slides(manifest, ["train"], 0.1, seed=1)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from resdistill import data as D
 from resdistill import distill
 from resdistill import train_loop as T
-from resdistill.cached_targets import GeometricAugment, make_cached_loader
+from resdistill.data.cached import GeometricAugment, make_cached_loader
 from resdistill.distill_worker import (
     DistillStep,
     FrozenTeacher,

@@ -1,0 +1,68 @@
+"""Streaming tiles from a sharded dataset (local folder or ``s3://``) into PyTorch batches.
+
+One place for everything a training stage reads (teacher, distillation, evaluation):
+
+* :mod:`~resdistill.data.info` - :class:`DatasetInfo` (``dataset.json``), :class:`Dataset` (a
+  dataset opened once: storage, info, manifest) and :func:`read_manifest`.
+* :mod:`~resdistill.data.plan` - which shards each DDP rank and each loader worker reads, taken
+  from ``manifest.parquet`` (never by listing a folder), and the equal steps per epoch.
+* :mod:`~resdistill.data.augment` - paired augmentation (one draw for every image of a sample).
+* :mod:`~resdistill.data.stream` - :class:`TileStream`, an ``IterableDataset`` over webdataset tar
+  shards that decodes only the magnifications a stage asks for, after its label filter.
+* :mod:`~resdistill.data.loader` - :class:`StreamLoader` / :func:`make_loader`: batches; in
+  training mode every rank yields exactly :func:`steps_per_epoch` batches per epoch.
+* :mod:`~resdistill.data.cached` - cached teacher targets as another source of the same loader
+  (import it from there: it depends on :mod:`resdistill.teacher_targets`).
+"""
+
+from .augment import (
+    DEFAULT_JITTER,
+    Augment,
+    FastColorJitter,
+    GeometricAugment,
+    PairedAugment,
+    RandomRot90,
+    hue_matrix,
+)
+from .info import READ_COLUMNS, Dataset, DatasetInfo, read_manifest
+from .loader import Batch, Source, StreamLoader, collate, make_loader
+from .plan import (
+    ShardTask,
+    hash_seed,
+    key_bucket,
+    plan_all_ranks,
+    select_labelled_slides,
+    shard_keys,
+    split_among_workers,
+    steps_per_epoch,
+)
+from .stream import TileStream, decode_image
+
+__all__ = [
+    "DEFAULT_JITTER",
+    "READ_COLUMNS",
+    "Augment",
+    "Batch",
+    "Dataset",
+    "DatasetInfo",
+    "FastColorJitter",
+    "GeometricAugment",
+    "PairedAugment",
+    "RandomRot90",
+    "ShardTask",
+    "Source",
+    "StreamLoader",
+    "TileStream",
+    "collate",
+    "decode_image",
+    "hash_seed",
+    "hue_matrix",
+    "key_bucket",
+    "make_loader",
+    "plan_all_ranks",
+    "read_manifest",
+    "select_labelled_slides",
+    "shard_keys",
+    "split_among_workers",
+    "steps_per_epoch",
+]

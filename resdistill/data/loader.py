@@ -1,0 +1,201 @@
+"""Batches of one rank, in training or evaluation mode: the loader every stage reads through.
+
+Equal steps. In training mode (``train=True``) every rank yields exactly ``steps`` batches per
+epoch (default :func:`resdistill.data.plan.steps_per_epoch` of the manifest's total over all
+ranks), whatever the shard sizes, so DDP never hangs: each loader worker cycles over its shards
+forever and a rank with more samples than an epoch needs leaves the rest for the next one.
+Evaluation (``train=False``) reads each sample of the rank exactly once, in shard order, without
+augmentation, and may give ranks different batch counts: do not run collectives per batch there.
+
+Sources. :func:`make_loader` plans the shards and builds a stream with its ``source``: a
+:class:`TileStream` by default, or any subclass taking the same arguments (cached teacher targets,
+:mod:`resdistill.data.cached`), so every source shares the shard plan, the equal steps and the
+seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .augment import Augment
+from .info import Dataset, DatasetInfo, read_manifest
+from .plan import hash_seed, plan_all_ranks, shard_keys, steps_per_epoch
+from .stream import TileStream
+
+#: Builds a rank's stream: ``source(info, tasks, mags, *, repeat, shuffle_buffer, augment, seed,
+#: labelled_only, labelled_slides)``, the arguments of :class:`TileStream`.
+Source = Callable[..., TileStream]
+
+
+@dataclass
+class Batch:
+    """A batch: one ``(N, 3, H_m, W_m)`` tensor per requested magnification, labels, keys."""
+
+    images: tuple[torch.Tensor, ...]
+    labels: torch.Tensor
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> Batch:
+        return Batch(
+            tuple(i.pin_memory() for i in self.images), self.labels.pin_memory(), self.keys
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            tuple(i.to(device, non_blocking=non_blocking) for i in self.images),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.keys,
+        )
+
+
+def collate(samples: Sequence[tuple[tuple[torch.Tensor, ...], int, str]]) -> Batch:
+    """Stack samples into a :class:`Batch`."""
+    n_mags = len(samples[0][0])
+    images = tuple(torch.stack([s[0][m] for s in samples]) for m in range(n_mags))
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.long)
+    return Batch(images, labels, [s[2] for s in samples])
+
+
+class StreamLoader:
+    """Batches of one rank. Training: exactly ``steps`` batches per :meth:`epoch` (endless source);
+    evaluation: one pass over the rank's samples per :meth:`epoch`.
+    """
+
+    def __init__(
+        self,
+        stream: TileStream,
+        *,
+        batch_size: int,
+        steps: int | None,
+        num_workers: int,
+        pin_memory: bool = False,
+        prefetch_factor: int = 4,
+    ) -> None:
+        self.stream = stream
+        self.batch_size = batch_size
+        self.steps = steps
+        self.num_workers = num_workers
+        kwargs: dict[str, Any] = {}
+        if num_workers > 0:
+            kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=True)
+        self.loader = DataLoader(
+            stream,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate,
+            pin_memory=pin_memory,
+            drop_last=False,
+            **kwargs,
+        )
+        self._it: Iterator[Batch] | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """Samples of this rank in one pass (from the manifest)."""
+        return self.stream.num_samples
+
+    def epoch(self) -> Iterator[Batch]:
+        """The batches of one epoch (see the class docstring)."""
+        if self.steps is None:
+            yield from self.loader
+            return
+        if self._it is None:
+            self._it = iter(self.loader)
+        for _ in range(self.steps):
+            try:
+                yield next(self._it)
+            except StopIteration:
+                raise RuntimeError(
+                    "training stream ended early: this rank has no samples to cycle over"
+                ) from None
+
+    def close(self) -> None:
+        """Stop the loader workers."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def make_loader(
+    info: DatasetInfo | Dataset | str,
+    splits: Sequence[str],
+    mags: Sequence[str],
+    *,
+    batch_size: int,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    shuffle_buffer: int = 1000,
+    augment: Augment | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    steps: int | None = None,
+    labelled_only: bool = False,
+    pin_memory: bool = False,
+    manifest: Any = None,
+    labelled_slides: Collection[str] | None = None,
+    source: Source = TileStream,
+) -> StreamLoader:
+    """Batches of ``splits`` for ``rank`` of ``world_size`` (see the module docstring).
+
+    ``train=True``: shuffled (buffer ``shuffle_buffer``), augmented when ``augment`` is given,
+    endless source cut into ``steps`` batches per epoch (default :func:`steps_per_epoch` of the
+    manifest's total over all ranks). ``train=False``: shards in order, no augmentation, one pass.
+    The stream's seed is ``hash_seed(seed, rank, epoch)``: ``epoch`` only changes the random seed
+    (pass the starting epoch when resuming). ``labelled_only`` drops samples whose label is null
+    (counts follow the manifest); ``labelled_slides`` hides the labels of every other slide (a
+    label-scarce run). ``manifest`` (a pyarrow Table) saves reading it again; a :class:`Dataset`
+    supplies its own. ``source`` builds the stream (see the module docstring).
+    """
+    if isinstance(info, Dataset):
+        if manifest is None:
+            manifest = info.manifest()
+        info = info.info
+    elif isinstance(info, str):
+        info = DatasetInfo.load(info)
+    if manifest is None:
+        manifest = read_manifest(info.url)
+    keys = shard_keys(
+        manifest, splits, labelled_only=labelled_only, labelled_slides=labelled_slides
+    )
+    total = sum(len(v) for v in keys.values())
+    plans = plan_all_ranks(keys, world_size)
+    tasks = plans[rank]
+    if train:
+        empty = [r for r, p in enumerate(plans) if not p]
+        if empty:
+            raise ValueError(
+                f"{info.url}: split(s) {', '.join(splits)} hold {total} samples, too few to give "
+                f"each of {world_size} ranks at least one: lower --workers"
+            )
+        if steps is None:
+            steps = steps_per_epoch(total, world_size, batch_size)
+    else:
+        steps = None
+        augment = None
+        shuffle_buffer = 0
+    workers = max(0, min(num_workers, len(tasks)))
+    stream = source(
+        info,
+        tasks,
+        mags,
+        repeat=train,
+        shuffle_buffer=shuffle_buffer,
+        augment=augment,
+        seed=hash_seed(seed, rank, epoch),
+        labelled_only=labelled_only,
+        labelled_slides=labelled_slides,
+    )
+    return StreamLoader(
+        stream, batch_size=batch_size, steps=steps, num_workers=workers, pin_memory=pin_memory
+    )
