@@ -1,6 +1,5 @@
 """Augmentations applied to a sample's images together: one random draw per sample.
 
-* :data:`DEFAULT_JITTER` - the default colour jitter ``(brightness, contrast, saturation, hue)``.
 * :class:`PairedAugment` - flips, 90-degree rotation and colour jitter (:class:`FastColorJitter`)
   with one draw for every magnification of a sample, so a student tile and its paired teacher
   tile see the same transform.
@@ -20,9 +19,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-#: Default colour jitter (brightness, contrast, saturation, hue). The paper's reference code uses
-#: 0.5/0.5/0.5/0.2; milder defaults keep colour-coded classes learnable.
-DEFAULT_JITTER = (0.2, 0.2, 0.2, 0.05)
+from resdistill.config import DEFAULT_JITTER
 
 #: An augmentation: the images of one sample in, the same number of tensors out, one draw.
 Augment = Callable[..., tuple[torch.Tensor, ...]]
