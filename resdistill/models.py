@@ -120,7 +120,3 @@ def build_model(arch: str = DEFAULT_ARCH, num_classes: int = 2) -> ResNetClassif
     """A freshly initialised :class:`ResNetClassifier` (random weights, nothing downloaded)."""
     return ResNetClassifier(arch=arch, num_classes=num_classes)
 
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (trainable or not)."""
-    return sum(p.numel() for p in model.parameters())
