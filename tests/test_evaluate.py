@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resdistill import train_loop as T
+from resdistill import checkpoint as T
 from resdistill.commands import evaluate as eval_cmd
 from resdistill.commands import predict as predict_cmd
 from resdistill.models import build_model
@@ -331,7 +331,7 @@ def test_evaluate_tune_result_json_on_s3(
     tiny_dataset_s3: str, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     """Checkpoint, dataset and output on S3; the model named by a tune result JSON."""
-    from resdistill.evaluate import evaluate_models
+    from resdistill.eval.evaluate import evaluate_models
     from sharding.storage import open_storage
 
     ckpt_url = tiny_dataset_s3.rsplit("/", 1)[0] + "/runs/t1/checkpoint_epoch0001"
@@ -355,7 +355,7 @@ def test_evaluate_tune_result_json_on_s3(
     assert doc["data"] == tiny_dataset_s3
     assert open_storage(out).exists("predictions-teacher.csv")
 
-    from resdistill.evaluate import CheckpointError, load_model
+    from resdistill.checkpoint import CheckpointError, load_model
 
     missing = tiny_dataset_s3.rsplit("/", 1)[0] + "/runs/t1/checkpoint_epoch0009"
     with pytest.raises(CheckpointError, match="no model.pt there"):
@@ -366,7 +366,7 @@ def test_evaluate_tune_result_json_on_s3(
 
 def test_resolve_spec_forms(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     """A folder, its model.pt, a tune result, a run summary, a relative path in a JSON."""
-    from resdistill.evaluate import load_model, resolve_spec
+    from resdistill.checkpoint import load_model, resolve_spec
 
     folder = checkpoints["teacher"]
     assert resolve_spec(folder) == (str(folder), T.MODEL_FILE, None)
