@@ -140,10 +140,10 @@ def render_heatmap(
 
     Tile ``i`` is the level-0 square at ``(xs[i], ys[i])`` of side ``size0`` on a slide of
     ``slide_size = (width, height)`` level-0 pixels. It covers thumbnail columns
-    ``round(x / sx) .. round((x + size0) / sx)`` and rows ``round(y / sy) .. round((y + size0) / sy)``
-    with ``sx = width / tw``, ``sy = height / th`` (adjacent tiles share edges, no gaps); there the
-    pixel becomes ``(1 - alpha) * thumbnail + alpha * colormap(value)``. Pixels of no tile keep
-    the thumbnail.
+    ``round(x / sx) .. round((x + size0) / sx)`` and rows
+    ``round(y / sy) .. round((y + size0) / sy)`` with ``sx = width / tw``, ``sy = height / th``
+    (adjacent tiles share edges, no gaps); there the pixel becomes
+    ``(1 - alpha) * thumbnail + alpha * colormap(value)``. Pixels of no tile keep the thumbnail.
     """
     import matplotlib
 
