@@ -11,9 +11,9 @@ Pipeline for each model (a checkpoint folder, its ``model.pt``, or a tune result
     evaluate_models(...)                  metrics, compute table, then
                                           :func:`resdistill.eval.report.write_report`
 
-Metrics (:func:`resdistill.eval.metrics.evaluate_predictions`, 95% percentile bootstrap intervals
-by default): accuracy, macro F1, macro precision, macro recall, per-class one-vs-rest AUC and their
-mean, confusion matrix, ROC points.
+Metrics (:func:`resdistill.eval.bootstrap.evaluate_predictions`, 95% percentile bootstrap
+intervals by default): accuracy, macro F1, macro precision, macro recall, per-class one-vs-rest
+AUC and their mean, confusion matrix, ROC points.
 
 * Tile level: one sample per tile, ``y_prob`` the model's softmax output.
 * Slide level: ``P(slide) = mean over the slide's tiles of P(tile)``
@@ -227,8 +227,9 @@ def evaluate_models(
     report is written by :func:`write_report`.
     """
     from resdistill.data import DatasetInfo, read_manifest
+    from resdistill.eval.bootstrap import evaluate_predictions
     from resdistill.eval.compute import compute_table
-    from resdistill.eval.metrics import aggregate_slides, evaluate_predictions
+    from resdistill.eval.metrics import aggregate_slides
 
     if not specs:
         raise EvaluationError("no model given: pass one or more checkpoints")
