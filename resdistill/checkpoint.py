@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from resdistill.errors import UsageError
+
 MODEL_FILE = "model.pt"
 TRAINER_FILE = "trainer.pt"
 META_FILE = "meta.json"
@@ -38,7 +40,7 @@ READ_CHAIN_KEYS = ("magnifications", "mpp", "tile_px", "image_format", "quality"
 REQUIRED_META = ("arch", "classes", "mag")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that is missing or is not a resdistill model checkpoint (one line)."""
 
 

@@ -2,6 +2,8 @@
 
 A :class:`UsageError` is input that cannot work (an option, a dataset, a checkpoint): the
 command prints its message as one line naming the input and the fix, and exits with status 2.
+The specific kinds (:class:`resdistill.checkpoint.CheckpointError`,
+:class:`resdistill.eval.evaluate.EvaluationError`) derive from it, so a command catches one class.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Checkpoints are written in the teacher's ``model.pt`` format (see ``resdistill.t
 ``model_payload``) from small ResNets whose heads are fitted here to a contract-conforming
 dataset (``tests.fixtures_data.write_dataset``), so that the metrics are far from chance and a
 label or key mix-up would show. Predictions are checked against an independent pass that reads
-the tar shards with ``tarfile`` and PIL, the metrics against ``resdistill.eval.metrics`` and
+the tar shards with ``tarfile`` and PIL, the metrics against ``resdistill.eval.bootstrap`` and
 scikit-learn on those predictions, the FLOPs against ``count_flops``, and ``predict`` against the
 sharding planner's functions on the real Aperio slide.
 """
@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resdistill import train_loop as T
+from resdistill import checkpoint as T
 from resdistill.commands import evaluate as eval_cmd
 from resdistill.commands import predict as predict_cmd
 from resdistill.models import build_model
@@ -251,7 +251,8 @@ def test_evaluate_metrics_match_resdistill_metrics_and_sklearn(
 ) -> None:
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-    from resdistill.eval.metrics import aggregate_slides, evaluate_predictions
+    from resdistill.eval.bootstrap import evaluate_predictions
+    from resdistill.eval.metrics import aggregate_slides
 
     report = json.loads((evaluated[1] / "evaluation.json").read_text())
     for m in report["models"]:
@@ -331,7 +332,7 @@ def test_evaluate_tune_result_json_on_s3(
     tiny_dataset_s3: str, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     """Checkpoint, dataset and output on S3; the model named by a tune result JSON."""
-    from resdistill.evaluate import evaluate_models
+    from resdistill.eval.evaluate import evaluate_models
     from sharding.storage import open_storage
 
     ckpt_url = tiny_dataset_s3.rsplit("/", 1)[0] + "/runs/t1/checkpoint_epoch0001"
@@ -355,7 +356,7 @@ def test_evaluate_tune_result_json_on_s3(
     assert doc["data"] == tiny_dataset_s3
     assert open_storage(out).exists("predictions-teacher.csv")
 
-    from resdistill.evaluate import CheckpointError, load_model
+    from resdistill.checkpoint import CheckpointError, load_model
 
     missing = tiny_dataset_s3.rsplit("/", 1)[0] + "/runs/t1/checkpoint_epoch0009"
     with pytest.raises(CheckpointError, match="no model.pt there"):
@@ -366,7 +367,7 @@ def test_evaluate_tune_result_json_on_s3(
 
 def test_resolve_spec_forms(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     """A folder, its model.pt, a tune result, a run summary, a relative path in a JSON."""
-    from resdistill.evaluate import load_model, resolve_spec
+    from resdistill.checkpoint import load_model, resolve_spec
 
     folder = checkpoints["teacher"]
     assert resolve_spec(folder) == (str(folder), T.MODEL_FILE, None)

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from resdistill.eval.bootstrap import bootstrap_ci, evaluate_predictions
 from resdistill.eval.metrics import (
     accuracy,
     aggregate_slides,
     binary_roc_auc,
-    bootstrap_ci,
     confusion_matrix,
-    evaluate_predictions,
     macro_auc,
     macro_f1,
     macro_precision,

@@ -154,7 +154,7 @@ def test_asha_stops_weak_trials_and_best_json_loads(
 ) -> None:
     """Two good learning rates start first (max 2 at once); the two tiny ones reach the first
     rung after them, rank in the bottom half and are stopped there (grace period 1)."""
-    from resdistill.evaluate import load_model
+    from resdistill.checkpoint import load_model
 
     best_json = tmp_path / "best.json"
     argv = _argv(str(tiny_dataset), trained_teacher, tmp_path / "runs", "asha",

@@ -204,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
             student += ["--targets", cached_targets(f"teacher-targets-{pct}", teacher_pct)]
         models[f"distilled-{pct}"] = train_student(f"distilled-{pct}", student)
 
-    from resdistill.evaluate import evaluate_models, format_table
+    from resdistill.eval.evaluate import evaluate_models
+    from resdistill.eval.report import format_table
 
     stage("evaluate")
     report = evaluate_models(

@@ -72,8 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from resdistill.checkpoint import CheckpointError
-    from resdistill.evaluate import EvaluationError, evaluate_models, format_table
+    from resdistill.errors import UsageError
+    from resdistill.eval.evaluate import evaluate_models
+    from resdistill.eval.report import format_table
     from sharding.storage import StorageError
 
     console = Console(highlight=False)
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             plots=not args.no_plots,
             log=lambda msg: err.print(msg, style="dim", markup=False, soft_wrap=True),
         )
-    except (EvaluationError, CheckpointError, StorageError, FileNotFoundError) as exc:
+    except (UsageError, StorageError, FileNotFoundError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
     console.print(format_table(report))

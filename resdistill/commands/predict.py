@@ -63,11 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from resdistill.checkpoint import CheckpointError, load_model
-    from resdistill.evaluate import EvaluationError
-    from resdistill.predict import predict_slide, write_prediction
+    from resdistill.checkpoint import load_model
+    from resdistill.errors import UsageError
+    from resdistill.eval.predict import heatmap_classes, predict_slides, tile_px_of
     from sharding.pipeline import find_slides
-    from sharding.slide import SlideError
     from sharding.storage import StorageError
 
     console = Console(highlight=False)
@@ -83,28 +82,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         model = load_model(args.checkpoint, device=args.device or "cpu")
-    except (EvaluationError, CheckpointError, StorageError) as exc:
+        tile_px_of(model)
+        heatmap_classes(args.heatmap, model.classes)
+    except (UsageError, StorageError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
-    if not model.tile_px:
-        print(
-            f"predict: error: {model.url}: the checkpoint does not record tile_px, needed to tile a slide",
-            file=sys.stderr,
-        )
-        return 2
-    if args.heatmap not in ("predicted", "all"):
-        unknown = [
-            c for c in args.heatmap.split(",") if c.strip() and c.strip() not in model.classes
-        ]
-        if unknown:
-            print(
-                f"predict: error: --heatmap: unknown class(es) {unknown}: the model's classes are {model.classes}",
-                file=sys.stderr,
-            )
-            return 2
+
+    def skip(message: str) -> None:
+        err.print(f"[red]skipped[/red] {escape(message)}", soft_wrap=True)
+
     found, problems = find_slides(args.slides)
     for problem in problems:
-        err.print(f"[red]skipped[/red] {escape(problem)}", soft_wrap=True)
+        skip(problem)
     if not found:
         print(
             "predict: error: no slide to predict (no file given, or the folders hold none)",
@@ -117,26 +106,21 @@ def run(args: argparse.Namespace) -> int:
     )
     for col in ("slide", "class", "probability", "tiles", "grid", "seconds"):
         table.add_column(col)
-    skipped = len(problems)
-    for sid, path in found.items():
-        try:
-            pred = predict_slide(
-                model, path, batch_size=args.batch_size, min_tissue=args.min_tissue,
-                mpp=args.mpp, device=args.device, slide_id=sid,
+    predicted = 0
+    try:
+        for pred in predict_slides(
+            model, found, args.out, heatmap=args.heatmap, alpha=args.alpha, cmap=args.cmap,
+            batch_size=args.batch_size, min_tissue=args.min_tissue, mpp=args.mpp,
+            device=args.device, on_skip=skip,
+        ):  # fmt: skip
+            predicted += 1
+            table.add_row(
+                pred.slide_id, pred.predicted, f"{float(pred.probs.max()):.3f}",
+                str(pred.n_tiles), f"{pred.plan.rows}x{pred.plan.cols}", f"{pred.seconds:.1f}",
             )  # fmt: skip
-            write_prediction(pred, args.out, classes=args.heatmap, alpha=args.alpha, cmap=args.cmap)
-        except (SlideError, EvaluationError, CheckpointError) as exc:
-            err.print(f"[red]skipped[/red] {escape(str(exc))}", soft_wrap=True)
-            skipped += 1
-            continue
-        except StorageError as exc:
-            print(f"predict: error: {exc}", file=sys.stderr)
-            return 2
-        top = float(pred.probs.max())
-        table.add_row(
-            sid, pred.predicted, f"{top:.3f}", str(pred.n_tiles),
-            f"{pred.plan.rows}x{pred.plan.cols}", f"{pred.seconds:.1f}",
-        )  # fmt: skip
+    except StorageError as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return 2
     console.print(table)
     console.print(f"output: {args.out}", soft_wrap=True)
-    return 1 if skipped else 0
+    return 1 if problems or predicted < len(found) else 0

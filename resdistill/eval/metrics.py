@@ -1,17 +1,19 @@
-"""Classification metrics with bootstrap confidence intervals, tile- and slide-level (numpy only).
+"""Classification metrics, tile- and slide-level (numpy only); their bootstrap intervals are in
+:mod:`resdistill.eval.bootstrap`.
 
-Conventions (shared by ``evaluate`` and the plots):
+Conventions (shared by ``evaluate``, :mod:`~resdistill.eval.bootstrap` and the plots):
 
 * ``y_true``: shape ``(N,)``, integer class indices ``0..K-1`` (or class names when ``classes`` is
-  given to :func:`evaluate_predictions`). ``y_prob``: shape ``(N, K)``, one score per class
-  (softmax probabilities; any score where higher means "more likely" works for AUC).
+  given to :func:`~resdistill.eval.bootstrap.evaluate_predictions`). ``y_prob``: shape
+  ``(N, K)``, one score per class (softmax probabilities; any score where higher means "more
+  likely" works for AUC).
 * The predicted class is ``argmax(y_prob, axis=1)`` (ties -> lowest index).
 * Macro averages (F1, precision, recall) are unweighted means over the classes that occur in
   ``y_true`` or ``y_pred`` (scikit-learn's default), or over ``labels`` when given. A per-class
   ratio with a zero denominator counts as 0 (scikit-learn's ``zero_division=0``).
 * One-vs-rest ROC AUC of class ``k`` is the Mann-Whitney statistic: the probability that a random
   positive (true class ``k``) scores higher than a random negative, ties counting 1/2. It is
-  **undefined (NaN; ``None`` in** :func:`evaluate_predictions` **output) when class ``k`` has no
+  **undefined (NaN; ``None`` in** ``evaluate_predictions`` **output) when class ``k`` has no
   positive or no negative sample** - e.g. a class absent from ``y_true``, or every class when
   ``y_true`` holds a single class. ``macro_auc`` is the mean over the classes where it is defined.
 * Empty input raises ``ValueError``.
@@ -20,7 +22,7 @@ Conventions (shared by ``evaluate`` and the plots):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,16 +32,15 @@ __all__ = [
     "accuracy",
     "aggregate_slides",
     "binary_roc_auc",
-    "bootstrap_ci",
     "confusion_matrix",
     "confusion_scores",
-    "evaluate_predictions",
     "macro_auc",
     "macro_f1",
     "macro_precision",
     "macro_recall",
     "per_class_auc",
     "precision_recall_f1",
+    "prf_from_confusion",
     "roc_curve",
 ]
 
@@ -47,7 +48,8 @@ MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
 
 # ----------------------------------------------------------------------------- input checks
-def _labels_1d(y: Any, name: str = "y_true") -> np.ndarray:
+def labels_1d(y: Any, name: str = "y_true") -> np.ndarray:
+    """``y`` as 1-D int64 class indices (whole floats accepted); ValueError naming ``name``."""
     arr = np.asarray(y)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
@@ -63,7 +65,8 @@ def _labels_1d(y: Any, name: str = "y_true") -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _probs_2d(y_prob: Any, n: int | None = None) -> np.ndarray:
+def probs_2d(y_prob: Any, n: int | None = None) -> np.ndarray:
+    """``y_prob`` as finite ``(N, K)`` float64 (a 1-D score is one column), ``N == n`` if given."""
     arr = np.asarray(y_prob, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr[:, None]
@@ -79,8 +82,8 @@ def _probs_2d(y_prob: Any, n: int | None = None) -> np.ndarray:
 
 
 def _pair(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
-    t = _labels_1d(y_true, "y_true")
-    p = _labels_1d(y_pred, "y_pred")
+    t = labels_1d(y_true, "y_true")
+    p = labels_1d(y_pred, "y_pred")
     if t.shape != p.shape:
         raise ValueError(f"y_true has {t.size} samples but y_pred has {p.size}")
     return t, p
@@ -122,11 +125,11 @@ def precision_recall_f1(
     if lab.size == 0:
         raise ValueError("labels is empty")
     k = int(max(t.max(), p.max(), lab.max())) + 1
-    precision, recall, f1 = _prf_from_confusion(confusion_matrix(t, p, k), lab)
+    precision, recall, f1 = prf_from_confusion(confusion_matrix(t, p, k), lab)
     return lab, precision, recall, f1
 
 
-def _prf_from_confusion(
+def prf_from_confusion(
     cm: np.ndarray, labels: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-class precision, recall, F1 for ``labels`` from a (possibly weighted) confusion matrix."""
@@ -147,14 +150,15 @@ def confusion_scores(cm: Any) -> dict[str, float]:
 
     ``accuracy = trace(cm) / sum(cm)``; macro F1 as :func:`macro_f1` (over the classes that occur
     among the labels or the predictions). NaN for an empty matrix. Training validation sums the
-    ranks' matrices and scores the total here, so it agrees with :func:`evaluate_predictions`.
+    ranks' matrices and scores the total here, so it agrees with
+    :func:`resdistill.eval.bootstrap.evaluate_predictions`.
     """
     cm = np.asarray(cm, dtype=np.float64)
     total = float(cm.sum())
     if total == 0:
         return {"accuracy": float("nan"), "macro_f1": float("nan"), "samples": 0.0}
     present = np.flatnonzero((cm.sum(axis=0) + cm.sum(axis=1)) > 0)
-    f1 = _prf_from_confusion(cm, present)[2]
+    f1 = prf_from_confusion(cm, present)[2]
     return {"accuracy": float(np.trace(cm)) / total, "macro_f1": float(f1.mean()), "samples": total}
 
 
@@ -243,8 +247,8 @@ def roc_curve(y_binary: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def per_class_auc(y_true: Any, y_prob: Any) -> np.ndarray:
     """One-vs-rest AUC for each of the K columns of ``y_prob``; NaN where undefined."""
-    t = _labels_1d(y_true)
-    p = _probs_2d(y_prob, t.size)
+    t = labels_1d(y_true)
+    p = probs_2d(y_prob, t.size)
     return np.array([binary_roc_auc(t == k, p[:, k]) for k in range(p.shape[1])])
 
 
@@ -253,214 +257,6 @@ def macro_auc(y_true: Any, y_prob: Any) -> float:
     aucs = per_class_auc(y_true, y_prob)
     ok = np.isfinite(aucs)
     return float(aucs[ok].mean()) if ok.any() else math.nan
-
-
-# ----------------------------------------------------------------------------- bootstrap
-def bootstrap_ci(
-    metric_fn: MetricFn,
-    y_true: Any,
-    y_prob: Any,
-    n: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """``(point, low, high)``: the metric on all data and a percentile bootstrap interval.
-
-    ``n`` resamples of the N samples are drawn with replacement (``numpy.random.default_rng(seed)``,
-    so the result is deterministic for a seed); ``metric_fn(y_true[idx], y_prob[idx])`` is
-    evaluated on each, and ``low``/``high`` are the ``alpha/2`` and ``1 - alpha/2`` percentiles
-    (linear interpolation) of the finite values. Resamples where the metric is undefined (NaN,
-    e.g. an AUC whose class was not drawn) are left out; if none is finite, low = high = NaN.
-    The point estimate is *not* forced into the interval (with a skewed distribution a percentile
-    interval can in principle exclude it).
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    t = np.asarray(y_true)
-    p = np.asarray(y_prob)
-    if t.shape[0] == 0:
-        raise ValueError("bootstrap_ci: empty input")
-    if p.shape[0] != t.shape[0]:
-        raise ValueError(f"y_true has {t.shape[0]} samples but y_prob has {p.shape[0]}")
-    point = float(metric_fn(t, p))
-    values = np.array([metric_fn(t[idx], p[idx]) for idx in _resamples(t.shape[0], n, seed)])
-    low, high = _percentile_interval(values, alpha)
-    return point, low, high
-
-
-def _resamples(size: int, n: int, seed: int) -> Iterator[np.ndarray]:
-    """The ``n`` bootstrap index vectors used everywhere in this module (same seed, same draws)."""
-    rng = np.random.default_rng(seed)
-    for _ in range(n):
-        yield rng.integers(0, size, size=size)
-
-
-def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
-    """``alpha/2`` and ``1 - alpha/2`` percentiles of the finite ``values`` (NaN, NaN if none)."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return math.nan, math.nan
-    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(low), float(high)
-
-
-class _WeightedMetrics:
-    """All report metrics of one sample set under integer sample weights, in O(N K) per call.
-
-    A bootstrap resample ``idx`` is the original samples weighted by ``w = bincount(idx)``; every
-    metric here is a function of such weights: the confusion matrix is a weighted count, and the
-    Mann-Whitney AUC is ``sum_pos w_i (W_neg below s_i + W_neg tied with s_i / 2) / (W_pos W_neg)``
-    over tie groups of the scores sorted once. Gives the same numbers as the plain functions on
-    ``(y_true[idx], y_prob[idx])`` without re-sorting for each resample.
-    """
-
-    def __init__(self, y_true: np.ndarray, y_prob: np.ndarray) -> None:
-        self.k = y_prob.shape[1]
-        self.cells = y_true * self.k + y_prob.argmax(axis=1)
-        self.sorted: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for c in range(self.k):
-            order = np.argsort(y_prob[:, c], kind="mergesort")
-            scores = y_prob[order, c]
-            starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
-            self.sorted.append((order, y_true[order] == c, starts))
-
-    def __call__(self, w: np.ndarray) -> dict[str, Any]:
-        k = self.k
-        cm = np.bincount(self.cells, weights=w, minlength=k * k).reshape(k, k)
-        labels = np.flatnonzero((cm.sum(axis=0) + cm.sum(axis=1)) > 0)
-        precision, recall, f1 = _prf_from_confusion(cm, labels)
-        aucs = np.empty(k)
-        for c, (order, positive, starts) in enumerate(self.sorted):
-            ws = w[order]
-            pos = np.add.reduceat(np.where(positive, ws, 0.0), starts)
-            neg = np.add.reduceat(np.where(positive, 0.0, ws), starts)
-            w_pos, w_neg = pos.sum(), neg.sum()
-            if w_pos == 0 or w_neg == 0:
-                aucs[c] = math.nan
-                continue
-            neg_below = np.cumsum(neg) - neg
-            aucs[c] = float(np.sum(pos * (neg_below + 0.5 * neg)) / (w_pos * w_neg))
-        defined = np.isfinite(aucs)
-        return {
-            "accuracy": float(np.trace(cm) / cm.sum()),
-            "macro_f1": float(f1.mean()),
-            "macro_precision": float(precision.mean()),
-            "macro_recall": float(recall.mean()),
-            "macro_auc": float(aucs[defined].mean()) if defined.any() else math.nan,
-            "auc": aucs,
-        }
-
-
-# ----------------------------------------------------------------------------- reports
-def _num(x: float) -> float | None:
-    """JSON-friendly float: NaN -> None."""
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-def _ci_dict(point: float, low: float, high: float) -> dict[str, float | None]:
-    return {"value": _num(point), "low": _num(low), "high": _num(high)}
-
-
-def _encode_labels(y_true: Any, classes: Sequence[str]) -> np.ndarray:
-    arr = np.asarray(y_true)
-    if arr.ndim != 1:
-        raise ValueError(f"y_true must be 1-D, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError("y_true is empty: nothing to evaluate")
-    if arr.dtype.kind in "USO":
-        index = {name: i for i, name in enumerate(classes)}
-        unknown = sorted({str(v) for v in arr.tolist() if v not in index})
-        if unknown:
-            raise ValueError(f"y_true holds labels not in classes {list(classes)}: {unknown[:5]}")
-        return np.array([index[v] for v in arr.tolist()], dtype=np.int64)
-    t = _labels_1d(arr)
-    if t.max() >= len(classes):
-        raise ValueError(f"class index {t.max()} out of range for {len(classes)} classes")
-    return t
-
-
-def evaluate_predictions(
-    y_true: Any,
-    y_prob: Any,
-    classes: Sequence[str],
-    *,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-    with_roc: bool = True,
-) -> dict[str, Any]:
-    """All metrics with ``1 - alpha`` bootstrap intervals, as a JSON-serialisable dict.
-
-    ``y_true``: class indices or class names (from ``classes``); ``y_prob``: ``(N, len(classes))``.
-    Returns::
-
-        {"n": N, "classes": [...], "alpha": alpha, "n_boot": n_boot, "seed": seed,
-         "support": {class: count},
-         "accuracy" | "macro_f1" | "macro_precision" | "macro_recall" | "macro_auc":
-             {"value": v, "low": lo, "high": hi},
-         "auc": {class: {"value", "low", "high"}},      # None where undefined (see module doc)
-         "confusion_matrix": [[...]],                  # rows true, columns predicted
-         "roc": {class: {"fpr": [...], "tpr": [...]}}  # only if with_roc and AUC defined
-        }
-
-    Macro F1/precision/recall average over all ``classes`` that occur in the (resampled) true or
-    predicted labels. Every interval uses the same resampled indices as :func:`bootstrap_ci` with
-    the same ``seed`` (so the numbers agree with it), computed by reweighting the samples rather
-    than re-sorting them for each resample.
-    """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    classes = list(classes)
-    if not classes:
-        raise ValueError("classes is empty")
-    t = _encode_labels(y_true, classes)
-    p = _probs_2d(y_prob, t.size)
-    if p.shape[1] != len(classes):
-        raise ValueError(f"y_prob has {p.shape[1]} columns but there are {len(classes)} classes")
-    pred = p.argmax(axis=1)
-
-    stats = _WeightedMetrics(t, p)
-    point = stats(np.ones(t.size))
-    boots = [stats(np.bincount(idx, minlength=t.size)) for idx in _resamples(t.size, n_boot, seed)]
-
-    def ci(key: str, column: int | None = None) -> dict[str, float | None]:
-        if column is None:
-            value, values = point[key], np.array([b[key] for b in boots])
-        else:
-            value, values = point[key][column], np.array([b[key][column] for b in boots])
-        if not math.isfinite(value):
-            return _ci_dict(math.nan, math.nan, math.nan)
-        return _ci_dict(value, *_percentile_interval(values, alpha))
-
-    out: dict[str, Any] = {
-        "n": int(t.size),
-        "classes": classes,
-        "alpha": alpha,
-        "n_boot": n_boot,
-        "seed": seed,
-        "support": {
-            c: int(v) for c, v in zip(classes, np.bincount(t, minlength=len(classes)), strict=True)
-        },
-    }
-    for key in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "macro_auc"):
-        out[key] = ci(key)
-    auc: dict[str, dict[str, float | None]] = {}
-    roc: dict[str, dict[str, list[float]]] = {}
-    for k, name in enumerate(classes):
-        auc[name] = ci("auc", k)
-        if with_roc and auc[name]["value"] is not None:
-            fpr, tpr, _ = roc_curve(t == k, p[:, k])
-            roc[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
-    out["auc"] = auc
-    out["confusion_matrix"] = confusion_matrix(t, pred, len(classes)).tolist()
-    if with_roc:
-        out["roc"] = roc
-    return out
 
 
 class SlidePredictions(NamedTuple):
@@ -484,7 +280,7 @@ def aggregate_slides(slide_ids: Any, y_prob: Any, y_true: Any = None) -> SlidePr
         raise ValueError(f"slide_ids must be 1-D, got shape {ids.shape}")
     if ids.size == 0:
         raise ValueError("aggregate_slides: no tiles given")
-    p = _probs_2d(y_prob, ids.size)
+    p = probs_2d(y_prob, ids.size)
     uniq, first, inv = np.unique(ids, return_index=True, return_inverse=True)
     inv = inv.reshape(-1)
     counts = np.bincount(inv, minlength=uniq.size)

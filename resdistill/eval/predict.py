@@ -1,6 +1,6 @@
 """Predict whole slides: tile probabilities at the model's magnification, the slide's class, heatmaps.
 
-For a slide file and a model (see :func:`resdistill.evaluate.load_model`) trained at magnification
+For a slide file and a model (see :func:`resdistill.checkpoint.load_model`) trained at magnification
 ``M`` on tiles of ``tile_px`` pixels, the slide is tiled exactly as the sharding planner tiles it
 (:mod:`sharding.extract`):
 
@@ -19,7 +19,11 @@ For a slide file and a model (see :func:`resdistill.evaluate.load_model`) traine
 The heatmap is a ``(rows, cols, K)`` array of tile probabilities (NaN where no tissue). Its PNG
 is the slide thumbnail (same size as :func:`sharding.tissue.thumbnail` gives) with each tissue
 tile's probability of one class painted over the thumbnail pixels it covers, through a colormap
-blended at ``alpha``.
+blended at ``alpha`` (:func:`resdistill.eval.plots.render_heatmap`).
+
+Errors are one line: :class:`sharding.slide.SlideError` for a slide that cannot be predicted (the
+caller skips it), :class:`resdistill.errors.UsageError` for a model or option that cannot work
+for any slide.
 """
 
 from __future__ import annotations
@@ -28,40 +32,28 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from resdistill.checkpoint import CheckpointError, LoadedModel
+from resdistill.errors import UsageError
+from resdistill.eval.plots import DEFAULT_CMAP, render_heatmap
+from resdistill.eval.tiling import DEFAULT_MIN_TISSUE, TilePlan, plan_tiles
+
 __all__ = [
     "SlidePrediction",
     "heatmap_classes",
-    "plan_tiles",
     "predict_slide",
-    "render_heatmap",
+    "predict_slides",
+    "tile_px_of",
     "write_prediction",
 ]
 
-DEFAULT_MIN_TISSUE = 0.5
-DEFAULT_CMAP = "viridis"
-
-
-@dataclass
-class TilePlan:
-    """The region grid of one slide at one magnification and its tissue regions."""
-
-    info: Any  # sharding.slide.SlideInfo
-    size0: int
-    rows: int
-    cols: int
-    xs: np.ndarray  # (rows * cols,) level-0 x of every grid cell, row-major
-    ys: np.ndarray
-    tissue: np.ndarray  # (rows * cols,) tissue fraction of every cell
-    keep: np.ndarray  # (rows * cols,) bool: tissue >= min_tissue
-    thumbnail: np.ndarray  # (th, tw, 3) uint8
-    thumb_scale: float  # level-0 pixels per thumbnail pixel (x)
+DEFAULT_ALPHA = 0.55
 
 
 @dataclass
@@ -146,63 +138,6 @@ class SlidePrediction:
         }
 
 
-def plan_tiles(
-    slide: Any,
-    path: str,
-    mag: Any,
-    tile_px: int,
-    *,
-    min_tissue: float = DEFAULT_MIN_TISSUE,
-    mpp: float | None = None,
-) -> TilePlan:
-    """Steps 1-3 of the module docstring for an open OpenSlide ``slide``.
-
-    Raises :class:`sharding.slide.SlideError` (one line) for a slide without mpp, a magnification
-    above the slide's, a slide smaller than one region, or a slide without tissue.
-    """
-    from sharding.magnification import Magnification
-    from sharding.slide import SlideError, check_magnification, slide_info
-    from sharding.tissue import TissueMask, grid, region_size0, thumbnail, tissue_mask
-
-    info = slide_info(slide, path, mpp)
-    magnification = Magnification.parse(mag)
-    check_magnification(info, magnification)
-    size0 = region_size0(info, magnification.mpp, tile_px)
-    try:
-        thumb, scale = thumbnail(slide, info)
-    except Exception as exc:  # OpenSlide raises on a truncated level
-        raise SlideError(
-            f"{path}: reading the slide failed ({exc}); the file may be truncated: copy it again"
-        ) from None
-    found = tissue_mask(thumb)
-    mask = TissueMask(mask=found.mask, scale=scale, threshold=found.threshold)
-    xs, ys = grid(info.width, info.height, size0)
-    if xs.size == 0:
-        raise SlideError(
-            f"{path}: the slide ({info.width}x{info.height} px) is smaller than one "
-            f"{tile_px} px tile at {magnification} ({size0} px at level 0)"
-        )
-    frac = mask.fractions(xs, ys, size0)
-    keep = frac >= min_tissue
-    if not keep.any():
-        raise SlideError(
-            f"{path}: no region has a tissue fraction >= {min_tissue:g} (best {frac.max():.2f}): "
-            "check the slide is not blank, or lower --min-tissue"
-        )
-    return TilePlan(
-        info=info,
-        size0=size0,
-        rows=info.height // size0,
-        cols=info.width // size0,
-        xs=xs,
-        ys=ys,
-        tissue=frac,
-        keep=keep,
-        thumbnail=thumb,
-        thumb_scale=float(scale),
-    )
-
-
 def _slide_id(path: str) -> str:
     import re
 
@@ -215,8 +150,18 @@ def _slide_id(path: str) -> str:
         return re.sub(r"[^A-Za-z0-9_-]", "-", stem.strip(". ")) or "slide"
 
 
+def tile_px_of(model: LoadedModel) -> int:
+    """The tile size ``model`` was trained on; :class:`CheckpointError` when its card lacks it
+    (a slide cannot be tiled without it)."""
+    if not model.tile_px:
+        raise CheckpointError(
+            f"{model.url}: the checkpoint does not record tile_px, needed to tile a slide"
+        )
+    return int(model.tile_px)
+
+
 def predict_slide(
-    model: Any,
+    model: LoadedModel,
     path: str | os.PathLike[str],
     *,
     batch_size: int = 64,
@@ -226,7 +171,7 @@ def predict_slide(
     slide_id: str | None = None,
     on_tiles: Callable[[int, int], None] | None = None,
 ) -> SlidePrediction:
-    """Predict one slide with a :class:`resdistill.evaluate.LoadedModel` (module docstring).
+    """Predict one slide with a :class:`resdistill.checkpoint.LoadedModel` (module docstring).
 
     ``on_tiles(done, total)`` is called after each batch. Raises
     :class:`sharding.slide.SlideError` for an unreadable slide and
@@ -234,15 +179,10 @@ def predict_slide(
     """
     import torch
 
-    from resdistill.checkpoint import CheckpointError
     from sharding.slide import SlideError, open_slide, read_region_at
 
     path = os.fspath(path)
-    tile_px = model.tile_px
-    if not tile_px:
-        raise CheckpointError(
-            f"{model.url}: the checkpoint does not record tile_px, needed to tile a slide"
-        )
+    tile_px = tile_px_of(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ms = model.mean_std()
     mean, std = ms if ms is not None else ([0.5] * 3, [0.25] * 3)
@@ -289,7 +229,7 @@ def predict_slide(
         model_name=model.name,
         checkpoint=model.url,
         mag=model.mag,
-        tile_px=int(tile_px),
+        tile_px=tile_px,
         classes=model.classes,
         plan=plan,
         tile_probs=tile_probs,
@@ -299,51 +239,20 @@ def predict_slide(
     )
 
 
-def render_heatmap(
-    pred: SlidePrediction,
-    class_index: int,
-    *,
-    alpha: float = 0.55,
-    cmap: str = DEFAULT_CMAP,
-) -> np.ndarray:
-    """The thumbnail ``(th, tw, 3)`` uint8 with ``p(class_index)`` of each tissue tile painted on.
-
-    Tile ``(x, y)`` covers thumbnail columns ``round(x / sx) .. round((x + size0) / sx)`` and rows
-    ``round(y / sy) .. round((y + size0) / sy)`` with ``sx = width / tw``, ``sy = height / th``
-    (adjacent tiles share edges, no gaps); there the pixel becomes
-    ``(1 - alpha) * thumbnail + alpha * colormap(p)``. Cells without tissue keep the thumbnail.
-    """
-    import matplotlib
-
-    p = pred.plan
-    thumb = p.thumbnail.astype(np.float32)
-    th, tw = thumb.shape[:2]
-    sx, sy = p.info.width / tw, p.info.height / th
-    colours = matplotlib.colormaps[cmap](pred.tile_probs[:, class_index])[:, :3] * 255.0
-    out = thumb.copy()
-    for i, colour in zip(np.flatnonzero(p.keep), colours, strict=True):
-        x, y = int(p.xs[i]), int(p.ys[i])
-        x0, x1 = int(round(x / sx)), int(round((x + p.size0) / sx))
-        y0, y1 = int(round(y / sy)), int(round((y + p.size0) / sy))
-        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
-        region = out[y0:y1, x0:x1]
-        region[:] = (1.0 - alpha) * thumb[y0:y1, x0:x1] + alpha * colour
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-
-def heatmap_classes(pred: SlidePrediction, which: str | Sequence[str] | None) -> list[str]:
-    """Classes to draw: ``None``/``"predicted"`` -> the slide's class, ``"all"`` -> every class,
-    else the named classes (ValueError for an unknown one)."""
+def heatmap_classes(which: str | Sequence[str] | None, classes: Sequence[str]) -> list[str] | None:
+    """The classes ``--heatmap`` names among ``classes``: ``None`` for ``None``/``"predicted"``
+    (each slide's own class), every class for ``"all"``, else the names of a list or of a comma
+    list; :class:`UsageError` naming an unknown one."""
     if which is None or which == "predicted":
-        return [pred.predicted]
+        return None
     if which == "all":
-        return list(pred.classes)
+        return list(classes)
     names = [which] if isinstance(which, str) else list(which)
     names = [n.strip() for part in names for n in part.split(",") if n.strip()]
-    unknown = [n for n in names if n not in pred.classes]
+    unknown = [n for n in names if n not in classes]
     if unknown:
-        raise ValueError(
-            f"--heatmap: unknown class(es) {unknown}: the model's classes are {pred.classes}"
+        raise UsageError(
+            f"--heatmap: unknown class(es) {unknown}: the model's classes are {list(classes)}"
         )
     return names
 
@@ -353,12 +262,13 @@ def write_prediction(
     out: str,
     *,
     classes: str | Sequence[str] | None = None,
-    alpha: float = 0.55,
+    alpha: float = DEFAULT_ALPHA,
     cmap: str = DEFAULT_CMAP,
 ) -> dict[str, str]:
     """Write ``<slide_id>.json``, ``<slide_id>.heatmap.npy`` (the ``(rows, cols, K)`` array) and
-    ``<slide_id>.heatmap-<class>.png`` per class of :func:`heatmap_classes` to ``out`` (a local
-    folder or ``s3://``). Returns ``{kind: url}``, also listed in the JSON under ``files``."""
+    ``<slide_id>.heatmap-<class>.png`` per class of :func:`heatmap_classes` (default: the slide's
+    class) to ``out`` (a local folder or ``s3://``). Returns ``{kind: url}``, also listed in the
+    JSON under ``files``."""
     from PIL import Image
 
     from sharding.storage import open_storage
@@ -370,8 +280,12 @@ def write_prediction(
     rel = f"{pred.slide_id}.heatmap.npy"
     store.write_bytes(rel, buf.getvalue())
     files["heatmap_npy"] = store.child_url(rel)
-    for name in heatmap_classes(pred, classes):
-        img = render_heatmap(pred, pred.classes.index(name), alpha=alpha, cmap=cmap)
+    p = pred.plan
+    for name in heatmap_classes(classes, pred.classes) or [pred.predicted]:
+        img = render_heatmap(
+            p.thumbnail, (p.info.width, p.info.height), p.xs[p.keep], p.ys[p.keep], p.size0,
+            pred.tile_probs[:, pred.classes.index(name)], alpha=alpha, cmap=cmap,
+        )  # fmt: skip
         png = io.BytesIO()
         Image.fromarray(img).save(png, format="PNG")
         rel = f"{pred.slide_id}.heatmap-{name}.png"
@@ -384,3 +298,41 @@ def write_prediction(
     doc["heatmap"] = {"colormap": cmap, "alpha": alpha, "shape": list(pred.heatmap.shape)}
     store.write_bytes(rel, json.dumps(doc, indent=1).encode())
     return files
+
+
+def predict_slides(
+    model: LoadedModel,
+    slides: Mapping[str, str | os.PathLike[str]],
+    out: str,
+    *,
+    heatmap: str | Sequence[str] | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    cmap: str = DEFAULT_CMAP,
+    batch_size: int = 64,
+    min_tissue: float = DEFAULT_MIN_TISSUE,
+    mpp: float | None = None,
+    device: str | None = None,
+    on_skip: Callable[[str], None] | None = None,
+) -> Iterator[SlidePrediction]:
+    """:func:`predict_slide` then :func:`write_prediction` for each ``{slide_id: path}``, yielding
+    each prediction once its files are written.
+
+    A slide that cannot be predicted (:class:`sharding.slide.SlideError`, or a
+    :class:`UsageError`) is skipped: ``on_skip(message)`` and the next slide. A
+    :class:`sharding.storage.StorageError` (the output cannot be written) propagates: every later
+    slide would fail the same way.
+    """
+    from sharding.slide import SlideError
+
+    for sid, path in slides.items():
+        try:
+            pred = predict_slide(
+                model, path, batch_size=batch_size, min_tissue=min_tissue, mpp=mpp,
+                device=device, slide_id=sid,
+            )  # fmt: skip
+            write_prediction(pred, out, classes=heatmap, alpha=alpha, cmap=cmap)
+        except (SlideError, UsageError) as exc:
+            if on_skip is not None:
+                on_skip(str(exc))
+            continue
+        yield pred

@@ -1,0 +1,296 @@
+"""Evaluate trained models on a dataset split: tile and slide metrics, compute cost.
+
+Pipeline for each model (a checkpoint folder, its ``model.pt``, or a tune result JSON)::
+
+    load_model(spec)                      weights + card (stage, arch, classes, mag, tile_px,
+                                          normalization) from ``model.pt`` (local or s3://),
+                                          :func:`resdistill.checkpoint.load_model`
+    predict_split(model, dataset, split)  every labelled tile of the split at the model's own
+                                          magnification, eval mode, no augmentation, the
+                                          checkpoint's normalization -> softmax probabilities
+    evaluate_models(...)                  metrics, compute table, then
+                                          :func:`resdistill.eval.report.write_report`
+
+Metrics (:func:`resdistill.eval.bootstrap.evaluate_predictions`, 95% percentile bootstrap
+intervals by default): accuracy, macro F1, macro precision, macro recall, per-class one-vs-rest
+AUC and their mean, confusion matrix, ROC points.
+
+* Tile level: one sample per tile, ``y_prob`` the model's softmax output.
+* Slide level: ``P(slide) = mean over the slide's tiles of P(tile)``
+  (:func:`resdistill.eval.metrics.aggregate_slides`), the slide's label its tiles' label; the
+  bootstrap resamples slides.
+
+Compute (:func:`resdistill.eval.compute.compute_table`): parameters, FLOPs of one tile at the
+model's input size ``(3, tile_px, tile_px)`` counted with ``FlopCounterMode`` (2 FLOPs per
+multiply-accumulate), and measured inference images/s on this machine.
+
+Errors that stop an evaluation before any work are one-line :class:`EvaluationError`\\ s (a
+dataset without the checkpoint's magnification, a class list that differs from the dataset's, a
+split without labelled tiles) or :class:`resdistill.checkpoint.CheckpointError`\\ s; both are
+:class:`resdistill.errors.UsageError`\\ s.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from resdistill.checkpoint import LoadedModel, load_model
+from resdistill.errors import UsageError
+from resdistill.eval.report import write_report
+from resdistill.eval.results import EvaluationReport, ModelEvaluation, TilePredictions
+
+__all__ = [
+    "EvaluationError",
+    "MismatchError",
+    "check_compatible",
+    "evaluate_models",
+    "predict_split",
+]
+
+#: ROC points per curve kept in ``evaluation.json`` (the plots use every point).
+ROC_JSON_POINTS = 1000
+
+
+class EvaluationError(UsageError):
+    """Input that cannot be evaluated; the message is one line naming the input and the fix."""
+
+
+class MismatchError(EvaluationError):
+    """A model and a dataset that do not fit together: magnification, classes, size."""
+
+
+def unique_names(names: Sequence[str], mags: Sequence[str]) -> list[str]:
+    """Make display names unique: ``name`` -> ``name@mag`` when clashing, then ``-2``, ``-3``..."""
+    out = list(names)
+    counts: dict[str, int] = {}
+    for n in out:
+        counts[n] = counts.get(n, 0) + 1
+    out = [f"{n}@{m}" if counts[n] > 1 else n for n, m in zip(out, mags, strict=True)]
+    seen: dict[str, int] = {}
+    final = []
+    for n in out:
+        seen[n] = seen.get(n, 0) + 1
+        final.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return final
+
+
+def check_compatible(model: LoadedModel, info: Any) -> str:
+    """Check that ``info`` (a :class:`resdistill.data.DatasetInfo`) can feed ``model``.
+
+    Returns the dataset's magnification name. Raises :class:`MismatchError` when the dataset has
+    no images at the model's magnification, its classes differ from the model's (same names in
+    the same, sorted, order), or its tile size there differs from the one the model was trained on.
+    """
+    from sharding.magnification import Magnification
+
+    mag = model.mag
+    if mag not in info.magnifications:
+        have = ", ".join(str(Magnification.parse(m)) for m in info.magnifications)
+        want = Magnification.parse(mag)
+        raise MismatchError(
+            f"{model.url}: {model.name} works at {want} but dataset {info.url} has only {have}: "
+            f"evaluate on a dataset sharded with {want} in --mags"
+        )
+    if list(info.classes) != model.classes:
+        raise MismatchError(
+            f"{model.url}: class mismatch: {model.name} predicts {model.classes} but dataset "
+            f"{info.url} has {list(info.classes)}: evaluate on a dataset with the same classes"
+        )
+    want, have = model.tile_px, info.tile_px.get(mag)
+    if want and have and int(have) != want:
+        raise MismatchError(
+            f"{model.url}: {model.name} was trained on {want} px tiles at {mag} but dataset "
+            f"{info.url} has {have} px tiles there (another --tile-px): reshard with a matching size"
+        )
+    return mag
+
+
+def _with_model_norm(info: Any, model: LoadedModel, mag: str) -> Any:
+    """``info`` whose normalization at ``mag`` is the model's own (as it was trained)."""
+    ms = model.mean_std()
+    if ms is None:
+        return info
+    norm = dict(info.normalization)
+    norm[mag] = {"mean": ms[0], "std": ms[1]}
+    return replace(info, normalization=norm)
+
+
+def _auto_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def predict_split(
+    model: LoadedModel,
+    info: Any,
+    split: str = "test",
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str | None = None,
+    manifest: Any = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> TilePredictions:
+    """Run ``model`` over the labelled tiles of ``split`` of ``info`` at the model's magnification.
+
+    Reads with :func:`resdistill.data.make_loader` (``train=False``: shards in order, each sample
+    once, no augmentation) normalising with the checkpoint's mean/std; the model runs in eval mode
+    under ``torch.inference_mode``; ``probs = softmax(logits)``. ``on_batch(n)`` is called with
+    the size of each batch (progress).
+    """
+    import torch
+
+    from resdistill.data import make_loader, read_manifest
+
+    mag = check_compatible(model, info)
+    device = device or _auto_device()
+    if manifest is None:
+        manifest = read_manifest(info.url, columns=("key", "slide", "split", "label", "shard"))
+    cols = manifest.select(["key", "slide"]).to_pydict()
+    slide_of = dict(zip(cols["key"], cols["slide"], strict=True))
+    loader = make_loader(
+        _with_model_norm(info, model, mag),
+        [split],
+        [mag],
+        batch_size=batch_size,
+        train=False,
+        num_workers=num_workers,
+        labelled_only=True,
+        pin_memory=device.startswith("cuda"),
+        manifest=manifest,
+    )
+    net = model.model
+    net.eval().to(device)
+    keys: list[str] = []
+    labels: list[np.ndarray] = []
+    probs: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for batch in loader.epoch():
+                x = batch.images[0].to(device, non_blocking=True)
+                logits, _ = net(x)
+                probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64))
+                labels.append(batch.labels.numpy())
+                keys.extend(batch.keys)
+                if on_batch is not None:
+                    on_batch(len(batch))
+    finally:
+        loader.close()
+    seconds = time.perf_counter() - t0
+    if not keys:
+        raise EvaluationError(
+            f"{info.url}: split {split!r} has no labelled tiles: choose another --split"
+        )
+    return TilePredictions(
+        keys=keys,
+        slides=np.array([slide_of.get(k, k.rsplit("_", 2)[0]) for k in keys]),
+        labels=np.concatenate(labels).astype(np.int64),
+        probs=np.concatenate(probs),
+        seconds=seconds,
+    )
+
+
+def evaluate_models(
+    specs: Sequence[str | os.PathLike[str] | LoadedModel],
+    data: str,
+    split: str = "test",
+    *,
+    out: str | None = None,
+    names: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str | None = None,
+    bench_batch: int = 32,
+    bench_seconds: float = 2.0,
+    bench_repeats: int = 5,
+    plots: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> EvaluationReport:
+    """Evaluate every model of ``specs`` on ``split`` of the dataset ``data``; write to ``out``.
+
+    All models are loaded and checked against the dataset first (:func:`check_compatible`), so a
+    mismatch fails before any long work. Then, per model: :func:`predict_split`, tile metrics,
+    slide metrics (mean tile probability per slide) with ``n_boot`` bootstrap resamples at level
+    ``1 - alpha``, and a compute row (FLOPs of one ``(3, tile_px, tile_px)`` tile, images/s
+    measured with batches of ``bench_batch`` for about ``bench_seconds``). With ``out`` the
+    report is written by :func:`write_report`.
+    """
+    from resdistill.data import DatasetInfo, read_manifest
+    from resdistill.eval.bootstrap import evaluate_predictions
+    from resdistill.eval.compute import compute_table
+    from resdistill.eval.metrics import aggregate_slides
+
+    if not specs:
+        raise EvaluationError("no model given: pass one or more checkpoints")
+    if names is not None and len(names) != len(specs):
+        raise EvaluationError(f"{len(names)} names for {len(specs)} models")
+    device = device or _auto_device()
+    say = log or (lambda _msg: None)
+    models = [s if isinstance(s, LoadedModel) else load_model(s) for s in specs]
+    if names is not None:
+        for m, n in zip(models, names, strict=True):
+            m.name = n
+    for m, n in zip(
+        models, unique_names([m.name for m in models], [m.mag for m in models]), strict=True
+    ):
+        m.name = n
+    try:
+        info = DatasetInfo.load(data)
+    except FileNotFoundError as exc:
+        raise EvaluationError(str(exc)) from None
+    for m in models:
+        check_compatible(m, info)
+    manifest = read_manifest(info.url, columns=("key", "slide", "split", "label", "shard"))
+
+    results: list[ModelEvaluation] = []
+    for m in models:
+        mag = m.mag
+        px = int(m.tile_px or info.tile_px[mag])
+        say(f"{m.name}: {m.meta.get('arch')} at {mag} ({px} px) on {info.url} [{split}]")
+        preds = predict_split(
+            m, info, split, batch_size=batch_size, num_workers=num_workers, device=device,
+            manifest=manifest,
+        )  # fmt: skip
+        tile = evaluate_predictions(
+            preds.labels, preds.probs, m.classes, n_boot=n_boot, alpha=alpha, seed=seed
+        )
+        _thin_roc(tile)
+        agg = aggregate_slides(preds.slides, preds.probs, preds.labels)
+        slide = evaluate_predictions(
+            agg.y_true, agg.y_prob, m.classes, n_boot=n_boot, alpha=alpha, seed=seed
+        )
+        slide["slides"] = [str(s) for s in agg.slide_ids]
+        slide["tiles_per_slide"] = [int(n) for n in agg.n_tiles]
+        slide["prob"] = agg.y_prob.tolist()
+        say(f"{m.name}: measuring FLOPs and images/s at (3, {px}, {px}) on {device}")
+        compute = compute_table(
+            {m.name: (m.model, (3, px, px))}, batch=bench_batch, seconds=bench_seconds,
+            device=device, repeats=bench_repeats, warmup=1,
+        )[0]  # fmt: skip
+        results.append(ModelEvaluation(m.name, m, preds, tile, slide, compute))
+    report = EvaluationReport(info.url, split, results, n_boot, alpha, seed)
+    if out is not None:
+        write_report(report, out, plots=plots)
+    return report
+
+
+def _thin_roc(metrics: dict[str, Any], max_points: int = ROC_JSON_POINTS) -> None:
+    """Keep at most ``max_points`` evenly spaced points (first and last included) of each ROC
+    curve in ``metrics["roc"]``, so the JSON stays small for large splits (plots use all)."""
+    for curve in (metrics.get("roc") or {}).values():
+        n = len(curve["fpr"])
+        if n > max_points:
+            idx = np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
+            curve["fpr"] = [curve["fpr"][i] for i in idx]
+            curve["tpr"] = [curve["tpr"][i] for i in idx]
