@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 def make_dataset(work: Path, slides: int, mags: str) -> str:
     """Synthetic slides -> shards in ``work/dataset`` (small shards so workers can split them)."""
     from sharding.pipeline import run_shard
-    from sharding.synth import LABELS_CSV, write_synthetic_slides
+    from sharding.synthetic import LABELS_CSV, write_synthetic_slides
 
     slide_dir = work / "slides"
     write_synthetic_slides(slide_dir, slides, seed=0, size_um=(3000.0, 2400.0))

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from sharding.extract import SlideJob, plan_slide  # noqa: E402
 from sharding.options import ShardOptions  # noqa: E402
 from sharding.pipeline import run_shard  # noqa: E402
-from sharding.synth import write_synthetic_slides  # noqa: E402
+from sharding.synthetic import write_synthetic_slides  # noqa: E402
 
 MAGS = "10,5,2.5,1.25"
 TILE_PX = 224

@@ -70,7 +70,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def make_slides(work: Path, n: int, size_um: tuple[float, float]) -> Path:
-    from sharding.synth import write_synthetic_slides
+    from sharding.synthetic import write_synthetic_slides
 
     out = work / "slides"
     write_synthetic_slides(out, n, seed=0, size_um=size_um)
@@ -80,7 +80,7 @@ def make_slides(work: Path, n: int, size_um: tuple[float, float]) -> Path:
 def make_dataset(slides: Path, out: Path) -> str:
     """The slides sharded at 10x/5x/2.5x/1.25x (224/112/56/28 px), half the slides train, half val."""
     from sharding.pipeline import run_shard
-    from sharding.synth import LABELS_CSV
+    from sharding.synthetic import LABELS_CSV
 
     rep = run_shard(
         [slides], str(out), mags=MAGS, tile_px=TILE_PX, labels=slides / LABELS_CSV, workers=0,

@@ -19,14 +19,13 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .slide import SLIDE_SUFFIXES, SlideError
-from .storage import s3_client, split_s3_url
+from .slide_files import SLIDE_SUFFIXES, SlideError
+from .storage import is_remote, s3_client, split_s3_url
 
 DEFAULT_CACHE_GB = 50.0
 
-
-def is_s3(path: str) -> bool:
-    return str(path).lower().startswith("s3://")
+#: True for an ``s3://`` slide path (the storage URL rule).
+is_s3 = is_remote
 
 
 def list_s3_slides(url: str) -> list[str]:

@@ -20,19 +20,13 @@ import numpy as np
 from PIL import Image
 
 from .magnification import Magnification
+from .remote_slides import is_s3, local_copy
+from .slide_files import SLIDE_SUFFIXES as SLIDE_SUFFIXES  # re-exported: the slide file contract
+from .slide_files import SlideError
 
 #: Levels whose downsample exceeds the wanted one by less than this factor still count as "at or
 #: above" the magnification (vendors store e.g. 4.000244 for a 4x level).
 LEVEL_TOLERANCE = 1e-3
-
-#: File extensions scanned when a folder is given (OpenSlide's formats).
-SLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
-)
-
-
-class SlideError(Exception):
-    """A slide that cannot be sharded; the message is one line naming the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -87,9 +81,7 @@ def open_slide(path: str | Path):
     import openslide
 
     path = str(path)
-    if path.lower().startswith("s3://"):
-        from .remote_slides import local_copy
-
+    if is_s3(path):
         path = local_copy(path)
     if not Path(path).is_file():
         raise SlideError(f"{path}: no such file: check the path")

