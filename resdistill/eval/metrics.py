@@ -191,13 +191,8 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def binary_roc_auc(y_binary: Any, score: Any) -> float:
-    """Tie-aware ROC AUC (Mann-Whitney U / (n_pos * n_neg)); NaN when a class is missing.
-
-    ``AUC = (sum of ranks of the positives - n_pos (n_pos + 1) / 2) / (n_pos * n_neg)`` with
-    average ranks for tied scores, i.e. ``P(score_pos > score_neg) + 0.5 P(equal)``. This equals
-    the area under the (trapezoidal) ROC curve of :func:`roc_curve`.
-    """
+def _binary_input(y_binary: Any, score: Any, caller: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(bool labels, float64 scores)``, 1-D and of equal, non-zero length (else ValueError)."""
     y = np.asarray(y_binary).astype(bool)
     s = np.asarray(score, dtype=np.float64)
     if y.ndim != 1 or s.shape != y.shape:
@@ -205,7 +200,18 @@ def binary_roc_auc(y_binary: Any, score: Any) -> float:
             f"y_binary and score must be 1-D of equal length, got {y.shape}, {s.shape}"
         )
     if y.size == 0:
-        raise ValueError("binary_roc_auc: empty input")
+        raise ValueError(f"{caller}: empty input")
+    return y, s
+
+
+def binary_roc_auc(y_binary: Any, score: Any) -> float:
+    """Tie-aware ROC AUC (Mann-Whitney U / (n_pos * n_neg)); NaN when a class is missing.
+
+    ``AUC = (sum of ranks of the positives - n_pos (n_pos + 1) / 2) / (n_pos * n_neg)`` with
+    average ranks for tied scores, i.e. ``P(score_pos > score_neg) + 0.5 P(equal)``. This equals
+    the area under the (trapezoidal) ROC curve of :func:`roc_curve`.
+    """
+    y, s = _binary_input(y_binary, score, "binary_roc_auc")
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -223,14 +229,7 @@ def roc_curve(y_binary: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.nda
     positive (negative) sample, ``tpr`` (``fpr``) is NaN. Matches scikit-learn's
     ``roc_curve(..., drop_intermediate=False)``.
     """
-    y = np.asarray(y_binary).astype(bool)
-    s = np.asarray(score, dtype=np.float64)
-    if y.ndim != 1 or s.shape != y.shape:
-        raise ValueError(
-            f"y_binary and score must be 1-D of equal length, got {y.shape}, {s.shape}"
-        )
-    if y.size == 0:
-        raise ValueError("roc_curve: empty input")
+    y, s = _binary_input(y_binary, score, "roc_curve")
     order = np.argsort(-s, kind="mergesort")
     ss, ys = s[order], y[order]
     last_of_run = np.r_[ss[1:] != ss[:-1], True]
