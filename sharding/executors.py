@@ -1,0 +1,96 @@
+"""Where the sharding driver runs its slide tasks: in-process (``workers=0``) or as Ray tasks.
+
+Both executors offer ``submit(fn, *args) -> handle``, ``wait(handles) -> (done, rest)`` (at least
+one done), ``result(handle)`` (the value, or the task's own exception raised again) and
+``shutdown()``; :func:`cluster_cpus` sizes the driver's window of tasks in flight.
+"""
+
+from __future__ import annotations
+
+
+class InlineExecutor:
+    """Runs tasks in the driver process (``workers=0``): for debugging and tiny jobs."""
+
+    class _Done:
+        """A finished call: hashable by identity, like a Ray ObjectRef."""
+
+        def __init__(self, value=None, error: Exception | None = None) -> None:
+            self.value, self.error = value, error
+
+    def submit(self, fn, *args):
+        try:
+            return self._Done(fn(*args))
+        except Exception as exc:  # delivered by result(), as Ray would
+            return self._Done(error=exc)
+
+    def wait(self, handles: list):
+        return handles[:1], handles[1:]
+
+    def result(self, handle):
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
+
+    def shutdown(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """Runs tasks as Ray tasks (1 CPU each, plus ``resources`` such as a sharding node label)."""
+
+    def __init__(self, address: str | None, workers: int | None, resources: dict | None) -> None:
+        import ray
+
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            kwargs: dict = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "configure_logging": False,
+            }
+            if address:
+                kwargs["address"] = address
+            else:
+                kwargs["_node_ip_address"] = "127.0.0.1"
+                if workers:
+                    kwargs["num_cpus"] = workers
+            ray.init(**kwargs)
+            self.started = True
+        opts = {"num_cpus": 1, "max_retries": 2, "retry_exceptions": False}
+        if resources:
+            opts["resources"] = resources
+        self._remote: dict = {}
+        self._opts = opts
+
+    def submit(self, fn, *args):
+        remote = self._remote.get(fn)
+        if remote is None:
+            remote = self._remote[fn] = self.ray.remote(**self._opts)(fn)
+        return remote.remote(*args)
+
+    def wait(self, handles: list):
+        return self.ray.wait(handles, num_returns=1)
+
+    def result(self, handle):
+        try:
+            return self.ray.get(handle)
+        except self.ray.exceptions.RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
+
+    def shutdown(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def make_executor(
+    address: str | None, workers: int | None, resources: dict | None
+) -> InlineExecutor | RayExecutor:
+    """``workers=0``: in-process; otherwise Ray (the cluster at ``address``, or a local one)."""
+    return InlineExecutor() if workers == 0 else RayExecutor(address, workers, resources)
+
+
+def cluster_cpus(executor: InlineExecutor | RayExecutor) -> int:
+    if isinstance(executor, InlineExecutor):
+        return 1
+    return max(1, int(executor.ray.cluster_resources().get("CPU", 1)))
