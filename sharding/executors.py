@@ -2,10 +2,13 @@
 
 Both executors offer ``submit(fn, *args) -> handle``, ``wait(handles) -> (done, rest)`` (at least
 one done), ``result(handle)`` (the value, or the task's own exception raised again) and
-``shutdown()``; :func:`cluster_cpus` sizes the driver's window of tasks in flight.
+``shutdown()``. A :class:`SlideError` raised in a task is raised as itself, without Ray's traceback:
+it is the one line a user reads about a bad slide. :func:`cluster_cpus` sizes the driver's window of tasks in flight.
 """
 
 from __future__ import annotations
+
+from .slide import SlideError
 
 
 class InlineExecutor:
@@ -76,6 +79,8 @@ class RayExecutor:
         try:
             return self.ray.get(handle)
         except self.ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, SlideError):
+                raise exc.cause from None  # its message is the one line the user is shown
             raise exc.as_instanceof_cause() from None
 
     def shutdown(self) -> None:

@@ -33,8 +33,9 @@ from .options import AnnotationOptions
 #: it, are taken to be in the pixels of a larger image (another scan, or a wrong scale).
 LEVEL_TOO_LARGE = 1.5
 #: Annotations that all lie within this fraction of the slide's width and height (from its top-left
-#: corner) are taken to be in the pixels of a downsampled level.
-LEVEL_TOO_SMALL = 0.25
+#: corner) are taken to be in the pixels of a downsampled level (pyramids step by 4 or more; a
+#: factor 2 is too close to a genuinely small annotation to tell).
+LEVEL_TOO_SMALL = 1 / 3
 #: Slack on ``min_label_fraction`` for the rounding of areas (a region exactly half covered counts).
 FRACTION_EPS = 1e-6
 
