@@ -8,7 +8,8 @@ and cells are passed over. Each feature's ``properties.classification.name`` giv
 
 * a name matching an ignore pattern (case-insensitive shell patterns such as ``Ignore*``, which
   also matches QuPath's own ``Ignore*`` class): an area to leave out (pen, fold, blur);
-* no classification: a region of interest (when a slide has any, only regions inside are tiled);
+* no classification, or QuPath's own ``Region*`` class: a region of interest (when a slide has
+  any, only regions inside are tiled);
 * any other name: a class, whose area fraction of each region labels it.
 
 Polygons of one class are merged (``union_all``), so overlapping strokes are not counted twice.
@@ -31,6 +32,8 @@ import shapely
 from shapely.geometry import shape
 
 AREA_TYPES = ("Polygon", "MultiPolygon")
+#: QuPath's built-in class for regions of interest (the star is part of the name).
+ROI_CLASS = "Region*"
 EXPORT_HINT = "export it again with QuPath's File > Export objects as GeoJSON"
 
 
@@ -161,7 +164,7 @@ def parse_geojson(
             unreadable.append(str(i))
             continue
         cls = _class_name(props)
-        if cls is None:
+        if cls is None or cls == ROI_CLASS:
             role = "roi"
         elif is_ignored(cls, ignore):
             role = "ignore"

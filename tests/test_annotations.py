@@ -159,6 +159,10 @@ def test_majority_class_is_the_largest_area():
         collection(feature("Polygon", [ring(0, 0, U, U)], "Pen")), "c.geojson", IGNORE_CLASSES
     )
     assert ignore_only.majority() is None and not ignore_only.labels_regions
+    region, _ = parse_geojson(
+        collection(feature("Polygon", [ring(0, 0, U, U)], "Region*")), "d.geojson", IGNORE_CLASSES
+    )
+    assert region.roi is not None and not region.classes and not region.labels_regions
 
 
 def test_outlines_scale_to_a_thumbnail():
