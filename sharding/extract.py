@@ -171,7 +171,7 @@ def annotate(plan: SlidePlan, ann_opts: AnnotationOptions) -> SlidePlan:
             ann_opts, job.annotation, plan.width, plan.height, plan.xs, plan.ys, plan.size0
         )
     except (AnnotationError, ExtentError) as exc:
-        raise SlideError(str(exc)) from None
+        raise SlideError(f"{job.path}: {exc}") from None
     keep = found.keep
     if not keep.any():
         raise SlideError(

@@ -3,10 +3,13 @@
 The driver:
 
 1. finds the slides (files, or folders scanned for OpenSlide suffixes) and their ids, reads the
-   labels CSV, and assigns splits by patient / slide (earlier assignments are kept on resume);
+   labels CSV and the region annotations (:mod:`sharding.annotation_set`), and assigns splits by
+   patient / slide, stratified on each slide's label: its CSV row, else its annotations' majority
+   class (earlier assignments are kept on resume);
 2. reconciles the output: a shard without its index fragment (an interrupted publish) is deleted,
    and so is a fragment without its shard; the published samples of each slide are counted;
-3. plans every unfinished slide as a Ray task (open, base mpp, tissue mask, region grid), records
+3. plans every unfinished slide as a Ray task (open, base mpp, tissue mask, region grid, and the
+   regions its annotations keep and label, see :mod:`sharding.region_labels`), records
    its expected sample count in ``_state/slides/<id>.json``, and queues its remaining regions in
    chunks, interleaved round-robin across slides so that shards mix slides;
 4. runs chunk tasks on Ray with a bounded number in flight (memory stays bounded whatever the

@@ -9,11 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sharding.annotation_set import annotated_slide, read_annotation_set
+from sharding.annotation_set import AnnotationSetError, annotated_slide, read_annotation_set
 from sharding.annotations import AnnotationError, annotation_outlines, parse_geojson
+from sharding.extract import SlideJob, plan_slide
 from sharding.manifest import combine, manifest_bytes, read_parquet_bytes, rows_to_parquet
-from sharding.options import IGNORE_CLASSES, AnnotationOptions
+from sharding.options import IGNORE_CLASSES, AnnotationOptions, ShardOptions
 from sharding.region_labels import ExtentError, fit_to_slide, label_regions
+from sharding.slide import SlideError
 from sharding.tissue import grid
 from tests.annotation_factory import (
     STROMA_OUTSIDE,
@@ -29,6 +31,7 @@ from tests.annotation_factory import (
     slide_a,
     slide_b,
 )
+from tests.slide_factory import blob_image, write_slide
 
 OPTS = AnnotationOptions(source="unused")
 
@@ -194,6 +197,8 @@ def test_files_match_slides_by_name(tmp_path):
     only = read_annotation_set(AnnotationOptions(source=str(tmp_path), annotated_only=True), slides)
     assert only.skip["plain"] == "no annotation file (--annotated-only)"
     assert len(got.sha256()) == 64
+    with pytest.raises(AnnotationSetError, match="no .geojson files"):
+        read_annotation_set(AnnotationOptions(source=str(tmp_path / "missing")), slides)
     with pytest.raises(ValueError, match="min-label-fraction"):
         AnnotationOptions(source="x", min_label_fraction=0)
 
@@ -225,3 +230,22 @@ def test_manifest_spreads_fractions_into_one_column_per_class():
     assert by_key["d"]["label_source"] is None
     assert read_parquet_bytes(manifest_bytes(table)).schema == table.schema
     assert json.loads(json.dumps(table.schema.names))  # plain column names
+
+
+def test_a_slide_its_annotations_leave_empty_is_refused_with_one_line(tmp_path):
+    slide = write_slide(tmp_path / "s.svs", blob_image(W, H), app_mag=40, mpp=0.25)
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    (ann / "s.geojson").write_bytes(collection(feature("Polygon", [ring(0, 0, W, H)], "Pen")))
+    opts = AnnotationOptions(source=str(ann))
+    ref = read_annotation_set(opts, {"s": str(slide)}).refs["s"]
+    job = SlideJob(str(slide), "s", "unlabeled", None, None, annotation=ref)
+    shard_opts = ShardOptions.make("20,10", 128, min_tissue=0)
+    with pytest.raises(SlideError, match="leave no region with tissue") as err:
+        plan_slide(job, shard_opts, opts)
+    assert str(err.value).startswith(str(slide))
+    (ann / "s.geojson").write_bytes(slide_a())  # changed after the driver read it
+    with pytest.raises(SlideError, match="changed while the run was reading it") as err:
+        plan_slide(job, shard_opts, opts)
+    assert str(err.value).startswith(f"{slide}: {ann / 's.geojson'}: ")
+    assert plan_slide(job, shard_opts).xs.size == 24, "without annotation options: every region"
