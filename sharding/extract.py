@@ -4,20 +4,27 @@
 regions (level-0 squares covering one tile at the highest magnification) whose tissue fraction is
 at least ``min_tissue``. ``extract_chunk`` reads each region once, from the best level for the
 highest magnification, and derives every lower magnification from that tile by anti-aliased
-reduction: the same region, exact sizes, one ``read_region`` per sample.
+reduction: the same region, exact sizes, one ``read_region`` per sample. A slide with region
+annotations has its regions labelled and selected by them in the plan
+(:mod:`sharding.region_labels`), so chunks only carry each region's label and class fractions.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, replace
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
+from .annotation_set import AnnotationRef
+from .annotations import AnnotationError
 from .layout import image_member, sample_key
-from .options import ShardOptions
+from .options import AnnotationOptions, ShardOptions
+from .region_labels import ExtentError, slide_region_labels
 from .slide import (
     SlideError,
     check_magnification,
@@ -36,13 +43,26 @@ class SlideJob:
     path: str
     slide: str  # slide id
     split: str
-    label: str | None
+    label: str | None  # the slide's label (labels CSV, else its annotations' majority class)
     patient: str | None
+    annotation: AnnotationRef | None = None
+
+
+class Region(NamedTuple):
+    """One region to cut: level-0 corner, tissue fraction, label, its source, class fractions."""
+
+    x: int
+    y: int
+    tissue: float
+    label: str | None
+    label_source: str | None
+    fractions: dict[str, float] | None
 
 
 @dataclass(frozen=True)
 class SlidePlan:
-    """The regions of one slide: level-0 corners, tissue fractions and the region edge."""
+    """The regions of one slide: level-0 corners, tissue fractions and the region edge; with
+    annotations that name classes, each region's label and class fractions too."""
 
     job: SlideJob
     size0: int
@@ -53,6 +73,34 @@ class SlidePlan:
     tissue: np.ndarray
     width: int
     height: int
+    labels: np.ndarray | None = None  # per region: class or None (annotation labels)
+    fractions: dict[str, np.ndarray] | None = None  # class -> fraction per region
+    problems: list[str] = field(default_factory=list)  # one line each, the slide still sharded
+
+    @property
+    def label_source(self) -> str | None:
+        """``annotation`` when annotations label the regions, ``slide`` for a slide label."""
+        if self.labels is not None:
+            return "annotation"
+        return "slide" if self.job.label else None
+
+    def regions(self, done: Collection[str] = ()) -> list[Region]:
+        """The regions whose sample key is not in ``done``, in plan order."""
+        out = []
+        source = self.label_source
+        for i, (x, y, t) in enumerate(
+            zip(self.xs.tolist(), self.ys.tolist(), self.tissue.tolist(), strict=True)
+        ):
+            if sample_key(self.job.slide, x, y) in done:
+                continue
+            label = self.job.label if self.labels is None else self.labels[i]
+            fr = (
+                None
+                if self.fractions is None
+                else {c: float(f[i]) for c, f in self.fractions.items()}
+            )
+            out.append(Region(x, y, t, label, source, fr))
+        return out
 
 
 @dataclass
@@ -68,8 +116,11 @@ class Sample:
         return sum(len(v) for v in self.members.values())
 
 
-def plan_slide(job: SlideJob, opts: ShardOptions) -> SlidePlan:
-    """Open, check and tile a slide; raises :class:`SlideError` with a one-line reason."""
+def plan_slide(
+    job: SlideJob, opts: ShardOptions, ann_opts: AnnotationOptions | None = None
+) -> SlidePlan:
+    """Open, check and tile a slide, then apply its annotations (when the job names a file);
+    raises :class:`SlideError` with a one-line reason."""
     slide = open_slide(job.path)
     try:
         info = slide_info(slide, job.path, opts.mpp_override)
@@ -97,7 +148,7 @@ def plan_slide(job: SlideJob, opts: ShardOptions) -> SlidePlan:
             f"{job.path}: no region has a tissue fraction >= {opts.min_tissue:g} (best "
             f"{frac.max():.2f}): check the slide is not blank, or lower --min-tissue"
         )
-    return SlidePlan(
+    plan = SlidePlan(
         job=job,
         size0=size0,
         base_mpp=info.base_mpp,
@@ -107,6 +158,36 @@ def plan_slide(job: SlideJob, opts: ShardOptions) -> SlidePlan:
         tissue=frac[keep].astype(np.float32),
         width=info.width,
         height=info.height,
+    )
+    return plan if job.annotation is None or ann_opts is None else annotate(plan, ann_opts)
+
+
+def annotate(plan: SlidePlan, ann_opts: AnnotationOptions) -> SlidePlan:
+    """The plan's regions that the slide's annotations keep, labelled by them when they name a
+    class (see :mod:`sharding.region_labels`)."""
+    job = plan.job
+    try:
+        found, problems = slide_region_labels(
+            ann_opts, job.annotation, plan.width, plan.height, plan.xs, plan.ys, plan.size0
+        )
+    except (AnnotationError, ExtentError) as exc:
+        raise SlideError(f"{job.path}: {exc}") from None
+    keep = found.keep
+    if not keep.any():
+        raise SlideError(
+            f"{job.path}: its annotations ({job.annotation.name}) leave no region with tissue: "
+            "check the polygons and --ignore-classes"
+            + (", or drop --annotated-only" if ann_opts.annotated_only else "")
+        )
+    labelled = job.annotation.labels_regions
+    return replace(
+        plan,
+        xs=plan.xs[keep],
+        ys=plan.ys[keep],
+        tissue=plan.tissue[keep],
+        labels=found.labels[keep] if labelled else None,
+        fractions={c: f[keep] for c, f in found.fractions.items()} if labelled else None,
+        problems=problems,
     )
 
 
@@ -132,17 +213,17 @@ def extract_chunk(
     job: SlideJob,
     base_mpp: float,
     size0: int,
-    regions: list[tuple[int, int, float]],
+    regions: list[Region],
     opts: ShardOptions,
 ) -> list[Sample]:
-    """Cut and encode ``regions`` (level-0 x, y, tissue fraction) of one slide."""
+    """Cut and encode ``regions`` of one slide (see :meth:`SlidePlan.regions`)."""
     slide = open_slide(job.path)
     try:
         # Use the mpp the plan settled on, even when it came from --mpp.
         info = replace(slide_info(slide, job.path, base_mpp), base_mpp=base_mpp)
         top_px = opts.sizes[opts.mags[0].name]
         out: list[Sample] = []
-        for x, y, tissue in regions:
+        for x, y, tissue, label, source, fractions in regions:
             try:
                 top = read_region_at(slide, info, x, y, size0, top_px)
             except Exception as exc:
@@ -158,9 +239,11 @@ def extract_chunk(
                 "x": int(x),
                 "y": int(y),
                 "split": job.split,
-                "label": job.label,
+                "label": label,
+                "label_source": source,
                 "patient": job.patient,
                 "tissue": float(tissue),
+                "ann": fractions,
             }
             mpps: dict[str, float] = {}
             for mag in opts.mags:
@@ -178,7 +261,8 @@ def extract_chunk(
                 "size0": int(size0),
                 "mpp": mpps,
                 "tissue": round(float(tissue), 4),
-                "label": job.label,
+                "label": label,
+                "label_source": source,
                 "split": job.split,
                 "patient": job.patient,
             }

@@ -20,7 +20,8 @@ from __future__ import annotations
 import re
 
 #: Splits, in the order they are reported. Labelled slides go to train/val/test (by slide, or by
-#: patient when given); slides with no label go to ``unlabeled`` (used by distillation only).
+#: patient when given); slides with no label go to ``unlabeled`` (used by distillation only). A
+#: labelled slide's regions that its annotations leave unlabelled stay in its split, label null.
 SPLITS = ("train", "val", "test", "unlabeled")
 LABELLED_SPLITS = SPLITS[:3]
 
@@ -39,13 +40,23 @@ SAMPLE_JSON_FIELDS = (
     "mpp",  # {mag name: microns per pixel of that image}
     "tissue",  # tissue fraction of the region in [0, 1]
     "label",  # class name or null
+    "label_source",  # one of LABEL_SOURCES, or null when the label is null and no annotation
     "split",  # one of SPLITS
     "patient",  # patient id or null
 )
 
+#: Where a sample's label comes from: the slide's row in the labels CSV, or the slide's region
+#: annotations (which then decide every region of the slide, leaving uncovered ones unlabelled).
+LABEL_SOURCES = ("slide", "annotation")
+
 #: Columns of manifest.parquet. ``mean_<mag>`` / ``sqmean_<mag>`` hold per-channel means of the
 #: image and of its square (RGB scaled to [0, 1]); dataset.json's mean/std derive from them.
-MANIFEST_COLUMNS = ("key", "slide", "x", "y", "split", "label", "patient", "tissue", "shard")
+#: ``ann_<class>`` (ANN_PREFIX) holds, for each class of the dataset's annotations, the fraction of
+#: the region that class's polygons cover (null on slides without annotations).
+MANIFEST_COLUMNS = (
+    "key", "slide", "x", "y", "split", "label", "label_source", "patient", "tissue", "shard",
+)  # fmt: skip
+ANN_PREFIX = "ann_"
 
 _SLIDE_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
 

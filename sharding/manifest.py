@@ -17,11 +17,16 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .layout import FORMAT_VERSION, SPLITS
+from .layout import ANN_PREFIX, FORMAT_VERSION, SPLITS
+
+#: Column of the index fragments holding each region's class fractions as a map (class -> float);
+#: :func:`combine` spreads it into one ``ann_<class>`` column per class of the dataset.
+FRACTIONS = "ann"
 
 
-def manifest_schema(mag_names: list[str]) -> pa.Schema:
-    """Columns of manifest.parquet (see sharding.layout.MANIFEST_COLUMNS) for these mags."""
+def manifest_schema(mag_names: list[str], ann_classes: list[str] = ()) -> pa.Schema:
+    """Columns of manifest.parquet (see sharding.layout.MANIFEST_COLUMNS) for these mags and
+    annotation classes."""
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("slide", pa.string(), nullable=False),
@@ -29,6 +34,7 @@ def manifest_schema(mag_names: list[str]) -> pa.Schema:
         pa.field("y", pa.int64(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
         pa.field("label", pa.string()),
+        pa.field("label_source", pa.string()),
         pa.field("patient", pa.string()),
         pa.field("tissue", pa.float32()),
         pa.field("shard", pa.string(), nullable=False),
@@ -36,11 +42,20 @@ def manifest_schema(mag_names: list[str]) -> pa.Schema:
     for name in mag_names:
         fields.append(pa.field(f"mean_{name}", pa.list_(pa.float32(), 3)))
         fields.append(pa.field(f"sqmean_{name}", pa.list_(pa.float32(), 3)))
+    fields.extend(pa.field(f"{ANN_PREFIX}{c}", pa.float32()) for c in ann_classes)
     return pa.schema(fields)
 
 
+def fragment_schema(mag_names: list[str]) -> pa.Schema:
+    """Columns of a shard's index fragment: the manifest's, with the fractions as one map."""
+    return manifest_schema(mag_names).append(
+        pa.field(FRACTIONS, pa.map_(pa.string(), pa.float32()))
+    )
+
+
 def rows_to_parquet(rows: list[dict], mag_names: list[str]) -> bytes:
-    return manifest_bytes(pa.Table.from_pylist(rows, schema=manifest_schema(mag_names)))
+    """An index fragment from manifest rows (``ann``: a class -> fraction dict, or absent)."""
+    return manifest_bytes(pa.Table.from_pylist(rows, schema=fragment_schema(mag_names)))
 
 
 def manifest_bytes(table: pa.Table) -> bytes:
@@ -54,12 +69,34 @@ def read_parquet_bytes(data: bytes) -> pa.Table:
 
 
 def combine(fragments: list[pa.Table], mag_names: list[str]) -> pa.Table:
-    """One table from fragments, sorted by split, shard and key (stable, diff-friendly)."""
-    schema = manifest_schema(mag_names)
+    """One manifest table from fragments, sorted by split, shard and key (stable, diff-friendly).
+
+    Columns a fragment lacks (one written before they existed) are null. The fractions map becomes
+    one ``ann_<class>`` column per class found, sorted: a region of an annotated slide gets 0 for
+    a class its slide does not have; a region of a slide without annotations gets null.
+    """
+    schema = fragment_schema(mag_names)
     if not fragments:
-        return schema.empty_table()
-    table = pa.concat_tables([f.select(schema.names).cast(schema) for f in fragments])
-    return table.sort_by([("split", "ascending"), ("shard", "ascending"), ("key", "ascending")])
+        return manifest_schema(mag_names).empty_table()
+    table = pa.concat_tables([_conform(f, schema) for f in fragments])
+    table = table.sort_by([("split", "ascending"), ("shard", "ascending"), ("key", "ascending")])
+    maps = [None if m is None else dict(m) for m in table.column(FRACTIONS).to_pylist()]
+    classes = sorted({c for m in maps if m for c in m})
+    out = table.drop_columns([FRACTIONS])
+    for c in classes:
+        values = [None if m is None else m.get(c, 0.0) for m in maps]
+        out = out.append_column(f"{ANN_PREFIX}{c}", pa.array(values, pa.float32()))
+    return out.cast(manifest_schema(mag_names, classes))
+
+
+def _conform(fragment: pa.Table, schema: pa.Schema) -> pa.Table:
+    columns = [
+        fragment.column(f.name).cast(f.type)
+        if f.name in fragment.column_names
+        else pa.nulls(fragment.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def dataset_description(
@@ -73,8 +110,10 @@ def dataset_description(
     seed: int,
     min_tissue: float,
     tool: str,
+    annotations: dict | None = None,
 ) -> dict:
-    """The content of dataset.json for a manifest table (see the module docstring)."""
+    """The content of dataset.json for a manifest table (see the module docstring); with region
+    annotations, their source, settings and digest under ``annotations``."""
     rows = table.select(["split", "label", "slide", "shard"]).to_pylist()
     counts: dict[str, dict] = {}
     for split in SPLITS:
@@ -104,7 +143,7 @@ def dataset_description(
             "mean": [round(float(v), 6) for v in mean],
             "std": [round(math.sqrt(max(float(v), 1e-12)), 6) for v in var],
         }
-    return {
+    desc = {
         "format_version": FORMAT_VERSION,
         "magnifications": [name for name, _ in mags],
         "mpp": {name: mpp for name, mpp in mags},
@@ -119,3 +158,6 @@ def dataset_description(
         "min_tissue": min_tissue,
         "tool": tool,
     }
+    if annotations is not None:
+        desc["annotations"] = annotations
+    return desc

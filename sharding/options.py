@@ -81,3 +81,39 @@ class ShardOptions:
         d["mags"] = [m.name for m in self.mags]
         d.pop("mpp_override")
         return d
+
+
+#: Classes whose polygons remove the regions they touch (QuPath's own ``Ignore*`` class included).
+IGNORE_CLASSES = ("Ignore*", "Exclude", "Artifact", "Pen")
+
+
+@dataclass(frozen=True)
+class AnnotationOptions:
+    """How region annotations (see :mod:`sharding.annotations`) label and select regions.
+
+    ``source`` is the folder or ``s3://`` prefix holding one ``<slide>.geojson`` per slide. A
+    region's label is the class covering the largest fraction of it when that fraction is at least
+    ``min_label_fraction``; ``ignore`` are case-insensitive shell patterns of classes whose
+    polygons remove every region they overlap; ``annotated_only`` drops the regions no class
+    labels; ``classes``, when given, are the only classes kept.
+    """
+
+    source: str
+    min_label_fraction: float = 0.5
+    ignore: tuple[str, ...] = IGNORE_CLASSES
+    annotated_only: bool = False
+    classes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_label_fraction <= 1.0:
+            raise ValueError(
+                f"--min-label-fraction must be within (0, 1], got {self.min_label_fraction}"
+            )
+
+    def identity(self) -> dict:
+        """The settings a resumed run must share (the source may move; files are checked apart)."""
+        return {
+            "min_label_fraction": self.min_label_fraction,
+            "ignore": list(self.ignore),
+            "annotated_only": self.annotated_only,
+        }

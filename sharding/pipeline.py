@@ -3,10 +3,13 @@
 The driver:
 
 1. finds the slides (files, or folders scanned for OpenSlide suffixes) and their ids, reads the
-   labels CSV, and assigns splits by patient / slide (earlier assignments are kept on resume);
+   labels CSV and the region annotations (:mod:`sharding.annotation_set`), and assigns splits by
+   patient / slide, stratified on each slide's label: its CSV row, else its annotations' majority
+   class (earlier assignments are kept on resume);
 2. reconciles the output: a shard without its index fragment (an interrupted publish) is deleted,
    and so is a fragment without its shard; the published samples of each slide are counted;
-3. plans every unfinished slide as a Ray task (open, base mpp, tissue mask, region grid), records
+3. plans every unfinished slide as a Ray task (open, base mpp, tissue mask, region grid, and the
+   regions its annotations keep and label, see :mod:`sharding.region_labels`), records
    its expected sample count in ``_state/slides/<id>.json``, and queues its remaining regions in
    chunks, interleaved round-robin across slides so that shards mix slides;
 4. runs chunk tasks on Ray with a bounded number in flight (memory stays bounded whatever the
@@ -21,40 +24,39 @@ is retried by the next run, which cuts only its missing regions.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from .annotation_set import AnnotationSet, AnnotationSetError, read_annotation_set
+from .executors import cluster_cpus, make_executor
 from .extract import SlideJob, SlidePlan, extract_chunk, plan_slide
+from .inputs import find_slides
 from .labels import Labels, LabelsError, assign_splits, read_labels
-from .layout import (
-    DATASET_JSON,
-    MANIFEST,
-    SHARD_PREFIX,
-    SPLITS,
-    STATE_DIR,
-    UnsafeNameError,
-    sample_key,
-    slide_id,
+from .layout import DATASET_JSON, MANIFEST, SPLITS
+from .manifest import combine, dataset_description, manifest_bytes
+from .options import AnnotationOptions, ShardOptions, parse_size
+from .shardwriter import ShardWriter
+from .slide import SlideError
+from .state import (
+    CONFIG,
+    SCRATCH_PREFIX,
+    clear_output,
+    make_scratch,
+    published_keys,
+    read_json,
+    reconcile,
+    record_plan,
+    slide_record,
 )
-from .manifest import combine, dataset_description, manifest_bytes, read_parquet_bytes
-from .options import ShardOptions, parse_size
-from .remote_slides import is_s3, list_s3_slides
-from .shardwriter import ShardWriter, fragment_name
-from .slide import SLIDE_SUFFIXES, SlideError
 from .storage import Storage, open_storage
 
+__all__ = ["SCRATCH_PREFIX", "ShardError", "ShardReport", "find_slides", "run_shard"]
+
 TOOL = "resdistill 0.1.0"
-CONFIG = f"{STATE_DIR}/config.json"
 CHUNK_REGIONS = 32
-#: Local scratch folders are named ``<prefix><pid>-<random>`` so a later run can tell which ones a
-#: killed run left behind.
-SCRATCH_PREFIX = "resdistill-shard-"
 
 
 class ShardError(Exception):
@@ -70,7 +72,7 @@ class SplitCount:
 
 @dataclass
 class ShardReport:
-    """What a run did; ``ok`` is False when any slide or label row was skipped."""
+    """What a run did; ``ok`` is False when any slide, label row or annotation had a problem."""
 
     url: str
     counts: dict[str, SplitCount] = field(default_factory=dict)
@@ -88,171 +90,11 @@ class ShardReport:
     def tiles_per_s(self) -> float:
         return self.new_samples / self.seconds if self.seconds > 0 else 0.0
 
-
-# --------------------------------------------------------------------------- inputs
-
-
-def find_slides(inputs: Iterable[str | Path]) -> tuple[dict[str, str], list[str]]:
-    """Slide id -> path for files and folders given; problems for unusable names and clashes."""
-    found: dict[str, str] = {}
-    problems: list[str] = []
-    paths: list[Path | str] = []
-    for item in inputs:
-        if is_s3(str(item)):
-            paths.extend(list_s3_slides(str(item)))
-            continue
-        p = Path(item)
-        if p.is_dir():
-            paths.extend(
-                sorted(
-                    q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES
-                )
-            )
-        else:
-            paths.append(p)  # a missing or odd file is reported by the planner, with its path
-    for p in paths:
-        try:
-            sid = slide_id(PurePosixPath(str(p)).stem)
-        except UnsafeNameError as exc:
-            problems.append(f"{p}: {exc}")
-            continue
-        if sid in found and _same_file(found[sid], str(p)):
-            continue
-        if sid in found:
-            problems.append(
-                f"{p}: slide id {sid!r} is also used by {found[sid]}: rename one of the files "
-                "(ids keep letters, digits, '_' and '-'; other characters become '-')"
-            )
-            continue
-        found[sid] = str(p)
-    return found, problems
-
-
-def _same_file(a: str, b: str) -> bool:
-    if is_s3(a) or is_s3(b):
-        return a == b
-    return Path(a).resolve() == Path(b).resolve()
-
-
-# --------------------------------------------------------------------------- executors
-
-
-class _InlineExecutor:
-    """Runs tasks in the driver process (``workers=0``): for debugging and tiny jobs."""
-
-    class _Done:
-        """A finished call: hashable by identity, like a Ray ObjectRef."""
-
-        def __init__(self, value=None, error: Exception | None = None) -> None:
-            self.value, self.error = value, error
-
-    def submit(self, fn, *args):
-        try:
-            return self._Done(fn(*args))
-        except Exception as exc:  # delivered by result(), as Ray would
-            return self._Done(error=exc)
-
-    def wait(self, handles: list):
-        return handles[:1], handles[1:]
-
-    def result(self, handle):
-        if handle.error is not None:
-            raise handle.error
-        return handle.value
-
-    def shutdown(self) -> None:
-        pass
-
-
-class _RayExecutor:
-    """Runs tasks as Ray tasks (1 CPU each, plus ``resources`` such as a sharding node label)."""
-
-    def __init__(self, address: str | None, workers: int | None, resources: dict | None) -> None:
-        import ray
-
-        from sharding.ray_cluster import ray_init
-
-        self.ray = ray
-        self.started = ray_init(address, num_cpus=workers, dashboard=False, log_to_driver=False)
-        opts = {"num_cpus": 1, "max_retries": 2, "retry_exceptions": False}
-        if resources:
-            opts["resources"] = resources
-        self._remote: dict = {}
-        self._opts = opts
-
-    def submit(self, fn, *args):
-        remote = self._remote.get(fn)
-        if remote is None:
-            remote = self._remote[fn] = self.ray.remote(**self._opts)(fn)
-        return remote.remote(*args)
-
-    def wait(self, handles: list):
-        return self.ray.wait(handles, num_returns=1)
-
-    def result(self, handle):
-        try:
-            return self.ray.get(handle)
-        except self.ray.exceptions.RayTaskError as exc:
-            raise exc.as_instanceof_cause() from None
-
-    def shutdown(self) -> None:
-        if self.started:
-            self.ray.shutdown()
-
-
-# --------------------------------------------------------------------------- state
-
-
-def _read_json(store: Storage, rel: str) -> dict | None:
-    try:
-        return json.loads(store.read_bytes(rel))
-    except FileNotFoundError:
-        return None
-
-
-def reconcile(store: Storage) -> tuple[dict[str, list], dict[str, int]]:
-    """Delete half-published shards / stray fragments; return fragments by split and next index.
-
-    Returns ``(tables, next_index)`` where ``tables[split]`` are the fragment tables of published
-    shards and ``next_index[split]`` the first unused shard number.
-    """
-    names = store.list()
-    shards = {n for n in names if n.endswith(".tar") and n.split("/")[0] in SPLITS}
-    frags = {n for n in names if n.startswith(f"{STATE_DIR}/index/") and n.endswith(".parquet")}
-    tables: dict[str, list] = {s: [] for s in SPLITS}
-    next_index = {s: 0 for s in SPLITS}
-    for shard in sorted(shards):
-        split = shard.split("/")[0]
-        try:
-            number = int(Path(shard).stem.rsplit("-", 1)[1])
-            next_index[split] = max(next_index[split], number + 1)
-        except (IndexError, ValueError):
-            continue
-        if fragment_name(shard) not in frags:
-            store.delete(shard)  # interrupted publish: its samples are redone
-    for frag in sorted(frags):
-        shard = frag[len(f"{STATE_DIR}/index/") : -len(".parquet")] + ".tar"
-        if shard not in shards:
-            store.delete(frag)
-            continue
-        tables[shard.split("/")[0]].append(read_parquet_bytes(store.read_bytes(frag)))
-    return tables, next_index
-
-
-def _clear(store: Storage) -> None:
-    """--overwrite: remove what an earlier run wrote here (and nothing else)."""
-    for name in store.list():
-        top = name.split("/")[0]
-        if (
-            name in (DATASET_JSON, MANIFEST)
-            or top == STATE_DIR
-            or (
-                top in SPLITS
-                and Path(name).name.startswith(SHARD_PREFIX + "-")
-                and name.endswith(".tar")
-            )
-        ):
-            store.delete(name)
+    def drop(self, found: dict[str, str], problems: list[str], skip: dict[str, str]) -> None:
+        """Record an input check's problem lines and take the slides it skips out of ``found``."""
+        self.problems.extend(problems)
+        for sid, reason in skip.items():
+            self.skipped[found.pop(sid)] = reason
 
 
 # --------------------------------------------------------------------------- the run
@@ -266,6 +108,7 @@ def run_shard(
     tile_px: int = 224,
     labels: str | Path | None = None,
     classes: list[str] | None = None,
+    annotations: AnnotationOptions | None = None,
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15),
     mpp: float | None = None,
     min_tissue: float = 0.5,
@@ -280,7 +123,11 @@ def run_shard(
     progress: bool = True,
     chunk_regions: int = CHUNK_REGIONS,
 ) -> ShardReport:
-    """Shard ``slides`` into ``out``; see the module docstring. ``workers=0`` runs without Ray."""
+    """Shard ``slides`` into ``out``; see the module docstring. ``workers=0`` runs without Ray.
+
+    ``annotations`` (region labels and regions of interest, see :mod:`sharding.region_labels`)
+    take ``classes`` from this call.
+    """
     try:
         opts = ShardOptions.make(mags, tile_px, fmt, quality, min_tissue, mpp)
         target = parse_size(shard_size)
@@ -307,15 +154,25 @@ def run_shard(
             parsed = read_labels(labels, set(found), classes)
         except LabelsError as exc:
             raise ShardError(str(exc)) from None
-        report.problems.extend(parsed.problems)
-        for sid, reason in parsed.skip.items():
-            report.skipped[found[sid]] = reason
-            found.pop(sid)
+        report.drop(found, parsed.problems, parsed.skip)
+    ann_set = None
+    if annotations is not None:
+        annotations = replace(annotations, classes=tuple(classes) if classes else None)
+        try:
+            ann_set = read_annotation_set(annotations, found)
+        except AnnotationSetError as exc:
+            raise ShardError(str(exc)) from None
+        report.drop(found, ann_set.problems, ann_set.skip)
+    # A slide's label decides its split: its CSV row, else its annotations' majority class.
+    slide_label = {s: c for s, c in (ann_set.majority if ann_set else {}).items() if s in found}
+    slide_label.update(parsed.label)
 
     if overwrite:
-        _clear(store)
+        clear_output(store)
     config = {**opts.identity(), "splits": list(splits), "seed": seed}
-    previous = _read_json(store, CONFIG)
+    if annotations is not None:
+        config["annotations"] = annotations.identity()
+    previous = read_json(store, CONFIG)
     if previous is not None and previous != config:
         differ = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
         raise ShardError(
@@ -326,53 +183,25 @@ def run_shard(
         store.write_bytes(CONFIG, json.dumps(config, indent=1, sort_keys=True).encode())
 
     tables, next_index = reconcile(store)
-    published: dict[str, int] = {}
-    published_keys: dict[str, set[str]] = {}
-    for split_tables in tables.values():
-        for t in split_tables:
-            for sid, key in zip(
-                t.column("slide").to_pylist(), t.column("key").to_pylist(), strict=True
-            ):
-                published[sid] = published.get(sid, 0) + 1
-                published_keys.setdefault(sid, set()).add(key)
-    records = {sid: _read_json(store, f"{STATE_DIR}/slides/{sid}.json") for sid in found}
+    published = published_keys(tables)
+    records = {sid: slide_record(store, sid) for sid in found}
     fixed = {sid: r["split"] for sid, r in records.items() if r}
-    split_of = assign_splits(parsed.label, parsed.patient, tuple(splits), seed, fixed)
-
-    jobs: list[SlideJob] = []
-    for sid, path in sorted(found.items()):
-        label = parsed.label.get(sid)
-        split = split_of.get(sid, "unlabeled") if label else "unlabeled"
-        rec = records.get(sid)
-        if rec and rec.get("split") != split:
-            report.problems.append(
-                f"{path}: was sharded into {rec['split']!r} by an earlier run but its label now puts "
-                f"it in {split!r}: pass --overwrite to re-split; the slide is skipped"
-            )
-            report.skipped[path] = "label changed since the earlier run"
-            continue
-        if rec and published.get(sid, 0) >= rec["n_samples"]:
-            report.done_before += 1
-            continue
-        jobs.append(
-            SlideJob(
-                path=path, slide=sid, split=split, label=label, patient=parsed.patient.get(sid)
-            )
-        )
+    split_of = assign_splits(slide_label, parsed.patient, tuple(splits), seed, fixed)
+    jobs = _jobs(found, slide_label, split_of, parsed, ann_set, records, published, report)
 
     mag_names = [m.name for m in opts.mags]
-    _remove_stale_scratch()
-    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+    scratch = make_scratch()
     writers = {
         s: ShardWriter(store, s, next_index[s], target, mag_names, scratch=scratch, seed=seed)
         for s in SPLITS
     }
-    executor = _InlineExecutor() if workers == 0 else _RayExecutor(address, workers, resources)
+    executor = make_executor(address, workers, resources)
     finished = False
     try:
         _drive(
-            jobs, opts, executor, writers, store, published_keys, report, progress, chunk_regions
-        )
+            jobs, (opts, annotations), executor, writers, store, published, report, progress,
+            chunk_regions,
+        )  # fmt: skip
         for w in writers.values():
             w.close()
         finished = True
@@ -396,6 +225,7 @@ def run_shard(
         seed=seed,
         min_tissue=min_tissue,
         tool=TOOL,
+        annotations=ann_set.describe(annotations) if ann_set else None,
     )
     store.write_bytes(MANIFEST, manifest_bytes(table))
     store.write_bytes(DATASET_JSON, json.dumps(desc, indent=1).encode())
@@ -407,13 +237,52 @@ def run_shard(
     return report
 
 
+def _jobs(
+    found: dict[str, str],
+    slide_label: dict[str, str],
+    split_of: dict[str, str],
+    parsed: Labels,
+    ann_set: AnnotationSet | None,
+    records: dict[str, dict | None],
+    published: dict[str, set[str]],
+    report: ShardReport,
+) -> list[SlideJob]:
+    """The slides still to do; a slide whose split or annotation file changed since the run that
+    planned it is skipped with a line (its samples would disagree with those published)."""
+    jobs: list[SlideJob] = []
+    for sid, path in sorted(found.items()):
+        label = slide_label.get(sid)
+        split = split_of.get(sid, "unlabeled") if label else "unlabeled"
+        ref = ann_set.refs.get(sid) if ann_set else None
+        rec = records.get(sid)
+        if rec and rec.get("split") != split:
+            report.problems.append(
+                f"{path}: was sharded into {rec['split']!r} by an earlier run but its label now puts "
+                f"it in {split!r}: pass --overwrite to re-split; the slide is skipped"
+            )
+            report.skipped[path] = "label changed since the earlier run"
+            continue
+        if rec and rec.get("annotation_sha256") != (ref.sha256 if ref else None):
+            report.problems.append(
+                f"{path}: its annotations differ from those an earlier run sharded it with: pass "
+                "--overwrite to shard again; the slide is skipped"
+            )
+            report.skipped[path] = "annotations changed since the earlier run"
+            continue
+        if rec and len(published.get(sid, ())) >= rec["n_samples"]:
+            report.done_before += 1
+            continue
+        jobs.append(SlideJob(path, sid, split, label, parsed.patient.get(sid), annotation=ref))
+    return jobs
+
+
 def _drive(
     jobs: list[SlideJob],
-    opts: ShardOptions,
+    settings: tuple[ShardOptions, AnnotationOptions | None],
     executor,
     writers: dict[str, ShardWriter],
     store: Storage,
-    published_keys: dict[str, set[str]],
+    published: dict[str, set[str]],
     report: ShardReport,
     progress: bool,
     chunk_regions: int,
@@ -421,7 +290,8 @@ def _drive(
     """Plan slides, then keep a bounded window of chunk tasks running until every slide is done."""
     from .progress import ShardProgress
 
-    window = max(2, 2 * _cluster_cpus(executor))
+    opts, ann_opts = settings
+    window = max(2, 2 * cluster_cpus(executor))
     pending_plans = deque(jobs)
     in_flight: dict = {}  # handle -> ("plan", job) | ("chunk", job, n)
     chunk_queues: deque = deque()  # per-slide deques of chunks, served round-robin
@@ -434,7 +304,7 @@ def _drive(
                 # Plans first while few chunks wait, so that many slides are interleaved.
                 if pending_plans and len(chunk_queues) < window:
                     job = pending_plans.popleft()
-                    in_flight[executor.submit(plan_slide, job, opts)] = ("plan", job)
+                    in_flight[executor.submit(plan_slide, job, opts, ann_opts)] = ("plan", job)
                     continue
                 if not chunk_queues:
                     break
@@ -474,13 +344,9 @@ def _drive(
                 continue
             if kind == "plan":
                 plan: SlidePlan = value
-                _record(store, plan)
-                have = published_keys.get(job.slide, set())
-                todo = [
-                    (int(x), int(y), float(t))
-                    for x, y, t in zip(plan.xs, plan.ys, plan.tissue, strict=True)
-                    if sample_key(job.slide, int(x), int(y)) not in have
-                ]
+                record_plan(store, plan)
+                report.problems.extend(plan.problems)
+                todo = plan.regions(published.get(job.slide, set()))
                 if not todo:
                     bar.slide_done()
                 else:
@@ -515,42 +381,3 @@ def _fail(
         if entry[0].slide == job.slide:
             chunk_queues.remove(entry)
     bar.slide_failed(message)
-
-
-def _remove_stale_scratch() -> None:
-    """Delete scratch folders of sharding runs whose process is gone (killed mid-shard)."""
-    for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
-        try:
-            pid = int(path.name[len(SCRATCH_PREFIX) :].split("-", 1)[0])
-        except ValueError:
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            continue  # alive, another user's
-
-
-def _record(store: Storage, plan: SlidePlan) -> None:
-    job = plan.job
-    record = {
-        "slide": job.slide,
-        "path": job.path,
-        "split": job.split,
-        "label": job.label,
-        "patient": job.patient,
-        "n_samples": int(plan.xs.size),
-        "size0": plan.size0,
-        "base_mpp": plan.base_mpp,
-        "mpp_source": plan.mpp_source,
-        "width": plan.width,
-        "height": plan.height,
-    }
-    store.write_bytes(f"{STATE_DIR}/slides/{job.slide}.json", json.dumps(record, indent=1).encode())
-
-
-def _cluster_cpus(executor) -> int:
-    if isinstance(executor, _InlineExecutor):
-        return 1
-    return max(1, int(executor.ray.cluster_resources().get("CPU", 1)))

@@ -63,7 +63,13 @@ def verify_dataset(url: str, check_pixels: bool = True) -> dict:
             row["split"],
             row["label"],
         )
-        assert (meta["label"] is None) == (meta["split"] == "unlabeled")
+        assert meta["label_source"] == row["label_source"]
+        if meta["label_source"] == "annotation":
+            # annotations may leave regions of a labelled slide unlabelled, never label others
+            assert meta["label"] is None or meta["split"] != "unlabeled"
+        else:
+            assert (meta["label"] is None) == (meta["split"] == "unlabeled")
+            assert meta["label_source"] == (None if meta["label"] is None else "slide")
         assert set(meta["mpp"]) == set(mags)
         images = {}
         for mag in mags:

@@ -5,13 +5,19 @@ Every sample is one region of tissue at every requested magnification (highest f
 s3://bucket/prefix (endpoint and credentials from the standard AWS environment, e.g.
 AWS_ENDPOINT_URL). Reruns resume: finished slides are skipped, half-written shards discarded.
 
-exit codes: 0 all slides sharded; 1 some slides or label rows skipped (listed); 2 unusable options.
+Region annotations (--annotations, QuPath GeoJSON) label each region by the class covering most of
+it, drop regions touching an ignored class, and restrict tiling to regions of interest.
+
+exit codes: 0 all slides sharded; 1 some slides, label rows or annotations skipped or repaired
+(listed); 2 unusable options.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from sharding.options import IGNORE_CLASSES, AnnotationOptions
 
 
 def _ratios(text: str) -> tuple[float, float, float]:
@@ -45,6 +51,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="CSV with columns slide,label[,patient]; slides not in it go to 'unlabeled'",
     )
     p.add_argument("--classes", help="comma list of allowed labels (rows with others are refused)")
+    p.add_argument(
+        "--annotations",
+        metavar="DIR_OR_URL",
+        help="folder or s3:// prefix of QuPath GeoJSON exports, one <slide>.geojson per slide: "
+        "their classes label the regions they cover (winning over --labels for those slides' "
+        "tiles), unclassified polygons mark regions of interest",
+    )
+    p.add_argument(
+        "--min-label-fraction",
+        type=float,
+        default=0.5,
+        help="a region takes the class covering at least this fraction of it; also the share "
+        "of a region that regions of interest must cover (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ignore-classes",
+        default=",".join(IGNORE_CLASSES),
+        help="comma list of classes (shell patterns, any case) whose polygons remove the "
+        "regions they overlap (default: %(default)s)",
+    )
+    p.add_argument(
+        "--annotated-only",
+        action="store_true",
+        help="keep only regions an annotation class labels; slides without one are skipped",
+    )
     p.add_argument(
         "--splits",
         type=_ratios,
@@ -93,6 +124,25 @@ def _resources(text: str | None) -> dict | None:
     return out
 
 
+def _annotations(args: argparse.Namespace) -> AnnotationOptions | None:
+    """AnnotationOptions from the options, None without --annotations (ShardError if misused)."""
+    from sharding.pipeline import ShardError
+
+    if not args.annotations:
+        if args.annotated_only:
+            raise ShardError("--annotated-only needs --annotations")
+        return None
+    try:
+        return AnnotationOptions(
+            source=args.annotations,
+            min_label_fraction=args.min_label_fraction,
+            ignore=tuple(c.strip() for c in args.ignore_classes.split(",") if c.strip()),
+            annotated_only=args.annotated_only,
+        )
+    except ValueError as exc:
+        raise ShardError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from sharding.labels import LabelsError
     from sharding.pipeline import ShardError, run_shard
@@ -107,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             tile_px=args.tile_px,
             labels=args.labels,
             classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
+            annotations=_annotations(args),
             splits=args.splits,
             mpp=args.mpp,
             min_tissue=args.min_tissue,
