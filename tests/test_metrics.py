@@ -217,3 +217,17 @@ def test_aggregate_slides_mean_probability() -> None:
     assert slide_true is None and ids.tolist() == ["s1", "s2", "s3"]
     with pytest.raises(ValueError, match="s2"):
         aggregate_slides(slides, prob, np.array([0, 1, 1, 1, 1, 0]))
+
+
+def test_aggregate_slides_region_labels_take_the_predominant_class() -> None:
+    """Region-labelled slides (annotations) hold tiles of several classes: the slide's label is
+    its most frequent tile label (the predominant pattern), ties to the lower class index."""
+    slides = np.array(["a", "a", "a", "b", "b", "c"])
+    probs = np.full((6, 3), 1 / 3)
+    labels = np.array([2, 0, 2, 1, 0, 1])
+    with pytest.raises(ValueError, match="different labels"):
+        aggregate_slides(slides, probs, labels)
+    agg = aggregate_slides(slides, probs, labels, mixed_labels=True)
+    assert agg.slide_ids.tolist() == ["a", "b", "c"]
+    assert agg.y_true.tolist() == [2, 0, 1]
+    assert agg.n_tiles.tolist() == [3, 2, 1]

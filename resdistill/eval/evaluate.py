@@ -17,7 +17,8 @@ AUC and their mean, confusion matrix, ROC points.
 
 * Tile level: one sample per tile, ``y_prob`` the model's softmax output.
 * Slide level: ``P(slide) = mean over the slide's tiles of P(tile)``
-  (:func:`resdistill.eval.metrics.aggregate_slides`), the slide's label its tiles' label; the
+  (:func:`resdistill.eval.metrics.aggregate_slides`), the slide's label its tiles' predominant
+  label (region labels from annotations may mix classes on a slide); the
   bootstrap resamples slides.
 
 Compute (:func:`resdistill.eval.compute.compute_table`): parameters, FLOPs of one tile at the
@@ -252,6 +253,8 @@ def evaluate_models(
     for m in models:
         check_compatible(m, info)
     manifest = read_manifest(info.url, columns=("key", "slide", "split", "label", "shard"))
+    mixed = bool(info.raw.get("annotations"))  # region labels: slides may hold several classes
+    mixed = bool(info.raw.get("annotations"))  # region labels: slides may hold several classes
 
     results: list[ModelEvaluation] = []
     for m in models:
@@ -266,7 +269,7 @@ def evaluate_models(
             preds.labels, preds.probs, m.classes, n_boot=n_boot, alpha=alpha, seed=seed
         )
         _thin_roc(tile)
-        agg = aggregate_slides(preds.slides, preds.probs, preds.labels)
+        agg = aggregate_slides(preds.slides, preds.probs, preds.labels, mixed_labels=mixed)
         slide = evaluate_predictions(
             agg.y_true, agg.y_prob, m.classes, n_boot=n_boot, alpha=alpha, seed=seed
         )

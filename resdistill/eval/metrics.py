@@ -267,12 +267,17 @@ class SlidePredictions(NamedTuple):
     n_tiles: np.ndarray  # (S,) number of tiles per slide
 
 
-def aggregate_slides(slide_ids: Any, y_prob: Any, y_true: Any = None) -> SlidePredictions:
+def aggregate_slides(
+    slide_ids: Any, y_prob: Any, y_true: Any = None, *, mixed_labels: bool = False
+) -> SlidePredictions:
     """Aggregate tile predictions to slides: ``P(slide) = mean over its tiles of P(tile)``.
 
-    The slide label is the label shared by its tiles; a slide whose tiles disagree raises
-    ``ValueError`` (splits and labels are per slide in the dataset contract). ``y_true`` may be
-    omitted (``None``) for unlabeled predictions. Slides are returned in sorted order of id.
+    With slide-level labels every tile carries its slide's label, and a slide whose tiles
+    disagree raises ``ValueError`` naming it (labels were mixed up somewhere). With
+    ``mixed_labels`` (region labels from annotations, where a slide holds several classes) the
+    slide's label is its tiles' most frequent one, ties to the lowest class index: the slide is
+    graded by its predominant pattern. ``y_true`` may be omitted (``None``) for unlabeled
+    predictions. Slides are returned in sorted order of id.
     """
     ids = np.asarray(slide_ids)
     if ids.ndim != 1:
@@ -280,7 +285,7 @@ def aggregate_slides(slide_ids: Any, y_prob: Any, y_true: Any = None) -> SlidePr
     if ids.size == 0:
         raise ValueError("aggregate_slides: no tiles given")
     p = probs_2d(y_prob, ids.size)
-    uniq, first, inv = np.unique(ids, return_index=True, return_inverse=True)
+    uniq, inv = np.unique(ids, return_inverse=True)
     inv = inv.reshape(-1)
     counts = np.bincount(inv, minlength=uniq.size)
     sums = np.zeros((uniq.size, p.shape[1]), dtype=np.float64)
@@ -288,12 +293,14 @@ def aggregate_slides(slide_ids: Any, y_prob: Any, y_true: Any = None) -> SlidePr
     slide_prob = sums / counts[:, None]
     slide_true = None
     if y_true is not None:
-        t = np.asarray(y_true)
+        t = labels_1d(y_true)
         if t.shape != ids.shape:
             raise ValueError(f"y_true has shape {t.shape} but slide_ids has {ids.shape}")
-        slide_true = t[first]  # the label of each slide's first tile
+        votes = np.zeros((uniq.size, int(t.max()) + 1), dtype=np.int64)
+        np.add.at(votes, (inv, t), 1)
+        slide_true = votes.argmax(axis=1)  # argmax: the first (lowest) class on ties
         mismatch = t != slide_true[inv]
-        if np.any(mismatch):
+        if not mixed_labels and np.any(mismatch):
             bad = sorted({str(s) for s in ids[mismatch].tolist()})
             raise ValueError(f"tiles of a slide carry different labels: slides {bad[:5]}")
     return SlidePredictions(uniq, slide_prob, slide_true, counts)
