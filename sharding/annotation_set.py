@@ -75,12 +75,15 @@ def annotated_slide(name: str) -> str | None:
         return None
 
 
-def read_annotation_set(opts: AnnotationOptions, slides: dict[str, str]) -> AnnotationSet:
+def read_annotation_set(
+    opts: AnnotationOptions, slides: dict[str, str], *, unmatched: bool = True
+) -> AnnotationSet:
     """Match, read and check the annotation files of ``slides`` (slide id -> path).
 
-    One line per problem: a file naming no input slide, two files for one slide (skipped), a file
-    that cannot be used (skipped), and the lines of :func:`parse_geojson`. With ``annotated_only``
-    a slide without a file, or whose file names no class, is skipped. Raises
+    One line per problem: a file naming no input slide (unless ``unmatched`` is False, for a run
+    over a few slides of an annotated cohort), two files for one slide (skipped), a file that
+    cannot be used (skipped), and the lines of :func:`parse_geojson`. With ``annotated_only`` a
+    slide without a file, or whose file names no class, is skipped. Raises
     :class:`AnnotationSetError` when the source holds no ``.geojson`` file.
     """
     store = open_storage(opts.source)
@@ -95,6 +98,8 @@ def read_annotation_set(opts: AnnotationOptions, slides: dict[str, str]) -> Anno
     for name in files:
         sid = annotated_slide(name)
         if sid not in slides:
+            if not unmatched:
+                continue
             out.problems.append(
                 f"{store.child_url(name)}: no input slide is named {sid or name!r}: remove the "
                 "file or add the slide"
