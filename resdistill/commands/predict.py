@@ -9,8 +9,12 @@ probabilities.
 Writes to --out, per slide: <slide>.json (class, probabilities, grid, every tile's
 probabilities), <slide>.heatmap.npy (rows x cols x classes, NaN off tissue) and
 <slide>.heatmap-<class>.png (the thumbnail with the class probability painted over each tile).
+With --annotations (QuPath GeoJSON, matched to slides as `resdistill shard --annotations` does),
+each slide's outlines are drawn over its heatmaps, a legend strip below: classes solid, one colour
+per class on every slide; regions of interest white dashes; ignored areas grey short dashes.
 
-exit codes: 0 all slides predicted; 1 some slides skipped (listed); 2 unusable checkpoint or options.
+exit codes: 0 all slides predicted; 1 some slides skipped or annotation files unusable (listed);
+2 unusable checkpoint or options.
 """
 
 from __future__ import annotations
@@ -55,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cmap", default="viridis", help="matplotlib colormap (default: %(default)s)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--annotations",
+        metavar="DIR_OR_URL",
+        help="folder or s3:// prefix of QuPath GeoJSON exports, one <slide>.geojson per slide "
+        "(as for shard): their outlines are drawn over the slide's heatmaps; slides without "
+        "a file are predicted without outlines",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
     from resdistill.checkpoint import load_model
     from resdistill.errors import UsageError
+    from resdistill.eval.annotation_overlay import AnnotationOverlays
     from resdistill.eval.predict import heatmap_classes, predict_slides, tile_px_of
+    from sharding.annotation_set import AnnotationSetError
     from sharding.pipeline import find_slides
     from sharding.storage import StorageError
 
@@ -100,6 +113,19 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    annotations = None
+    if args.annotations:
+        try:
+            annotations = AnnotationOverlays(
+                args.annotations,
+                found,
+                lambda line: err.print(
+                    f"[yellow]annotations[/yellow] {escape(line)}", soft_wrap=True
+                ),
+            )
+        except (AnnotationSetError, StorageError) as exc:
+            print(f"predict: error: --annotations: {exc}", file=sys.stderr)
+            return 2
     table = Table(
         title=f"{model.name} ({model.meta.get('arch')} at {model.mag}) on {len(found)} slide(s)",
         header_style="bold",
@@ -111,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         for pred in predict_slides(
             model, found, args.out, heatmap=args.heatmap, alpha=args.alpha, cmap=args.cmap,
             batch_size=args.batch_size, min_tissue=args.min_tissue, mpp=args.mpp,
-            device=args.device, on_skip=skip,
+            device=args.device, on_skip=skip, annotations=annotations,
         ):  # fmt: skip
             predicted += 1
             table.add_row(
@@ -123,4 +149,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     console.print(table)
     console.print(f"output: {args.out}", soft_wrap=True)
-    return 1 if problems or predicted < len(found) else 0
+    unusable = annotations is not None and annotations.problems > 0
+    return 1 if problems or unusable or predicted < len(found) else 0

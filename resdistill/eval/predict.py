@@ -19,7 +19,9 @@ For a slide file and a model (see :func:`resdistill.checkpoint.load_model`) trai
 The heatmap is a ``(rows, cols, K)`` array of tile probabilities (NaN where no tissue). Its PNG
 is the slide thumbnail (same size as :func:`sharding.tissue.thumbnail` gives) with each tissue
 tile's probability of one class painted over the thumbnail pixels it covers, through a colormap
-blended at ``alpha`` (:func:`resdistill.eval.plots.render_heatmap`).
+blended at ``alpha`` (:func:`resdistill.eval.plots.render_heatmap`). With annotations
+(:mod:`resdistill.eval.annotation_overlay`) the slide's outlines are drawn over every heatmap PNG,
+with a legend strip below it (:func:`resdistill.eval.plots.draw_annotations`).
 
 Errors are one line: :class:`sharding.slide.SlideError` for a slide that cannot be predicted (the
 caller skips it), :class:`resdistill.errors.UsageError` for a model or option that cannot work
@@ -35,14 +37,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from resdistill.checkpoint import CheckpointError, LoadedModel
 from resdistill.errors import UsageError
-from resdistill.eval.plots import DEFAULT_CMAP, render_heatmap
+from resdistill.eval.plots import DEFAULT_CMAP, draw_annotations, render_heatmap
 from resdistill.eval.tiling import DEFAULT_MIN_TISSUE, TilePlan, plan_tiles
+
+if TYPE_CHECKING:
+    from resdistill.eval.annotation_overlay import AnnotationOverlays, SlideOverlay
 
 __all__ = [
     "SlidePrediction",
@@ -264,11 +269,13 @@ def write_prediction(
     classes: str | Sequence[str] | None = None,
     alpha: float = DEFAULT_ALPHA,
     cmap: str = DEFAULT_CMAP,
+    overlay: SlideOverlay | None = None,
 ) -> dict[str, str]:
     """Write ``<slide_id>.json``, ``<slide_id>.heatmap.npy`` (the ``(rows, cols, K)`` array) and
     ``<slide_id>.heatmap-<class>.png`` per class of :func:`heatmap_classes` (default: the slide's
     class) to ``out`` (a local folder or ``s3://``). Returns ``{kind: url}``, also listed in the
-    JSON under ``files``."""
+    JSON under ``files``. With an ``overlay`` its outlines are drawn on every PNG and the JSON
+    records it under ``annotations``."""
     from PIL import Image
 
     from sharding.storage import open_storage
@@ -286,6 +293,10 @@ def write_prediction(
             p.thumbnail, (p.info.width, p.info.height), p.xs[p.keep], p.ys[p.keep], p.size0,
             pred.tile_probs[:, pred.classes.index(name)], alpha=alpha, cmap=cmap,
         )  # fmt: skip
+        if overlay is not None and overlay.outlines:
+            img = draw_annotations(
+                img, (p.info.width, p.info.height), overlay.outlines, pred.classes
+            )
         png = io.BytesIO()
         Image.fromarray(img).save(png, format="PNG")
         rel = f"{pred.slide_id}.heatmap-{name}.png"
@@ -296,6 +307,8 @@ def write_prediction(
     files["json"] = store.child_url(rel)
     doc["files"] = files
     doc["heatmap"] = {"colormap": cmap, "alpha": alpha, "shape": list(pred.heatmap.shape)}
+    if overlay is not None:
+        doc["annotations"] = overlay.to_json(pred.classes)
     store.write_bytes(rel, json.dumps(doc, indent=1).encode())
     return files
 
@@ -313,6 +326,7 @@ def predict_slides(
     mpp: float | None = None,
     device: str | None = None,
     on_skip: Callable[[str], None] | None = None,
+    annotations: AnnotationOverlays | None = None,
 ) -> Iterator[SlidePrediction]:
     """:func:`predict_slide` then :func:`write_prediction` for each ``{slide_id: path}``, yielding
     each prediction once its files are written.
@@ -320,7 +334,7 @@ def predict_slides(
     A slide that cannot be predicted (:class:`sharding.slide.SlideError`, or a
     :class:`UsageError`) is skipped: ``on_skip(message)`` and the next slide. A
     :class:`sharding.storage.StorageError` (the output cannot be written) propagates: every later
-    slide would fail the same way.
+    slide would fail the same way. With ``annotations`` each slide's outlines are drawn.
     """
     from sharding.slide import SlideError
 
@@ -330,7 +344,8 @@ def predict_slides(
                 model, path, batch_size=batch_size, min_tissue=min_tissue, mpp=mpp,
                 device=device, slide_id=sid,
             )  # fmt: skip
-            write_prediction(pred, out, classes=heatmap, alpha=alpha, cmap=cmap)
+            overlay = annotations.for_slide(sid) if annotations is not None else None
+            write_prediction(pred, out, classes=heatmap, alpha=alpha, cmap=cmap, overlay=overlay)
         except (SlideError, UsageError) as exc:
             if on_skip is not None:
                 on_skip(str(exc))
