@@ -119,4 +119,3 @@ class ResNetClassifier(nn.Module):
 def build_model(arch: str = DEFAULT_ARCH, num_classes: int = 2) -> ResNetClassifier:
     """A freshly initialised :class:`ResNetClassifier` (random weights, nothing downloaded)."""
     return ResNetClassifier(arch=arch, num_classes=num_classes)
-
