@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resdistill import train_loop as T
+from resdistill import checkpoint as T
 from resdistill.commands import evaluate as eval_cmd
 from resdistill.commands import predict as predict_cmd
 from resdistill.models import build_model
