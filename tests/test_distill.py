@@ -18,6 +18,7 @@ import torch
 from resdistill import checkpoint as T
 from resdistill import data as D
 from resdistill.commands import distill
+from resdistill.config import TrainConfig
 from resdistill.losses import DistillLoss
 from resdistill.models import build_model
 from resdistill.train.plan import prepare
@@ -28,6 +29,7 @@ from resdistill.train.teacher_net import (
     distill_batch,
     renormalizer,
 )
+from resdistill.train.worker import loop_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -274,6 +276,8 @@ def test_config_uses_every_split_for_distillation_and_labels_for_the_baseline(
     assert cfg.teacher.checkpoint == trained_teacher
     assert cfg.teacher.feature_channels == 512 and "state_dict" not in cfg.to_dict()["teacher"]
     assert cfg.plan.steps_per_epoch == 56 // (2 * 8)
+    # what travels to the workers is plain values and comes back as the same config
+    assert TrainConfig.from_dict(loop_config(cfg)["config"]) == cfg
     sup = prepare(distill.build_config(distill.build_parser().parse_args([*base, "--supervised"])))
     assert sup.data.train_splits == ("train",) and sup.plan.n_train == 48 and sup.teacher is None
     assert sup.stage == "supervised"

@@ -287,6 +287,18 @@ def train_config(
     )
 
 
+def main(
+    build_parser: Callable[[], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace], int],
+    argv: list[str] | None = None,
+) -> int:
+    """``python -m`` entry of a command: parse ``argv``, ``run``; 130 on Ctrl-C."""
+    try:
+        return run(build_parser().parse_args(argv))
+    except KeyboardInterrupt:
+        return 130
+
+
 def exit_code(prog: str, work: Callable[[], object]) -> int:
     """Run ``work()``; errors as one line on stderr. 0 ok, 1 the run failed, 2 unusable input."""
     import sys

@@ -64,7 +64,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m resdistill.teacher``; returns the exit status."""
-    try:
-        return run(build_parser().parse_args(argv))
-    except KeyboardInterrupt:
-        return 130
+    return common.main(build_parser, run, argv)
