@@ -16,7 +16,7 @@ Rows (``--only`` names in brackets):
 * [compute] FLOPs and measured inference images/s of the student at each magnification vs the
   teacher at the highest (:func:`resdistill.eval.compute.compute_table`; paper: 4x/16x/64x FLOPs).
 * [distill] one distillation epoch (same samples, loader included, in-process) with cached
-  teacher targets (:mod:`resdistill.teacher_targets`) vs the online teacher; target 5x or faster.
+  teacher targets (:mod:`resdistill.train.targets`) vs the online teacher; target 5x or faster.
   The one-off cost of computing the targets is reported beside it.
 * [ddp] the same cached-target distillation epoch on Ray Train with 2 workers vs 1 (same global
   samples per epoch): ratio of train samples/s, plus where the time goes (start-up, train,
@@ -96,7 +96,7 @@ def make_teacher(data: str, folder: Path) -> str:
     ``resdistill teacher`` writes (only speed is measured, not quality)."""
     import torch
 
-    from resdistill import train_loop as T
+    from resdistill import checkpoint as T
     from resdistill.data import DatasetInfo
     from resdistill.models import build_model
 
@@ -256,14 +256,14 @@ def distill_epoch_s(
 
     from resdistill import data as D
     from resdistill.data.cached import GeometricAugment, make_cached_loader
-    from resdistill.distill_worker import (
+    from resdistill.models import build_model
+    from resdistill.train.teacher_net import (
         DistillStep,
         build_loss,
         cached_distill_batch,
         distill_batch,
         load_teacher,
     )
-    from resdistill.models import build_model
 
     info = D.DatasetInfo.load(data)
     t_mag = info.highest
@@ -300,7 +300,7 @@ def distill_epoch_s(
 def bench_distill_rows(
     data: str, teacher: str, work: Path, *, mags: list[str], batch: int, steps: int, workers: int
 ) -> tuple[list[dict[str, Any]], Any]:
-    from resdistill.teacher_targets import write_targets
+    from resdistill.train.targets import write_targets
 
     targets, targets_s = _timed(
         lambda: write_targets(
@@ -333,8 +333,8 @@ def bench_ddp_rows(
     data: str, teacher: str, targets: Any, work: Path, *, mag: str, batch: int, steps: int
 ) -> list[dict[str, Any]]:
     """Ray Train cached-target distillation, 1 worker vs 2, the same samples per epoch."""
-    from resdistill import distill
-    from resdistill import train_loop as T
+    from resdistill import checkpoint as T
+    from resdistill.commands import distill
 
     res = {}
     for workers in (1, 2):
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         section("distill", distill_rows)
         if "ddp" in only:
             if not targets_box:
-                from resdistill.teacher_targets import write_targets
+                from resdistill.train.targets import write_targets
 
                 targets_box.append(write_targets(data, teacher, out=str(work / "targets"),
                                                  splits=["train", "val"], use_ray=False))  # fmt: skip

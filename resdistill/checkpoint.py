@@ -116,6 +116,13 @@ def read_chain(dataset_json: Mapping[str, Any]) -> dict[str, Any]:
     return {k: dataset_json[k] for k in READ_CHAIN_KEYS if k in dataset_json}
 
 
+def absolute_url(url: str) -> str:
+    """``s3://`` URLs unchanged; a local path made absolute (workers may run elsewhere)."""
+    from sharding.storage import is_remote, local_path
+
+    return url if is_remote(url) else str(local_path(url))
+
+
 def checkpoint_url(checkpoint: Any) -> str | None:
     """``s3://...`` or a local path for a Ray ``Checkpoint`` (None for None)."""
     if checkpoint is None:

@@ -15,8 +15,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("resdistill.commands.demo", "run the pipeline end to end on synthetic slides"),
     "synth": ("resdistill.commands.synth", "write synthetic H&E-like whole-slide images"),
     "shard": ("resdistill.commands.shard", "tile slides at several magnifications into shards"),
-    "teacher": ("resdistill.teacher", "train the high-magnification teacher on Ray Train"),
-    "distill": ("resdistill.distill", "distill a low-magnification student from the teacher"),
+    "teacher": ("resdistill.commands.teacher", "train the high-magnification teacher on Ray Train"),
+    "distill": (
+        "resdistill.commands.distill",
+        "distill a low-magnification student from the teacher",
+    ),
     "evaluate": (
         "resdistill.commands.evaluate",
         "score checkpoints on a split: metrics with CIs, compute table, plots",
@@ -27,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "tune": ("resdistill.tune", "tune distillation or the teacher with Ray Tune (ASHA/PBT)"),
     "teacher-targets": (
-        "resdistill.teacher_targets",
+        "resdistill.commands.teacher_targets",
         "run the frozen teacher once and cache its targets for distillation",
     ),
 }

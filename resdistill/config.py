@@ -132,13 +132,18 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class TeacherRef:
-    """The frozen teacher of a distillation run (read from its checkpoint by the driver)."""
+    """The frozen teacher of a distillation run.
 
-    checkpoint: str  # absolute checkpoint folder URL
-    arch: str
-    mag: str  # magnification fed to the teacher
-    classes: tuple[str, ...]
-    feature_channels: int
+    From the command line only ``checkpoint``, ``mag`` (``--teacher-mag``, "" for the one it
+    was trained at) and ``evaluate`` are known; :func:`resdistill.train.plan.prepare` reads the
+    checkpoint and fills the rest.
+    """
+
+    checkpoint: str  # checkpoint folder URL (absolute once planned)
+    arch: str = ""
+    mag: str = ""  # magnification fed to the teacher
+    classes: tuple[str, ...] = ()
+    feature_channels: int = 0
     normalization: Mapping[str, Any] | None = None  # {"mean": [...], "std": [...]} it trained with
     evaluate: bool = True  # score the teacher once on the val split (teacher_val_*)
 

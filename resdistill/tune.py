@@ -58,6 +58,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from resdistill.errors import UsageError
+
 #: every tunable hyperparameter per stage
 DISTILL_PARAMS = (
     "lr",
@@ -91,10 +93,6 @@ DEFAULT_SPACE = {
 }
 KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 SCHEDULERS = ("asha", "pbt", "fifo")
-
-
-class UsageError(ValueError):
-    """Options or a search space that cannot work; one line, exit status 2."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,7 +271,7 @@ def build_space(args: argparse.Namespace, stage: str) -> dict[str, Domain]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``resdistill distill``'s options (the fixed part of every trial) plus the tuning ones."""
-    from resdistill import distill
+    from resdistill.commands import distill
 
     distill.add_arguments(parser)
     for action in parser._actions:  # not needed in teacher mode: checked in stage_config
@@ -368,42 +366,28 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--resume needs the --name of the run to continue")
 
 
-def stage_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The fixed worker config every trial starts from: ``resdistill.teacher.build_config``
-    with ``--teacher-mode``, else ``resdistill.distill.build_config`` (same checks, same
-    one-line errors)."""
-    from resdistill import distill
+def stage_config(args: argparse.Namespace) -> Any:
+    """The planned :class:`~resdistill.config.TrainConfig` every trial starts from: the teacher
+    stage's with ``--teacher-mode``, else distillation's (same checks, same one-line errors as
+    ``resdistill teacher`` / ``distill``)."""
+    from resdistill.commands import distill, teacher
+    from resdistill.train.plan import prepare
 
     if not args.teacher_mode:
         if not args.student_mag:
             raise UsageError(
                 "--student-mag is required (the trials' default; --space student_mag=... tunes it)"
             )
-        distill.check_args(args)
-        return distill.build_config(args)
-    from resdistill import teacher
-
-    targs = teacher.build_parser().parse_args(["--data", args.data])
-    for key, value in vars(args).items():
-        if key in vars(targs) and value is not None and key != "train_splits":
-            setattr(targs, key, value)
-    if args.train_splits:
-        targs.train_splits = args.train_splits
-    teacher.check_args(targs)
-    try:
-        return teacher.build_config(targs)
-    except teacher.UsageError as exc:
-        raise UsageError(str(exc)) from None
+        return prepare(distill.build_config(args))
+    return prepare(teacher.build_config(args))
 
 
-def check_space(
-    space: Mapping[str, Domain], base: Mapping[str, Any], args: argparse.Namespace
-) -> None:
+def check_space(space: Mapping[str, Domain], base: Any, args: argparse.Namespace) -> None:
     """Every value a magnification or batch-size domain can take must work on the dataset."""
     from resdistill.data import DatasetInfo, steps_per_epoch
     from sharding.magnification import Magnification
 
-    info = DatasetInfo.from_json(base["data"], base["dataset"])
+    info = DatasetInfo.from_json(base.data.url, base.plan.dataset)
     for name in ("student_mag", "mag"):
         dom = space.get(name)
         if dom is None:
@@ -416,11 +400,11 @@ def check_space(
             except ValueError as exc:
                 raise UsageError(f"search space {name!r}: {exc}") from None
             if name == "student_mag":
-                high = Magnification.parse(base["teacher_mag"]).power
+                high = Magnification.parse(base.teacher.mag).power
                 if Magnification.parse(mag).power > high:
                     raise UsageError(
                         f"search space 'student_mag': {mag} is above the teacher's "
-                        f"{base['teacher_mag']}"
+                        f"{base.teacher.mag}"
                     )
     dom = space.get("batch_size")
     if dom is not None:
@@ -430,7 +414,7 @@ def check_space(
                 raise UsageError(f"search space 'batch_size': {size!r} is not a positive integer")
             if args.steps_per_epoch is None:
                 try:
-                    steps_per_epoch(base["n_train"], args.workers, size)
+                    steps_per_epoch(base.plan.n_train, args.workers, size)
                 except ValueError as exc:
                     raise UsageError(f"search space 'batch_size': {exc}") from None
 
@@ -509,7 +493,7 @@ def make_callbacks() -> list[Any]:
     return [FreePlacementGroups()]
 
 
-def make_trainable(base: dict[str, Any], args: argparse.Namespace, name: str) -> Any:
+def make_trainable(base: Any, args: argparse.Namespace, name: str) -> Any:
     """``trial_function`` with the fixed config and run options bound (``tune.with_parameters``)
     and each trial's own actor sized ``--trial-cpus`` (its Train workers ask for theirs)."""
     from ray import tune
@@ -532,16 +516,14 @@ def make_trainable(base: dict[str, Any], args: argparse.Namespace, name: str) ->
     return tune.with_resources(fn, {"CPU": float(args.trial_cpus)})
 
 
-def make_tuner(
-    args: argparse.Namespace, base: dict[str, Any], space: Mapping[str, Domain], name: str
-) -> Any:
+def make_tuner(args: argparse.Namespace, base: Any, space: Mapping[str, Domain], name: str) -> Any:
     """A new ``Tuner``, or ``Tuner.restore`` of ``<storage>/<name>`` with ``--resume`` (when it
     exists: unfinished and errored trials continue from their latest checkpoint)."""
     from ray import tune
 
-    from resdistill import train_loop as T
+    from resdistill.train.runner import storage_for
 
-    path, fs = T.storage_for(args.storage)
+    path, fs = storage_for(args.storage)
     trainable = make_trainable(base, args, name)
     exp_path = f"{path.rstrip('/')}/{name}"
     if args.resume and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
@@ -652,7 +634,8 @@ def summarize(grid: Any, args: argparse.Namespace, name: str, space: Mapping[str
               *, resumed: bool, elapsed_s: float) -> TuneSummary:  # fmt: skip
     """Rows per trial (best by ``--metric`` over every reported epoch) and the best trial's best
     kept Tune checkpoint (a full copy of the Train checkpoint: ``model.pt``, ``trainer.pt``)."""
-    from resdistill import train_loop as T
+    from resdistill.checkpoint import checkpoint_url
+    from resdistill.train.runner import run_url
 
     sign = 1.0 if args.mode == "max" else -1.0
     rows: list[TrialRow] = []
@@ -677,7 +660,7 @@ def summarize(grid: Any, args: argparse.Namespace, name: str, space: Mapping[str
         status = "error" if result.error else ("done" if epochs >= args.epochs else "stopped")
         config = {k: result.config.get(k) for k in space if k in (result.config or {})}
         row = TrialRow(trial, status, config, epochs, _num(metrics.get(args.metric)), best_val,
-                       best_epoch, T.checkpoint_url(ckpt))  # fmt: skip
+                       best_epoch, checkpoint_url(ckpt))  # fmt: skip
         rows.append(row)
         if (
             best_val is not None
@@ -696,10 +679,10 @@ def summarize(grid: Any, args: argparse.Namespace, name: str, space: Mapping[str
                 "trial": trial,
                 "best_value": best_val,
                 "stage": "teacher" if args.teacher_mode else "distill",
-                "run": T.run_url(args.storage, name),
+                "run": run_url(args.storage, name),
             }
     rows.sort(key=lambda r: (r.best is None, -sign * (r.best or 0.0)))
-    return TuneSummary(name, T.run_url(args.storage, name), args.metric, args.mode, rows, best,
+    return TuneSummary(name, run_url(args.storage, name), args.metric, args.mode, rows, best,
                        resumed, elapsed_s)  # fmt: skip
 
 
@@ -776,7 +759,8 @@ def tune_run(args: argparse.Namespace) -> TuneSummary:
     ``--best-json``; return the :class:`TuneSummary`. Raises :class:`UsageError`."""
     from rich.console import Console
 
-    from resdistill import train_loop as T
+    from resdistill.train.runner import run_url
+    from sharding.ray_cluster import ray_init
 
     check_args(args)
     console = Console(highlight=False)
@@ -787,15 +771,15 @@ def tune_run(args: argparse.Namespace) -> TuneSummary:
     make_scheduler(args, space)  # its errors before any Ray work
     name = args.name or f"tune-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(
-        f"[bold]tune {stage}[/] on {base['data']}: {args.num_samples} samples, scheduler "
+        f"[bold]tune {stage}[/] on {base.data.url}: {args.num_samples} samples, scheduler "
         f"{args.scheduler}, {args.mode} {args.metric} over {args.epochs} epochs; trials of "
         f"{args.workers} workers x {args.cpus_per_worker:g} CPU{' + GPU' if args.gpu else ''} "
-        f"+ {args.trial_cpus:g} CPU; run {name!r} -> {T.run_url(args.storage, name)}",
+        f"+ {args.trial_cpus:g} CPU; run {name!r} -> {run_url(args.storage, name)}",
         soft_wrap=True,
     )
     for key, dom in space.items():
         console.print(f"  {key:16s} {dom}")
-    T.ray_init(args.address)
+    ray_init(args.address)
     t0 = time.perf_counter()
     tuner, resumed = make_tuner(args, base, space, name)
     if args.resume:
@@ -813,11 +797,9 @@ def tune_run(args: argparse.Namespace) -> TuneSummary:
 
 def run(args: argparse.Namespace) -> int:
     """``resdistill tune``: 0 ok, 1 no trial produced a checkpoint, 2 bad options or data."""
-    from resdistill import distill
-
     try:
         summary = tune_run(args)
-    except (UsageError, distill.UsageError, FileNotFoundError, ValueError) as exc:
+    except (UsageError, FileNotFoundError, ValueError) as exc:
         print(f"tune: error: {exc}", file=sys.stderr)
         return 2
     return 0 if summary.best is not None else 1

@@ -7,7 +7,7 @@ worker), and forwards every epoch to Tune:
 
 * the Train controller calls :class:`ForwardToTrial` (a ``TuneReportCallback``) after each
   ``ray.train.report``: rank 0's metrics (already all-reduced over the ranks by
-  :func:`resdistill.train_loop.evaluate`) plus the persisted Train checkpoint's path go into a
+  :func:`resdistill.train.validate.evaluate`) plus the persisted Train checkpoint's path go into a
   Ray queue owned by the trial;
 * the trial function takes them off the queue and calls ``ray.tune.report(metrics,
   checkpoint=...)``, so Tune persists the checkpoint in the trial's folder. Schedulers see the
@@ -17,16 +17,16 @@ worker), and forwards every epoch to Tune:
 Resume: ``ray.tune.get_checkpoint()`` is the trial's own latest checkpoint after
 ``Tuner.restore`` or a retry, or the donor's checkpoint after a PBT exploit. Ray Train V2 has no
 ``resume_from_checkpoint`` any more (its trainer resumes from its own ``storage_path/name``), so
-every start of a trial is a NEW Train run (``<trial id>-<8 hex>``) whose workers load that
-checkpoint through :func:`resdistill.train_loop.set_start_checkpoint`: weights, optimizer state
-and :class:`~resdistill.train_loop.TrainState` (epoch, step, history) continue from it, while the
+every start of a trial is a NEW Train run (``<trial id>-<8 hex>``) whose workers get that
+checkpoint as ``start_checkpoint`` (:func:`resdistill.train.worker.loop_config`): weights,
+optimizer state and :class:`~resdistill.train.loop.TrainState` (epoch, step, history) continue
+from it, while the
 trial's own (possibly mutated) hyperparameters apply from the next step on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import queue as pyqueue
 import threading
 import uuid
@@ -39,9 +39,6 @@ from ray.tune.integration.ray_train import TuneReportCallback
 TRAIN_CHECKPOINT_KEY = "train_checkpoint"
 RESUMED_FROM_KEY = "resumed_from"
 TRAIN_RUN_KEY = "train_run"
-
-#: hyperparameters of each stage and where they live in the worker config
-LOSS_KEYS = ("temperature", "kd_weight", "feature_weight", "label_smoothing")
 
 
 class ForwardToTrial(TuneReportCallback):
@@ -56,17 +53,12 @@ class ForwardToTrial(TuneReportCallback):
         self._training_actor_item_queue = items
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train function of a tuning trial: the stage's own worker, started from
-    ``config["start_checkpoint"]`` when set (and the Train run has no checkpoint of its own)."""
-    from resdistill import train_loop as T
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train function of a tuning trial: :func:`resdistill.train.worker.train_worker`
+    (``loop_config["start_checkpoint"]`` is where the trial continues from, when set)."""
+    from resdistill.train.worker import train_worker as run_worker
 
-    T.set_start_checkpoint(config.get("start_checkpoint"))
-    if config["stage"] == "teacher":
-        from resdistill.teacher import train_worker as stage_worker
-    else:
-        from resdistill.distill_worker import train_worker as stage_worker
-    stage_worker(config)
+    run_worker(loop_config)
 
 
 PLACEMENT_GROUP_KEY = "placement_group"
@@ -90,79 +82,47 @@ class WorkerFunction:
         train_worker(config)
 
 
-def apply_hparams(
-    base: Mapping[str, Any], hparams: Mapping[str, Any], opts: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The worker config of one trial: ``base`` (the stage's ``build_config``) with ``hparams``.
+def apply_hparams(base: Any, hparams: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
+    """The :class:`~resdistill.config.TrainConfig` of one trial: the planned ``base`` with
+    ``hparams`` set by name (:meth:`TrainConfig.with_values`).
 
-    ``lr``, ``weight_decay``, ``optimizer``, ``warmup_epochs`` replace the top-level values;
-    ``temperature``, ``kd_weight``, ``feature_weight`` (and ``label_smoothing`` when distilling)
-    go to ``config["loss"]``; ``batch_size`` sets the per-worker batch size and, unless the
-    steps were fixed (``opts["fixed_steps"]``), ``steps_per_epoch = n_train // (workers x
-    batch)``; ``student_mag`` (distillation) or ``mag`` (teacher) picks the magnification.
-    Raises ``ValueError`` for a value the dataset cannot serve.
+    ``batch_size`` also sets, unless the steps were fixed (``opts["fixed_steps"]``), the planned
+    ``steps_per_epoch = n_train // (workers x batch)``; ``student_mag`` (distillation) or ``mag``
+    (teacher) picks the magnification. Raises ``ValueError`` for a setting the stage cannot tune
+    or a value the dataset cannot serve.
     """
+    from dataclasses import replace
+
     from resdistill.data import DatasetInfo, steps_per_epoch
 
-    cfg = copy.deepcopy(dict(base))
-    teacher = cfg["stage"] == "teacher"
-    for key, value in hparams.items():
-        if key in ("lr", "weight_decay", "warmup_epochs"):
-            cfg[key] = float(value)
-        elif key == "optimizer":
-            cfg[key] = str(value)
-        elif key == "batch_size":
-            cfg["batch_size"] = int(value)
-            if not opts.get("fixed_steps"):
-                cfg["steps_per_epoch"] = steps_per_epoch(
-                    cfg["n_train"], opts["workers"], int(value)
-                )
-        elif key in LOSS_KEYS and not teacher:
-            cfg["loss"][key] = float(value)
-        elif key == "label_smoothing" and teacher:
-            cfg["label_smoothing"] = float(value)
-        elif key in ("student_mag", "mag"):
-            info = DatasetInfo.from_json(cfg["data"], cfg["dataset"])
-            cfg["mag" if teacher else "student_mag"] = info.resolve_mag(str(value))
-        else:
-            raise ValueError(f"cannot tune {key!r} for the {cfg['stage']} stage")
+    values = dict(hparams)
+    mag = values.pop("student_mag" if base.stage != "teacher" else "mag", None)
+    if mag is not None:
+        info = DatasetInfo.from_json(base.data.url, base.plan.dataset)
+        values["mag"] = info.resolve_mag(str(mag))
+    try:
+        cfg = base.with_values(values)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    if "batch_size" in values and not opts.get("fixed_steps"):
+        steps = steps_per_epoch(cfg.plan.n_train, opts["workers"], cfg.data.batch_size)
+        cfg = replace(cfg, plan=replace(cfg.plan, steps_per_epoch=steps))
     return cfg
 
 
 def make_trainer(
     config: dict[str, Any], *, name: str, storage: str, opts: Mapping[str, Any], items: Any
 ) -> Any:
-    """The trial's ``TorchTrainer``: as :func:`resdistill.train_loop.make_trainer` (gloo/NCCL,
-    ``workers`` x ``cpus_per_worker``, FailureConfig, best + latest checkpoints kept) plus the
-    :class:`ForwardToTrial` callback feeding ``items``."""
-    import dataclasses
+    """The trial's ``TorchTrainer`` (:func:`resdistill.train.runner.make_trainer`) running
+    :class:`WorkerFunction`, plus the :class:`ForwardToTrial` callback feeding ``items``."""
+    from resdistill.train.runner import make_trainer as train_trainer
 
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from resdistill import train_loop as T
-
-    gpu = bool(opts["gpu"])
-    resources: dict[str, float] = {"CPU": float(opts["cpus_per_worker"])}
-    if gpu:
-        resources["GPU"] = 1.0
-    run_config = T.run_config(
-        name,
-        storage,
-        max_failures=opts["max_failures"],
-        metric=opts["metric"],
-        mode=opts["mode"],
-        keep=opts["keep"],
-    )
-    return TorchTrainer(
-        WorkerFunction(items),
-        train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=1800),
-        scaling_config=ScalingConfig(
-            num_workers=opts["workers"], use_gpu=gpu, resources_per_worker=resources
-        ),
-        run_config=dataclasses.replace(run_config, callbacks=[ForwardToTrial(items)]),
-    )
+    return train_trainer(WorkerFunction(items), config, name=name, storage=storage,
+                         workers=opts["workers"], gpu=bool(opts["gpu"]),
+                         cpus_per_worker=opts["cpus_per_worker"],
+                         max_failures=opts["max_failures"], metric=opts["metric"],
+                         mode=opts["mode"], keep=opts["keep"],
+                         callbacks=[ForwardToTrial(items)])  # fmt: skip
 
 
 def free_placement_group(hex_id: str | None) -> bool:
@@ -184,7 +144,7 @@ def free_placement_group(hex_id: str | None) -> bool:
     return True
 
 
-def trial_function(hparams: dict[str, Any], *, base: dict[str, Any], opts: dict[str, Any]) -> None:
+def trial_function(hparams: dict[str, Any], *, base: Any, opts: dict[str, Any]) -> None:
     """A Tune function trainable: one Ray Train run per (re)start of the trial, see module doc.
 
     ``opts``: ``storage`` (run storage URL), ``experiment`` (the tuning run's name), ``workers``,
@@ -195,19 +155,20 @@ def trial_function(hparams: dict[str, Any], *, base: dict[str, Any], opts: dict[
     from ray.train import Checkpoint
     from ray.util.queue import Queue
 
-    from resdistill import train_loop as T
+    from resdistill.checkpoint import checkpoint_url
+    from resdistill.train.runner import run_url, storage_for
+    from resdistill.train.worker import loop_config
 
-    config = apply_hparams(base, hparams, opts)
     start = ray.tune.get_checkpoint()
-    start_url = T.checkpoint_url(start) if start is not None else None
-    config["start_checkpoint"] = start_url
+    start_url = checkpoint_url(start) if start is not None else None
+    config = loop_config(apply_hparams(base, hparams, opts), start_url)
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"{trial_id}-{uuid.uuid4().hex[:8]}"
-    train_storage = f"{T.run_url(opts['storage'], opts['experiment'])}/_train"
+    train_storage = f"{run_url(opts['storage'], opts['experiment'])}/_train"
 
     items: Any = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = make_trainer(config, name=run_name, storage=train_storage, opts=opts, items=items)
-    _, fs = T.storage_for(train_storage)
+    _, fs = storage_for(train_storage)
 
     outcome: dict[str, Any] = {}
     placement_group = ""
@@ -238,7 +199,7 @@ def trial_function(hparams: dict[str, Any], *, base: dict[str, Any], opts: dict[
             metrics[PLACEMENT_GROUP_KEY] = placement_group
             path = metrics.pop("checkpoint_path", None)
             checkpoint = Checkpoint(path, filesystem=fs) if path else None
-            metrics[TRAIN_CHECKPOINT_KEY] = T.checkpoint_url(checkpoint) or ""
+            metrics[TRAIN_CHECKPOINT_KEY] = checkpoint_url(checkpoint) or ""
             metrics[RESUMED_FROM_KEY] = start_url or ""
             metrics[TRAIN_RUN_KEY] = run_name
             ray.tune.report(metrics, checkpoint=checkpoint)

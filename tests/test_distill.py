@@ -15,18 +15,21 @@ from typing import Any
 import pytest
 import torch
 
+from resdistill import checkpoint as T
 from resdistill import data as D
-from resdistill import distill
-from resdistill import train_loop as T
-from resdistill.distill_worker import (
+from resdistill.commands import distill
+from resdistill.config import TrainConfig
+from resdistill.losses import DistillLoss
+from resdistill.models import build_model
+from resdistill.train.plan import prepare
+from resdistill.train.teacher_net import (
     DistillStep,
     FrozenTeacher,
     build_loss,
     distill_batch,
     renormalizer,
 )
-from resdistill.losses import DistillLoss
-from resdistill.models import build_model
+from resdistill.train.worker import loop_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -262,18 +265,22 @@ def test_config_uses_every_split_for_distillation_and_labels_for_the_baseline(
     tiny_dataset: Path, trained_teacher: str
 ) -> None:
     base = ["--data", str(tiny_dataset), "--student-mag", "5x", "--batch-size", "8"]
-    cfg = distill.build_config(
-        distill.build_parser().parse_args([*base, "--teacher", trained_teacher])
+    cfg = prepare(
+        distill.build_config(
+            distill.build_parser().parse_args([*base, "--teacher", trained_teacher])
+        )
     )
-    assert cfg["train_splits"] == ["train", "unlabeled"]
-    assert (cfg["n_train"], cfg["n_labelled"], cfg["n_val"]) == (48 + 8, 48, 16)
-    assert cfg["teacher_mag"] == "10x" and cfg["arch"] == "resnet18"
-    assert cfg["teacher"]["checkpoint"] == trained_teacher
-    assert cfg["teacher"]["feature_channels"] == 512 and "state_dict" not in cfg["teacher"]
-    assert cfg["steps_per_epoch"] == 56 // (2 * 8)
-    sup = distill.build_config(distill.build_parser().parse_args([*base, "--supervised"]))
-    assert sup["train_splits"] == ["train"] and sup["n_train"] == 48 and sup["teacher"] is None
-    assert sup["stage"] == "supervised"
+    assert cfg.data.train_splits == ("train", "unlabeled")
+    assert (cfg.plan.n_train, cfg.plan.n_labelled, cfg.plan.n_val) == (48 + 8, 48, 16)
+    assert cfg.teacher.mag == "10x" and cfg.model.arch == "resnet18"
+    assert cfg.teacher.checkpoint == trained_teacher
+    assert cfg.teacher.feature_channels == 512 and "state_dict" not in cfg.to_dict()["teacher"]
+    assert cfg.plan.steps_per_epoch == 56 // (2 * 8)
+    # what travels to the workers is plain values and comes back as the same config
+    assert TrainConfig.from_dict(loop_config(cfg)["config"]) == cfg
+    sup = prepare(distill.build_config(distill.build_parser().parse_args([*base, "--supervised"])))
+    assert sup.data.train_splits == ("train",) and sup.plan.n_train == 48 and sup.teacher is None
+    assert sup.stage == "supervised"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +336,7 @@ def test_distill_on_s3_checkpoints_and_resumes(
     trainer = T.load_checkpoint(second.latest_checkpoint, T.TRAINER_FILE)
     state = trainer["state"]
     assert state["resumes"] == 1 and state["step"] == 12
-    assert trainer["config"]["n_train"] == 56  # train + unlabeled, labels or not
+    assert trainer["config"]["plan"]["n_train"] == 56  # train + unlabeled, labels or not
     history = state["history"]
     losses = [h["train_loss"] for h in history]
     assert len(losses) == 3 and losses[-1] < losses[0], losses  # the student approaches the teacher
@@ -380,7 +387,8 @@ def test_supervised_baseline_learns_from_labels(
     model = T.load_checkpoint(summary.latest_checkpoint)
     assert model["stage"] == "supervised" and model["teacher"] is None and model["mag"] == "5x"
     trainer = T.load_checkpoint(summary.latest_checkpoint, T.TRAINER_FILE)
-    assert trainer["config"]["n_train"] == 48 and trainer["config"]["train_splits"] == ["train"]
+    config = trainer["config"]
+    assert config["plan"]["n_train"] == 48 and config["data"]["train_splits"] == ["train"]
     history = trainer["state"]["history"]
     assert "train_accuracy" in history[-1] and "train_kd" not in history[-1]
     assert "teacher_val_accuracy" not in history[-1]

@@ -21,9 +21,15 @@ from typing import Any
 import pytest
 import torch
 
-from resdistill import teacher
-from resdistill import train_loop as T
+from resdistill import checkpoint as C
+from resdistill.commands import teacher
+from resdistill.eval.metrics import confusion_scores
 from resdistill.models import build_model
+from resdistill.train import runner
+from resdistill.train.optim import lr_at
+from resdistill.train.validate import confusion_matrix
+from resdistill.train.worker_env import WorkerEnv, unwrap
+from sharding.ray_cluster import ray_init
 from tests.fixtures_data import write_dataset
 from tests.fixtures_ray import free_port, ray_bin, wait_for
 
@@ -60,59 +66,59 @@ def test_metrics_match_scikit_learn() -> None:
         labels = torch.randint(0, k, (200,), generator=g)
         preds = torch.where(torch.rand(200, generator=g) < 0.6, labels, torch.randint(0, k, (200,)))
         preds[preds == k - 1] = 0  # one class never predicted
-        cm = T.confusion_matrix(preds, labels, k)
-        m = T.classification_metrics(cm)
+        cm = confusion_matrix(preds, labels, k)
+        m = confusion_scores(cm)
         assert m["accuracy"] == pytest.approx(accuracy_score(labels, preds))
         assert m["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
     # a class absent from both labels and predictions does not count (as in scikit-learn)
     labels, preds = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1])
-    m = T.classification_metrics(T.confusion_matrix(preds, labels, 4))
+    m = confusion_scores(confusion_matrix(preds, labels, 4))
     assert m["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
     # null labels (-1) are skipped
-    cm = T.confusion_matrix(torch.tensor([1, 0]), torch.tensor([-1, 0]), 2)
+    cm = confusion_matrix(torch.tensor([1, 0]), torch.tensor([-1, 0]), 2)
     assert cm.tolist() == [[1, 0], [0, 0]]
 
 
 def test_lr_schedules() -> None:
     kw = {"base_lr": 1.0, "total_steps": 100}
-    assert T.lr_at(0, schedule="constant", **kw) == 1.0
-    assert T.lr_at(0, schedule="cosine", **kw) == pytest.approx(1.0)
-    assert T.lr_at(50, schedule="cosine", **kw) == pytest.approx(0.5)
-    assert T.lr_at(100, schedule="cosine", **kw) == pytest.approx(0.0)
-    assert T.lr_at(75, schedule="linear", **kw) == pytest.approx(0.25)
-    assert T.lr_at(4, schedule="cosine", warmup_steps=10, **kw) == pytest.approx(0.5)
+    assert lr_at(0, schedule="constant", **kw) == 1.0
+    assert lr_at(0, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(50, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_at(100, schedule="cosine", **kw) == pytest.approx(0.0)
+    assert lr_at(75, schedule="linear", **kw) == pytest.approx(0.25)
+    assert lr_at(4, schedule="cosine", warmup_steps=10, **kw) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="cosine"):
-        T.lr_at(0, schedule="step", **kw)
+        lr_at(0, schedule="step", **kw)
 
 
 def test_storage_for_local_and_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path, fs = T.storage_for(str(tmp_path / "runs"))
+    path, fs = runner.storage_for(str(tmp_path / "runs"))
     assert fs is None and Path(path).is_dir()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    path, fs = T.storage_for("s3://bucket/some/prefix/")
+    path, fs = runner.storage_for("s3://bucket/some/prefix/")
     assert path == "bucket/some/prefix"
     assert fs.type_name == "s3"
-    assert T.run_url("s3://bucket/runs", "t1") == "s3://bucket/runs/t1"
+    assert runner.run_url("s3://bucket/runs", "t1") == "s3://bucket/runs/t1"
 
 
 def test_gpu_settings_without_a_gpu(tmp_path: Path) -> None:
     """The GPU path is configured (NCCL, a GPU per worker, bf16 autocast) even where none runs."""
-    trainer = T.make_trainer(
+    trainer = runner.make_trainer(
         lambda config: None, {}, name="g", storage=str(tmp_path), workers=4, gpu=True
     )
     assert trainer.backend_config.backend == "nccl"
     assert trainer.scaling_config.use_gpu and trainer.scaling_config.num_workers == 4
     assert trainer.scaling_config.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
-    cpu = T.make_trainer(lambda config: None, {}, name="c", storage=str(tmp_path))
+    cpu = runner.make_trainer(lambda config: None, {}, name="c", storage=str(tmp_path))
     assert cpu.backend_config.backend == "gloo" and not cpu.scaling_config.use_gpu
     ckpt = cpu.run_config.checkpoint_config
     assert (ckpt.num_to_keep, ckpt.checkpoint_score_attribute) == (1, "val_macro_f1")
     assert cpu.run_config.failure_config.max_failures == 2
-    gpu_env = T.WorkerEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    gpu_env = WorkerEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
     ctx = gpu_env.autocast()
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
-    cpu_env = T.WorkerEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cpu_env = WorkerEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     assert not isinstance(cpu_env.autocast(), torch.autocast) and not cpu_env.distributed
 
 
@@ -121,14 +127,14 @@ def test_speed_options_run_on_the_cpu() -> None:
     needed) on the CPU, so these GPU-minded paths are exercised by every test run."""
     import dataclasses
 
+    from resdistill.config import ARCH_CHOICES
     from resdistill.models import ARCHITECTURES
-    from resdistill.train_options import ARCH_CHOICES
 
     assert set(ARCH_CHOICES) == set(ARCHITECTURES)
     args = teacher.build_parser().parse_args(
         ["--data", "d", "--amp", "bf16", "--channels-last", "--compile", "eager"]
     )
-    env = T.WorkerEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+    env = WorkerEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
                       **{k: getattr(args, k) for k in ("amp", "channels_last", "compile")})  # fmt: skip
     assert (env.amp, env.channels_last, env.compile) == ("bf16", True, "eager")
     ctx = env.autocast()
@@ -144,24 +150,24 @@ def test_speed_options_run_on_the_cpu() -> None:
     assert logits.dtype == torch.bfloat16 and features.shape == (2, 256, 2, 2)
     logits.float().sum().backward()
     assert model.net.conv1.weight.grad is not None
-    assert T.unwrap(compiled) is model
-    assert not any(k.startswith("_orig_mod") for k in T.unwrap(compiled).state_dict())
+    assert unwrap(compiled) is model
+    assert not any(k.startswith("_orig_mod") for k in unwrap(compiled).state_dict())
 
 
 def test_load_checkpoint_refuses_pickled_code(tmp_path: Path) -> None:
     good = tmp_path / "good"
     good.mkdir()
     torch.save({"state_dict": build_model("resnet18", 2).state_dict(), "classes": ["a", "b"]},
-               good / T.MODEL_FILE)  # fmt: skip
-    loaded = T.load_checkpoint(str(good))
+               good / C.MODEL_FILE)  # fmt: skip
+    loaded = C.load_checkpoint(str(good))
     build_model("resnet18", 2).load_state_dict(loaded["state_dict"])
     bad = tmp_path / "bad"
     bad.mkdir()
-    torch.save({"payload": io.BytesIO(b"not a tensor")}, bad / T.MODEL_FILE)
+    torch.save({"payload": io.BytesIO(b"not a tensor")}, bad / C.MODEL_FILE)
     with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
-        T.load_checkpoint(str(bad))
+        C.load_checkpoint(str(bad))
     with pytest.raises(FileNotFoundError, match="model.pt"):
-        T.load_checkpoint(str(tmp_path))
+        C.load_checkpoint(str(tmp_path))
 
 
 def test_bad_options_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -202,7 +208,7 @@ def test_two_workers_on_s3_learn_checkpoint_and_resume(
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]}
     assert "runs/t-s3/checkpoint_epoch0002/model.pt" in keys
     assert "runs/t-s3/checkpoint_epoch0002/trainer.pt" in keys
-    model = T.load_checkpoint(first.latest_checkpoint)
+    model = C.load_checkpoint(first.latest_checkpoint)
     assert model["classes"] == ["benign", "tumor"] and model["mag"] == "10x"
     build_model(model["arch"], model["num_classes"]).load_state_dict(model["state_dict"])
 
@@ -218,7 +224,7 @@ def test_two_workers_on_s3_learn_checkpoint_and_resume(
     assert second.epochs == 3
     starts = _jsonl(trace / "starts.jsonl")
     assert sorted(s["start_epoch"] for s in starts) == [0, 0, 2, 2]
-    state = T.load_checkpoint(second.latest_checkpoint, T.TRAINER_FILE)["state"]
+    state = C.load_checkpoint(second.latest_checkpoint, C.TRAINER_FILE)["state"]
     assert state["resumes"] == 1 and state["step"] == 12
     assert [Path(u).name for u in state["restored_from"]] == ["checkpoint_epoch0002"]
     losses = [h["train_loss"] for h in state["history"]]
@@ -237,7 +243,7 @@ def test_killed_worker_restarts_from_checkpoint_and_run_finishes(
     args = _args(str(tiny_dataset), str(tmp_path / "runs"), "t-kill", ray_cluster,
                  "--epochs", "4", "--steps-per-epoch", "8", "--max-failures", "2",
                  "--trace-dir", str(trace))  # fmt: skip
-    T.ray_init(ray_cluster)  # connect before the thread so both share one driver
+    ray_init(ray_cluster)  # connect before the thread so both share one driver
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(teacher.train, args)
 
@@ -292,10 +298,10 @@ def test_uneven_shards_do_not_hang_and_ranks_take_equal_steps(
     epochs = _jsonl(trace / "epochs.jsonl")
     assert sorted((r["rank"], r["steps"], r["samples"]) for r in epochs) == [(0, 3, 12), (1, 3, 12)]
     assert summary.last_metrics["val_samples"] == 10
-    saved = T.load_checkpoint(summary.latest_checkpoint)
+    saved = C.load_checkpoint(summary.latest_checkpoint)
     build_model("resnet-small", 2).load_state_dict(saved["state_dict"])  # no wrapper prefixes
-    config = T.load_checkpoint(summary.latest_checkpoint, T.TRAINER_FILE)["config"]
-    assert (config["amp"], config["channels_last"], config["compile"]) == ("bf16", True, "eager")
+    speed = C.load_checkpoint(summary.latest_checkpoint, C.TRAINER_FILE)["config"]["speed"]
+    assert (speed["amp"], speed["channels_last"], speed["compile"]) == ("bf16", True, "eager")
 
 
 # ---------------------------------------------------------------------------------------------

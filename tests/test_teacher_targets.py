@@ -12,25 +12,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from resdistill import checkpoint as T
 from resdistill import data as D
-from resdistill import distill
-from resdistill import train_loop as T
+from resdistill.commands import distill
 from resdistill.data.cached import GeometricAugment, make_cached_loader
-from resdistill.distill_worker import (
+from resdistill.data.targets import StaleTargetsError, TargetsIndex, check_for_distill
+from resdistill.models import build_model
+from resdistill.train.plan import check, prepare
+from resdistill.train.targets import feature_size, write_targets
+from resdistill.train.teacher_net import (
     DistillStep,
     FrozenTeacher,
     build_loss,
     cached_distill_batch,
     distill_batch,
     load_teacher,
-)
-from resdistill.models import build_model
-from resdistill.teacher_targets import (
-    StaleTargetsError,
-    TargetsIndex,
-    check_for_distill,
-    feature_size,
-    write_targets,
 )
 from tests.fixtures_data import write_dataset
 from tests.test_distill import (
@@ -243,22 +239,18 @@ def test_stale_or_incompatible_targets_are_refused(
         )  # fmt: skip
 
     with pytest.raises(distill.UsageError, match="stale targets"):
-        a = args()
-        distill.check_args(a)
-        distill.build_config(a)
+        prepare(distill.build_config(args()))
     with pytest.raises(distill.UsageError, match="--jitter is not allowed"):
-        distill.check_args(args("--jitter", "0.5,0.5,0.5,0.2"))
+        check(distill.build_config(args("--jitter", "0.5,0.5,0.5,0.2")))
     with pytest.raises(distill.UsageError, match="maxpool"):
-        distill.check_args(args("--feature-resize", "bicubic"))
-    a = args()
-    distill.check_args(a)
-    assert tuple(a.jitter) == (0.0, 0.0, 0.0, 0.0)  # the default jitter is switched off
+        check(distill.build_config(args("--feature-resize", "bicubic")))
+    cfg = check(distill.build_config(args()))
+    assert tuple(cfg.data.jitter) == (0.0, 0.0, 0.0, 0.0)  # the default jitter is switched off
     # the right teacher: a config that carries the targets and no jitter
     b = args()
     b.teacher = geo_teacher
-    distill.check_args(b)
-    cfg = distill.build_config(b)
-    assert cfg["targets"]["url"] == geo_targets.url and cfg["jitter"] == [0.0] * 4
+    cfg = prepare(distill.build_config(b))
+    assert cfg.plan.targets["url"] == geo_targets.url and cfg.data.jitter == (0.0,) * 4
 
 
 @pytest.mark.slow
@@ -289,7 +281,7 @@ def test_targets_on_s3_with_ray_tasks_and_cached_distillation(
     assert summary.epochs == 2
     trainer = T.load_checkpoint(summary.latest_checkpoint, T.TRAINER_FILE)
     history = trainer["state"]["history"]
-    assert trainer["config"]["targets"]["url"] == out
+    assert trainer["config"]["plan"]["targets"]["url"] == out
     assert all(h["train_loss"] > 0 for h in history)
     assert history[-1]["train_loss"] == pytest.approx(
         history[-1]["train_kd"] + history[-1]["train_feature"], rel=1e-4

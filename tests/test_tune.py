@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from resdistill import train_loop as T
+from resdistill import checkpoint as T
 from resdistill import tune
 from tests.fixtures_ray import wait_for
 from tests.test_distill import trained_teacher  # noqa: F401 - module fixture: a tiny teacher
@@ -122,20 +122,21 @@ def test_bad_space_against_the_dataset_exits_2(
 
 
 def test_trial_config_takes_the_hyperparameters(tiny_dataset: Path, trained_teacher: str) -> None:  # noqa: F811
-    from resdistill import distill
+    from resdistill.commands import distill
+    from resdistill.train.plan import prepare
     from resdistill.tune_worker import apply_hparams
 
     args = distill.build_parser().parse_args(
         ["--data", str(tiny_dataset), "--teacher", trained_teacher, "--student-mag", "5x",
          "--batch-size", "8", "--workers", "1"])  # fmt: skip
-    base = distill.build_config(args)
+    base = prepare(distill.build_config(args))
     cfg = apply_hparams(base, {"lr": 0.01, "temperature": 4, "kd_weight": 0.5, "feature_weight": 0,
                                "batch_size": 16, "weight_decay": 0.0}, {"workers": 2})  # fmt: skip
-    assert cfg["lr"] == 0.01 and cfg["weight_decay"] == 0.0
-    assert cfg["loss"]["temperature"] == 4.0 and cfg["loss"]["kd_weight"] == 0.5
-    assert cfg["loss"]["feature_weight"] == 0.0
-    assert cfg["batch_size"] == 16 and cfg["steps_per_epoch"] == 56 // (2 * 16)
-    assert base["loss"]["temperature"] != 4.0  # the base config is left alone
+    assert cfg.optim.lr == 0.01 and cfg.optim.weight_decay == 0.0
+    assert cfg.loss.temperature == 4.0 and cfg.loss.kd_weight == 0.5
+    assert cfg.loss.feature_weight == 0.0
+    assert cfg.data.batch_size == 16 and cfg.plan.steps_per_epoch == 56 // (2 * 16)
+    assert base.loss.temperature != 4.0  # the base config is left alone
     with pytest.raises(ValueError, match="40x"):
         apply_hparams(base, {"student_mag": "40x"}, {"workers": 1})
 
@@ -180,7 +181,8 @@ def test_asha_stops_weak_trials_and_best_json_loads(
     model = load_model(str(best_json))
     assert model.mag == "5x" and list(model.classes) == ["benign", "tumor"]
     assert (
-        T.load_checkpoint(doc["checkpoint"], T.TRAINER_FILE)["config"]["lr"] == best["config"]["lr"]
+        T.load_checkpoint(doc["checkpoint"], T.TRAINER_FILE)["config"]["optim"]["lr"]
+        == best["config"]["lr"]
     )
 
 
@@ -316,11 +318,11 @@ def test_teacher_mode_tunes_the_teachers_config(tiny_dataset: Path) -> None:
          "--space", "label_smoothing=choice:0,0.1,mag=choice:10x,5x"])  # fmt: skip
     tune.check_args(args)
     base = tune.stage_config(args)
-    assert base["stage"] == "teacher" and base["mag"] == "10x"
+    assert base.stage == "teacher" and base.model.mag == "10x"
     space = tune.build_space(args, "teacher")
     assert space["mag"] == tune.Domain("choice", ("10x", "5x")) and "temperature" not in space
     tune.check_space(space, base, args)
     cfg = apply_hparams(base, {"mag": "5x", "label_smoothing": 0.1, "lr": 0.002}, {"workers": 1})
-    assert (cfg["mag"], cfg["label_smoothing"], cfg["lr"]) == ("5x", 0.1, 0.002)
+    assert (cfg.model.mag, cfg.loss.label_smoothing, cfg.optim.lr) == ("5x", 0.1, 0.002)
     with pytest.raises(ValueError, match="cannot tune 'temperature' for the teacher"):
         apply_hparams(base, {"temperature": 2}, {"workers": 1})

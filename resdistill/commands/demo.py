@@ -92,11 +92,11 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from resdistill import distill, teacher
-    from resdistill.train_loop import ray_init
+    from resdistill.commands import distill, teacher
     from sharding.magnification import Magnification
     from sharding.pipeline import run_shard
     from sharding.progress import print_summary
+    from sharding.ray_cluster import ray_init
     from sharding.synthetic import LABELS_CSV, write_synthetic_slides
 
     console = Console(stderr=True, highlight=False)
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     models["distilled"] = train_student("distilled", ["--teacher", models["teacher"], *kd])
 
     def cached_targets(name: str, teacher_checkpoint: str) -> str:
-        from resdistill.teacher_targets import write_targets
+        from resdistill.train.targets import write_targets
 
         stage(name)
         index = write_targets(

@@ -1,6 +1,6 @@
 """Cached teacher targets as one more source of :func:`resdistill.data.loader.make_loader`.
 
-The torch side of :mod:`resdistill.teacher_targets` (see its docstring for the layout and for
+The torch side of :mod:`resdistill.data.targets` (see its docstring for the layout and for
 which augmentations are allowed with cached targets and why):
 
 * :class:`CachedTargetStream` - a :class:`~resdistill.data.stream.TileStream` of the student tile
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from resdistill.teacher_targets import StaleTargetsError, TargetsIndex
+from resdistill.data.targets import StaleTargetsError, TargetsIndex
 
 from .augment import GeometricAugment
 from .info import Dataset, DatasetInfo

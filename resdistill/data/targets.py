@@ -1,0 +1,200 @@
+"""Cached teacher targets on storage: layout, identity and the read side (no torch).
+
+Written by :func:`resdistill.train.targets.write_targets`; read by the cached-target stream of
+distillation. Layout at the targets root (default ``<data>/_targets/<first 16 hex of the
+teacher's sha256>``)::
+
+    targets.json                       teacher identity, dataset identity, sizes, shard list
+    <split>/shard-NNNNNN.npz           one per dataset shard: keys, logits, feat_<mag> (float16)
+
+``targets.json`` records the teacher checkpoint (URL and sha256 of its ``model.pt``) and the
+dataset (URL and sha256 of ``manifest.parquet``): distillation with ``--targets`` recomputes
+both and refuses targets of another teacher or of a re-sharded dataset
+(:class:`StaleTargetsError`). It is written last, so a killed run leaves no usable half-written
+target set. Which augmentations cached targets allow, and why: see :mod:`resdistill.train.targets`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+TARGETS_JSON = "targets.json"
+FORMAT_VERSION = 1
+KIND = "resdistill-teacher-targets"
+TARGETS_DIR = "_targets"
+#: Resize mode the stored feature maps were pooled with (the paper's default).
+TARGET_RESIZE = "maxpool"
+
+
+class StaleTargetsError(ValueError):
+    """Targets that belong to another teacher checkpoint or another version of the dataset."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity and layout
+# --------------------------------------------------------------------------------------------------
+
+
+def sha256_of(url: str, rel: str) -> str:
+    """Hex sha256 of the object ``rel`` under storage root ``url`` (local folder or ``s3://``)."""
+    from sharding.storage import open_storage
+
+    store = open_storage(url)
+    try:
+        data = store.read_bytes(rel)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{store.child_url(rel)}: not found") from None
+    return hashlib.sha256(data).hexdigest()
+
+
+def teacher_sha256(checkpoint: str) -> str:
+    """sha256 of ``<checkpoint>/model.pt``: the teacher's identity."""
+    from resdistill.checkpoint import MODEL_FILE
+
+    return sha256_of(checkpoint, MODEL_FILE)
+
+
+def manifest_sha256(data: str) -> str:
+    """sha256 of ``<data>/manifest.parquet``: the dataset version's identity."""
+    from sharding.layout import MANIFEST
+
+    return sha256_of(data, MANIFEST)
+
+
+def default_targets_url(data: str, teacher_sha: str) -> str:
+    """``<data>/_targets/<first 16 hex digits of the teacher's sha256>``."""
+    from sharding.storage import open_storage
+
+    return open_storage(data).child_url(f"{TARGETS_DIR}/{teacher_sha[:16]}")
+
+
+def npz_name(shard_rel: str) -> str:
+    """``train/shard-000003.tar`` -> ``train/shard-000003.npz``."""
+    stem = shard_rel[: -len(".tar")] if shard_rel.endswith(".tar") else shard_rel
+    return f"{stem}.npz"
+
+
+@dataclass(frozen=True)
+class TargetsIndex:
+    """A parsed ``targets.json`` and the URL of its root."""
+
+    url: str
+    doc: Mapping[str, Any]
+
+    @classmethod
+    def load(cls, url: str) -> TargetsIndex:
+        """Read ``<url>/targets.json`` (FileNotFoundError / ValueError with one line)."""
+        from sharding.storage import open_storage
+
+        store = open_storage(url)
+        try:
+            doc = json.loads(store.read_bytes(TARGETS_JSON))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{store.child_url(TARGETS_JSON)}: not found; write targets with "
+                "`resdistill teacher-targets --data ... --teacher ...`"
+            ) from None
+        if doc.get("kind") != KIND or doc.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{store.child_url(TARGETS_JSON)}: not a v{FORMAT_VERSION} target set")
+        return cls(store.url, doc)
+
+    @property
+    def teacher_sha(self) -> str:
+        return str(self.doc["teacher"]["sha256"])
+
+    @property
+    def teacher_mag(self) -> str:
+        return str(self.doc["teacher_mag"])
+
+    @property
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """``{student mag: (h, w)}`` of the stored feature maps."""
+        return {m: (int(s[0]), int(s[1])) for m, s in self.doc["sizes"].items()}
+
+    @property
+    def shards(self) -> dict[str, Mapping[str, Any]]:
+        """``{dataset shard rel: {"file": npz rel, "samples": n}}``."""
+        return dict(self.doc["shards"])
+
+    def verify(
+        self,
+        *,
+        teacher_sha: str | None = None,
+        manifest_sha: str | None = None,
+        shards: Sequence[str] = (),
+        student_mag: str | None = None,
+        teacher_mag: str | None = None,
+    ) -> None:
+        """Refuse (:class:`StaleTargetsError`, one line) targets of another teacher or dataset
+        version, or ones lacking a shard, the student's magnification or the teacher's."""
+        where = f"{self.url}/{TARGETS_JSON}"
+        if teacher_sha is not None and teacher_sha != self.teacher_sha:
+            raise StaleTargetsError(
+                f"{where}: stale targets: written for teacher {self.doc['teacher']['checkpoint']} "
+                f"(model.pt sha256 {self.teacher_sha[:12]}), this teacher's is {teacher_sha[:12]}; "
+                "rerun teacher-targets"
+            )
+        if manifest_sha is not None and manifest_sha != self.doc["dataset"]["manifest_sha256"]:
+            raise StaleTargetsError(
+                f"{where}: stale targets: the dataset's manifest.parquet changed since they were "
+                "written; rerun teacher-targets"
+            )
+        missing = [s for s in shards if s not in self.doc["shards"]]
+        if missing:
+            raise StaleTargetsError(
+                f"{where}: no targets for {len(missing)} shard(s) (e.g. {missing[0]}); rerun "
+                "teacher-targets with those splits"
+            )
+        if student_mag is not None and student_mag not in self.doc["sizes"]:
+            raise StaleTargetsError(
+                f"{where}: no feature maps for student magnification {student_mag} (stored: "
+                f"{', '.join(self.doc['sizes']) or 'none'})"
+            )
+        if teacher_mag is not None and teacher_mag != self.teacher_mag:
+            raise StaleTargetsError(
+                f"{where}: targets were computed at teacher magnification {self.teacher_mag}, "
+                f"not {teacher_mag}"
+            )
+
+    def read_shard(self, shard_rel: str) -> dict[str, Any]:
+        """The arrays of one shard: ``keys`` (str), ``logits`` (N, K) and ``feat_<mag>`` (float16)."""
+        import numpy as np
+
+        from sharding.storage import open_storage
+
+        entry = self.doc["shards"].get(shard_rel)
+        if entry is None:
+            raise StaleTargetsError(f"{self.url}/{TARGETS_JSON}: no targets for {shard_rel}")
+        data = open_storage(self.url).read_bytes(entry["file"])
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+
+def check_for_distill(
+    targets_url: str,
+    *,
+    teacher_checkpoint: str,
+    data: str,
+    train_shards: Sequence[str],
+    student_mag: str,
+    teacher_mag: str,
+) -> dict[str, Any]:
+    """Driver-side check of ``distill --targets``: the target set exists, matches the teacher's
+    ``model.pt`` and the dataset's manifest, and covers the train shards and the student's
+    magnification. Returns the config section ``{"url", "teacher_sha256", "sizes"}``."""
+    from resdistill.checkpoint import absolute_url
+
+    index = TargetsIndex.load(absolute_url(targets_url))
+    index.verify(
+        teacher_sha=teacher_sha256(teacher_checkpoint),
+        manifest_sha=manifest_sha256(data),
+        shards=list(train_shards),
+        student_mag=student_mag,
+        teacher_mag=teacher_mag,
+    )
+    return {"url": index.url, "teacher_sha256": index.teacher_sha, "doc": dict(index.doc)}

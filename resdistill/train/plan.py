@@ -1,0 +1,268 @@
+"""Driver side: check a :class:`~resdistill.config.TrainConfig` against its dataset, teacher and
+cached targets, and fill in what workers need (``plan``, ``teacher``), before any Ray work.
+
+Every problem is a :class:`~resdistill.errors.UsageError` of one line naming the option or the
+file and the fix. :func:`check` looks at option values alone; :func:`prepare` also reads
+``dataset.json``, the manifest, the teacher's ``model.pt`` and ``targets.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from resdistill.config import (
+    DEFAULT_JITTER,
+    STAGE_DISTILL,
+    STAGE_TEACHER,
+    DataPlan,
+    TeacherRef,
+    TrainConfig,
+)
+from resdistill.errors import UsageError
+
+#: Keys a teacher checkpoint's ``model.pt`` must hold.
+TEACHER_KEYS = ("arch", "classes", "state_dict")
+
+
+def _stderr_note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def check(cfg: TrainConfig, note: Callable[[str], None] = _stderr_note) -> TrainConfig:
+    """Refuse impossible option values (one line each); the config to run.
+
+    With cached targets (``data.targets``) the default colour jitter is switched off (with a
+    ``note``): the stored teacher outputs belong to the un-jittered tiles.
+    """
+    for opt, value in (("batch-size", cfg.data.batch_size), ("epochs", cfg.optim.epochs),
+                       ("workers", cfg.run.workers)):  # fmt: skip
+        if value < 1:
+            raise UsageError(f"--{opt} must be at least 1")
+    if cfg.data.loader_workers < 0:
+        raise UsageError("--loader-workers must be 0 or more")
+    if cfg.data.steps_per_epoch is not None and cfg.data.steps_per_epoch < 1:
+        raise UsageError("--steps-per-epoch must be at least 1")
+    if cfg.optim.lr <= 0:
+        raise UsageError("--lr must be positive")
+    loss = cfg.loss
+    if cfg.stage == STAGE_DISTILL:
+        if cfg.teacher is None:
+            raise UsageError(
+                "--teacher is required: a teacher checkpoint folder (or pass --supervised for "
+                "the labels-only baseline)"
+            )
+        if not loss.temperature > 0:
+            raise UsageError("--temperature must be positive")
+        if loss.kd_weight < 0 or loss.feature_weight < 0:
+            raise UsageError("--kd-weight and --feature-weight must be 0 or more")
+        if loss.kd_weight == 0 and loss.feature_weight == 0:
+            raise UsageError("--kd-weight and --feature-weight are both 0: nothing to learn from")
+    if cfg.data.targets:
+        cfg = _check_targets(cfg, note)
+    return cfg
+
+
+def _check_targets(cfg: TrainConfig, note: Callable[[str], None]) -> TrainConfig:
+    """Options ``--targets`` cannot honour (see :mod:`resdistill.train.targets`)."""
+    if cfg.stage != STAGE_DISTILL:
+        raise UsageError("--targets is for distillation; --supervised uses no teacher")
+    if cfg.loss.feature_resize != "maxpool":
+        raise UsageError(
+            "--targets stores max-pooled teacher maps: --feature-resize must be maxpool"
+        )
+    jitter = tuple(float(v) for v in cfg.data.jitter)
+    if not any(jitter):
+        return cfg
+    if jitter != tuple(DEFAULT_JITTER):
+        raise UsageError(
+            "--jitter is not allowed with --targets: the teacher's stored outputs are of the "
+            "un-jittered tiles (flips and 90-degree rotations are fine); pass --jitter 0"
+        )
+    note("--targets turns the default colour jitter off")
+    return replace(cfg, data=replace(cfg.data, jitter=(0.0, 0.0, 0.0, 0.0)))
+
+
+def teacher_ref(url: str, classes: Sequence[str], *, evaluate: bool = True) -> TeacherRef:
+    """Read a teacher checkpoint and check it against the dataset's ``classes``.
+
+    Loads ``<url>/model.pt`` with ``weights_only=True`` and builds its network from the stored
+    ``arch`` and class count to prove the weights fit. The reference's ``mag`` is the one the
+    teacher was trained at. :class:`UsageError` (one line) when it is not a classifier
+    checkpoint or its classes (names and order) differ from the dataset's.
+    """
+    from resdistill.checkpoint import absolute_url, load_checkpoint
+    from resdistill.models import ARCHITECTURES, build_model
+
+    url = absolute_url(url)
+    try:
+        ckpt = load_checkpoint(url)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    except Exception as exc:  # unpickling refused (weights_only) or a corrupt file
+        raise UsageError(
+            f"{url}: cannot load the teacher checkpoint: {exc}".splitlines()[0]
+        ) from None
+    missing = [k for k in TEACHER_KEYS if k not in ckpt]
+    if missing:
+        raise UsageError(
+            f"{url}: not a resdistill classifier checkpoint (model.pt lacks {', '.join(missing)})"
+        )
+    if ckpt["arch"] not in ARCHITECTURES:
+        raise UsageError(f"{url}: teacher architecture {ckpt['arch']!r} is not supported")
+    t_classes = [str(c) for c in ckpt["classes"]]
+    if t_classes != list(classes):
+        raise UsageError(
+            f"{url}: the teacher's classes {t_classes} differ from the dataset's {list(classes)}; "
+            "distill on a dataset with the same classes, or train a teacher on this one"
+        )
+    try:
+        build_model(ckpt["arch"], len(t_classes)).load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise UsageError(
+            f"{url}: the weights do not fit a {ckpt['arch']} with {len(t_classes)} classes: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    norm = ckpt.get("normalization")
+    return TeacherRef(
+        checkpoint=url,
+        arch=str(ckpt["arch"]),
+        mag=str(ckpt.get("mag") or ""),
+        classes=tuple(t_classes),
+        feature_channels=int(ARCHITECTURES[ckpt["arch"]]),
+        normalization={"mean": list(norm["mean"]), "std": list(norm["std"])} if norm else None,
+        evaluate=evaluate,
+    )
+
+
+def _power(name: str) -> float:
+    from sharding.magnification import Magnification
+
+    return Magnification.parse(name).power
+
+
+def prepare(
+    cfg: TrainConfig,
+    *,
+    note: Callable[[str], None] = _stderr_note,
+    notes: list[str] | None = None,
+) -> TrainConfig:
+    """:func:`check`, then the dataset, teacher and targets against ``cfg``: the config the
+    workers run, with ``plan`` (counts, steps, labelled slides, ``dataset.json``, targets),
+    ``teacher`` (distillation: its checkpoint's reference, fed at the resolved magnification),
+    ``model.arch`` / ``model.mag`` resolved and ``data.url`` the dataset's own URL.
+
+    Defaults resolved here: the teacher stage's magnification is the dataset's highest; a
+    student's architecture is the teacher's (resnet18 without one); the teacher is fed the
+    magnification it was trained at. Remarks for the run's header go to ``notes``.
+    """
+    from resdistill.data import (
+        DatasetInfo,
+        read_manifest,
+        select_labelled_slides,
+        shard_keys,
+        steps_per_epoch,
+    )
+
+    cfg = check(cfg, note)
+    notes = notes if notes is not None else []
+    data = cfg.data
+    info = DatasetInfo.load(data.url)
+    if cfg.stage == STAGE_TEACHER:
+        mag = info.resolve_mag(cfg.model.mag or info.highest)
+    if info.num_classes < 2:
+        raise UsageError(f"{data.url}: dataset.json lists {info.num_classes} class(es), need 2+")
+    supervised = cfg.supervised
+    ref = None
+    if cfg.teacher is not None:
+        ref = teacher_ref(cfg.teacher.checkpoint, info.classes, evaluate=cfg.teacher.evaluate)
+    if cfg.stage != STAGE_TEACHER:
+        mag = info.resolve_mag(cfg.model.mag)
+    teacher = None
+    if cfg.stage == STAGE_DISTILL:
+        assert ref is not None and cfg.teacher is not None
+        trained = ref.mag or info.highest
+        if not cfg.teacher.mag and trained not in info.magnifications:
+            raise UsageError(
+                f"{data.url}: the teacher was trained at {trained}, which this dataset lacks "
+                f"({', '.join(info.magnifications)}): pass --teacher-mag"
+            )
+        t_mag = info.resolve_mag(cfg.teacher.mag or trained)
+        if _power(mag) > _power(t_mag):
+            raise UsageError(
+                f"--student-mag {mag} is above the teacher's {t_mag}: the student "
+                "learns at the lower magnification"
+            )
+        teacher = replace(ref, mag=t_mag)
+        if ref.mag and ref.mag != t_mag:
+            notes.append(f"the teacher was trained at {ref.mag} and is fed {t_mag} tiles")
+    arch = cfg.model.arch or (ref.arch if ref is not None else "resnet18")
+    splits = [s for s in data.train_splits if s]
+    manifest = read_manifest(info.url)
+    if data.label_fraction < 1 and not supervised:
+        raise UsageError("--label-fraction applies to --supervised: distillation uses no labels")
+    try:
+        labelled = select_labelled_slides(manifest, splits, data.label_fraction, cfg.optim.seed)
+    except ValueError as exc:
+        raise UsageError(f"--label-fraction: {exc}") from None
+    train_keys = shard_keys(manifest, splits, labelled_only=supervised, labelled_slides=labelled)
+    n_train = sum(len(v) for v in train_keys.values())
+    n_labelled = sum(
+        len(v)
+        for v in shard_keys(manifest, splits, labelled_only=True, labelled_slides=labelled).values()
+    )
+    n_val = sum(len(v) for v in shard_keys(manifest, [data.val_split], labelled_only=True).values())
+    if n_val == 0:
+        raise UsageError(f"{data.url}: split {data.val_split!r} has no labelled samples")
+    if n_train == 0:
+        what = "labelled samples" if supervised else "samples"
+        raise UsageError(f"{data.url}: split(s) {', '.join(splits)} hold no {what}")
+    try:
+        steps = data.steps_per_epoch or steps_per_epoch(n_train, cfg.run.workers, data.batch_size)
+    except ValueError as exc:
+        raise UsageError(f"{data.url}: {exc}") from None
+    targets = None
+    if data.targets:
+        targets = _targets(data.targets, teacher, info.url, list(train_keys), mag)
+        notes.append(
+            f"cached teacher targets {targets['url']}: the teacher is not run during training"
+        )
+    if cfg.stage == STAGE_DISTILL and data.val_split in splits:
+        notes.append(
+            f"the student also distils on {data.val_split!r}, the split it is scored on (its "
+            "labels stay unused)"
+        )
+    plan = DataPlan(
+        dataset=dict(info.raw),
+        n_train=n_train,
+        n_labelled=n_labelled,
+        n_val=n_val,
+        train_shards=len(train_keys),
+        steps_per_epoch=steps,
+        labelled_slides=tuple(labelled) if labelled is not None else None,
+        targets=targets,
+    )
+    return replace(
+        cfg,
+        data=replace(data, url=info.url, train_splits=tuple(splits)),
+        model=replace(cfg.model, arch=arch, mag=mag),
+        teacher=teacher,
+        plan=plan,
+    )
+
+
+def _targets(
+    url: str, teacher: TeacherRef | None, data: str, shards: list[str], student_mag: str
+) -> dict[str, Any]:
+    """``{"url", "teacher_sha256", "doc"}`` of a target set verified for this run."""
+    from resdistill.data.targets import check_for_distill
+
+    assert teacher is not None
+    try:
+        return check_for_distill(url, teacher_checkpoint=teacher.checkpoint, data=data,
+                                 train_shards=shards, student_mag=student_mag,
+                                 teacher_mag=teacher.mag)  # fmt: skip
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None

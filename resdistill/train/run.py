@@ -1,0 +1,98 @@
+"""The driver of a training run: plan the config, start Ray, run the one worker, summarise.
+
+:func:`train` is what ``resdistill teacher``, ``resdistill distill``, the demo and the tests
+call; :mod:`resdistill.tune` builds the same worker into its trials.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+from resdistill.config import STAGE_DISTILL, STAGE_SUPERVISED, STAGE_TEACHER, TrainConfig
+from resdistill.train.runner import RunSummary, launch, print_summary, run_url, summarize
+
+#: the summary table's title per stage
+TITLES = {
+    STAGE_TEACHER: "teacher",
+    STAGE_SUPERVISED: "supervised baseline",
+    STAGE_DISTILL: "distilled student",
+}
+
+
+def default_name(cfg: TrainConfig) -> str:
+    """``<stage>-<mag>-<YYYYmmdd-HHMMSS>``: a new run."""
+    return f"{cfg.stage}-{cfg.model.mag}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def describe(cfg: TrainConfig) -> str:
+    """The run's header: what learns from what, on how much data, for how long (planned cfg)."""
+    plan, data, model, run = cfg.plan, cfg.data, cfg.model, cfg.run
+    assert plan is not None
+    splits = ",".join(data.train_splits)
+    shape = (
+        f"{run.workers} workers x batch {data.batch_size} x {plan.steps_per_epoch} steps/epoch x "
+        f"{cfg.optim.epochs} epochs"
+    )
+    if cfg.stage == STAGE_TEACHER:
+        return (
+            f"[bold]teacher[/] {model.arch} at {model.mag} on {data.url}: {plan.n_train} train "
+            f"samples in {plan.train_shards} shards, {plan.n_val} val; {shape}"
+        )
+    if cfg.stage == STAGE_SUPERVISED:
+        return (
+            f"[bold]supervised baseline[/] {model.arch} at {model.mag} on {data.url}: "
+            f"{plan.n_train} labelled train samples of {splits} in {plan.train_shards} shards, "
+            f"{plan.n_val} val; loss = cross-entropy on labels; {shape}"
+        )
+    t, lo = cfg.teacher, cfg.loss
+    assert t is not None
+    unl = plan.n_train - plan.n_labelled
+    return (
+        f"[bold]distill[/] {model.arch} at {model.mag} <- teacher {t.arch} at {t.mag} "
+        f"({t.checkpoint}) on {data.url}: {plan.n_train} train samples ({plan.n_labelled} "
+        f"labelled, {unl} unlabeled) of {splits} in {plan.train_shards} shards, {plan.n_val} val; "
+        f"loss = {lo.kd_weight:g} x KD(T={lo.temperature:g}) + {lo.feature_weight:g} x "
+        f"{lo.feature_loss}({lo.feature_resize}); labels used for validation only; {shape}"
+    )
+
+
+def train(cfg: TrainConfig, *, console: Any = None, summary_json: str | None = None) -> RunSummary:
+    """Run ``cfg`` (planned here: see :func:`resdistill.train.plan.prepare`) on Ray Train; print
+    its header, per-epoch progress and a summary table; return the :class:`RunSummary`.
+
+    A rerun with the same ``run.name`` and ``run.storage`` resumes after its latest checkpoint.
+    Raises :class:`~resdistill.errors.UsageError` (options, dataset, teacher, targets) before
+    any Ray work, and Ray's ``TrainingFailedError`` when workers fail beyond ``max_failures``.
+    """
+    from rich.console import Console
+
+    from resdistill.train.plan import prepare
+    from resdistill.train.worker import loop_config, train_worker
+    from sharding.ray_cluster import ray_init
+
+    console = console or Console(highlight=False)
+    notes: list[str] = []
+    cfg = prepare(cfg, notes=notes)
+    name = cfg.run.name or default_name(cfg)
+    cfg = replace(cfg, run=replace(cfg.run, name=name))
+    run = cfg.run
+    console.print(describe(cfg), soft_wrap=True)
+    console.print(f"run {name!r} -> {run_url(run.storage, name)}")
+    for text in notes:
+        console.print(f"[yellow]note[/]: {text}", soft_wrap=True)
+    ray_init(run.address)
+    t0 = time.perf_counter()
+    result = launch(train_worker, loop_config(cfg), name=name, storage=run.storage,
+                    workers=run.workers, gpu=run.gpu, cpus_per_worker=run.cpus_per_worker,
+                    max_failures=run.max_failures, keep=run.keep, metric=run.metric,
+                    mode=run.mode)  # fmt: skip
+    summary = summarize(result, name=name, storage=run.storage, metric=run.metric, mode=run.mode,
+                        elapsed_s=time.perf_counter() - t0)  # fmt: skip
+    print_summary(summary, title=f"{TITLES[cfg.stage]} {name}", console=console)
+    if summary_json:
+        with open(summary_json, "w") as fh:
+            json.dump({**asdict(summary), "stage": cfg.stage}, fh, indent=1, default=str)
+    return summary
