@@ -28,7 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "resdistill.commands.predict",
         "classify slides and draw tile-probability heatmaps",
     ),
-    "tune": ("resdistill.tune", "tune distillation or the teacher with Ray Tune (ASHA/PBT)"),
+    "tune": (
+        "resdistill.commands.tune",
+        "tune distillation or the teacher with Ray Tune (ASHA/PBT)",
+    ),
     "teacher-targets": (
         "resdistill.commands.teacher_targets",
         "run the frozen teacher once and cache its targets for distillation",

@@ -14,8 +14,13 @@ from typing import Any
 
 import pytest
 
-from resdistill import checkpoint as T
-from resdistill import tune
+from resdistill.checkpoint import TRAINER_FILE, load_checkpoint
+from resdistill.commands.tune import build_parser, main
+from resdistill.errors import UsageError
+from resdistill.tune.report import TrialRow, trial_id_of
+from resdistill.tune.run import check_args, tune_run
+from resdistill.tune.space import Domain, build_space, check_space, parse_domain, split_space_arg
+from resdistill.tune.stage import apply_hparams, base_config
 from tests.fixtures_ray import wait_for
 from tests.test_distill import trained_teacher  # noqa: F401 - module fixture: a tiny teacher
 
@@ -42,17 +47,15 @@ def _results(trial_dir: Path) -> list[dict[str, Any]]:
 def _trial_dirs(exp: Path) -> dict[str, Path]:
     """trial id -> trial folder."""
     return {
-        tune.trial_id_of(str(d)): d
-        for d in exp.iterdir()
-        if d.is_dir() and (d / "params.json").exists()
+        trial_id_of(str(d)): d for d in exp.iterdir() if d.is_dir() and (d / "params.json").exists()
     }
 
 
 def test_trial_id_from_the_trial_folder() -> None:
     name = "trial_function_96532_00001_1_lr=0.0000,temperature=2_2026-11-25_15-05-01"
-    assert tune.trial_id_of(f"/runs/pbt/{name}") == "96532_00001"
-    assert tune.trial_id_of(f"s3://bucket/runs/pbt/{name}/") == "96532_00001"
-    assert tune.trial_id_of("/runs/pbt/not-a-trial") == "not-a-trial"
+    assert trial_id_of(f"/runs/pbt/{name}") == "96532_00001"
+    assert trial_id_of(f"s3://bucket/runs/pbt/{name}/") == "96532_00001"
+    assert trial_id_of("/runs/pbt/not-a-trial") == "not-a-trial"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,41 +64,39 @@ def test_trial_id_from_the_trial_folder() -> None:
 
 
 def test_space_from_command_line_and_file(tmp_path: Path) -> None:
-    assert tune.split_space_arg("lr=loguniform:1e-4:1e-2,temperature=choice:1,2,4,kd_weight=0.5") == [
+    assert split_space_arg("lr=loguniform:1e-4:1e-2,temperature=choice:1,2,4,kd_weight=0.5") == [
         ("lr", "loguniform:1e-4:1e-2"), ("temperature", "choice:1,2,4"), ("kd_weight", "0.5"),
     ]  # fmt: skip
-    assert tune.parse_domain("lr", "loguniform:1e-4:1e-2") == tune.Domain(
-        "loguniform", (1e-4, 1e-2)
-    )
-    assert tune.parse_domain("t", "choice:1,2,4") == tune.Domain("choice", (1, 2, 4))
-    assert tune.parse_domain("m", "grid:5x,2.5x") == tune.Domain("grid", ("5x", "2.5x"))
-    assert tune.parse_domain("b", "randint:8:33") == tune.Domain("randint", (8, 33))
-    assert tune.parse_domain("k", "0.5") == tune.Domain("fixed", (0.5,))
-    assert tune.parse_domain("k", [1, 2]) == tune.Domain("choice", (1, 2))
-    assert tune.parse_domain("k", {"type": "uniform", "low": 0, "high": 2}).values == (0.0, 2.0)
+    assert parse_domain("lr", "loguniform:1e-4:1e-2") == Domain("loguniform", (1e-4, 1e-2))
+    assert parse_domain("t", "choice:1,2,4") == Domain("choice", (1, 2, 4))
+    assert parse_domain("m", "grid:5x,2.5x") == Domain("grid", ("5x", "2.5x"))
+    assert parse_domain("b", "randint:8:33") == Domain("randint", (8, 33))
+    assert parse_domain("k", "0.5") == Domain("fixed", (0.5,))
+    assert parse_domain("k", [1, 2]) == Domain("choice", (1, 2))
+    assert parse_domain("k", {"type": "uniform", "low": 0, "high": 2}).values == (0.0, 2.0)
     for bad in ("loguniform:0:1", "uniform:2:1", "uniform:1", "choice:"):
-        with pytest.raises(tune.UsageError, match="search space 'x'"):
-            tune.parse_domain("x", bad)
+        with pytest.raises(UsageError, match="search space 'x'"):
+            parse_domain("x", bad)
 
     (tmp_path / "space.yaml").write_text(
         "space:\n  lr: loguniform:1e-5:1e-3\n  batch_size: [8, 16]\n"
     )
     (tmp_path / "space.json").write_text(json.dumps({"temperature": "choice:2,4"}))
-    parser = tune.build_parser()
+    parser = build_parser()
     base = ["--data", "d", "--teacher", "t"]
     args = parser.parse_args([*base, "--space-file", str(tmp_path / "space.yaml"),
                               "--space", "lr=uniform:1e-3:2e-3,temperature=choice:1,3"])  # fmt: skip
-    space = tune.build_space(args, "distill")
-    assert space["lr"] == tune.Domain("uniform", (1e-3, 2e-3))  # --space wins over the file
-    assert space["batch_size"] == tune.Domain("choice", (8, 16))
-    assert space["temperature"] == tune.Domain("choice", (1, 3))
+    space = build_space(args, "distill")
+    assert space["lr"] == Domain("uniform", (1e-3, 2e-3))  # --space wins over the file
+    assert space["batch_size"] == Domain("choice", (8, 16))
+    assert space["temperature"] == Domain("choice", (1, 3))
     assert set(space) >= {"weight_decay", "kd_weight", "feature_weight"}  # the default space
     args = parser.parse_args(
         [*base, "--no-default-space", "--space-file", str(tmp_path / "space.json")]
     )
-    assert tune.build_space(args, "distill") == {"temperature": tune.Domain("choice", (2, 4))}
-    with pytest.raises(tune.UsageError, match="cannot tune 'temperature' for the teacher"):
-        tune.build_space(args, "teacher")
+    assert build_space(args, "distill") == {"temperature": Domain("choice", (2, 4))}
+    with pytest.raises(UsageError, match="cannot tune 'temperature' for the teacher"):
+        build_space(args, "teacher")
 
 
 def test_bad_space_against_the_dataset_exits_2(
@@ -116,20 +117,16 @@ def test_bad_space_against_the_dataset_exits_2(
         argv = _argv(str(tiny_dataset), trained_teacher, tmp_path / "runs", "x", *extra)
         argv.remove("--steps-per-epoch")
         argv.remove("3")
-        assert tune.main(argv) == 2, extra
+        assert main(argv) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[-1], (extra, err)
 
 
 def test_trial_config_takes_the_hyperparameters(tiny_dataset: Path, trained_teacher: str) -> None:  # noqa: F811
-    from resdistill.commands import distill
-    from resdistill.train.plan import prepare
-    from resdistill.tune_worker import apply_hparams
-
-    args = distill.build_parser().parse_args(
+    args = build_parser().parse_args(
         ["--data", str(tiny_dataset), "--teacher", trained_teacher, "--student-mag", "5x",
          "--batch-size", "8", "--workers", "1"])  # fmt: skip
-    base = prepare(distill.build_config(args))
+    base = base_config(args)
     cfg = apply_hparams(base, {"lr": 0.01, "temperature": 4, "kd_weight": 0.5, "feature_weight": 0,
                                "batch_size": 16, "weight_decay": 0.0}, {"workers": 2})  # fmt: skip
     assert cfg.optim.lr == 0.01 and cfg.optim.weight_decay == 0.0
@@ -139,6 +136,35 @@ def test_trial_config_takes_the_hyperparameters(tiny_dataset: Path, trained_teac
     assert base.loss.temperature != 4.0  # the base config is left alone
     with pytest.raises(ValueError, match="40x"):
         apply_hparams(base, {"student_mag": "40x"}, {"workers": 1})
+
+
+def test_tunable_names_come_from_the_config(
+    tiny_dataset: Path,
+    trained_teacher: str,  # noqa: F811 - the fixture imported above
+) -> None:
+    from resdistill.config import tunable
+    from resdistill.tune.schedulers import pbt_mutable
+    from resdistill.tune.stage import settings
+
+    assert set(settings("teacher")) == set(tunable("teacher"))
+    assert set(settings("distill")) == {*tunable("distill"), "student_mag"}
+    assert pbt_mutable("distill") == ("lr", "temperature", "kd_weight", "feature_weight")
+    assert pbt_mutable("teacher") == pbt_mutable("supervised") == ("lr", "label_smoothing")
+    argv = ["--data", str(tiny_dataset), "--teacher", trained_teacher, "--student-mag", "5x",
+            "--batch-size", "8", "--workers", "1"]  # fmt: skip
+    args = build_parser().parse_args([*argv, "--space", "mag=choice:5x,10x"])
+    base = base_config(args)
+    assert apply_hparams(base, {"mag": "10x"}, {"workers": 1}).model.mag == "10x"
+    assert apply_hparams(base, {"student_mag": "10x"}, {"workers": 1}).model.mag == "10x"
+    with pytest.raises(ValueError, match="cannot tune 'label_smoothing' for the distill"):
+        apply_hparams(base, {"label_smoothing": 0.1}, {"workers": 1})
+    args = build_parser().parse_args([*argv, "--space", "mag=5x,student_mag=choice:5x,10x"])
+    with pytest.raises(UsageError, match="name the same setting"):
+        build_space(args, "distill")
+    args = build_parser().parse_args([*argv, "--supervised"])
+    assert set(build_space(args, "supervised")) == {"lr", "weight_decay", "label_smoothing"}
+    supervised = apply_hparams(base_config(args), {"label_smoothing": 0.1}, {"workers": 1})
+    assert supervised.loss.label_smoothing == 0.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,9 +190,9 @@ def test_asha_stops_weak_trials_and_best_json_loads(
                  "--metric", "train_loss", "--mode", "min", "--num-samples", "1",
                  "--space", f"lr=grid:{GOOD},{GOOD * 0.5},{WEAK},{WEAK}",
                  "--best-json", str(best_json))  # fmt: skip
-    summary = tune.tune_run(tune.build_parser().parse_args(argv))
+    summary = tune_run(build_parser().parse_args(argv))
     assert len(summary.trials) == 4
-    by_lr: dict[float, list[tune.TrialRow]] = {}
+    by_lr: dict[float, list[TrialRow]] = {}
     for row in summary.trials:
         by_lr.setdefault(row.config["lr"], []).append(row)
     weak = by_lr[WEAK]
@@ -181,7 +207,7 @@ def test_asha_stops_weak_trials_and_best_json_loads(
     model = load_model(str(best_json))
     assert model.mag == "5x" and list(model.classes) == ["benign", "tumor"]
     assert (
-        T.load_checkpoint(doc["checkpoint"], T.TRAINER_FILE)["config"]["optim"]["lr"]
+        load_checkpoint(doc["checkpoint"], TRAINER_FILE)["config"]["optim"]["lr"]
         == best["config"]["lr"]
     )
 
@@ -203,7 +229,7 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(
                  "--max-concurrent", "2", "--metric", "lr", "--mode", "max", "--num-samples", "1",
                  "--tune-seed", "0", "--keep-trial-checkpoints", "8",
                  "--space", f"lr=grid:{GOOD},{WEAK}", "--space", "temperature=choice:1,2,4")  # fmt: skip
-    summary = tune.tune_run(tune.build_parser().parse_args(argv))
+    summary = tune_run(build_parser().parse_args(argv))
     assert len(summary.trials) == 2 and all(r.epochs == 4 for r in summary.trials)
     # the table names each trial once, by its own id (not the donor's it ended as a copy of)
     assert len({r.trial for r in summary.trials}) == 2
@@ -219,16 +245,16 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(
         if not snapshot.exists():  # a restart that had no epochs left to train
             continue
         latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
-        own = T.load_checkpoint(str(run / latest), T.TRAINER_FILE)["state"]
+        own = load_checkpoint(str(run / latest), TRAINER_FILE)["state"]
         if not own["restored_from"]:
             continue
         start = own["restored_from"][-1]
-        donor_trial = tune.trial_id_of(str(Path(start).parent))
+        donor_trial = trial_id_of(str(Path(start).parent))
         if not start.startswith(str(run) + os.sep) and donor_trial != run.name.split("-")[0]:
             exploits.append((run, own, start))
     assert exploits, "no trial restarted from another trial's checkpoint"
     for _run, own, start in exploits:
-        donor = T.load_checkpoint(start, T.TRAINER_FILE)["state"]
+        donor = load_checkpoint(start, TRAINER_FILE)["state"]
         assert donor["epoch"] == 2 and own["epoch"] == 4
         # the restarted run went on from the donor's epoch and step (3 steps an epoch) ...
         assert own["step"] == donor["step"] + 3 * (own["epoch"] - donor["epoch"])
@@ -294,8 +320,8 @@ def test_tuner_restore_continues_an_interrupted_run(
     done_before = {done_id: len(done_rows)}
     train_runs_before = sorted(p.name for p in (exp / "_train").iterdir())
 
-    args = tune.build_parser().parse_args([*argv, "--resume", "--address", ray_cluster])
-    summary = tune.tune_run(args)
+    args = build_parser().parse_args([*argv, "--resume", "--address", ray_cluster])
+    summary = tune_run(args)
     assert summary.resumed
     assert len(summary.trials) == 2 and all(
         r.epochs == 2 and r.status == "done" for r in summary.trials
@@ -311,17 +337,15 @@ def test_tuner_restore_continues_an_interrupted_run(
 
 
 def test_teacher_mode_tunes_the_teachers_config(tiny_dataset: Path) -> None:
-    from resdistill.tune_worker import apply_hparams
-
-    args = tune.build_parser().parse_args(
+    args = build_parser().parse_args(
         ["--data", str(tiny_dataset), "--teacher-mode", "--batch-size", "8", "--workers", "1",
          "--space", "label_smoothing=choice:0,0.1,mag=choice:10x,5x"])  # fmt: skip
-    tune.check_args(args)
-    base = tune.stage_config(args)
+    check_args(args)
+    base = base_config(args)
     assert base.stage == "teacher" and base.model.mag == "10x"
-    space = tune.build_space(args, "teacher")
-    assert space["mag"] == tune.Domain("choice", ("10x", "5x")) and "temperature" not in space
-    tune.check_space(space, base, args)
+    space = build_space(args, "teacher")
+    assert space["mag"] == Domain("choice", ("10x", "5x")) and "temperature" not in space
+    check_space(space, base, args)
     cfg = apply_hparams(base, {"mag": "5x", "label_smoothing": 0.1, "lr": 0.002}, {"workers": 1})
     assert (cfg.model.mag, cfg.loss.label_smoothing, cfg.optim.lr) == ("5x", 0.1, 0.002)
     with pytest.raises(ValueError, match="cannot tune 'temperature' for the teacher"):

@@ -1,0 +1,176 @@
+"""Every place tuning touches the training side, in one module.
+
+A tuning run needs five things from the training stages, and only this module provides them:
+
+* :func:`add_training_arguments` - the training options (the fixed part of every trial);
+* :func:`base_config` - the planned :class:`~resdistill.config.TrainConfig` built from them and
+  checked against the dataset (:func:`resdistill.train.plan.prepare`);
+* :func:`apply_hparams` - one trial's config: the base with the tuned settings set by name
+  (:meth:`~resdistill.config.TrainConfig.with_values`);
+* :func:`loop_config` - what the trial's Ray Train workers receive (config + start checkpoint);
+* :func:`train_function` - the Ray Train function those workers run, the same one
+  ``resdistill teacher`` and ``distill`` run (:func:`resdistill.train.worker.train_worker`).
+
+Which settings are tunable, and which of them PBT may perturb, comes from
+:func:`resdistill.config.tunable` (:func:`settings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from resdistill.config import (
+    STAGE_DISTILL,
+    STAGE_SUPERVISED,
+    STAGE_TEACHER,
+    TrainConfig,
+    Tunable,
+    tunable,
+)
+from resdistill.errors import UsageError
+
+#: Names a tuning run accepts besides :func:`resdistill.config.tunable`'s: a student's
+#: magnification keeps its command-line name (``--student-mag``).
+ALIASES = {"student_mag": "mag"}
+#: Options only some stages need: optional in the tune parser, required by :func:`base_config`.
+PER_STAGE_OPTIONS = frozenset({"--student-mag", "--teacher"})
+
+
+def stage_of(args: argparse.Namespace) -> str:
+    """The stage a tuning run's trials train: ``teacher`` (``--teacher-mode``), ``supervised``
+    (the low-magnification baseline, ``--supervised``) or ``distill``."""
+    if args.teacher_mode:
+        return STAGE_TEACHER
+    return STAGE_SUPERVISED if args.supervised else STAGE_DISTILL
+
+
+def settings(stage: str) -> dict[str, Tunable]:
+    """The names a search space may use for ``stage``: :func:`resdistill.config.tunable`'s, plus
+    :data:`ALIASES` for a student's stages."""
+    out = dict(tunable(stage))
+    if stage != STAGE_TEACHER:
+        out.update({alias: out[name] for alias, name in ALIASES.items() if name in out})
+    return out
+
+
+def canonical(name: str) -> str:
+    """The :func:`resdistill.config.tunable` name of ``name`` (an alias or the name itself)."""
+    return ALIASES.get(name, name)
+
+
+class _OptionalFlags:
+    """An argparse parser or group whose ``add_argument`` leaves ``flags`` optional."""
+
+    def __init__(self, target: Any, flags: Iterable[str]) -> None:
+        self._target, self._flags = target, frozenset(flags)
+
+    def __getattr__(self, name: str) -> Any:  # anything else: the wrapped parser's own
+        return getattr(self._target, name)
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> _OptionalFlags:
+        return _OptionalFlags(self._target.add_argument_group(*args, **kwargs), self._flags)
+
+    def add_argument(self, *names: str, **kwargs: Any) -> Any:
+        if self._flags.intersection(names):
+            kwargs["required"] = False
+        return self._target.add_argument(*names, **kwargs)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """``resdistill distill``'s options, with :data:`PER_STAGE_OPTIONS` optional (teacher mode
+    needs neither; :func:`base_config` asks for them when distilling)."""
+    from resdistill.commands import distill
+
+    distill.add_arguments(_OptionalFlags(parser, PER_STAGE_OPTIONS))  # type: ignore[arg-type]
+
+
+def base_config(args: argparse.Namespace) -> TrainConfig:
+    """The planned config every trial starts from: ``resdistill teacher``'s with
+    ``--teacher-mode``, else ``resdistill distill``'s (their checks, their one-line errors)."""
+    from resdistill.commands import distill, teacher
+    from resdistill.train.plan import prepare
+
+    if args.teacher_mode:
+        return prepare(teacher.build_config(_with_teacher_defaults(args, teacher.build_parser())))
+    if not args.student_mag:
+        raise UsageError(
+            "--student-mag is required (the trials' default; --space student_mag=... tunes it)"
+        )
+    return prepare(distill.build_config(args))
+
+
+def _with_teacher_defaults(
+    args: argparse.Namespace, teacher_parser: argparse.ArgumentParser
+) -> argparse.Namespace:
+    """A copy of ``args`` whose unset (None) options take ``resdistill teacher``'s defaults: its
+    ``--arch`` and ``--train-splits`` default to values where distillation's default to None."""
+    out = argparse.Namespace(**vars(args))
+    for key, value in vars(args).items():
+        if value is None:
+            setattr(out, key, teacher_parser.get_default(key))
+    return out
+
+
+def data_url(config: TrainConfig) -> str:
+    """The dataset root a config reads."""
+    return config.data.url
+
+
+def apply_hparams(
+    base: TrainConfig, hparams: Mapping[str, Any], opts: Mapping[str, Any]
+) -> TrainConfig:
+    """The config of one trial: ``base`` with ``hparams`` set by name.
+
+    Names are :func:`settings`'s for the base's stage, values cast to their field's type by
+    :meth:`~resdistill.config.TrainConfig.with_values`. ``mag`` (``student_mag``) is resolved
+    against the dataset, never above a distilling teacher's; ``batch_size`` also sets, unless
+    the steps were fixed (``opts["fixed_steps"]``), the planned ``steps_per_epoch = n_train //
+    (opts["workers"] x batch_size)``. Raises ``ValueError`` for a name the stage cannot tune or
+    a value the dataset cannot serve.
+    """
+    from resdistill.data import DatasetInfo, steps_per_epoch
+    from sharding.magnification import Magnification
+
+    assert base.plan is not None, "apply_hparams takes a planned config (base_config)"
+    known = settings(base.stage)
+    values: dict[str, Any] = {}
+    for key, value in hparams.items():
+        if key not in known:
+            raise ValueError(f"cannot tune {key!r} for the {base.stage} stage")
+        values[canonical(key)] = value
+    if "mag" in values:
+        mag = DatasetInfo.from_json(base.data.url, base.plan.dataset).resolve_mag(values["mag"])
+        if (
+            base.stage == STAGE_DISTILL
+            and base.teacher is not None
+            and (Magnification.parse(mag).power > Magnification.parse(base.teacher.mag).power)
+        ):
+            raise ValueError(f"{mag} is above the teacher's {base.teacher.mag}")
+        values["mag"] = mag
+    try:
+        cfg = base.with_values(values)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    if "batch_size" in values and not opts.get("fixed_steps"):
+        steps = steps_per_epoch(cfg.plan.n_train, opts["workers"], cfg.data.batch_size)
+        cfg = replace(cfg, plan=replace(cfg.plan, steps_per_epoch=steps))
+    return cfg
+
+
+def loop_config(config: TrainConfig, start_checkpoint: str | None) -> dict[str, Any]:
+    """What :func:`train_function` receives: the trial's config, and the checkpoint folder (the
+    trial's own latest, or a PBT donor's) its first epoch continues from."""
+    from resdistill.train.worker import loop_config as worker_loop_config
+
+    return worker_loop_config(config, start_checkpoint=start_checkpoint)
+
+
+def train_function(config: dict[str, Any]) -> None:
+    """Ray Train function of a trial: :func:`resdistill.train.worker.train_worker`, started from
+    ``config["start_checkpoint"]`` when set and the Train run has no checkpoint of its own."""
+    from resdistill.train.worker import train_worker
+
+    train_worker(config)
