@@ -111,3 +111,13 @@ def test_cli_help_imports_no_heavy_library() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == ""
+
+
+
+def test_every_subcommand_is_listed() -> None:
+    """A subcommand whose module fails to import is an error, never a silently shorter menu."""
+    from resdistill.cli import COMMANDS, build_parser
+
+    lines = [line.split() for line in build_parser().format_help().splitlines()]
+    listed = {words[0] for words in lines if words and words[0] in COMMANDS}
+    assert listed == set(COMMANDS)
