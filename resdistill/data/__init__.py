@@ -11,8 +11,8 @@ One place for everything a training stage reads (teacher, distillation, evaluati
   shards that decodes only the magnifications a stage asks for, after its label filter.
 * :mod:`~resdistill.data.loader` - :class:`StreamLoader` / :func:`make_loader`: batches; in
   training mode every rank yields exactly :func:`steps_per_epoch` batches per epoch.
-* :mod:`~resdistill.data.cached` - cached teacher targets as another source of the same loader
-  (import it from there: it depends on :mod:`resdistill.teacher_targets`).
+* :mod:`~resdistill.data.targets` - the cached teacher targets' format on storage (no torch), and
+  :mod:`~resdistill.data.cached` - those targets as another source of the same loader.
 """
 
 from .augment import (
