@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from resdistill.data.info import Dataset
+
 TARGETS_JSON = "targets.json"
 FORMAT_VERSION = 1
 KIND = "resdistill-teacher-targets"
@@ -57,13 +59,6 @@ def teacher_sha256(checkpoint: str) -> str:
     from resdistill.checkpoint import MODEL_FILE
 
     return sha256_of(checkpoint, MODEL_FILE)
-
-
-def manifest_sha256(data: str) -> str:
-    """sha256 of ``<data>/manifest.parquet``: the dataset version's identity."""
-    from sharding.layout import MANIFEST
-
-    return sha256_of(data, MANIFEST)
 
 
 def default_targets_url(data: str, teacher_sha: str) -> str:
@@ -179,20 +174,23 @@ def check_for_distill(
     targets_url: str,
     *,
     teacher_checkpoint: str,
-    data: str,
+    data: str | Dataset,
     train_shards: Sequence[str],
     student_mag: str,
     teacher_mag: str,
 ) -> dict[str, Any]:
     """Driver-side check of ``distill --targets``: the target set exists, matches the teacher's
     ``model.pt`` and the dataset's manifest, and covers the train shards and the student's
-    magnification. Returns the config section ``{"url", "teacher_sha256", "sizes"}``."""
+    magnification. ``data`` is the dataset's URL or its opened :class:`Dataset` (whose manifest
+    was already read). Returns the config section ``{"url", "teacher_sha256", "doc"}``."""
     from resdistill.checkpoint import absolute_url
+
+    dataset = data if isinstance(data, Dataset) else Dataset.open(data)
 
     index = TargetsIndex.load(absolute_url(targets_url))
     index.verify(
         teacher_sha=teacher_sha256(teacher_checkpoint),
-        manifest_sha=manifest_sha256(data),
+        manifest_sha=dataset.manifest_sha256,
         shards=list(train_shards),
         student_mag=student_mag,
         teacher_mag=teacher_mag,

@@ -159,8 +159,7 @@ def prepare(
     magnification it was trained at. Remarks for the run's header go to ``notes``.
     """
     from resdistill.data import (
-        DatasetInfo,
-        read_manifest,
+        Dataset,
         select_labelled_slides,
         shard_keys,
         steps_per_epoch,
@@ -169,7 +168,8 @@ def prepare(
     cfg = check(cfg, note)
     notes = notes if notes is not None else []
     data = cfg.data
-    info = DatasetInfo.load(data.url)
+    dataset = Dataset.open(data.url)  # dataset.json and manifest.parquet, read once each
+    info = dataset.info
     if cfg.stage == STAGE_TEACHER:
         mag = info.resolve_mag(cfg.model.mag or info.highest)
     if info.num_classes < 2:
@@ -200,7 +200,7 @@ def prepare(
             notes.append(f"the teacher was trained at {ref.mag} and is fed {t_mag} tiles")
     arch = cfg.model.arch or (ref.arch if ref is not None else "resnet18")
     splits = [s for s in data.train_splits if s]
-    manifest = read_manifest(info.url)
+    manifest = dataset.manifest()
     if data.label_fraction < 1 and not supervised:
         raise UsageError("--label-fraction applies to --supervised: distillation uses no labels")
     try:
@@ -225,7 +225,7 @@ def prepare(
         raise UsageError(f"{data.url}: {exc}") from None
     targets = None
     if data.targets:
-        targets = _targets(data.targets, teacher, info.url, list(train_keys), mag)
+        targets = _targets(data.targets, teacher, dataset, list(train_keys), mag)
         notes.append(
             f"cached teacher targets {targets['url']}: the teacher is not run during training"
         )
@@ -254,7 +254,7 @@ def prepare(
 
 
 def _targets(
-    url: str, teacher: TeacherRef | None, data: str, shards: list[str], student_mag: str
+    url: str, teacher: TeacherRef | None, data: Any, shards: list[str], student_mag: str
 ) -> dict[str, Any]:
     """``{"url", "teacher_sha256", "doc"}`` of a target set verified for this run."""
     from resdistill.data.targets import check_for_distill

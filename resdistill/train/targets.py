@@ -58,7 +58,6 @@ from resdistill.data.targets import (
     TARGETS_JSON,
     TargetsIndex,
     default_targets_url,
-    manifest_sha256,
     npz_name,
     teacher_sha256,
 )
@@ -190,14 +189,15 @@ def write_targets(
     manifest) for ``student_mags`` (default: every dataset magnification below the teacher's);
     one Ray task per shard (``use_ray``) or in this process. Returns the written index."""
     from resdistill.checkpoint import absolute_url
-    from resdistill.data import DatasetInfo, read_manifest, shard_keys
+    from resdistill.data import Dataset, shard_keys
     from resdistill.train.plan import teacher_ref
     from sharding.magnification import Magnification
     from sharding.storage import open_storage
 
     data = absolute_url(data)
     teacher = absolute_url(teacher)
-    info = DatasetInfo.load(data)
+    dataset = Dataset.open(data)
+    info = dataset.info
     meta = teacher_ref(teacher, info.classes)
     t_mag = info.resolve_mag(teacher_mag or meta.mag or info.highest)
     t_power = Magnification.parse(t_mag).power
@@ -208,14 +208,14 @@ def write_targets(
     if not s_mags:
         raise ValueError(f"{data}: no magnification below the teacher's {t_mag} to store maps for")
     sizes = {m: feature_size(meta.arch, int(info.tile_px[m])) for m in s_mags}
-    manifest = read_manifest(info.url)
+    manifest = dataset.manifest()
     all_splits = sorted(set(manifest.column("split").to_pylist()))
     chosen = list(splits) if splits else all_splits
     keys = shard_keys(manifest, chosen)
     if not keys:
         raise ValueError(f"{data}: split(s) {', '.join(chosen)} hold no samples")
     t_sha = teacher_sha256(teacher)
-    m_sha = manifest_sha256(data)
+    m_sha = dataset.manifest_sha256
     out = absolute_url(out) if out else default_targets_url(data, t_sha)
     store = open_storage(out)
     log = log or (lambda _msg: None)
