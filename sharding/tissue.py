@@ -1,51 +1,30 @@
-"""Tissue detection: a low-resolution mask of the slide and the tissue fraction of each region.
+"""Tissue detection on a slide: its thumbnail, its tissue and ink masks, and the region grid.
 
-The mask is Otsu's threshold on HSV saturation of a thumbnail (tissue is stained, glass is grey
-or white), floored at ``MIN_SATURATION`` so that a blank slide is not split in two by noise, and
-with near-black pixels (pen marks, scanner borders) excluded. The thumbnail is built strip by strip
-from the smallest adequate pyramid level, so memory stays bounded however large the slide.
+:func:`detect_tissue` is the one entry point for sharding and prediction alike: it builds a
+thumbnail near ``THUMB_MPP`` microns per pixel, strip by strip from the smallest adequate pyramid
+level (memory stays bounded however large the slide), and finds tissue and marker ink on it with
+:func:`sharding.tissue_mask.tissue_mask` (ink filter, candidates, threshold, clean-up).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
 
 from .slide import SlideInfo, best_level, to_rgb
+from .tissue_mask import DETECTOR, THUMB_MPP, TissueMask, otsu, tissue_mask
 
-#: Microns per thumbnail pixel aimed at (coarser when the slide is huge, see MAX_THUMB_PX).
-THUMB_MPP = 8.0
+__all__ = [
+    "DETECTOR", "THUMB_MPP", "TissueMask", "detect_tissue", "grid", "otsu", "region_size0",
+    "thumbnail", "tissue_mask",
+]  # fmt: skip
+
 MAX_THUMB_PX = 4096
 #: Rows of level pixels read at once while building the thumbnail.
 STRIP_PX = 1024
-#: Saturation below which nothing is tissue, whatever Otsu says (glass is ~0.02-0.05).
-MIN_SATURATION = 0.08
-#: Value (brightness) below which a pixel is ink or border, not tissue.
-MIN_VALUE = 0.12
-
-
-@dataclass(frozen=True)
-class TissueMask:
-    """Boolean mask with ``scale`` level-0 pixels per mask pixel."""
-
-    mask: np.ndarray
-    scale: float
-    threshold: float
-
-    def fractions(self, xs: np.ndarray, ys: np.ndarray, size0: float) -> np.ndarray:
-        """Tissue fraction of each level-0 square ``(x, y, size0)``, via a summed-area table."""
-        sat = np.pad(self.mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-        h, w = self.mask.shape
-        x0 = np.clip(np.floor(xs / self.scale).astype(int), 0, w)
-        y0 = np.clip(np.floor(ys / self.scale).astype(int), 0, h)
-        x1 = np.clip(np.ceil((xs + size0) / self.scale).astype(int), 0, w)
-        y1 = np.clip(np.ceil((ys + size0) / self.scale).astype(int), 0, h)
-        area = np.maximum((x1 - x0) * (y1 - y0), 1)
-        inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
-        return inside / area
 
 
 def thumbnail(slide, info: SlideInfo) -> tuple[np.ndarray, float]:
@@ -87,42 +66,11 @@ def thumbnail(slide, info: SlideInfo) -> tuple[np.ndarray, float]:
     return out, info.width / tw
 
 
-def otsu(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold on values in [0, 1]: maximises the between-class variance
-    ``w0 * w1 * (mean0 - mean1) ** 2`` over histogram cuts."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    hist = hist.astype(np.float64)
-    total = hist.sum()
-    if total == 0:
-        return 1.0
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = total - w0
-    m0 = np.cumsum(hist * centers)
-    mean0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
-    mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
-    between = w0 * w1 * (mean0 - mean1) ** 2
-    # Between two well separated modes the criterion is flat: take the middle of the plateau.
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
-    return float(edges[int(round(best.mean())) + 1])
-
-
-def tissue_mask(rgb: np.ndarray) -> TissueMask:
-    """Mask of stained pixels of an RGB thumbnail (scale filled in by :func:`detect_tissue`)."""
-    arr = rgb.astype(np.float32) / 255.0
-    cmax = arr.max(axis=2)
-    cmin = arr.min(axis=2)
-    sat = np.divide(cmax - cmin, cmax, out=np.zeros_like(cmax), where=cmax > 0)
-    threshold = max(otsu(sat), MIN_SATURATION)
-    mask = (sat >= threshold) & (cmax >= MIN_VALUE)
-    return TissueMask(mask=mask, scale=1.0, threshold=threshold)
-
-
 def detect_tissue(slide, info: SlideInfo) -> TissueMask:
-    """Tissue mask of a whole slide at roughly THUMB_MPP microns per pixel."""
+    """Tissue and ink masks of a whole slide at roughly THUMB_MPP microns per pixel, with the
+    thumbnail they were found on."""
     rgb, scale = thumbnail(slide, info)
-    found = tissue_mask(rgb)
-    return TissueMask(mask=found.mask, scale=scale, threshold=found.threshold)
+    return replace(tissue_mask(rgb, scale * info.base_mpp), scale=scale)
 
 
 def grid(width: int, height: int, size0: int) -> tuple[np.ndarray, np.ndarray]:
