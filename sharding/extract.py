@@ -1,12 +1,14 @@
 """The per-slide work, run as Ray tasks: plan a slide's regions, then cut and encode them in chunks.
 
-``plan_slide`` opens the slide, finds its base mpp, detects tissue on a thumbnail and lists the
-regions (level-0 squares covering one tile at the highest magnification) whose tissue fraction is
-at least ``min_tissue``. ``extract_chunk`` reads each region once, from the best level for the
-highest magnification, and derives every lower magnification from that tile by anti-aliased
-reduction: the same region, exact sizes, one ``read_region`` per sample. A slide with region
-annotations has its regions labelled and selected by them in the plan
-(:mod:`sharding.region_labels`), so chunks only carry each region's label and class fractions.
+``plan_slide`` opens the slide, finds its base mpp, detects tissue and marker ink on a thumbnail
+(:func:`sharding.tissue.detect_tissue`), lists the regions (level-0 squares covering one tile at
+the highest magnification) whose tissue fraction is at least ``min_tissue``, each with its ink
+fraction, and draws the slide's QC picture (:mod:`sharding.qc`). ``extract_chunk`` reads each
+region once, from the best level for the highest magnification, and derives every lower
+magnification from that tile by anti-aliased reduction: the same region, exact sizes, one
+``read_region`` per sample. A slide with region annotations has its regions labelled and
+selected by them in the plan (:mod:`sharding.region_labels`), so chunks only carry each region's
+label and class fractions.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .annotation_set import AnnotationRef
 from .annotations import AnnotationError
 from .layout import image_member, sample_key
 from .options import AnnotationOptions, ShardOptions
+from .qc import qc_png
 from .region_labels import ExtentError, slide_region_labels
 from .slide import (
     SlideError,
@@ -49,7 +52,8 @@ class SlideJob:
 
 
 class Region(NamedTuple):
-    """One region to cut: level-0 corner, tissue fraction, label, its source, class fractions."""
+    """One region to cut: level-0 corner, tissue fraction, label, its source, class fractions,
+    ink fraction."""
 
     x: int
     y: int
@@ -57,6 +61,7 @@ class Region(NamedTuple):
     label: str | None
     label_source: str | None
     fractions: dict[str, float] | None
+    ink: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class SlidePlan:
     labels: np.ndarray | None = None  # per region: class or None (annotation labels)
     fractions: dict[str, np.ndarray] | None = None  # class -> fraction per region
     problems: list[str] = field(default_factory=list)  # one line each, the slide still sharded
+    ink: np.ndarray | None = None  # per region: marker ink fraction
+    qc: bytes | None = None  # the QC picture (PNG) of the tissue detection and kept regions
 
     @property
     def label_source(self) -> str | None:
@@ -88,8 +95,9 @@ class SlidePlan:
         """The regions whose sample key is not in ``done``, in plan order."""
         out = []
         source = self.label_source
-        for i, (x, y, t) in enumerate(
-            zip(self.xs.tolist(), self.ys.tolist(), self.tissue.tolist(), strict=True)
+        ink = np.zeros(self.xs.size) if self.ink is None else self.ink
+        for i, (x, y, t, k) in enumerate(
+            zip(self.xs.tolist(), self.ys.tolist(), self.tissue.tolist(), ink.tolist(), strict=True)
         ):
             if sample_key(self.job.slide, x, y) in done:
                 continue
@@ -99,7 +107,7 @@ class SlidePlan:
                 if self.fractions is None
                 else {c: float(f[i]) for c, f in self.fractions.items()}
             )
-            out.append(Region(x, y, t, label, source, fr))
+            out.append(Region(x, y, t, label, source, fr, k))
         return out
 
 
@@ -158,8 +166,11 @@ def plan_slide(
         tissue=frac[keep].astype(np.float32),
         width=info.width,
         height=info.height,
+        ink=mask.ink_fractions(xs[keep], ys[keep], size0).astype(np.float32),
     )
-    return plan if job.annotation is None or ann_opts is None else annotate(plan, ann_opts)
+    if job.annotation is not None and ann_opts is not None:
+        plan = annotate(plan, ann_opts)
+    return replace(plan, qc=qc_png(mask, plan.xs, plan.ys, size0))
 
 
 def annotate(plan: SlidePlan, ann_opts: AnnotationOptions) -> SlidePlan:
@@ -185,6 +196,7 @@ def annotate(plan: SlidePlan, ann_opts: AnnotationOptions) -> SlidePlan:
         xs=plan.xs[keep],
         ys=plan.ys[keep],
         tissue=plan.tissue[keep],
+        ink=None if plan.ink is None else plan.ink[keep],
         labels=found.labels[keep] if labelled else None,
         fractions={c: f[keep] for c, f in found.fractions.items()} if labelled else None,
         problems=problems,
@@ -223,7 +235,7 @@ def extract_chunk(
         info = replace(slide_info(slide, job.path, base_mpp), base_mpp=base_mpp)
         top_px = opts.sizes[opts.mags[0].name]
         out: list[Sample] = []
-        for x, y, tissue, label, source, fractions in regions:
+        for x, y, tissue, label, source, fractions, ink in regions:
             try:
                 top = read_region_at(slide, info, x, y, size0, top_px)
             except Exception as exc:
@@ -243,6 +255,7 @@ def extract_chunk(
                 "label_source": source,
                 "patient": job.patient,
                 "tissue": float(tissue),
+                "ink": float(ink),
                 "ann": fractions,
             }
             mpps: dict[str, float] = {}

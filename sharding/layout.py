@@ -6,6 +6,7 @@ A dataset rooted at ``ROOT`` (a local folder or ``s3://bucket/prefix``) holds::
     ROOT/manifest.parquet             one row per sample (MANIFEST_COLUMNS); the source of truth
     ROOT/<split>/shard-NNNNNN.tar     WebDataset shards; a sample is one region at every mag
     ROOT/_state/...                   resume bookkeeping of the writer; readers ignore it
+    ROOT/_state/qc/<slide>.png        QC picture of each slide's tissue detection (sharding.qc)
 
 Readers take the list of shards from ``manifest.parquet`` (never by listing the folder), so shards
 published by a run that has not finished yet are invisible until the manifest names them.
@@ -51,10 +52,13 @@ LABEL_SOURCES = ("slide", "annotation")
 
 #: Columns of manifest.parquet. ``mean_<mag>`` / ``sqmean_<mag>`` hold per-channel means of the
 #: image and of its square (RGB scaled to [0, 1]); dataset.json's mean/std derive from them.
+#: ``ink`` is the fraction of the region that marker ink (or a black border) covers, as the tissue
+#: detector found it on the thumbnail (null in fragments written before the column existed).
 #: ``ann_<class>`` (ANN_PREFIX) holds, for each class of the dataset's annotations, the fraction of
 #: the region that class's polygons cover (null on slides without annotations).
 MANIFEST_COLUMNS = (
-    "key", "slide", "x", "y", "split", "label", "label_source", "patient", "tissue", "shard",
+    "key", "slide", "x", "y", "split", "label", "label_source", "patient", "tissue", "ink",
+    "shard",
 )  # fmt: skip
 ANN_PREFIX = "ann_"
 

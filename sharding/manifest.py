@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .layout import ANN_PREFIX, FORMAT_VERSION, SPLITS
+from .tissue_mask import DETECTOR
 
 #: Column of the index fragments holding each region's class fractions as a map (class -> float);
 #: :func:`combine` spreads it into one ``ann_<class>`` column per class of the dataset.
@@ -37,6 +38,7 @@ def manifest_schema(mag_names: list[str], ann_classes: list[str] = ()) -> pa.Sch
         pa.field("label_source", pa.string()),
         pa.field("patient", pa.string()),
         pa.field("tissue", pa.float32()),
+        pa.field("ink", pa.float32()),
         pa.field("shard", pa.string(), nullable=False),
     ]
     for name in mag_names:
@@ -112,8 +114,9 @@ def dataset_description(
     tool: str,
     annotations: dict | None = None,
 ) -> dict:
-    """The content of dataset.json for a manifest table (see the module docstring); with region
-    annotations, their source, settings and digest under ``annotations``."""
+    """The content of dataset.json for a manifest table (see the module docstring); ``tissue``
+    names the tissue detector and its version; with region annotations, their source, settings
+    and digest under ``annotations``."""
     rows = table.select(["split", "label", "slide", "shard"]).to_pylist()
     counts: dict[str, dict] = {}
     for split in SPLITS:
@@ -156,6 +159,7 @@ def dataset_description(
         "splits": splits,
         "seed": seed,
         "min_tissue": min_tissue,
+        "tissue": dict(DETECTOR),
         "tool": tool,
     }
     if annotations is not None:

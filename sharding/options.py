@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from .magnification import Magnification, parse_mags, tile_sizes
+from .tissue_mask import DETECTOR
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -76,10 +77,12 @@ class ShardOptions:
         )
 
     def identity(self) -> dict:
-        """The settings a resumed run must share with the run it continues."""
+        """The settings a resumed run must share with the run it continues, the tissue
+        detector's version included (it decides the regions)."""
         d = asdict(self)
         d["mags"] = [m.name for m in self.mags]
         d.pop("mpp_override")
+        d["tissue_detector"] = DETECTOR["version"]
         return d
 
 

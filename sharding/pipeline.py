@@ -38,6 +38,7 @@ from .labels import Labels, LabelsError, assign_splits, read_labels
 from .layout import DATASET_JSON, MANIFEST, SPLITS
 from .manifest import combine, dataset_description, manifest_bytes
 from .options import AnnotationOptions, ShardOptions, parse_size
+from .qc import write_qc
 from .shardwriter import ShardWriter
 from .slide import SlideError
 from .state import (
@@ -345,6 +346,7 @@ def _drive(
             if kind == "plan":
                 plan: SlidePlan = value
                 record_plan(store, plan)
+                write_qc(store, job.slide, plan.qc)
                 report.problems.extend(plan.problems)
                 todo = plan.regions(published.get(job.slide, set()))
                 if not todo:

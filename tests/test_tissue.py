@@ -1,14 +1,20 @@
 """Tissue detection on slides read through OpenSlide whose true tissue is known: marker ink of
 every colour, dark borders and dots, pale tissue, all tissue, blank glass; the real CC0 Aperio
-sample."""
+sample; and what sharding writes from it (manifest ``ink`` column, QC picture, dataset.json)."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import io
+import json
 
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from sharding.pipeline import run_shard
 from sharding.slide import open_slide, slide_info
-from sharding.tissue import detect_tissue, grid
+from sharding.tissue import DETECTOR, detect_tissue, grid
 from tests.ink_factory import CASES, um, write_case
 
 #: Scoring regions: 128 um squares (16 thumbnail pixels); a region is tissue at >= half cover.
@@ -82,3 +88,17 @@ def test_real_aperio_sample_keeps_its_tissue(real_slide):
     corner = np.argmin(xs**2 + ys**2)  # glass at the top left
     assert frac[corner] < 0.05
     assert mask.ink.mean() < 0.01, "H&E stain is not marker ink"
+
+
+def test_shard_writes_ink_column_qc_picture_and_detector(cases, tmp_path):
+    path, _ = cases["blue"]
+    out = tmp_path / "ds"
+    run_shard([path], str(out), mags="5,2.5", tile_px=64, workers=0, progress=False)
+    desc = json.loads((out / "dataset.json").read_text())
+    assert desc["tissue"] == DETECTOR
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert rows and all(0.0 <= r["ink"] <= 1.0 for r in rows)
+    assert max(r["ink"] for r in rows) < 0.5, "tiles of ink are not written"
+    assert sum(r["ink"] > 0 for r in rows) >= 1, "tiles at the marker's edge carry its fraction"
+    qc = Image.open(io.BytesIO((out / "_state" / "qc" / "blue.png").read_bytes()))
+    assert qc.format == "PNG" and max(qc.size) <= 2048 and min(qc.size) >= 64
