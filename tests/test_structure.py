@@ -113,7 +113,6 @@ def test_cli_help_imports_no_heavy_library() -> None:
     assert out.stdout.strip() == ""
 
 
-
 def test_every_subcommand_is_listed() -> None:
     """A subcommand whose module fails to import is an error, never a silently shorter menu."""
     from resdistill.cli import COMMANDS, build_parser
