@@ -105,6 +105,7 @@ def dataset_description(
     mags: list[tuple[str, float]],
     tile_px: dict[str, int],
     image_format: str,
+    quality: int | None = None,
     classes: list[str],
     splits: dict[str, float],
     seed: int,
@@ -113,7 +114,8 @@ def dataset_description(
     annotations: dict | None = None,
 ) -> dict:
     """The content of dataset.json for a manifest table (see the module docstring); with region
-    annotations, their source, settings and digest under ``annotations``."""
+    annotations, their source, settings and digest under ``annotations``. ``quality`` is the
+    JPEG quality the images were encoded with (part of the read chain a model records)."""
     rows = table.select(["split", "label", "slide", "shard"]).to_pylist()
     counts: dict[str, dict] = {}
     for split in SPLITS:
@@ -149,6 +151,7 @@ def dataset_description(
         "mpp": {name: mpp for name, mpp in mags},
         "tile_px": tile_px,
         "image_format": image_format,
+        "quality": quality,
         "classes": classes,
         "counts": counts,
         "samples": n,

@@ -52,8 +52,10 @@ def save_checkpoint(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     dataset: str = "",
+    read_chain: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``folder/model.pt`` + ``meta.json`` exactly as the teacher's ``model_payload`` does."""
+    """Write ``folder/model.pt`` + ``meta.json`` exactly as the teacher's ``model_payload`` does
+    (with ``read_chain``, the dataset's read chain as training records it)."""
     payload = {
         "format": T.CHECKPOINT_FORMAT,
         "stage": stage,
@@ -66,6 +68,8 @@ def save_checkpoint(
         "dataset": dataset,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    if read_chain is not None:
+        payload["read_chain"] = read_chain
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(payload, folder / T.MODEL_FILE)
     meta = {"format": T.CHECKPOINT_FORMAT, "epoch": 1, "metrics": {}}
