@@ -1,14 +1,14 @@
 """The per-slide work, run as Ray tasks: plan a slide's regions, then cut and encode them in chunks.
 
-``plan_slide`` opens the slide, finds its base mpp, detects tissue and marker ink on a thumbnail
-(:func:`sharding.tissue.detect_tissue`), lists the regions (level-0 squares covering one tile at
-the highest magnification) whose tissue fraction is at least ``min_tissue``, each with its ink
-fraction, and draws the slide's QC picture (:mod:`sharding.qc`). ``extract_chunk`` reads each
-region once, from the best level for the highest magnification, and derives every lower
-magnification from that tile by anti-aliased reduction: the same region, exact sizes, one
-``read_region`` per sample. A slide with region annotations has its regions labelled and
-selected by them in the plan (:mod:`sharding.region_labels`), so chunks only carry each region's
-label and class fractions.
+``plan_slide`` lists the regions (level-0 squares covering one tile at the highest magnification)
+whose tissue fraction is at least ``min_tissue``, each with its marker-ink fraction, with the
+tiling plan prediction shares (:func:`sharding.regions.plan_regions`: base mpp, tissue and ink
+detection by :func:`sharding.tissue.detect_tissue`, the region grid), and draws the slide's QC
+picture (:mod:`sharding.qc`). ``extract_chunk`` reads each region once, from the best level for
+the highest magnification, and derives every lower magnification from that tile by anti-aliased
+reduction: the same region, exact sizes, one ``read_region`` per sample. A slide with region
+annotations has its regions labelled and selected by them in the plan
+(:mod:`sharding.region_labels`), so chunks only carry each region's label and class fractions.
 """
 
 from __future__ import annotations
@@ -28,15 +28,8 @@ from .layout import image_member, sample_key
 from .options import AnnotationOptions, ShardOptions
 from .qc import qc_png
 from .region_labels import ExtentError, slide_region_labels
-from .slide import (
-    SlideError,
-    check_magnification,
-    downsample,
-    open_slide,
-    read_region_at,
-    slide_info,
-)
-from .tissue import detect_tissue, grid, region_size0
+from .regions import plan_regions
+from .slide import SlideError, downsample, open_slide, read_region_at, slide_info
 
 
 @dataclass(frozen=True)
@@ -131,42 +124,21 @@ def plan_slide(
     raises :class:`SlideError` with a one-line reason."""
     slide = open_slide(job.path)
     try:
-        info = slide_info(slide, job.path, opts.mpp_override)
-        check_magnification(info, opts.mags[0])
-        size0 = region_size0(info, opts.mags[0].mpp, opts.tile_px)
-        try:
-            mask = detect_tissue(slide, info)
-        except Exception as exc:  # OpenSlide raises on a truncated level
-            raise SlideError(
-                f"{job.path}: reading the slide failed ({exc}); the file may be truncated: copy it "
-                "again"
-            ) from None
+        found = plan_regions(slide, job.path, opts)
     finally:
         slide.close()
-    xs, ys = grid(info.width, info.height, size0)
-    if xs.size == 0:
-        raise SlideError(
-            f"{job.path}: the slide ({info.width}x{info.height} px) is smaller than one region "
-            f"({size0} px at level 0): lower --tile-px or the top magnification"
-        )
-    frac = mask.fractions(xs, ys, size0)
-    keep = frac >= opts.min_tissue
-    if not keep.any():
-        raise SlideError(
-            f"{job.path}: no region has a tissue fraction >= {opts.min_tissue:g} (best "
-            f"{frac.max():.2f}): check the slide is not blank, or lower --min-tissue"
-        )
+    info, keep, mask, size0 = found.info, found.keep, found.mask, found.size0
     plan = SlidePlan(
         job=job,
         size0=size0,
         base_mpp=info.base_mpp,
         mpp_source=info.mpp_source,
-        xs=xs[keep],
-        ys=ys[keep],
-        tissue=frac[keep].astype(np.float32),
+        xs=found.xs[keep],
+        ys=found.ys[keep],
+        tissue=found.tissue[keep].astype(np.float32),
         width=info.width,
         height=info.height,
-        ink=mask.ink_fractions(xs[keep], ys[keep], size0).astype(np.float32),
+        ink=mask.ink_fractions(found.xs[keep], found.ys[keep], size0).astype(np.float32),
     )
     if job.annotation is not None and ann_opts is not None:
         plan = annotate(plan, ann_opts)

@@ -107,6 +107,7 @@ def dataset_description(
     mags: list[tuple[str, float]],
     tile_px: dict[str, int],
     image_format: str,
+    quality: int | None = None,
     classes: list[str],
     splits: dict[str, float],
     seed: int,
@@ -115,8 +116,9 @@ def dataset_description(
     annotations: dict | None = None,
 ) -> dict:
     """The content of dataset.json for a manifest table (see the module docstring); ``tissue``
-    names the tissue detector and its version; with region annotations, their source, settings
-    and digest under ``annotations``."""
+    names the tissue detector and its version; ``quality`` is the JPEG quality the images were
+    encoded with (both part of the read chain a model records); with region annotations, their
+    source, settings and digest under ``annotations``."""
     rows = table.select(["split", "label", "slide", "shard"]).to_pylist()
     counts: dict[str, dict] = {}
     for split in SPLITS:
@@ -152,6 +154,7 @@ def dataset_description(
         "mpp": {name: mpp for name, mpp in mags},
         "tile_px": tile_px,
         "image_format": image_format,
+        "quality": quality,
         "classes": classes,
         "counts": counts,
         "samples": n,

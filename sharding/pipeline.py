@@ -221,6 +221,7 @@ def run_shard(
         mags=[(m.name, round(m.mpp, 6)) for m in opts.mags],
         tile_px=dict(opts.sizes),
         image_format=opts.fmt,
+        quality=opts.quality,
         classes=class_names,
         splits=dict(zip(("train", "val", "test"), splits, strict=True)),
         seed=seed,

@@ -52,8 +52,10 @@ def save_checkpoint(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     dataset: str = "",
+    read_chain: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``folder/model.pt`` + ``meta.json`` exactly as the teacher's ``model_payload`` does."""
+    """Write ``folder/model.pt`` + ``meta.json`` exactly as the teacher's ``model_payload`` does
+    (with ``read_chain``, the dataset's read chain as training records it)."""
     payload = {
         "format": T.CHECKPOINT_FORMAT,
         "stage": stage,
@@ -66,6 +68,8 @@ def save_checkpoint(
         "dataset": dataset,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    if read_chain is not None:
+        payload["read_chain"] = read_chain
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(payload, folder / T.MODEL_FILE)
     meta = {"format": T.CHECKPOINT_FORMAT, "epoch": 1, "metrics": {}}
@@ -268,7 +272,14 @@ def test_evaluate_metrics_match_resdistill_metrics_and_sklearn(
         order = [line.split(",", 1)[0] for line in lines]
         y_o = np.array([ref[k][1] for k in order])
         p_o = np.array([ref[k][2] for k in order])
-        _approx_metrics(tile, evaluate_predictions(y_o, p_o, CLASSES, n_boot=300, seed=0))
+        s_o = np.array([ref[k][0] for k in order])
+        # tile intervals resample slides (each with all its tiles)
+        _approx_metrics(
+            tile,
+            evaluate_predictions(y_o, p_o, CLASSES, n_boot=300, seed=0, groups=s_o, unit="slide"),
+        )
+        assert (tile["resample"], tile["n_units"], tile["n_slides"]) == ("slide", 6, 6)
+        assert (m["n_tiles"], m["n_slides"], m["resample"]) == (TEST_SAMPLES, TEST_SLIDES, "slide")
         assert tile["accuracy"]["value"] == pytest.approx(accuracy_score(y, p.argmax(1)))
         assert tile["macro_f1"]["value"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
         assert tile["auc"]["tumor"]["value"] == pytest.approx(roc_auc_score(y, p[:, 1]), abs=1e-9)
@@ -312,6 +323,8 @@ def test_evaluate_compute_table_counts_flops(
     assert "teacher" in stdout and "student" in stdout and "10x" in stdout and "5x" in stdout
     acc = report["models"][0]["tile"]["accuracy"]
     assert f"{acc['value']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}]" in stdout
+    # the resampling unit and the slides beside the tiles
+    assert "resamples of slides" in stdout and f"{TEST_SAMPLES} ({TEST_SLIDES})" in stdout
 
 
 def test_evaluate_writes_valid_plots(evaluated: tuple[int, Path, str]) -> None:

@@ -1,10 +1,11 @@
 """Predict the class of whole slides and draw heatmaps of tile probabilities.
 
 CKPT is a checkpoint folder (local or s3://), its model.pt or a tune result JSON. Each SLIDE (a
-file OpenSlide reads, or a folder scanned for them) is tiled like the sharding stage tiles it, at
-the magnification and tile size the model was trained on: tissue mask, grid of regions, best
-pyramid level and anti-aliased reduction. The slide's class is the argmax of the mean tile
-probabilities.
+file OpenSlide reads, or a folder scanned for them) is read exactly as the dataset the model was
+trained on was sharded (the checkpoint's read chain): the same tissue mask and grid of regions at
+the dataset's top magnification, each region reduced to the model's magnification and encoded as
+in the shards. A checkpoint without a read chain is read from the slide's pyramid at its
+magnification (said once). The slide's class is the argmax of the mean tile probabilities.
 
 Writes to --out, per slide: <slide>.json (class, probabilities, grid, every tile's
 probabilities), <slide>.heatmap.npy (rows x cols x classes, NaN off tissue) and
@@ -45,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--min-tissue",
         type=float,
-        default=0.5,
-        help="minimum tissue fraction of a tile (default: %(default)s)",
+        help="minimum tissue fraction of a region (default: the one the model's dataset was "
+        "sharded with; 0.5 for a checkpoint without a read chain)",
     )
     p.add_argument(
         "--mpp", type=float, help="microns per level-0 pixel for slides that do not record it"
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from resdistill.checkpoint import load_model
     from resdistill.errors import UsageError
     from resdistill.eval.annotation_overlay import AnnotationOverlays
-    from resdistill.eval.predict import heatmap_classes, predict_slides, tile_px_of
+    from resdistill.eval.predict import heatmap_classes, predict_slides
+    from resdistill.eval.tiling import chain_of
     from sharding.annotation_set import AnnotationSetError
     from sharding.pipeline import find_slides
     from sharding.storage import StorageError
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         model = load_model(args.checkpoint, device=args.device or "cpu")
-        tile_px_of(model)
+        chain = chain_of(model, min_tissue=args.min_tissue, mpp=args.mpp)
         heatmap_classes(args.heatmap, model.classes)
     except (UsageError, StorageError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
@@ -126,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         except (AnnotationSetError, StorageError) as exc:
             print(f"predict: error: --annotations: {exc}", file=sys.stderr)
             return 2
+    for note in chain.notes:  # once, when the options are settled and prediction starts
+        err.print(f"[yellow]note[/yellow] {escape(note)}", soft_wrap=True)
     table = Table(
         title=f"{model.name} ({model.meta.get('arch')} at {model.mag}) on {len(found)} slide(s)",
         header_style="bold",
@@ -136,8 +140,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for pred in predict_slides(
             model, found, args.out, heatmap=args.heatmap, alpha=args.alpha, cmap=args.cmap,
-            batch_size=args.batch_size, min_tissue=args.min_tissue, mpp=args.mpp,
-            device=args.device, on_skip=skip, annotations=annotations,
+            batch_size=args.batch_size, device=args.device, on_skip=skip,
+            annotations=annotations, chain=chain,
         ):  # fmt: skip
             predicted += 1
             table.add_row(

@@ -1,10 +1,16 @@
 """Bootstrap confidence intervals of the metrics in :mod:`resdistill.eval.metrics`, and the
 all-metrics report an evaluation stores (:func:`evaluate_predictions`).
 
-Intervals are percentile bootstrap intervals over samples (tiles, or slides after
-:func:`resdistill.eval.metrics.aggregate_slides`): ``n`` resamples with replacement drawn by
-``numpy.random.default_rng(seed)``, the same draws for a seed in :func:`bootstrap_ci` and
-:func:`evaluate_predictions`, so their numbers agree.
+Intervals are percentile bootstrap intervals over resampling units: ``n`` resamples of the units
+with replacement drawn by ``numpy.random.default_rng(seed)``, the same draws for a seed in
+:func:`bootstrap_ci` and :func:`evaluate_predictions`, so their numbers agree.
+
+The unit is the sample unless ``groups`` gives each sample a cluster (its slide): then the
+cluster bootstrap draws clusters (in sorted order of id) and each drawn cluster brings all its
+samples. Tiles of one slide share the patient, the stain and the scan, so they are not independent;
+resampling them one by one gives intervals about ``sqrt(tiles per slide)`` times too narrow when
+whole slides are right or wrong. Every tile-level interval of ``evaluate`` is therefore a slide
+bootstrap; slide-level intervals resample slides, each its own unit.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ def bootstrap_ci(
     n: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    groups: Any = None,
 ) -> tuple[float, float, float]:
     """``(point, low, high)``: the metric on all data and a percentile bootstrap interval.
 
     ``n`` resamples of the N samples are drawn with replacement (``numpy.random.default_rng(seed)``,
-    so the result is deterministic for a seed); ``metric_fn(y_true[idx], y_prob[idx])`` is
-    evaluated on each, and ``low``/``high`` are the ``alpha/2`` and ``1 - alpha/2`` percentiles
+    so the result is deterministic for a seed), or with ``groups`` (one cluster id per sample) of
+    the clusters, ``idx`` then holding every sample of each drawn cluster;
+    ``metric_fn(y_true[idx], y_prob[idx])`` is evaluated on each, and ``low``/``high`` are the ``alpha/2`` and ``1 - alpha/2`` percentiles
     (linear interpolation) of the finite values. Resamples where the metric is undefined (NaN,
     e.g. an AUC whose class was not drawn) are left out; if none is finite, low = high = NaN.
     The point estimate is *not* forced into the interval (with a skewed distribution a percentile
@@ -56,13 +64,34 @@ def bootstrap_ci(
     if p.shape[0] != t.shape[0]:
         raise ValueError(f"y_true has {t.shape[0]} samples but y_prob has {p.shape[0]}")
     point = float(metric_fn(t, p))
-    values = np.array([metric_fn(t[idx], p[idx]) for idx in _resamples(t.shape[0], n, seed)])
+    inverse, n_units = _units(groups, t.shape[0])
+    if groups is None:
+        draws = _resamples(n_units, n, seed)
+    else:  # every sample of each drawn cluster
+        order = np.argsort(inverse, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(inverse, minlength=n_units))[:-1])
+        draws = (np.concatenate([members[u] for u in d]) for d in _resamples(n_units, n, seed))
+    values = np.array([metric_fn(t[idx], p[idx]) for idx in draws])
     low, high = _percentile_interval(values, alpha)
     return point, low, high
 
 
+def _units(groups: Any, size: int) -> tuple[np.ndarray, int]:
+    """``(unit index of each sample, number of units)``: each sample its own unit without
+    ``groups``, else the clusters in sorted order of id (so the draws do not depend on the order
+    of the samples)."""
+    if groups is None:
+        return np.arange(size), size
+    g = np.asarray(groups)
+    if g.shape != (size,):
+        raise ValueError(f"groups has shape {g.shape} but there are {size} samples")
+    uniq, inverse = np.unique(g, return_inverse=True)
+    return inverse.reshape(-1), int(uniq.size)
+
+
 def _resamples(size: int, n: int, seed: int) -> Iterator[np.ndarray]:
-    """The ``n`` bootstrap index vectors used everywhere in this module (same seed, same draws)."""
+    """The ``n`` bootstrap draws of unit indices used everywhere in this module (same seed, same
+    draws)."""
     rng = np.random.default_rng(seed)
     for _ in range(n):
         yield rng.integers(0, size, size=size)
@@ -162,13 +191,18 @@ def evaluate_predictions(
     alpha: float = 0.05,
     seed: int = 0,
     with_roc: bool = True,
+    groups: Any = None,
+    unit: str | None = None,
 ) -> dict[str, Any]:
     """All metrics with ``1 - alpha`` bootstrap intervals, as a JSON-serialisable dict.
 
-    ``y_true``: class indices or class names (from ``classes``); ``y_prob``: ``(N, len(classes))``.
-    Returns::
+    ``y_true``: class indices or class names (from ``classes``); ``y_prob``: ``(N, len(classes))``;
+    ``groups``: one cluster id per sample (its slide) to resample clusters (module doc), else each
+    sample is a unit; ``unit``: the name of the resampling unit stated in the report (default
+    ``"cluster"`` with groups, ``"sample"`` without). Returns::
 
         {"n": N, "classes": [...], "alpha": alpha, "n_boot": n_boot, "seed": seed,
+         "resample": unit, "n_units": number of units,
          "support": {class: count},
          "accuracy" | "macro_f1" | "macro_precision" | "macro_recall" | "macro_auc":
              {"value": v, "low": lo, "high": hi},
@@ -178,9 +212,10 @@ def evaluate_predictions(
         }
 
     Macro F1/precision/recall average over all ``classes`` that occur in the (resampled) true or
-    predicted labels. Every interval uses the same resampled indices as :func:`bootstrap_ci` with
-    the same ``seed`` (so the numbers agree with it), computed by reweighting the samples rather
-    than re-sorting them for each resample.
+    predicted labels. Every interval uses the same resampled units as :func:`bootstrap_ci` with
+    the same ``seed`` and ``groups`` (so the numbers agree with it), computed by reweighting the
+    samples (each by the number of times its unit was drawn) rather than re-sorting them for each
+    resample.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
@@ -195,9 +230,13 @@ def evaluate_predictions(
         raise ValueError(f"y_prob has {p.shape[1]} columns but there are {len(classes)} classes")
     pred = p.argmax(axis=1)
 
+    inverse, n_units = _units(groups, t.size)
     stats = _WeightedMetrics(t, p)
     point = stats(np.ones(t.size))
-    boots = [stats(np.bincount(idx, minlength=t.size)) for idx in _resamples(t.size, n_boot, seed)]
+    boots = [
+        stats(np.bincount(draw, minlength=n_units)[inverse])
+        for draw in _resamples(n_units, n_boot, seed)
+    ]
 
     def ci(key: str, column: int | None = None) -> dict[str, float | None]:
         if column is None:
@@ -214,6 +253,8 @@ def evaluate_predictions(
         "alpha": alpha,
         "n_boot": n_boot,
         "seed": seed,
+        "resample": unit or ("sample" if groups is None else "cluster"),
+        "n_units": n_units,
         "support": {
             c: int(v) for c, v in zip(classes, np.bincount(t, minlength=len(classes)), strict=True)
         },

@@ -11,11 +11,12 @@ Pipeline for each model (a checkpoint folder, its ``model.pt``, or a tune result
     evaluate_models(...)                  metrics, compute table, then
                                           :func:`resdistill.eval.report.write_report`
 
-Metrics (:func:`resdistill.eval.bootstrap.evaluate_predictions`, 95% percentile bootstrap
-intervals by default): accuracy, macro F1, macro precision, macro recall, per-class one-vs-rest
-AUC and their mean, confusion matrix, ROC points.
+Metrics (:func:`score_predictions` with :func:`resdistill.eval.bootstrap.evaluate_predictions`,
+95% percentile bootstrap intervals by default): accuracy, macro F1, macro precision, macro recall,
+per-class one-vs-rest AUC and their mean, confusion matrix, ROC points.
 
-* Tile level: one sample per tile, ``y_prob`` the model's softmax output.
+* Tile level: one sample per tile, ``y_prob`` the model's softmax output; the bootstrap resamples
+  slides (each with all its tiles), since tiles of one slide are not independent.
 * Slide level: ``P(slide) = mean over the slide's tiles of P(tile)``
   (:func:`resdistill.eval.metrics.aggregate_slides`), the slide's label its tiles' predominant
   label (region labels from annotations may mix classes on a slide); the
@@ -52,6 +53,7 @@ __all__ = [
     "check_compatible",
     "evaluate_models",
     "predict_split",
+    "score_predictions",
 ]
 
 #: ROC points per curve kept in ``evaluation.json`` (the plots use every point).
@@ -221,16 +223,14 @@ def evaluate_models(
     """Evaluate every model of ``specs`` on ``split`` of the dataset ``data``; write to ``out``.
 
     All models are loaded and checked against the dataset first (:func:`check_compatible`), so a
-    mismatch fails before any long work. Then, per model: :func:`predict_split`, tile metrics,
-    slide metrics (mean tile probability per slide) with ``n_boot`` bootstrap resamples at level
-    ``1 - alpha``, and a compute row (FLOPs of one ``(3, tile_px, tile_px)`` tile, images/s
+    mismatch fails before any long work. Then, per model: :func:`predict_split`, tile and slide
+    metrics (:func:`score_predictions`: ``n_boot`` bootstrap resamples of slides at level
+    ``1 - alpha``), and a compute row (FLOPs of one ``(3, tile_px, tile_px)`` tile, images/s
     measured with batches of ``bench_batch`` for about ``bench_seconds``). With ``out`` the
     report is written by :func:`write_report`.
     """
     from resdistill.data import DatasetInfo, read_manifest
-    from resdistill.eval.bootstrap import evaluate_predictions
     from resdistill.eval.compute import compute_table
-    from resdistill.eval.metrics import aggregate_slides
 
     if not specs:
         raise EvaluationError("no model given: pass one or more checkpoints")
@@ -254,7 +254,6 @@ def evaluate_models(
         check_compatible(m, info)
     manifest = read_manifest(info.url, columns=("key", "slide", "split", "label", "shard"))
     mixed = bool(info.raw.get("annotations"))  # region labels: slides may hold several classes
-    mixed = bool(info.raw.get("annotations"))  # region labels: slides may hold several classes
 
     results: list[ModelEvaluation] = []
     for m in models:
@@ -265,17 +264,9 @@ def evaluate_models(
             m, info, split, batch_size=batch_size, num_workers=num_workers, device=device,
             manifest=manifest,
         )  # fmt: skip
-        tile = evaluate_predictions(
-            preds.labels, preds.probs, m.classes, n_boot=n_boot, alpha=alpha, seed=seed
+        tile, slide = score_predictions(
+            preds, m.classes, mixed=mixed, n_boot=n_boot, alpha=alpha, seed=seed
         )
-        _thin_roc(tile)
-        agg = aggregate_slides(preds.slides, preds.probs, preds.labels, mixed_labels=mixed)
-        slide = evaluate_predictions(
-            agg.y_true, agg.y_prob, m.classes, n_boot=n_boot, alpha=alpha, seed=seed
-        )
-        slide["slides"] = [str(s) for s in agg.slide_ids]
-        slide["tiles_per_slide"] = [int(n) for n in agg.n_tiles]
-        slide["prob"] = agg.y_prob.tolist()
         say(f"{m.name}: measuring FLOPs and images/s at (3, {px}, {px}) on {device}")
         compute = compute_table(
             {m.name: (m.model, (3, px, px))}, batch=bench_batch, seconds=bench_seconds,
@@ -286,6 +277,39 @@ def evaluate_models(
     if out is not None:
         write_report(report, out, plots=plots)
     return report
+
+
+def score_predictions(
+    preds: TilePredictions,
+    classes: Sequence[str],
+    *,
+    mixed: bool = False,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(tile, slide)`` metric reports of one model's predictions on a split.
+
+    Tile level: every tile a sample, intervals from the slide (cluster) bootstrap: slides are
+    resampled with replacement and each drawn slide brings all its tiles, because tiles of a slide
+    are not independent. Slide level: ``P(slide) = mean over its tiles of P(tile)``, the label its
+    tiles' (predominant, with ``mixed`` region labels) label, slides resampled. Both state
+    ``"resample": "slide"`` and ``"n_slides"``; the slide report also lists ``slides``,
+    ``tiles_per_slide`` and ``prob``. ROC points of the tile report are thinned for the JSON.
+    """
+    from resdistill.eval.bootstrap import evaluate_predictions
+    from resdistill.eval.metrics import aggregate_slides
+
+    kw = {"n_boot": n_boot, "alpha": alpha, "seed": seed, "unit": "slide"}
+    tile = evaluate_predictions(preds.labels, preds.probs, classes, groups=preds.slides, **kw)
+    _thin_roc(tile)
+    agg = aggregate_slides(preds.slides, preds.probs, preds.labels, mixed_labels=mixed)
+    slide = evaluate_predictions(agg.y_true, agg.y_prob, classes, **kw)
+    tile["n_slides"] = slide["n_slides"] = int(agg.slide_ids.size)
+    slide["slides"] = [str(s) for s in agg.slide_ids]
+    slide["tiles_per_slide"] = [int(n) for n in agg.n_tiles]
+    slide["prob"] = agg.y_prob.tolist()
+    return tile, slide
 
 
 def _thin_roc(metrics: dict[str, Any], max_points: int = ROC_JSON_POINTS) -> None:

@@ -111,7 +111,7 @@ def plot_roc(report: EvaluationReport) -> bytes:
 
 
 def plot_accuracy_vs_flops(report: EvaluationReport) -> bytes:
-    """PNG: tile accuracy (with its bootstrap interval) against FLOPs per tile, log x axis."""
+    """PNG: tile accuracy (with its slide-bootstrap interval) against FLOPs per tile, log x axis."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.0, 4.2))
@@ -145,7 +145,8 @@ def plot_accuracy_vs_flops(report: EvaluationReport) -> bytes:
     ]
     ax.set_ylim(max(0.0, min(lows, default=0.0) - 0.05), 1.02)
     ax.set_xlabel("FLOPs per tile (counted, 2 per multiply-accumulate)")
-    ax.set_ylabel("accuracy (tiles: dot with 95% CI; slides: square)")
+    pct = int(round(100 * (1 - report.alpha)))
+    ax.set_ylabel(f"accuracy (tiles: dot, {pct}% CI resampling slides; slides: square)")
     ax.set_title(f"accuracy vs compute on {report.split}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")

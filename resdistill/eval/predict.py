@@ -1,20 +1,20 @@
 """Predict whole slides: tile probabilities at the model's magnification, the slide's class, heatmaps.
 
 For a slide file and a model (see :func:`resdistill.checkpoint.load_model`) trained at magnification
-``M`` on tiles of ``tile_px`` pixels, the slide is tiled exactly as the sharding planner tiles it
-(:mod:`sharding.extract`):
+``M`` on tiles of ``tile_px`` pixels, the slide is read exactly as the dataset the model was trained
+on was sharded (:mod:`resdistill.eval.tiling`, from the checkpoint's read chain):
 
-1. base microns per pixel from the slide (or ``mpp``), refused when ``M`` would need upsampling;
-2. the tissue mask of a thumbnail (:func:`sharding.tissue.thumbnail` + ``tissue_mask``);
-3. the region grid: level-0 squares of ``size0 = round(tile_px * mpp(M) / base_mpp)`` pixels,
-   centred on the slide (:func:`sharding.tissue.grid`), ``cols = width // size0`` by
-   ``rows = height // size0``; regions with a tissue fraction ``>= min_tissue`` are kept;
-4. each kept region read from the best pyramid level at or above ``M`` and reduced with an
-   anti-aliasing filter to ``tile_px`` (:func:`sharding.slide.read_region_at`);
-5. batched inference in eval mode, normalised with the checkpoint's mean/std,
+1. the region grid of the sharding planner at the dataset's top magnification, the regions with a
+   tissue fraction ``>= min_tissue`` (the dataset's) kept;
+2. each kept region read at the top magnification, reduced to ``M``, encoded and decoded as in
+   the shards;
+3. batched inference in eval mode, normalised with the checkpoint's mean/std,
    ``p(tile) = softmax(logits)``;
-6. the slide's probabilities ``P(slide) = mean over kept tiles of p(tile)`` and its class
+4. the slide's probabilities ``P(slide) = mean over kept tiles of p(tile)`` and its class
    ``argmax P(slide)``.
+
+A checkpoint without a read chain is read from the slide's pyramid at ``M`` as before
+(:func:`resdistill.eval.tiling.chain_of` says so in its notes).
 
 The heatmap is a ``(rows, cols, K)`` array of tile probabilities (NaN where no tissue). Its PNG
 is the slide thumbnail (same size as :func:`sharding.tissue.thumbnail` gives) with each tissue
@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from resdistill.checkpoint import CheckpointError, LoadedModel
+from resdistill.checkpoint import LoadedModel
 from resdistill.errors import UsageError
 from resdistill.eval.plots import DEFAULT_CMAP, draw_annotations, render_heatmap
-from resdistill.eval.tiling import DEFAULT_MIN_TISSUE, TilePlan, plan_tiles
+from resdistill.eval.tiling import ReadChain, TilePlan, chain_of, plan_tiles, read_tiles, tile_px_of
 
 if TYPE_CHECKING:
     from resdistill.eval.annotation_overlay import AnnotationOverlays, SlideOverlay
@@ -73,10 +73,14 @@ class SlidePrediction:
     tile_px: int
     classes: list[str]
     plan: TilePlan
+    chain: ReadChain
     tile_probs: np.ndarray  # (n_kept, K), in grid order of the kept cells
     probs: np.ndarray  # (K,) mean of tile_probs
-    min_tissue: float
     seconds: float
+
+    @property
+    def min_tissue(self) -> float:
+        return float(self.chain.opts.min_tissue)
 
     @property
     def predicted(self) -> str:
@@ -110,6 +114,7 @@ class SlidePrediction:
             "probabilities": {c: float(v) for c, v in zip(self.classes, self.probs, strict=True)},
             "n_tiles": self.n_tiles,
             "min_tissue": self.min_tissue,
+            "read_chain": self.chain.to_json(),
             "seconds": round(self.seconds, 3),
             "slide_info": {
                 "width": p.info.width,
@@ -155,39 +160,31 @@ def _slide_id(path: str) -> str:
         return re.sub(r"[^A-Za-z0-9_-]", "-", stem.strip(". ")) or "slide"
 
 
-def tile_px_of(model: LoadedModel) -> int:
-    """The tile size ``model`` was trained on; :class:`CheckpointError` when its card lacks it
-    (a slide cannot be tiled without it)."""
-    if not model.tile_px:
-        raise CheckpointError(
-            f"{model.url}: the checkpoint does not record tile_px, needed to tile a slide"
-        )
-    return int(model.tile_px)
-
-
 def predict_slide(
     model: LoadedModel,
     path: str | os.PathLike[str],
     *,
     batch_size: int = 64,
-    min_tissue: float = DEFAULT_MIN_TISSUE,
+    min_tissue: float | None = None,
     mpp: float | None = None,
     device: str | None = None,
     slide_id: str | None = None,
     on_tiles: Callable[[int, int], None] | None = None,
+    chain: ReadChain | None = None,
 ) -> SlidePrediction:
     """Predict one slide with a :class:`resdistill.checkpoint.LoadedModel` (module docstring).
 
+    ``chain`` defaults to :func:`resdistill.eval.tiling.chain_of` ``(model, min_tissue, mpp)``.
     ``on_tiles(done, total)`` is called after each batch. Raises
     :class:`sharding.slide.SlideError` for an unreadable slide and
-    :class:`resdistill.checkpoint.CheckpointError` for a checkpoint without ``tile_px``.
+    :class:`resdistill.checkpoint.CheckpointError` for a checkpoint that cannot tile a slide.
     """
     import torch
 
-    from sharding.slide import SlideError, open_slide, read_region_at
+    from sharding.slide import open_slide
 
     path = os.fspath(path)
-    tile_px = tile_px_of(model)
+    chain = chain or chain_of(model, min_tissue=min_tissue, mpp=mpp)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ms = model.mean_std()
     mean, std = ms if ms is not None else ([0.5] * 3, [0.25] * 3)
@@ -199,27 +196,13 @@ def predict_slide(
     t0 = time.perf_counter()
     slide = open_slide(path)
     try:
-        plan = plan_tiles(slide, path, model.mag, tile_px, min_tissue=min_tissue, mpp=mpp)
-        # The tiles are read at the plan's base mpp (an --mpp override included).
-        info = plan.info
+        plan = plan_tiles(slide, path, chain)
         idx = np.flatnonzero(plan.keep)
         out: list[np.ndarray] = []
         with torch.inference_mode():
             for start in range(0, idx.size, batch_size):
-                chunk = idx[start : start + batch_size]
-                tiles = []
-                for i in chunk:
-                    try:
-                        img = read_region_at(
-                            slide, info, int(plan.xs[i]), int(plan.ys[i]), plan.size0, tile_px
-                        )
-                    except Exception as exc:
-                        raise SlideError(
-                            f"{path}: reading the region at ({plan.xs[i]}, {plan.ys[i]}) failed "
-                            f"({exc}); the file may be truncated: copy it again"
-                        ) from None
-                    tiles.append(np.asarray(img, dtype=np.uint8))
-                x = torch.from_numpy(np.stack(tiles)).to(device).permute(0, 3, 1, 2).float()
+                tiles = read_tiles(slide, plan, chain, idx[start : start + batch_size])
+                x = torch.from_numpy(tiles).to(device).permute(0, 3, 1, 2).float()
                 x = (x / 255.0 - mean_t) / std_t
                 logits, _ = net(x)
                 out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
@@ -234,12 +217,12 @@ def predict_slide(
         model_name=model.name,
         checkpoint=model.url,
         mag=model.mag,
-        tile_px=tile_px,
+        tile_px=chain.tile_px,
         classes=model.classes,
         plan=plan,
+        chain=chain,
         tile_probs=tile_probs,
         probs=tile_probs.mean(axis=0),
-        min_tissue=min_tissue,
         seconds=time.perf_counter() - t0,
     )
 
@@ -322,14 +305,18 @@ def predict_slides(
     alpha: float = DEFAULT_ALPHA,
     cmap: str = DEFAULT_CMAP,
     batch_size: int = 64,
-    min_tissue: float = DEFAULT_MIN_TISSUE,
+    min_tissue: float | None = None,
     mpp: float | None = None,
     device: str | None = None,
     on_skip: Callable[[str], None] | None = None,
     annotations: AnnotationOverlays | None = None,
+    chain: ReadChain | None = None,
 ) -> Iterator[SlidePrediction]:
     """:func:`predict_slide` then :func:`write_prediction` for each ``{slide_id: path}``, yielding
-    each prediction once its files are written.
+    each prediction once its files are written. The read chain (``chain``, else
+    :func:`resdistill.eval.tiling.chain_of` ``(model, min_tissue, mpp)``) is settled once, before
+    any slide: a checkpoint that cannot tile a slide raises
+    :class:`resdistill.checkpoint.CheckpointError`.
 
     A slide that cannot be predicted (:class:`sharding.slide.SlideError`, or a
     :class:`UsageError`) is skipped: ``on_skip(message)`` and the next slide. A
@@ -338,12 +325,12 @@ def predict_slides(
     """
     from sharding.slide import SlideError
 
+    chain = chain or chain_of(model, min_tissue=min_tissue, mpp=mpp)
     for sid, path in slides.items():
         try:
             pred = predict_slide(
-                model, path, batch_size=batch_size, min_tissue=min_tissue, mpp=mpp,
-                device=device, slide_id=sid,
-            )  # fmt: skip
+                model, path, batch_size=batch_size, device=device, slide_id=sid, chain=chain
+            )
             overlay = annotations.for_slide(sid) if annotations is not None else None
             write_prediction(pred, out, classes=heatmap, alpha=alpha, cmap=cmap, overlay=overlay)
         except (SlideError, UsageError) as exc:

@@ -73,17 +73,19 @@ def human_flops(flops: float) -> str:
 
 
 def format_table(report: EvaluationReport) -> Any:
-    """One rich table: model, magnification, tiles, accuracy [CI], macro F1 [CI], macro AUC,
-    slide accuracy (slides), FLOPs per tile, params, images/s."""
+    """One rich table: model, magnification, tiles (slides), accuracy [CI], macro F1 [CI], macro
+    AUC, slide accuracy (slides), FLOPs per tile, params, images/s; the title states the CI level
+    and that the bootstrap resamples slides."""
     from rich.table import Table
 
     pct = int(round(100 * (1 - report.alpha)))
     table = Table(
-        title=f"{report.split} split of {report.data} ({pct}% CI: {report.n_boot} bootstrap resamples)",
+        title=f"{report.split} split of {report.data} ({pct}% CI: {report.n_boot} bootstrap "
+        "resamples of slides)",
         header_style="bold",
     )
     for col, just in (
-        ("model", "left"), ("mag", "right"), ("tiles", "right"), (f"accuracy [{pct}% CI]", "left"),
+        ("model", "left"), ("mag", "right"), ("tiles (slides)", "right"), (f"accuracy [{pct}% CI]", "left"),
         (f"macro F1 [{pct}% CI]", "left"), ("AUC", "right"), ("slide acc (n)", "left"),
         ("FLOPs/tile", "right"), ("params", "right"), ("images/s", "right"),
     ):  # fmt: skip
@@ -93,7 +95,7 @@ def format_table(report: EvaluationReport) -> Any:
         table.add_row(
             ev.name,
             ev.model.mag,
-            str(len(ev.predictions)),
+            f"{len(ev.predictions)} ({ev.tile.get('n_slides', '-')})",
             _ci(ev.tile["accuracy"]),
             _ci(ev.tile["macro_f1"]),
             _ci({"value": ev.tile["macro_auc"]["value"]}),

@@ -52,8 +52,8 @@ class ModelEvaluation:
     name: str
     model: LoadedModel
     predictions: TilePredictions
-    tile: dict[str, Any]  # evaluate_predictions on tiles
-    slide: dict[str, Any]  # evaluate_predictions on slides, plus "slides": [ids]
+    tile: dict[str, Any]  # score_predictions: tiles, slides resampled
+    slide: dict[str, Any]  # score_predictions: slides, plus "slides": [ids]
     compute: dict[str, Any]  # a compute_table row
 
     def to_json(self) -> dict[str, Any]:
@@ -74,6 +74,8 @@ class ModelEvaluation:
             "trained_on": m.meta.get("dataset"),
             "config": m.config,
             "n_tiles": len(self.predictions),
+            "n_slides": self.tile.get("n_slides"),
+            "resample": self.tile.get("resample"),
             "eval_seconds": self.predictions.seconds,
             "tile": self.tile,
             "slide": self.slide,
@@ -107,6 +109,7 @@ class EvaluationReport:
             "n_boot": self.n_boot,
             "alpha": self.alpha,
             "seed": self.seed,
+            "resample": "slide",
             "torch_threads": torch.get_num_threads(),
             "models": [m.to_json() for m in self.models],
             "files": self.files,

@@ -1,88 +1,200 @@
-"""The region grid of a slide at a model's magnification: steps 1-3 of
-:mod:`resdistill.eval.predict`, drawn with the sharding planner's own functions so that a slide is
-predicted on exactly the regions sharding would cut from it.
+"""How ``predict`` turns a slide into a model's input tiles: the read chain of the dataset the model
+was trained on, replayed with the sharding code itself.
+
+A checkpoint's ``read_chain`` (:data:`resdistill.checkpoint.READ_CHAIN_KEYS` of its dataset.json:
+magnifications, tile sizes, image format, JPEG quality, ``min_tissue``) says how its training tiles
+were made, and :func:`chain_of` turns it back into the sharding settings
+(:class:`sharding.options.ShardOptions`). Then, as sharding does:
+
+1. :func:`plan_tiles`: the regions of the slide at the *top* magnification of the dataset, those
+   with a tissue fraction ``>= min_tissue`` kept (:func:`sharding.regions.plan_regions`, the one
+   tiling plan), plus the thumbnail the heatmap is drawn on;
+2. :func:`read_tiles`: each region read once at the top magnification from the best pyramid level
+   (:func:`sharding.slide.read_region_at`), reduced to the model's magnification
+   (:func:`sharding.slide.downsample`: a box average for whole factors), encoded as the shards are
+   (:func:`sharding.extract.encode`: format and quality) and decoded as the loader decodes it
+   (:func:`resdistill.data.decode_image`). The model sees the very pixels of its shards.
+
+A checkpoint without a read chain (written before checkpoints recorded one) is read as before:
+regions planned at the model's own magnification and tile size, read from the best pyramid level
+at or above it and reduced, not encoded, ``min_tissue`` :data:`DEFAULT_MIN_TISSUE` unless given.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_MIN_TISSUE", "TilePlan", "plan_tiles"]
+from resdistill.checkpoint import CheckpointError, LoadedModel
+from resdistill.errors import UsageError
+from sharding.regions import RegionGrid
+
+if TYPE_CHECKING:
+    from sharding.options import ShardOptions
+
+__all__ = ["DEFAULT_MIN_TISSUE", "ReadChain", "TilePlan", "chain_of", "plan_tiles", "read_tiles"]
 
 DEFAULT_MIN_TISSUE = 0.5
+#: JPEG quality assumed for a read chain from a dataset.json that did not record it (the
+#: sharding default, which every dataset of that time used unless --quality was given).
+DEFAULT_QUALITY = 90
 
 
-@dataclass
-class TilePlan:
-    """The region grid of one slide at one magnification and its tissue regions."""
+@dataclass(frozen=True)
+class ReadChain:
+    """The settings that make a model's input tile from a slide region (module docstring)."""
 
-    info: Any  # sharding.slide.SlideInfo
-    size0: int
-    rows: int
-    cols: int
-    xs: np.ndarray  # (rows * cols,) level-0 x of every grid cell, row-major
-    ys: np.ndarray
-    tissue: np.ndarray  # (rows * cols,) tissue fraction of every cell
-    keep: np.ndarray  # (rows * cols,) bool: tissue >= min_tissue
+    opts: ShardOptions  # top magnification first, tile sizes, format, quality, min_tissue
+    mag: str  # the model's magnification name, one of opts.mags
+    source: str  # "checkpoint" (the dataset's read chain) or "pyramid" (no read chain recorded)
+    notes: tuple[str, ...] = ()  # one line each, for the user (said once per run)
+
+    @property
+    def tile_px(self) -> int:
+        return int(self.opts.sizes[self.mag])
+
+    @property
+    def encoded(self) -> bool:
+        """Whether tiles go through the dataset's image encoding (not for old checkpoints)."""
+        return self.source == "checkpoint"
+
+    def to_json(self) -> dict[str, Any]:
+        o = self.opts
+        out: dict[str, Any] = {
+            "source": self.source,
+            "magnifications": [m.name for m in o.mags],
+            "tile_px": dict(o.sizes),
+            "min_tissue": o.min_tissue,
+        }
+        if self.encoded:
+            out.update(image_format=o.fmt, quality=o.quality)
+        return out
+
+
+@dataclass(frozen=True)
+class TilePlan(RegionGrid):
+    """The sharding planner's region grid of one slide, with the thumbnail the heatmap is drawn
+    on."""
+
     thumbnail: np.ndarray  # (th, tw, 3) uint8
     thumb_scale: float  # level-0 pixels per thumbnail pixel (x)
 
 
-def plan_tiles(
-    slide: Any,
-    path: str,
-    mag: Any,
-    tile_px: int,
-    *,
-    min_tissue: float = DEFAULT_MIN_TISSUE,
-    mpp: float | None = None,
-) -> TilePlan:
-    """Steps 1-3 of :mod:`resdistill.eval.predict` for an open OpenSlide ``slide``.
+def tile_px_of(model: LoadedModel) -> int:
+    """The tile size ``model`` was trained on; :class:`CheckpointError` when its card lacks it
+    (a slide cannot be tiled without it)."""
+    if not model.tile_px:
+        raise CheckpointError(
+            f"{model.url}: the checkpoint does not record tile_px, needed to tile a slide"
+        )
+    return int(model.tile_px)
+
+
+def chain_of(
+    model: LoadedModel, *, min_tissue: float | None = None, mpp: float | None = None
+) -> ReadChain:
+    """The read chain to predict with ``model``: its checkpoint's, else the pyramid read.
+
+    ``min_tissue`` overrides the chain's; ``mpp`` is the base mpp for slides that record none
+    (:class:`UsageError` when either is out of range). :class:`CheckpointError` for a card
+    without ``tile_px`` or a read chain that cannot have made the model's tiles (its
+    magnification missing, another tile size).
+    """
+    from sharding.magnification import Magnification
+    from sharding.options import ShardOptions
+
+    if min_tissue is not None and not 0.0 <= min_tissue <= 1.0:
+        raise UsageError(f"--min-tissue must be within 0..1, got {min_tissue}")
+    if mpp is not None and not mpp > 0:
+        raise UsageError(f"--mpp must be positive, got {mpp}")
+    px = tile_px_of(model)
+    recorded = dict(model.card.read_chain or {})
+    notes: list[str] = []
+    try:
+        if not recorded.get("magnifications"):
+            opts = ShardOptions.make(
+                [Magnification.parse(model.mag)], px,
+                min_tissue=DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue,
+                mpp_override=mpp,
+            )  # fmt: skip
+            notes.append(
+                f"{model.url}: the checkpoint records no read chain (written before checkpoints "
+                f"did): tiles are read from the slide's pyramid at {model.mag}, not encoded, "
+                f"min_tissue {opts.min_tissue:g}"
+            )
+            return ReadChain(opts, model.mag, "pyramid", tuple(notes))
+        mags = [Magnification.parse(m) for m in recorded["magnifications"]]
+        quality = recorded.get("quality")
+        if recorded.get("image_format", "jpeg") == "jpeg" and quality is None:
+            notes.append(
+                f"{model.url}: the read chain does not record the JPEG quality (a dataset "
+                f"sharded before it was recorded): assuming the default {DEFAULT_QUALITY}"
+            )
+        opts = ShardOptions.make(
+            mags,
+            int(recorded["tile_px"][mags[0].name]),
+            str(recorded.get("image_format", "jpeg")),
+            int(quality or DEFAULT_QUALITY),
+            float(recorded.get("min_tissue", DEFAULT_MIN_TISSUE))
+            if min_tissue is None
+            else min_tissue,
+            mpp,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{model.url}: unusable read chain {recorded} ({exc})") from None
+    if opts.sizes.get(model.mag) != px:
+        raise CheckpointError(
+            f"{model.url}: the read chain has {opts.sizes.get(model.mag)} px tiles at {model.mag} "
+            f"but the model was trained on {px} px: the checkpoint is inconsistent"
+        )
+    return ReadChain(opts, model.mag, "checkpoint", tuple(notes))
+
+
+def plan_tiles(slide: Any, path: str, chain: ReadChain) -> TilePlan:
+    """Step 1 of the module docstring for an open OpenSlide ``slide``: the sharding planner's
+    :class:`sharding.regions.RegionGrid` with the slide's thumbnail.
 
     Raises :class:`sharding.slide.SlideError` (one line) for a slide without mpp, a magnification
     above the slide's, a slide smaller than one region, or a slide without tissue.
     """
-    from sharding.magnification import Magnification
-    from sharding.slide import SlideError, check_magnification, slide_info
-    from sharding.tissue import TissueMask, grid, region_size0, thumbnail, tissue_mask
+    from sharding.regions import plan_regions
 
-    info = slide_info(slide, path, mpp)
-    magnification = Magnification.parse(mag)
-    check_magnification(info, magnification)
-    size0 = region_size0(info, magnification.mpp, tile_px)
-    try:
-        thumb, scale = thumbnail(slide, info)
-    except Exception as exc:  # OpenSlide raises on a truncated level
-        raise SlideError(
-            f"{path}: reading the slide failed ({exc}); the file may be truncated: copy it again"
-        ) from None
-    found = tissue_mask(thumb)
-    mask = TissueMask(mask=found.mask, scale=scale, threshold=found.threshold)
-    xs, ys = grid(info.width, info.height, size0)
-    if xs.size == 0:
-        raise SlideError(
-            f"{path}: the slide ({info.width}x{info.height} px) is smaller than one "
-            f"{tile_px} px tile at {magnification} ({size0} px at level 0)"
-        )
-    frac = mask.fractions(xs, ys, size0)
-    keep = frac >= min_tissue
-    if not keep.any():
-        raise SlideError(
-            f"{path}: no region has a tissue fraction >= {min_tissue:g} (best {frac.max():.2f}): "
-            "check the slide is not blank, or lower --min-tissue"
-        )
+    found = plan_regions(slide, path, chain.opts)
+    # the heatmap is drawn on the thumbnail the tissue detector saw (one thumbnail read)
+    thumb, scale = found.mask.thumb, found.mask.scale
     return TilePlan(
-        info=info,
-        size0=size0,
-        rows=info.height // size0,
-        cols=info.width // size0,
-        xs=xs,
-        ys=ys,
-        tissue=frac,
-        keep=keep,
+        **{f.name: getattr(found, f.name) for f in fields(found)},
         thumbnail=thumb,
         thumb_scale=float(scale),
     )
+
+
+def read_tiles(slide: Any, plan: TilePlan, chain: ReadChain, cells: Sequence[int]) -> np.ndarray:
+    """Step 2 of the module docstring: the model's input tiles of grid ``cells`` of ``plan``, as
+    ``(len(cells), tile_px, tile_px, 3)`` uint8 RGB. :class:`sharding.slide.SlideError` when a
+    region cannot be read."""
+    from resdistill.data import decode_image
+    from sharding.extract import encode
+    from sharding.slide import SlideError, downsample, read_region_at
+
+    opts = chain.opts
+    top_px = opts.sizes[opts.mags[0].name]
+    out = np.empty((len(cells), chain.tile_px, chain.tile_px, 3), dtype=np.uint8)
+    for n, i in enumerate(cells):
+        x, y = int(plan.xs[i]), int(plan.ys[i])
+        try:
+            top = read_region_at(slide, plan.info, x, y, plan.size0, top_px)
+        except Exception as exc:
+            raise SlideError(
+                f"{plan.info.path}: reading the region at ({x}, {y}) failed ({exc}); the file may "
+                "be truncated: copy it again"
+            ) from None
+        img = downsample(top, chain.tile_px)
+        if chain.encoded:
+            out[n] = decode_image(encode(img, opts)).permute(1, 2, 0).numpy()
+        else:
+            out[n] = np.asarray(img, dtype=np.uint8)
+    return out
