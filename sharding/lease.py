@@ -154,12 +154,14 @@ class Lease:
             f"{self.stale_after_s / 60:g} min old, or delete {self.store.child_url(LEASE)} now"
         )
 
-    def _take_over(self) -> str:
+    def _take_over(self) -> str | None:
+        """Take a stale lease over (see the module docstring); a note saying whose, or None when
+        the lease was released meanwhile and created afresh."""
         try:
             holder = Holder.parse(self.store.read_bytes(LEASE))
         except FileNotFoundError:  # released meanwhile: try once more from the start
             if self.store.create_exclusive(LEASE, self.me.to_bytes()):
-                return ""
+                return None
             holder = Holder.parse(self.store.read_bytes(LEASE))
         reason = holder.stale_reason(self.stale_after_s) if holder else None
         if holder is None or reason is None:
