@@ -1,15 +1,19 @@
 """Slide labels from a CSV and the split of slides into train / val / test / unlabeled.
 
 The CSV has a header with ``slide`` and ``label`` columns and an optional ``patient`` column.
-``slide`` is the slide's file stem (``CMU-1`` for ``CMU-1.svs``) or its slide id. Splits are drawn
-by patient when patients are given (else by slide), never by tile, stratified by label, and are
-deterministic for a seed: no patient and no slide contributes to two splits.
+``slide`` is the slide's file stem (``CMU-1`` for ``CMU-1.svs``) or its slide id. A row with a
+patient and no label (``slide,,patient``) names the patient of an unlabelled slide. Splits are
+drawn by patient when patients are given (else by slide), never by tile, stratified by label, and
+are deterministic for a seed: no patient and no slide contributes to two splits. An unlabelled
+slide follows its patient into that patient's split, so no image of a val/test patient reaches
+training through the ``unlabeled`` split.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +27,8 @@ class LabelsError(Exception):
 @dataclass
 class Labels:
     """Parsed labels: per slide id its label and patient, plus one problem line per bad row.
+
+    ``patient`` also holds unlabelled slides (rows ``slide,,patient``); ``label`` only labelled ones.
 
     ``skip`` holds slide ids that appear in the CSV but must not be sharded (empty, unknown or
     conflicting label), each with the reason.
@@ -91,10 +97,13 @@ def read_labels(
             out.skip[sid] = f"listed twice in {path.name}"
             continue
         seen[sid] = lineno
+        if not label and patient:  # an unlabelled slide whose patient is known
+            out.patient[sid] = patient
+            continue
         if not label:
             out.problems.append(
-                f"{path}:{lineno}: slide {name!r} has an empty label: give its class, or drop the "
-                "row to shard it as unlabeled; the slide is skipped until then"
+                f"{path}:{lineno}: slide {name!r} has an empty label: give its class or its "
+                "patient, or drop the row to shard it as unlabeled; the slide is skipped until then"
             )
             out.skip[sid] = f"empty label in {path.name}"
             continue
@@ -171,3 +180,16 @@ def assign_splits(
         for s in groups[gid]:
             out[s] = LABELLED_SPLITS[pick]
     return out
+
+
+def patient_splits(
+    split_of: dict[str, str], patients: dict[str, str], slides: Iterable[str]
+) -> dict[str, str]:
+    """The split of each of ``slides`` (unlabelled ones) whose patient has a slide in ``split_of``.
+
+    A patient's labelled slides share one split (:func:`assign_splits`); its unlabelled slides
+    join it. Slides without a patient, or whose patient has no labelled slide, are left out
+    (they go to ``unlabeled``: no val/test patient can be reached through them).
+    """
+    by_patient = {patients[s]: split for s, split in split_of.items() if s in patients}
+    return {s: by_patient[patients[s]] for s in slides if patients.get(s) in by_patient}

@@ -21,8 +21,10 @@ from __future__ import annotations
 import re
 
 #: Splits, in the order they are reported. Labelled slides go to train/val/test (by slide, or by
-#: patient when given); slides with no label go to ``unlabeled`` (used by distillation only). A
-#: labelled slide's regions that its annotations leave unlabelled stay in its split, label null.
+#: patient when given); a slide with no label goes to its patient's split when that patient has
+#: labelled slides (so no image of a test patient reaches distillation), else to ``unlabeled``
+#: (used by distillation only). A labelled slide's regions that its annotations leave
+#: unlabelled stay in its split, label null.
 SPLITS = ("train", "val", "test", "unlabeled")
 LABELLED_SPLITS = SPLITS[:3]
 

@@ -5,15 +5,17 @@ The driver:
 1. finds the slides (files, or folders scanned for OpenSlide suffixes) and their ids, reads the
    labels CSV and the region annotations (:mod:`sharding.annotation_set`), and assigns splits by
    patient / slide, stratified on each slide's label: its CSV row, else its annotations' majority
-   class (earlier assignments are kept on resume);
-2. reconciles the output: a shard without its index fragment (an interrupted publish) is deleted,
+   class (earlier assignments are kept on resume); an unlabelled slide with a patient joins
+   that patient's split (see :func:`sharding.labels.patient_splits`);
+2. takes the output's exclusive lease (:mod:`sharding.lease`), held until the run ends, and
+   reconciles the output: a shard without its index fragment (an interrupted publish) is deleted,
    and so is a fragment without its shard; the published samples of each slide are counted;
 3. plans every unfinished slide as a Ray task (open, base mpp, tissue mask, region grid, and the
    regions its annotations keep and label, see :mod:`sharding.region_labels`), records
    its expected sample count in ``_state/slides/<id>.json``, and queues its remaining regions in
    chunks, interleaved round-robin across slides so that shards mix slides;
 4. runs chunk tasks on Ray with a bounded number in flight (memory stays bounded whatever the
-   slide size), feeding each split's :class:`ShardWriter`;
+   slide size), feeding each split's :class:`ShardWriter` (:mod:`sharding.scheduler`);
 5. rebuilds ``manifest.parquet`` and ``dataset.json`` from all fragments and publishes them last.
 
 A slide is finished when its published samples number its planned regions; a rerun skips it.
@@ -26,21 +28,21 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from .annotation_set import AnnotationSet, AnnotationSetError, read_annotation_set
-from .executors import cluster_cpus, make_executor
-from .extract import SlideJob, SlidePlan, extract_chunk, plan_slide
+from .executors import make_executor
+from .extract import SlideJob
 from .inputs import find_slides
-from .labels import Labels, LabelsError, assign_splits, read_labels
+from .labels import Labels, LabelsError, assign_splits, patient_splits, read_labels
 from .layout import DATASET_JSON, MANIFEST, SPLITS
+from .lease import Lease, LeaseHeld, LeaseLost
 from .manifest import combine, dataset_description, manifest_bytes
 from .options import AnnotationOptions, ShardOptions, parse_size
-from .qc import write_qc
+from .report import ShardReport, SplitCount
+from .scheduler import drive
 from .shardwriter import ShardWriter
-from .slide import SlideError
 from .state import (
     CONFIG,
     SCRATCH_PREFIX,
@@ -49,10 +51,11 @@ from .state import (
     published_keys,
     read_json,
     reconcile,
-    record_plan,
+    resume_identity,
+    settings_differ,
     slide_record,
 )
-from .storage import Storage, open_storage
+from .storage import open_storage
 
 __all__ = ["SCRATCH_PREFIX", "ShardError", "ShardReport", "find_slides", "run_shard"]
 
@@ -62,40 +65,6 @@ CHUNK_REGIONS = 32
 
 class ShardError(Exception):
     """The run as a whole cannot proceed (bad options, unusable labels, mismatched output)."""
-
-
-@dataclass
-class SplitCount:
-    slides: int = 0
-    samples: int = 0
-    shards: int = 0
-
-
-@dataclass
-class ShardReport:
-    """What a run did; ``ok`` is False when any slide, label row or annotation had a problem."""
-
-    url: str
-    counts: dict[str, SplitCount] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)  # slide path or id -> reason
-    problems: list[str] = field(default_factory=list)  # one line each (labels CSV rows ...)
-    done_before: int = 0  # slides already finished by an earlier run
-    new_samples: int = 0
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.skipped and not self.problems
-
-    @property
-    def tiles_per_s(self) -> float:
-        return self.new_samples / self.seconds if self.seconds > 0 else 0.0
-
-    def drop(self, found: dict[str, str], problems: list[str], skip: dict[str, str]) -> None:
-        """Record an input check's problem lines and take the slides it skips out of ``found``."""
-        self.problems.extend(problems)
-        for sid, reason in skip.items():
-            self.skipped[found.pop(sid)] = reason
 
 
 # --------------------------------------------------------------------------- the run
@@ -168,73 +137,85 @@ def run_shard(
     slide_label = {s: c for s, c in (ann_set.majority if ann_set else {}).items() if s in found}
     slide_label.update(parsed.label)
 
-    if overwrite:
-        clear_output(store)
-    config = {**opts.identity(), "splits": list(splits), "seed": seed}
-    if annotations is not None:
-        config["annotations"] = annotations.identity()
-    previous = read_json(store, CONFIG)
-    if previous is not None and previous != config:
-        differ = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
-        raise ShardError(
-            f"{store.url} holds a dataset written with other settings ({', '.join(differ)}): "
-            "pass --overwrite to replace it, or choose another --out"
-        )
-    if previous is None:
-        store.write_bytes(CONFIG, json.dumps(config, indent=1, sort_keys=True).encode())
-
-    tables, next_index = reconcile(store)
-    published = published_keys(tables)
-    records = {sid: slide_record(store, sid) for sid in found}
-    fixed = {sid: r["split"] for sid, r in records.items() if r}
-    split_of = assign_splits(slide_label, parsed.patient, tuple(splits), seed, fixed)
-    jobs = _jobs(found, slide_label, split_of, parsed, ann_set, records, published, report)
-
-    mag_names = [m.name for m in opts.mags]
-    scratch = make_scratch()
-    writers = {
-        s: ShardWriter(store, s, next_index[s], target, mag_names, scratch=scratch, seed=seed)
-        for s in SPLITS
-    }
-    executor = make_executor(address, workers, resources)
-    finished = False
+    lease = Lease(store)
     try:
-        _drive(
-            jobs, (opts, annotations), executor, writers, store, published, report, progress,
-            chunk_regions,
-        )  # fmt: skip
-        for w in writers.values():
-            w.close()
-        finished = True
-    finally:
-        if not finished:
-            for w in writers.values():
-                w.abort()
-        executor.shutdown()
-        shutil.rmtree(scratch, ignore_errors=True)
+        note = lease.acquire()
+    except LeaseHeld as exc:
+        raise ShardError(str(exc)) from None
+    with lease:
+        if note:
+            report.notes.append(note)
+        if overwrite:
+            clear_output(store)
+        config = resume_identity(opts, splits, seed, annotations)
+        previous = read_json(store, CONFIG)
+        differ = settings_differ(previous, config)
+        if differ:
+            raise ShardError(
+                f"{store.url} holds a dataset written with other settings ({', '.join(differ)}): "
+                "pass --overwrite to replace it, or choose another --out"
+            )
+        if previous is None:
+            store.write_bytes(CONFIG, json.dumps(config, indent=1, sort_keys=True).encode())
 
-    tables, _ = reconcile(store)
-    table = combine([t for ts in tables.values() for t in ts], mag_names)
-    class_names = sorted(set(classes or []) | {c for c in table.column("label").to_pylist() if c})
-    desc = dataset_description(
-        table,
-        mags=[(m.name, round(m.mpp, 6)) for m in opts.mags],
-        tile_px=dict(opts.sizes),
-        image_format=opts.fmt,
-        quality=opts.quality,
-        classes=class_names,
-        splits=dict(zip(("train", "val", "test"), splits, strict=True)),
-        seed=seed,
-        min_tissue=min_tissue,
-        tool=TOOL,
-        annotations=ann_set.describe(annotations) if ann_set else None,
-    )
-    store.write_bytes(MANIFEST, manifest_bytes(table))
-    store.write_bytes(DATASET_JSON, json.dumps(desc, indent=1).encode())
-    for split, c in desc["counts"].items():
-        report.counts[split] = SplitCount(
-            slides=c["slides"], samples=c["samples"], shards=c["shards"]
+        tables, next_index = reconcile(store)
+        published = published_keys(tables)
+        records = {sid: slide_record(store, sid) for sid in found}
+        fixed = {sid: r["split"] for sid, r in records.items() if r}
+        split_of = assign_splits(slide_label, parsed.patient, tuple(splits), seed, fixed)
+        # An unlabelled slide of a patient goes where the patient went, never to `unlabeled`.
+        split_of.update(patient_splits(split_of, parsed.patient, set(found) - set(slide_label)))
+        jobs = _jobs(found, slide_label, split_of, parsed, ann_set, records, published, report)
+
+        mag_names = [m.name for m in opts.mags]
+        scratch = make_scratch()
+        writers = {
+            s: ShardWriter(store, s, next_index[s], target, mag_names, scratch=scratch, seed=seed)
+            for s in SPLITS
+        }
+        executor = make_executor(address, workers, resources)
+        finished = False
+        try:
+            drive(
+                jobs, (opts, annotations), executor, writers, store, published, report, progress,
+                chunk_regions, lease.check,
+            )  # fmt: skip
+            for w in writers.values():
+                w.close()
+            finished = True
+        except LeaseLost as exc:
+            raise ShardError(str(exc)) from None
+        finally:
+            if not finished:
+                for w in writers.values():
+                    w.abort()
+            executor.shutdown()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+        tables, _ = reconcile(store)
+        table = combine([t for ts in tables.values() for t in ts], mag_names)
+        class_names = sorted(
+            set(classes or []) | {c for c in table.column("label").to_pylist() if c}
         )
+        desc = dataset_description(
+            table,
+            mags=[(m.name, round(m.mpp, 6)) for m in opts.mags],
+            tile_px=dict(opts.sizes),
+            image_format=opts.fmt,
+            quality=opts.quality,
+            classes=class_names,
+            splits=dict(zip(("train", "val", "test"), splits, strict=True)),
+            seed=seed,
+            min_tissue=min_tissue,
+            tool=TOOL,
+            annotations=ann_set.describe(annotations) if ann_set else None,
+        )
+        store.write_bytes(MANIFEST, manifest_bytes(table))
+        store.write_bytes(DATASET_JSON, json.dumps(desc, indent=1).encode())
+        for split, c in desc["counts"].items():
+            report.counts[split] = SplitCount(
+                slides=c["slides"], samples=c["samples"], shards=c["shards"]
+            )
     report.seconds = time.monotonic() - started
     return report
 
@@ -254,13 +235,13 @@ def _jobs(
     jobs: list[SlideJob] = []
     for sid, path in sorted(found.items()):
         label = slide_label.get(sid)
-        split = split_of.get(sid, "unlabeled") if label else "unlabeled"
+        split = split_of.get(sid, "unlabeled")
         ref = ann_set.refs.get(sid) if ann_set else None
         rec = records.get(sid)
         if rec and rec.get("split") != split:
             report.problems.append(
-                f"{path}: was sharded into {rec['split']!r} by an earlier run but its label now puts "
-                f"it in {split!r}: pass --overwrite to re-split; the slide is skipped"
+                f"{path}: was sharded into {rec['split']!r} by an earlier run but its label or patient "
+                f"now puts it in {split!r}: pass --overwrite to re-split; the slide is skipped"
             )
             report.skipped[path] = "label changed since the earlier run"
             continue
@@ -276,111 +257,3 @@ def _jobs(
             continue
         jobs.append(SlideJob(path, sid, split, label, parsed.patient.get(sid), annotation=ref))
     return jobs
-
-
-def _drive(
-    jobs: list[SlideJob],
-    settings: tuple[ShardOptions, AnnotationOptions | None],
-    executor,
-    writers: dict[str, ShardWriter],
-    store: Storage,
-    published: dict[str, set[str]],
-    report: ShardReport,
-    progress: bool,
-    chunk_regions: int,
-) -> None:
-    """Plan slides, then keep a bounded window of chunk tasks running until every slide is done."""
-    from .progress import ShardProgress
-
-    opts, ann_opts = settings
-    window = max(2, 2 * cluster_cpus(executor))
-    pending_plans = deque(jobs)
-    in_flight: dict = {}  # handle -> ("plan", job) | ("chunk", job, n)
-    chunk_queues: deque = deque()  # per-slide deques of chunks, served round-robin
-    remaining: dict[str, int] = {}
-    failed: set[str] = set()
-    with ShardProgress(len(jobs), enabled=progress) as bar:
-
-        def fill() -> None:
-            while len(in_flight) < window and (pending_plans or chunk_queues):
-                # Plans first while few chunks wait, so that many slides are interleaved.
-                if pending_plans and len(chunk_queues) < window:
-                    job = pending_plans.popleft()
-                    in_flight[executor.submit(plan_slide, job, opts, ann_opts)] = ("plan", job)
-                    continue
-                if not chunk_queues:
-                    break
-                job, plan, chunks = chunk_queues.popleft()
-                regions = chunks.popleft()
-                if chunks:
-                    chunk_queues.append((job, plan, chunks))
-                handle = executor.submit(
-                    extract_chunk, job, plan.base_mpp, plan.size0, regions, opts
-                )
-                in_flight[handle] = ("chunk", job, len(regions))
-
-        fill()
-        while in_flight:
-            done, _ = executor.wait(list(in_flight))
-            handle = done[0]
-            kind, job, *rest = in_flight.pop(handle)
-            try:
-                value = executor.result(handle)
-            except SlideError as exc:
-                _fail(job, str(exc), report, failed, chunk_queues, bar)
-                fill()
-                continue
-            except Exception as exc:  # a worker died, OpenSlide crashed: report, go on
-                _fail(
-                    job,
-                    f"{job.path}: {type(exc).__name__}: {exc}",
-                    report,
-                    failed,
-                    chunk_queues,
-                    bar,
-                )
-                fill()
-                continue
-            if job.slide in failed:
-                fill()
-                continue
-            if kind == "plan":
-                plan: SlidePlan = value
-                record_plan(store, plan)
-                write_qc(store, job.slide, plan.qc)
-                report.problems.extend(plan.problems)
-                todo = plan.regions(published.get(job.slide, set()))
-                if not todo:
-                    bar.slide_done()
-                else:
-                    chunks = deque(
-                        todo[i : i + chunk_regions] for i in range(0, len(todo), chunk_regions)
-                    )
-                    remaining[job.slide] = len(chunks)
-                    chunk_queues.append((job, plan, chunks))
-                    bar.add_tiles_total(len(todo))
-            else:
-                for sample in value:
-                    writers[job.split].add(sample)
-                report.new_samples += len(value)
-                bar.tiles(len(value))
-                remaining[job.slide] -= 1
-                if remaining[job.slide] == 0:
-                    bar.slide_done()
-            fill()
-
-
-def _fail(
-    job: SlideJob, message: str, report: ShardReport, failed: set, chunk_queues: deque, bar
-) -> None:
-    if job.slide in failed:
-        return
-    failed.add(job.slide)
-    report.skipped[job.path] = (
-        message.split(": ", 1)[1] if message.startswith(job.path) else message
-    )
-    report.problems.append(message)
-    for entry in list(chunk_queues):
-        if entry[0].slide == job.slide:
-            chunk_queues.remove(entry)
-    bar.slide_failed(message)

@@ -1,10 +1,12 @@
 """One Ray start-up policy for every driver of the project (sharding, training, tuning).
 
 :func:`ray_init` connects to ``address`` when given, else to the cluster of a submitted job
-(``RAY_ADDRESS``), else starts a local Ray bound to 127.0.0.1. The standard AWS variables of the
-driver (endpoint, region, credentials; :data:`AWS_ENV_FORWARD`) travel to every task and actor of
-the job through its ``runtime_env``, so workers read and write ``s3://`` exactly as the driver
-does. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set first: with it Ray (and the DDP rendezvous
+(``RAY_ADDRESS``), else starts a local Ray bound to 127.0.0.1. The driver's non-secret AWS
+settings (endpoint, region, profile name, config file paths; :data:`AWS_ENV_FORWARD`) travel to
+every task and actor of the job through its ``runtime_env``, so workers reach the same ``s3://``
+endpoint as the driver. Credentials never do (the dashboard shows a job's runtime_env): each
+node authenticates with its own chain (instance role, environment of ``ray start``, its
+``~/.aws`` files or the forwarded profile). ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set first: with it Ray (and the DDP rendezvous
 address Ray Train picks) stays on the node's IP, 127.0.0.1 locally, instead of any interface.
 """
 
@@ -15,13 +17,12 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-#: AWS variables forwarded from the driver to the job's workers (the standard chain, nothing else).
+#: AWS settings forwarded from the driver to the job's workers: where S3 is and which profile or
+#: config files to read, never a secret (a job's runtime_env is shown by the dashboard and the
+#: State API). Workers authenticate with their node's own credential chain.
 AWS_ENV_FORWARD = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_PROFILE",
@@ -30,12 +31,15 @@ AWS_ENV_FORWARD = (
     "AWS_EC2_METADATA_DISABLED",
 )
 
+#: Credentials that never travel in a runtime_env.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
 _STARTED_LOCAL = False
 
 
 def forwarded_env(keys: Sequence[str] = AWS_ENV_FORWARD) -> dict[str, str]:
-    """The variables of ``keys`` set in this process (values never printed)."""
-    return {k: os.environ[k] for k in keys if os.environ.get(k)}
+    """The variables of ``keys`` set in this process, secrets (:data:`SECRET_ENV`) never."""
+    return {k: os.environ[k] for k in keys if os.environ.get(k) and k not in SECRET_ENV}
 
 
 def free_local_port() -> int:
@@ -58,8 +62,8 @@ def ray_init(
     ``address`` if given, else the job's cluster (``RAY_ADDRESS``), else a local Ray on
     127.0.0.1 with ``num_cpus`` CPUs (default: all) and, with ``dashboard``, its dashboard (the
     State API, which Ray Train's placement-group cleaner polls) on a free loopback port.
-    With ``forward_env`` the AWS variables set here become the job's ``runtime_env`` env vars; on
-    a cluster whose nodes have their own credentials (instance roles), leave them unset here.
+    With ``forward_env`` the AWS settings set here (never credentials) become the job's
+    ``runtime_env`` env vars.
     When Ray is already initialised in this process it is kept if its job already carries these
     variables (and ``address``, when given, is the cluster it is connected to); otherwise this
     driver disconnects and connects again with them.

@@ -7,7 +7,9 @@ Contract (DESIGN.md, "Magnification"):
   of them the slide is refused with :class:`SlideError`, never guessed.
 * A magnification is read from the best pyramid level at or above it (the level with the largest
   downsample that is still <= the wanted one) and resized with an anti-aliasing filter; a
-  magnification above the slide's base is refused, never upsampled.
+  magnification above the slide's base is refused, never upsampled. A level downsample within
+  ``LEVEL_TOLERANCE`` of a whole number counts as that number.
+* Pixels must be square (``mpp-x`` and ``mpp-y`` within 1%); an anisotropic slide is refused.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from .slide_files import SLIDE_SUFFIXES as SLIDE_SUFFIXES  # re-exported: the sl
 from .slide_files import SlideError
 
 #: Levels whose downsample exceeds the wanted one by less than this factor still count as "at or
-#: above" the magnification (vendors store e.g. 4.000244 for a 4x level).
+#: above" the magnification (vendors store e.g. 4.000244 for a 4x level), and a downsample within
+#: this factor of a whole number is that number (3.9995 is 4: a level whose size was rounded).
 LEVEL_TOLERANCE = 1e-3
+#: Pixels whose width and height in microns differ by more than this fraction are not square.
+ANISOTROPY_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -99,9 +104,32 @@ def open_slide(path: str | Path):
         ) from None
 
 
+def anisotropy(props: dict) -> tuple[float, float] | None:
+    """``(mpp_x, mpp_y)`` when the slide's pixels are not square (they differ by more than
+    :data:`ANISOTROPY_TOLERANCE`), else None; from ``openslide.mpp-x/-y``, else the TIFF
+    resolution tags."""
+    mx, my = _float(props, "openslide.mpp-x"), _float(props, "openslide.mpp-y")
+    if not (mx and my):
+        xres, yres = _float(props, "tiff.XResolution"), _float(props, "tiff.YResolution")
+        if not (xres and yres):
+            return None
+        per_unit_um = {"centimeter": 1e4, "inch": 25400.0}.get(props.get("tiff.ResolutionUnit"), 1)
+        mx, my = per_unit_um / xres, per_unit_um / yres
+    return (mx, my) if abs(mx / my - 1) > ANISOTROPY_TOLERANCE else None
+
+
 def slide_info(slide, path: str, mpp_override: float | None = None) -> SlideInfo:
-    """Describe an open slide, refusing one whose microns per pixel cannot be known."""
-    found = base_mpp_from_properties(dict(slide.properties), mpp_override)
+    """Describe an open slide, refusing one whose microns per pixel cannot be known or whose
+    pixels are not square (its tiles would be stretched: a square tile would not be a square
+    region of tissue)."""
+    props = dict(slide.properties)
+    stretched = anisotropy(props)
+    if stretched is not None:
+        raise SlideError(
+            f"{path}: anisotropic pixels (mpp-x {stretched[0]:.4g} um, mpp-y {stretched[1]:.4g} "
+            "um): resdistill cuts square regions only; resample the slide to square pixels"
+        )
+    found = base_mpp_from_properties(props, mpp_override)
     if found is None:
         raise SlideError(
             f"{path}: the slide records neither microns per pixel nor objective power: pass --mpp "
@@ -118,6 +146,13 @@ def slide_info(slide, path: str, mpp_override: float | None = None) -> SlideInfo
         level_dimensions=tuple((int(w), int(h)) for w, h in slide.level_dimensions),
         vendor=slide.properties.get("openslide.vendor"),
     )
+
+
+def exact_downsample(ds: float) -> float:
+    """A level's downsample, snapped to the nearest whole number when within LEVEL_TOLERANCE of it
+    (level sizes are rounded, so a 4x level of an odd-sized slide reports 3.9995 or 4.0004)."""
+    whole = round(ds)
+    return float(whole) if whole >= 1 and abs(ds - whole) <= LEVEL_TOLERANCE * ds else ds
 
 
 def best_level(downsamples: tuple[float, ...], wanted: float) -> int:
@@ -168,7 +203,7 @@ def read_level(info: SlideInfo, size0: int, out_px: int) -> tuple[int, int]:
     level-0 pixels per output pixel) and the square it holds the region in, never under
     ``out_px``: ``read_px = max(out_px, ceil(size0 / downsample[level]))``."""
     level = best_level(info.level_downsamples, size0 / out_px)
-    ds = info.level_downsamples[level]
+    ds = exact_downsample(info.level_downsamples[level])
     return level, max(out_px, int(math.ceil(size0 / ds - 1e-6)))
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from .extract import SlidePlan
 from .layout import DATASET_JSON, MANIFEST, SHARD_PREFIX, SPLITS, STATE_DIR
+from .lease import LEASE_PREFIX
 from .manifest import read_parquet_bytes
+from .options import AnnotationOptions, ShardOptions
 from .shardwriter import fragment_name
 from .storage import Storage
 
@@ -24,6 +26,29 @@ CONFIG = f"{STATE_DIR}/config.json"
 #: Local scratch folders are named ``<prefix><pid>-<random>`` so a later run can tell which ones a
 #: killed run left behind.
 SCRATCH_PREFIX = "resdistill-shard-"
+
+
+def resume_identity(
+    opts: ShardOptions,
+    splits: tuple[float, float, float],
+    seed: int,
+    annotations: AnnotationOptions | None,
+) -> dict:
+    """The settings a resumed run must share with the run that began the output: how regions are
+    cut and encoded, ``--mpp`` (the base of every slide that records none), splits, seed and the
+    annotation options."""
+    config = {**opts.identity(), "mpp": opts.mpp_override, "splits": list(splits), "seed": seed}
+    if annotations is not None:
+        config["annotations"] = annotations.identity()
+    return config
+
+
+def settings_differ(previous: dict | None, config: dict) -> list[str]:
+    """Names of the settings that differ from those recorded; a setting an older output did not
+    record counts as unset (None)."""
+    if previous is None:
+        return []
+    return sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
 
 
 def read_json(store: Storage, rel: str) -> dict | None:
@@ -80,9 +105,11 @@ def published_keys(tables: dict[str, list]) -> dict[str, set[str]]:
 
 
 def clear_output(store: Storage) -> None:
-    """--overwrite: remove what an earlier run wrote here (and nothing else)."""
+    """--overwrite: remove what an earlier run wrote here (and nothing else; the lease stays)."""
     for name in store.list():
         top = name.split("/")[0]
+        if name.startswith(LEASE_PREFIX):
+            continue
         if (
             name in (DATASET_JSON, MANIFEST)
             or top == STATE_DIR

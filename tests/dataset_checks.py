@@ -68,7 +68,10 @@ def verify_dataset(url: str, check_pixels: bool = True) -> dict:
             # annotations may leave regions of a labelled slide unlabelled, never label others
             assert meta["label"] is None or meta["split"] != "unlabeled"
         else:
-            assert (meta["label"] is None) == (meta["split"] == "unlabeled")
+            # a labelled slide never lands in `unlabeled`; an unlabelled one leaves it only to
+            # follow its patient into that patient's split
+            assert meta["label"] is None or meta["split"] != "unlabeled"
+            assert meta["label"] is not None or meta["split"] == "unlabeled" or row["patient"]
             assert meta["label_source"] == (None if meta["label"] is None else "slide")
         assert set(meta["mpp"]) == set(mags)
         images = {}
@@ -95,6 +98,11 @@ def verify_dataset(url: str, check_pixels: bool = True) -> dict:
     for r in rows:
         slides_in.setdefault(r["slide"], set()).add(r["split"])
     assert all(len(v) == 1 for v in slides_in.values()), "a slide contributes to two splits"
+    patients_in: dict[str, set] = {}
+    for r in rows:
+        if r["patient"]:
+            patients_in.setdefault(r["patient"], set()).add(r["split"])
+    assert all(len(v) == 1 for v in patients_in.values()), "a patient contributes to two splits"
     total = sum(c["samples"] for c in desc["counts"].values())
     assert total == len(rows) == desc["samples"]
     return {

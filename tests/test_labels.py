@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from sharding.labels import LabelsError, assign_splits, read_labels
+from sharding.labels import LabelsError, assign_splits, patient_splits, read_labels
 
 
 def write(tmp_path, text, name="labels.csv"):
@@ -83,3 +83,21 @@ def test_small_counts():
     assert set(assign_splits({"s1": "a"}, {}, (0.7, 0.15, 0.15)).values()) == {"train"}
     three = assign_splits({"s1": "a", "s2": "a", "s3": "a"}, {}, (0.7, 0.15, 0.15))
     assert sorted(three.values()) == ["test", "train", "val"]
+
+
+def test_patient_without_label(tmp_path):
+    """``slide,,patient`` names the patient of an unlabelled slide: no problem, no skip."""
+    p = write(tmp_path, "slide,label,patient\ns1,tumor,P1\ns2,,P1\ns3,,\n")
+    out = read_labels(p, {"s1", "s2", "s3"})
+    assert out.label == {"s1": "tumor"}
+    assert out.patient == {"s1": "P1", "s2": "P1"}
+    assert set(out.skip) == {"s3"} and len(out.problems) == 1  # no label and no patient
+
+
+def test_unlabelled_slides_follow_their_patient():
+    split_of = {"a": "test", "b": "train"}
+    patients = {"a": "P1", "b": "P2", "u1": "P1", "u2": "P2", "u3": "P3"}
+    assert patient_splits(split_of, patients, ["u1", "u2", "u3", "u4"]) == {
+        "u1": "test",
+        "u2": "train",
+    }

@@ -4,6 +4,7 @@ Every sample is one region of tissue at every requested magnification (highest f
 --tile-px pixels at the highest, proportionally smaller below). Output goes to a local folder or to
 s3://bucket/prefix (endpoint and credentials from the standard AWS environment, e.g.
 AWS_ENDPOINT_URL). Reruns resume: finished slides are skipped, half-written shards discarded.
+One run at a time holds an output (a lease in <out>/_state/lease.json); a second is refused.
 
 Region annotations (--annotations, QuPath GeoJSON) label each region by the class covering most of
 it, drop regions touching an ignored class, and restrict tiling to regions of interest.
@@ -48,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--labels",
-        help="CSV with columns slide,label[,patient]; slides not in it go to 'unlabeled'",
+        help="CSV with columns slide,label[,patient]; a row 'slide,,patient' puts an unlabelled "
+        "slide in its patient's split; other slides not labelled go to 'unlabeled'",
     )
     p.add_argument("--classes", help="comma list of allowed labels (rows with others are refused)")
     p.add_argument(
@@ -143,12 +145,26 @@ def _annotations(args: argparse.Namespace) -> AnnotationOptions | None:
         raise ShardError(str(exc)) from None
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (``ray job stop``, a scheduler's kill) unwinds like Ctrl-C, so the run releases
+    its lease on the output and aborts its unpublished shards."""
+    import contextlib
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals to the caller
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def run(args: argparse.Namespace) -> int:
     from sharding.labels import LabelsError
     from sharding.pipeline import ShardError, run_shard
     from sharding.progress import console, print_summary
     from sharding.storage import StorageError
 
+    _interrupt_on_sigterm()
     try:
         report = run_shard(
             args.slides,
@@ -174,5 +190,7 @@ def run(args: argparse.Namespace) -> int:
     except (ShardError, LabelsError, StorageError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     print_summary(report)
     return 0 if report.ok else 1

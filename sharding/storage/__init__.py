@@ -8,6 +8,7 @@ Contract (both backends)::
     store.exists(rel) -> bool
     store.read_bytes(rel) -> bytes         # FileNotFoundError when missing
     store.write_bytes(rel, data) -> None   # atomic: readers see the old object or the whole new one
+    store.create_exclusive(rel, data) -> bool  # create only if absent: True if this call created it
     store.put_file(rel, local_path) -> None  # atomic publish of a local file (S3: multipart when large)
     store.list(prefix="") -> list[str]     # relative paths under prefix (string prefix), sorted, recursive
     store.delete(rel) -> None              # missing is fine
@@ -18,6 +19,13 @@ Contract (both backends)::
 ``..``, absolute paths, backslashes and NUL characters raise :class:`ValueError`, so no member
 can address anything outside the root. Storage objects pickle as their URL and options only, so
 Ray and multiprocessing can ship them to workers.
+
+``create_exclusive`` is the one conditional write: of any number of concurrent calls on one
+member (from any process or host) exactly one returns True, and readers see no member or the whole
+``data``; it never replaces an existing member. Local: a hard link of a complete temp file (fails
+when the name exists). S3: ``PutObject`` with ``If-None-Match: *``; an endpoint that refuses or
+ignores the condition (checked by repeating the put, which must then fail) raises
+:class:`StorageError`, never a silent overwrite.
 
 Errors are one line: :class:`BucketNotFoundError` names the bucket and says to create it or to
 check ``AWS_ENDPOINT_URL``; :class:`StorageError` covers unreachable endpoints and missing

@@ -107,7 +107,7 @@ def arrow_filesystem(url: str | os.PathLike[str]) -> tuple[str, Any]:
     return (f"{bucket}/{prefix}" if prefix else bucket), pyarrow.fs.S3FileSystem(**kwargs)
 
 
-def _endpoint_text() -> str:
+def endpoint_text() -> str:
     """Where requests go, without any user-info part of the URL (never a secret)."""
     try:
         url = urlparse(s3_client().meta.endpoint_url)
@@ -117,7 +117,8 @@ def _endpoint_text() -> str:
     return f"{url.scheme}://{host}{':' + str(url.port) if url.port else ''}"
 
 
-def _error_code(exc: BaseException) -> str:
+def error_code(exc: BaseException) -> str:
+    """The S3 error code of a botocore ClientError (or its HTTP status), else ``""``."""
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         err = response.get("Error", {})
@@ -131,7 +132,7 @@ def _error_code(exc: BaseException) -> str:
 
 def bucket_missing(bucket: str) -> BucketNotFoundError:
     return BucketNotFoundError(
-        f"S3 bucket '{bucket}' does not exist at {_endpoint_text()}: create it "
+        f"S3 bucket '{bucket}' does not exist at {endpoint_text()}: create it "
         f"(aws s3 mb s3://{bucket}) or check AWS_ENDPOINT_URL / AWS_PROFILE"
     )
 
@@ -153,11 +154,11 @@ def translate_error(exc: BaseException, bucket: str, key: str | None) -> BaseExc
         )
     if isinstance(cause, bex.EndpointConnectionError | bex.ConnectTimeoutError):
         return StorageError(
-            f"{where}: cannot reach S3 endpoint {_endpoint_text()}; check AWS_ENDPOINT_URL"
+            f"{where}: cannot reach S3 endpoint {endpoint_text()}; check AWS_ENDPOINT_URL"
         )
     if isinstance(cause, bex.NoRegionError):
         return StorageError(f"{where}: no AWS region configured; set AWS_DEFAULT_REGION")
-    code = _error_code(cause)
+    code = error_code(cause)
     if code == "NoSuchBucket":
         return bucket_missing(bucket)
     if code in ("NoSuchKey", "404", "NotFound"):

@@ -87,6 +87,25 @@ class LocalStorage:
         view = memoryview(data)
         self._publish(self.path(rel), lambda fh: fh.write(view))
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` only if absent: a complete temp file is hard-linked to the name, which
+        fails when the name exists (atomic on local and NFS file systems alike)."""
+        dest = self.path(rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, dest)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(dest.parent)
+        return True
+
     def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
         src = Path(local_path)
         if not src.is_file():

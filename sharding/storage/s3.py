@@ -20,8 +20,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sharding.storage.aws import bucket_missing, s3_client, translate_error
-from sharding.storage.base import MIB, Storage, clean_prefix, clean_rel, is_temp_name, split_s3_url
+from sharding.storage.aws import (
+    bucket_missing,
+    endpoint_text,
+    error_code,
+    s3_client,
+    translate_error,
+)
+from sharding.storage.base import (
+    MIB,
+    Storage,
+    StorageError,
+    clean_prefix,
+    clean_rel,
+    is_temp_name,
+    split_s3_url,
+)
 
 #: Default multipart threshold / part size of ``put_file`` on S3 (bytes).
 DEFAULT_MULTIPART_THRESHOLD = 64 * MIB
@@ -173,6 +187,38 @@ class S3Storage:
             s3_client().put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
         except Exception as exc:
             raise self._fail(exc, key) from exc
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """``PutObject`` with ``If-None-Match: *``: False when the key exists (412) or another
+        conditional write to it is in flight (409). The put is repeated once after a success: an
+        endpoint that honours the condition refuses it; one that accepts it would let two runs
+        both "create" the key, so it raises :class:`StorageError` instead."""
+        key = self.key(rel)
+        if not self._put_if_absent(key, data):
+            return False
+        if self._put_if_absent(key, data):
+            raise StorageError(
+                f"{self.url}: the S3 endpoint {endpoint_text()} ignores conditional writes "
+                "(If-None-Match: *), so it cannot keep two writers apart: use an endpoint that "
+                "supports them (AWS S3 does) or a local/shared folder"
+            )
+        return True
+
+    def _put_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            s3_client().put_object(Bucket=self.bucket, Key=key, Body=bytes(data), IfNoneMatch="*")
+        except Exception as exc:
+            code = error_code(exc)
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            if code in ("NotImplemented", "501"):
+                raise StorageError(
+                    f"s3://{self.bucket}/{key}: the S3 endpoint {endpoint_text()} does not "
+                    "support conditional writes (If-None-Match: *), which locking the output "
+                    "needs: use an endpoint that does (AWS S3 does) or a local/shared folder"
+                ) from None
+            raise self._fail(exc, key) from exc
+        return True
 
     def transfer_config(self) -> Any:
         """boto3 TransferConfig of ``put_file`` (threshold, part size, threads)."""
