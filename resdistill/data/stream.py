@@ -186,7 +186,7 @@ class TileStream(IterableDataset):
             while found < task.samples:
                 try:
                     sample = next(samples, None)
-                except (tarfile.TarError, EOFError, ValueError, OSError) as exc:
+                except (tarfile.TarError, EOFError, ValueError) as exc:  # not network errors
                     detail = exc.args[0] if exc.args else type(exc).__name__
                     raise shard_error(url, f"corrupted tar ({detail})") from None
                 if sample is None:
