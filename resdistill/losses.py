@@ -204,7 +204,8 @@ class DistillLoss(nn.Module):
 
     (both weights 1 and ``T = 1`` in the reference code). ``forward`` takes only student and teacher
     outputs - there is no label argument, so labels can never influence the distillation loss.
-    A term whose weight is 0 is not computed and its inputs may be ``None``.
+    A term whose weight is 0 is not computed and its inputs may be ``None``; with
+    ``feature_weight == 0`` no channel projection is built (no parameter without a gradient).
 
     Returns ``(total, parts)`` where ``total`` is the differentiable scalar and ``parts`` maps
     ``"kd"``, ``"feature"`` (unweighted values; 0 when the term is off) and ``"total"`` to detached
@@ -230,8 +231,15 @@ class DistillLoss(nn.Module):
         self.kd_weight = float(kd_weight)
         self.feature_weight = float(feature_weight)
         self.kd = KDLoss(temperature)
+        # the feature term off: no projection, since a parameter that never gets a gradient
+        # breaks DDP (every rank waits for its reduction)
+        on = self.feature_weight > 0
         self.feature = FeatureLoss(
-            feature_mode, resize, student_channels, teacher_channels, antialias=antialias
+            feature_mode,
+            resize,
+            student_channels if on else None,
+            teacher_channels if on else None,
+            antialias=antialias,
         )
 
     def forward(

@@ -13,15 +13,14 @@ from resdistill.data import (
     DatasetInfo,
     FastColorJitter,
     PairedAugment,
-    ShardTask,
     hue_matrix,
-    key_bucket,
     make_loader,
-    plan_all_ranks,
     read_manifest,
     shard_keys,
-    split_among_workers,
+    slot_samples,
+    slot_tasks,
     steps_per_epoch,
+    workers_per_rank,
 )
 from resdistill.models import ARCHITECTURES, build_model
 from tests.fixtures_data import write_dataset
@@ -102,44 +101,52 @@ def _fake_shards(sizes: list[int]) -> dict[str, list[str]]:
 @pytest.mark.parametrize(
     "sizes", [[10], [3, 17, 6], [5, 5, 5, 5], [1, 40, 2, 9, 13], [7, 7, 7, 7, 7, 7, 7]]
 )
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_rank_plans_are_disjoint_and_cover_every_sample(sizes: list[int], world: int) -> None:
+@pytest.mark.parametrize("slots", [1, 2, 3, 4, 6])
+def test_slot_plans_are_disjoint_and_cover_every_sample(sizes: list[int], slots: int) -> None:
     shards = _fake_shards(sizes)
-    plans = plan_all_ranks(shards, world)
-    assert len(plans) == world
+    every = sorted(itertools.chain.from_iterable(shards.values()))
+    n = len(every)
     seen: list[str] = []
-    for rank, tasks in enumerate(plans):
+    for slot in range(slots):  # evaluation: every sample exactly once, ranges of N//S or N//S+1
+        tasks = slot_tasks(shards, slot, slots, draw=None)
         for task in tasks:
-            kept = [k for k in shards[task.rel] if task.keeps(k)]
-            assert len(kept) == task.samples
-            if task.modulus > 1:
-                assert task.modulus == world and task.residue == rank
-            seen += kept
-    assert sorted(seen) == sorted(itertools.chain.from_iterable(shards.values()))
-    if len(sizes) >= world:  # whole shards: each shard read by exactly one rank
-        owners = [t.rel for tasks in plans for t in tasks]
-        assert len(owners) == len(set(owners)) == len(sizes)
-        assert all(t.modulus == 1 for tasks in plans for t in tasks)
+            assert task.keys <= set(shards[task.rel])
+        got = [k for t in tasks for k in t.keys]
+        assert len(got) == slot_samples(n, slot, slots, train=False) in (n // slots, -(-n // slots))
+        seen += got
+    assert sorted(seen) == every
+    for draw in range(5):  # training: disjoint, exactly N//S per slot, a new draw per pass
+        seen = []
+        for slot in range(slots):
+            got = [k for t in slot_tasks(shards, slot, slots, draw=draw) for k in t.keys]
+            assert len(got) == n // slots == slot_samples(n, slot, slots, train=True)
+            seen += got
+        assert len(seen) == len(set(seen)) == slots * (n // slots)
 
 
-def test_greedy_plan_balances_largest_first() -> None:
-    plans = plan_all_ranks(_fake_shards([3, 17, 6]), 2)
-    totals = [sum(t.samples for t in p) for p in plans]
-    assert totals == [17, 9]
+def test_a_slot_reads_only_the_shards_its_range_touches() -> None:
+    shards = _fake_shards([50] * 8)  # 400 samples, 4 slots of 100: at most 3 shards each
+    for draw in range(10):
+        for slot in range(4):
+            tasks = slot_tasks(shards, slot, 4, draw=draw)
+            assert len(tasks) <= 3 and len({t.rel for t in tasks}) == len(tasks)
+    assert [t.rel for t in slot_tasks(shards, 1, 4, draw=None)] == [
+        "train/shard-000002.tar",
+        "train/shard-000003.tar",
+    ]
 
 
-def test_workers_split_a_ranks_tasks() -> None:
-    tasks = [ShardTask(f"t{i}", n) for i, n in enumerate([4, 9, 1])]
-    shares = split_among_workers(tasks, 2)
-    assert len(shares) == 2
-    assert sorted(t.rel for s in shares for t in s) == ["t0", "t1", "t2"]
-    assert len(split_among_workers(tasks, 8)) == 3  # never more workers than tasks
-    assert split_among_workers([], 4) == [[]]
+def test_draws_change_per_pass_and_repeat_per_seed() -> None:
+    shards = _fake_shards([30, 3])
+    first = slot_tasks(shards, 0, 2, draw=1)
+    assert first == slot_tasks(shards, 0, 2, draw=1)
+    assert any(slot_tasks(shards, 0, 2, draw=d) != first for d in range(2, 6))
 
 
-def test_key_bucket_is_stable() -> None:
-    assert key_bucket("slide_0_0", 7) == key_bucket("slide_0_0", 7)
-    assert {key_bucket(f"s_{i}_0", 3) for i in range(50)} == {0, 1, 2}
+def test_workers_per_rank() -> None:
+    assert workers_per_rank(100, 2, 4) == 4
+    assert workers_per_rank(3, 2, 4) == 1  # never a slot without a sample
+    assert workers_per_rank(1, 2, 4) == 0  # fewer samples than ranks: read in process
 
 
 def test_shard_keys_select_splits_and_labels(tiny_dataset: Path) -> None:

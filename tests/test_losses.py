@@ -216,6 +216,15 @@ def test_channel_mismatch_error_and_projection() -> None:
 
 
 # ----------------------------------------------------------------------------- DistillLoss
+def test_no_projection_without_the_feature_term() -> None:
+    """A projection the loss never uses would be a parameter without a gradient (DDP hangs on
+    it): with ``feature_weight=0`` none is built, whatever the channel counts."""
+    off = DistillLoss(feature_weight=0.0, student_channels=256, teacher_channels=512)
+    assert off.feature.projection is None and list(off.parameters()) == []
+    on = DistillLoss(feature_weight=1.0, student_channels=256, teacher_channels=512)
+    assert on.feature.projection is not None
+
+
 def test_distill_loss_is_weighted_sum() -> None:
     torch.manual_seed(7)
     s, t = torch.randn(3, 3), torch.randn(3, 3)

@@ -4,13 +4,15 @@ One place for everything a training stage reads (teacher, distillation, evaluati
 
 * :mod:`~resdistill.data.info` - :class:`DatasetInfo` (``dataset.json``), :class:`Dataset` (a
   dataset opened once: storage, info, manifest) and :func:`read_manifest`.
-* :mod:`~resdistill.data.plan` - which shards each DDP rank and each loader worker reads, taken
-  from ``manifest.parquet`` (never by listing a folder), and the equal steps per epoch.
+* :mod:`~resdistill.data.plan` - which samples each (rank, loader worker) slot reads in each pass,
+  a uniform draw per training pass, taken from ``manifest.parquet`` (never by listing a folder),
+  and the equal steps per epoch.
 * :mod:`~resdistill.data.augment` - paired augmentation (one draw for every image of a sample).
 * :mod:`~resdistill.data.stream` - :class:`TileStream`, an ``IterableDataset`` over webdataset tar
   shards that decodes only the magnifications a stage asks for, after its label filter.
 * :mod:`~resdistill.data.loader` - :class:`StreamLoader` / :func:`make_loader`: batches; in
   training mode every rank yields exactly :func:`steps_per_epoch` batches per epoch.
+* :mod:`~resdistill.data.errors` - :class:`ShardError`, a shard that cannot be read (one line).
 * :mod:`~resdistill.data.targets` - the cached teacher targets' format on storage (no torch), and
   :mod:`~resdistill.data.cached` - those targets as another source of the same loader.
 """
@@ -24,17 +26,18 @@ from .augment import (
     RandomRot90,
     hue_matrix,
 )
+from .errors import ShardError
 from .info import READ_COLUMNS, Dataset, DatasetInfo, read_manifest
 from .loader import Batch, Source, StreamLoader, collate, make_loader
 from .plan import (
     ShardTask,
     hash_seed,
-    key_bucket,
-    plan_all_ranks,
     select_labelled_slides,
     shard_keys,
-    split_among_workers,
+    slot_samples,
+    slot_tasks,
     steps_per_epoch,
+    workers_per_rank,
 )
 from .stream import TileStream, decode_image
 
@@ -49,6 +52,7 @@ __all__ = [
     "GeometricAugment",
     "PairedAugment",
     "RandomRot90",
+    "ShardError",
     "ShardTask",
     "Source",
     "StreamLoader",
@@ -57,12 +61,12 @@ __all__ = [
     "decode_image",
     "hash_seed",
     "hue_matrix",
-    "key_bucket",
     "make_loader",
-    "plan_all_ranks",
     "read_manifest",
     "select_labelled_slides",
     "shard_keys",
-    "split_among_workers",
+    "slot_samples",
+    "slot_tasks",
     "steps_per_epoch",
+    "workers_per_rank",
 ]

@@ -49,9 +49,9 @@ class CachedTargetStream(TileStream):
         self.student_mag = self.mags[0]
         self._feat = f"feat_{self.student_mag}"
 
-    def _raw_samples(self, tasks: Sequence[ShardTask], rng: Any) -> Iterator[dict]:
+    def _raw_samples(self, tasks: Sequence[ShardTask]) -> Iterator[dict]:
         current: tuple[str, dict[str, int], dict[str, Any]] | None = None
-        for sample in super()._raw_samples(tasks, rng):
+        for sample in super()._raw_samples(tasks):
             rel = sample["__shard__"]
             if current is None or current[0] != rel:
                 arrays = self.targets.read_shard(rel)

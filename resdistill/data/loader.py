@@ -2,15 +2,15 @@
 
 Equal steps. In training mode (``train=True``) every rank yields exactly ``steps`` batches per
 epoch (default :func:`resdistill.data.plan.steps_per_epoch` of the manifest's total over all
-ranks), whatever the shard sizes, so DDP never hangs: each loader worker cycles over its shards
-forever and a rank with more samples than an epoch needs leaves the rest for the next one.
-Evaluation (``train=False``) reads each sample of the rank exactly once, in shard order, without
-augmentation, and may give ranks different batch counts: do not run collectives per batch there.
+ranks), whatever the shard sizes, so DDP never hangs: each loader worker reads an endless series
+of passes, each a fresh uniform draw of equal size per worker (:mod:`resdistill.data.plan`), so
+every sample is drawn equally often. Evaluation (``train=False``) reads each sample exactly once
+over all ranks and workers, in shard order, without augmentation, and may give ranks different
+batch counts: do not run collectives per batch there.
 
-Sources. :func:`make_loader` plans the shards and builds a stream with its ``source``: a
+Sources. :func:`make_loader` selects the keys and builds a stream with its ``source``: a
 :class:`TileStream` by default, or any subclass taking the same arguments (cached teacher targets,
-:mod:`resdistill.data.cached`), so every source shares the shard plan, the equal steps and the
-seeds.
+:mod:`resdistill.data.cached`), so every source shares the plan, the equal steps and the seeds.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader
 
 from .augment import Augment
 from .info import Dataset, DatasetInfo, read_manifest
-from .plan import hash_seed, plan_all_ranks, shard_keys, steps_per_epoch
+from .plan import shard_keys, steps_per_epoch, workers_per_rank
 from .stream import TileStream
 
-#: Builds a rank's stream: ``source(info, tasks, mags, *, repeat, shuffle_buffer, augment, seed,
-#: labelled_only, labelled_slides)``, the arguments of :class:`TileStream`.
+#: Builds a rank's stream: ``source(info, shards, mags, *, repeat, rank, world_size, workers, epoch,
+#: shuffle_buffer, augment, seed, labelled_only, labelled_slides)``, the arguments of
+#: :class:`TileStream`.
 Source = Callable[..., TileStream]
 
 
@@ -151,8 +152,8 @@ def make_loader(
     ``train=True``: shuffled (buffer ``shuffle_buffer``), augmented when ``augment`` is given,
     endless source cut into ``steps`` batches per epoch (default :func:`steps_per_epoch` of the
     manifest's total over all ranks). ``train=False``: shards in order, no augmentation, one pass.
-    The stream's seed is ``hash_seed(seed, rank, epoch)``: ``epoch`` only changes the random seed
-    (pass the starting epoch when resuming). ``labelled_only`` drops samples whose label is null
+    ``epoch`` is the epoch the loader starts at (pass the starting epoch when resuming): it picks
+    the first pass's draw and the shuffles' seeds. ``labelled_only`` drops samples whose label is null
     (counts follow the manifest); ``labelled_slides`` hides the labels of every other slide (a
     label-scarce run). ``manifest`` (a pyarrow Table) saves reading it again; a :class:`Dataset`
     supplies its own. ``source`` builds the stream (see the module docstring).
@@ -169,11 +170,8 @@ def make_loader(
         manifest, splits, labelled_only=labelled_only, labelled_slides=labelled_slides
     )
     total = sum(len(v) for v in keys.values())
-    plans = plan_all_ranks(keys, world_size)
-    tasks = plans[rank]
     if train:
-        empty = [r for r, p in enumerate(plans) if not p]
-        if empty:
+        if total < world_size:
             raise ValueError(
                 f"{info.url}: split(s) {', '.join(splits)} hold {total} samples, too few to give "
                 f"each of {world_size} ranks at least one: lower --workers"
@@ -184,15 +182,19 @@ def make_loader(
         steps = None
         augment = None
         shuffle_buffer = 0
-    workers = max(0, min(num_workers, len(tasks)))
+    workers = workers_per_rank(total, world_size, num_workers)
     stream = source(
         info,
-        tasks,
+        keys,
         mags,
         repeat=train,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        epoch=epoch,
         shuffle_buffer=shuffle_buffer,
         augment=augment,
-        seed=hash_seed(seed, rank, epoch),
+        seed=seed,
         labelled_only=labelled_only,
         labelled_slides=labelled_slides,
     )

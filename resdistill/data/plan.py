@@ -1,21 +1,38 @@
-"""Which samples each DDP rank and each loader worker reads: pure functions of the manifest.
+"""Which samples each reading slot takes in each pass: pure functions of the manifest.
 
-Sharding contract. Shards are assigned to ranks whole and disjointly: shards sorted by size (then
-name) go one by one to the rank with the fewest samples so far (ties: lowest rank). When a split
-has fewer shards than ranks, every rank reads every shard and keeps the samples with
-``crc32(key) % world_size == rank`` instead (still disjoint, counts exact from the manifest). A
-rank's shards are then dealt the same way to its ``min(num_workers, len(shards))`` loader workers.
+Slots. Every loader worker of every DDP rank is one slot: ``slot = rank * W + worker`` of
+``S = world_size * W`` (``W`` loader workers per rank, the same on every rank; a rank reading in
+its own process is one slot). The keys of a split (:func:`shard_keys`, after ``labelled_only``
+and label-fraction filtering, so draws are uniform over what a run keeps) are laid end to end in
+a shard order, and each slot takes a contiguous range of that line (:func:`slot_tasks`):
+
+* Training: a new draw every pass (pass ``p`` of a loader started at epoch ``e`` uses draw seed
+  ``hash_seed(seed, "draw", e + p)``, the same on every slot): the shard order is shuffled, the
+  line rotated by a uniform offset, and every slot takes exactly ``q = N // S`` keys; the
+  ``N mod S`` keys after the last range sit the pass out. The ranges are disjoint, each key is
+  in a pass with probability ``S*q / N``, the same for all, and since every slot yields ``q``
+  samples per pass and is consumed at the same rate (equal steps per rank, DataLoader workers in
+  turn), every sample is drawn equally often, whatever the shard sizes.
+* Evaluation (``draw=None``): shards in name order, slot ``s`` takes ``[s*N//S, (s+1)*N//S)``:
+  every sample exactly once over all slots.
+
+Cost. A slot reads only the shards its range overlaps, and stops reading a shard once it has all
+its keys of it. A range of ``q`` keys touches at most ``ceil(q / shard) + 1`` shards, so one pass
+reads the data about once plus at most one extra shard per slot (a shard shared by two ranges is
+read by both, the later one skipping the other's samples undecoded): I/O per pass <= ``N + S``
+shards' worth, not ``S`` times the data as a per-sample hash over every shard would cost.
 
 Equal steps. Training takes ``steps = total_samples // (world_size * batch_size)`` batches per
-epoch on every rank (:func:`steps_per_epoch`), whatever the shard sizes, so DDP never hangs; the
-loader (:mod:`resdistill.data.loader`) cuts its endless stream into that many batches.
+epoch on every rank (:func:`steps_per_epoch`), so DDP never hangs; the loader
+(:mod:`resdistill.data.loader`) cuts its endless stream of passes into that many batches.
 
-Seeds. :func:`hash_seed` turns ``(seed, rank, epoch)`` into a stream's seed, stable across
-processes; the same parts give the same draws on every run.
+Seeds. :func:`hash_seed` turns any parts into a seed stable across processes; the same parts
+give the same draws on every run.
 """
 
 from __future__ import annotations
 
+import random
 import zlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,20 +43,17 @@ from sharding.layout import SPLITS
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard as read by one rank: all its samples, or those with ``crc32(key) % modulus == residue``."""
+    """The samples of one shard that one slot reads in one pass: exactly the keys in ``keys``."""
 
     rel: str
-    samples: int
-    modulus: int = 1
-    residue: int = 0
+    keys: frozenset[str]
+
+    @property
+    def samples(self) -> int:
+        return len(self.keys)
 
     def keeps(self, key: str) -> bool:
-        return self.modulus == 1 or key_bucket(key, self.modulus) == self.residue
-
-
-def key_bucket(key: str, modulus: int) -> int:
-    """``crc32(key.encode()) % modulus``: a stable, process-independent sample-to-rank map."""
-    return zlib.crc32(key.encode("utf-8")) % modulus
+        return key in self.keys
 
 
 def shard_keys(
@@ -94,42 +108,55 @@ def select_labelled_slides(
     return sorted(chosen)
 
 
-def _greedy(sizes: Mapping[str, int], bins: int) -> list[list[str]]:
-    """Deal items largest first to the bin with the smallest total (ties: lowest bin index)."""
-    out: list[list[str]] = [[] for _ in range(bins)]
-    totals = [0] * bins
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        i = min(range(bins), key=lambda b: (totals[b], b))
-        out[i].append(name)
-        totals[i] += sizes[name]
-    return out
+def slot_tasks(
+    shards: Mapping[str, Sequence[str]], slot: int, slots: int, *, draw: int | None
+) -> list[ShardTask]:
+    """The shard tasks of ``slot`` (of ``slots``) for one pass (see the module docstring).
+
+    ``shards`` maps each shard to its kept keys (:func:`shard_keys`). ``draw=None``: evaluation,
+    shards in name order, slot ``s`` takes positions ``[s*N//S, (s+1)*N//S)`` (every sample once).
+    Otherwise the pass's draw seed: shard order shuffled by ``random.Random(draw)``, a rotation
+    ``o = randrange(N)`` from the same generator, slot ``s`` takes the ``q = N // S`` positions
+    from ``o + s*q`` (modulo ``N``). Tasks come in reading order, one per shard.
+    """
+    if not 0 <= slot < slots:
+        raise ValueError(f"slot {slot} is not in 0..{slots - 1}")
+    order = sorted(shards)
+    n = sum(len(shards[rel]) for rel in order)
+    if n == 0:
+        return []
+    if draw is None:
+        start, stop = slot * n // slots, (slot + 1) * n // slots
+    else:
+        rng = random.Random(draw)
+        rng.shuffle(order)
+        q = n // slots
+        start = rng.randrange(n) + slot * q
+        stop = start + q
+    picked: dict[str, list[str]] = {}
+    pos = 0
+    for rel in order + order:  # twice: a range may wrap past the end
+        keys = shards[rel]
+        lo, hi = max(start, pos), min(stop, pos + len(keys))
+        if lo < hi:
+            picked.setdefault(rel, []).extend(keys[lo - pos : hi - pos])
+        pos += len(keys)
+        if pos >= stop:
+            break
+    return [ShardTask(rel, frozenset(keys)) for rel, keys in picked.items()]
 
 
-def plan_all_ranks(shards: Mapping[str, Sequence[str]], world_size: int) -> list[list[ShardTask]]:
-    """The tasks of every rank (see the module docstring); disjoint, covering every sample once."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    shards = {k: v for k, v in shards.items() if len(v)}
-    if len(shards) >= world_size:
-        dealt = _greedy({k: len(v) for k, v in shards.items()}, world_size)
-        return [[ShardTask(rel, len(shards[rel])) for rel in sorted(names)] for names in dealt]
-    plans: list[list[ShardTask]] = [[] for _ in range(world_size)]
-    for rel, keys in sorted(shards.items()):
-        per_rank = [0] * world_size
-        for key in keys:
-            per_rank[key_bucket(key, world_size)] += 1
-        for rank in range(world_size):
-            if per_rank[rank]:
-                plans[rank].append(ShardTask(rel, per_rank[rank], world_size, rank))
-    return plans
+def slot_samples(total: int, slot: int, slots: int, *, train: bool) -> int:
+    """Samples of ``slot`` in one pass: ``total // slots`` in training, else its range's size."""
+    if train:
+        return total // slots
+    return (slot + 1) * total // slots - slot * total // slots
 
 
-def split_among_workers(tasks: Sequence[ShardTask], num_workers: int) -> list[list[ShardTask]]:
-    """Deal a rank's tasks to ``min(num_workers, len(tasks))`` loader workers (greedy by size)."""
-    n = max(1, min(num_workers, len(tasks)))
-    by_name = {f"{i:08d}": t for i, t in enumerate(tasks)}
-    dealt = _greedy({k: t.samples for k, t in by_name.items()}, n)
-    return [[by_name[k] for k in sorted(names)] for names in dealt]
+def workers_per_rank(total: int, world_size: int, num_workers: int) -> int:
+    """Loader workers of every rank: ``num_workers``, fewer when the split holds under one sample
+    per slot (``total // world_size``); 0 reads in the rank's own process (one slot)."""
+    return max(0, min(num_workers, total // world_size))
 
 
 def steps_per_epoch(total_samples: int, world_size: int, batch_size: int) -> int:

@@ -1,4 +1,4 @@
-"""The samples of one rank's shard tasks, as an ``IterableDataset`` of decoded, normalised tiles.
+"""The samples of one rank, as an ``IterableDataset`` of decoded, normalised tiles.
 
 A sample yields ``(images, label, key)``: ``images`` a tuple of float tensors ``(3, H_m, W_m)``,
 one per requested magnification in the order asked, normalised as ``(x / 255 - mean_m) / std_m``
@@ -6,17 +6,19 @@ with the dataset's per-magnification statistics; ``label`` the class index in
 ``DatasetInfo.classes`` or ``-1`` for null (or hidden by a label-scarce run); ``key`` the sample
 key.
 
-Reading. Each DataLoader worker reads its own share of the rank's tasks
-(:func:`resdistill.data.plan.split_among_workers`). Only the members of the requested
-magnifications and the ``json`` member are kept from each tar, and a sample's label is read
-before any image is decoded, so samples a run drops (unlabelled ones with ``labelled_only``) are
-never decoded. In training (``repeat=True``) a worker cycles over its shards forever, in a new
-order each pass, so a rank whose shards hold fewer samples than an epoch needs repeats some
-instead of running dry.
+Reading. Loader worker ``w`` of rank ``r`` is slot ``r * W + w`` and reads, in each pass, the
+keys :func:`resdistill.data.plan.slot_tasks` gives that slot: a fresh uniform draw every pass in
+training (``repeat=True``, endless), every sample once over all slots in evaluation. Only the
+members of the requested magnifications and the ``json`` member are kept from each tar, and a
+sample's label is read before any image is decoded, so samples a run drops are never decoded.
 
-Seeds. Worker ``w`` of a stream seeded ``s`` draws its shard order and shuffle from
-``random.Random(f"{s}:{w}")`` and seeds torch (the augmentations) with
-``crc32(f"{s}:{w}:torch")``.
+Failures. A shard that cannot be opened, whose tar is corrupt, that lacks samples the manifest
+lists for it, or whose member does not decode raises :class:`~resdistill.data.errors.ShardError`
+naming the shard: never a hang, never a silent skip.
+
+Seeds. Slot ``s`` of a stream seeded ``seed`` starting at ``epoch`` shuffles with
+``random.Random(f"{seed}:{epoch}:{s}")`` and seeds torch (the augmentations) with
+``hash_seed(seed, epoch, s, "torch")``; the pass draws are common to all slots (see the plan).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import io
 import itertools
 import json
 import random
-import zlib
+import tarfile
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,8 +35,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .augment import Augment
+from .errors import shard_error
 from .info import DatasetInfo
-from .plan import ShardTask, split_among_workers
+from .plan import ShardTask, hash_seed, slot_samples, slot_tasks
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -72,21 +75,27 @@ def _shuffle_buffer(
 
 
 class TileStream(IterableDataset):
-    """Samples of one rank's shard tasks; each DataLoader worker reads its own share.
+    """The samples of rank ``rank`` of ``world_size``; each of its ``workers`` loader workers (1:
+    read in the rank's own process) is one slot of the plan (see the module docstring).
 
-    The share of worker ``w`` of ``W`` is ``split_among_workers(tasks, W)[w]`` (workers beyond
-    the number of tasks get none). ``repeat=True`` cycles over the shards forever in a new order
-    each pass (training); ``False`` reads each once in order (evaluation). ``augment`` gets the
-    sample's uint8 images together, before normalisation.
+    ``shards`` maps each shard of the read to its kept keys (:func:`~resdistill.data.plan.
+    shard_keys`), the same on every rank. ``repeat=True``: endless passes, a new draw each
+    (training); ``False``: one pass, each sample of the rank once (evaluation). ``epoch`` is the
+    epoch the stream starts at (its first pass's draw). ``augment`` gets the sample's uint8
+    images together, before normalisation.
     """
 
     def __init__(
         self,
         info: DatasetInfo,
-        tasks: Sequence[ShardTask],
+        shards: Mapping[str, Sequence[str]],
         mags: Sequence[str],
         *,
         repeat: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 1,
+        epoch: int = 0,
         shuffle_buffer: int = 0,
         augment: Augment | None = None,
         seed: int = 0,
@@ -98,9 +107,13 @@ class TileStream(IterableDataset):
         if not mags:
             raise ValueError("no magnification requested")
         self.info = info
-        self.tasks = list(tasks)
+        self.shards = {rel: list(keys) for rel, keys in shards.items()}
         self.mags = [info.resolve_mag(m) for m in mags]
         self.repeat = repeat
+        self.rank = rank
+        self.world_size = world_size
+        self.workers = max(1, workers)
+        self.epoch = epoch
         self.shuffle_buffer = shuffle_buffer
         self.augment = augment
         self.seed = seed
@@ -121,46 +134,84 @@ class TileStream(IterableDataset):
 
     @property
     def num_samples(self) -> int:
-        """Samples in one pass over this stream's tasks (from the manifest)."""
-        return sum(t.samples for t in self.tasks)
+        """Samples of this rank in one pass (from the manifest)."""
+        total = sum(len(v) for v in self.shards.values())
+        slots = self.world_size * self.workers
+        first = self.rank * self.workers
+        return sum(
+            slot_samples(total, s, slots, train=self.repeat)
+            for s in range(first, first + self.workers)
+        )
 
-    def _raw_samples(self, tasks: Sequence[ShardTask], rng: random.Random) -> Iterator[dict]:
-        """Undecoded samples of ``tasks`` (one pass, or forever with ``repeat``): the kept members'
-        bytes plus ``__key__``, ``__url__`` and ``__shard__`` (the task's shard rel path)."""
+    def _passes(self, slot: int, slots: int) -> Iterator[list[ShardTask]]:
+        """The tasks of ``slot`` in each pass: a new draw per pass (training), or the one
+        evaluation pass."""
+        if not self.repeat:
+            yield slot_tasks(self.shards, slot, slots, draw=None)
+            return
+        for p in itertools.count():
+            draw = hash_seed(self.seed, "draw", self.epoch + p)
+            yield slot_tasks(self.shards, slot, slots, draw=draw)
+
+    def _raw_samples(self, tasks: Sequence[ShardTask]) -> Iterator[dict]:
+        """Undecoded samples of ``tasks`` (one pass): the kept members' bytes plus ``__key__``,
+        ``__url__`` and ``__shard__`` (the task's shard rel path)."""
+        from sharding.storage import open_storage
+
+        store = open_storage(self.info.url)
+        for task in tasks:
+            yield from self._read_task(store.child_url(task.rel), task)
+
+    def _read_task(self, url: str, task: ShardTask) -> Iterator[dict]:
+        """The samples of one task, in the shard's order; stops once every key of the task is
+        found. ShardError when the shard cannot be read or lacks keys of the task."""
         from webdataset.gopen import gopen
         from webdataset.tariterators import group_by_keys, tar_file_expander
-
-        from sharding.storage import open_storage
 
         wanted = {*self._members, "json"}
 
         def select(name: str) -> bool:
             return name.split(".", 1)[-1].lower() in wanted
 
-        store = open_storage(self.info.url)
-        for _pass in itertools.count() if self.repeat else range(1):
-            order = list(tasks)
-            if self.shuffle_buffer > 1:
-                rng.shuffle(order)
-            for task in order:
-                url = store.child_url(task.rel)
-                stream = gopen(url, "rb")
+        found = 0
+        try:
+            stream = gopen(url, "rb")
+        except FileNotFoundError:
+            raise shard_error(url, "missing, though the manifest lists it") from None
+        try:
+            files = tar_file_expander(
+                [{"url": url, "stream": stream}], select_files=select, eof_value=None
+            )
+            samples = group_by_keys(files)
+            while found < task.samples:
                 try:
-                    files = tar_file_expander(
-                        [{"url": url, "stream": stream}], select_files=select, eof_value=None
+                    sample = next(samples, None)
+                except (tarfile.TarError, EOFError, ValueError) as exc:  # not network errors
+                    detail = exc.args[0] if exc.args else type(exc).__name__
+                    raise shard_error(url, f"corrupted tar ({detail})") from None
+                if sample is None:
+                    raise shard_error(
+                        url,
+                        f"truncated or corrupted: found {found} of the {task.samples} samples "
+                        "the manifest lists",
                     )
-                    for sample in group_by_keys(files):
-                        if task.keeps(sample["__key__"]):
-                            sample["__shard__"] = task.rel
-                            yield sample
-                finally:
-                    stream.close()
+                if task.keeps(sample["__key__"]):
+                    found += 1
+                    sample["__shard__"] = task.rel
+                    yield sample
+        finally:
+            stream.close()
 
     def _label(self, sample: Mapping[str, Any]) -> int:
         """A raw sample's class index, read before any image is decoded: -1 when the sample is
         unlabelled or its slide is not among ``labelled_slides`` (its label is hidden)."""
         key = sample["__key__"]
-        meta = json.loads(sample["json"]) if "json" in sample else {}
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except ValueError:
+            raise shard_error(
+                sample["__url__"], f"corrupted: sample {key} has unreadable json"
+            ) from None
         label_name = meta.get("label")
         if label_name is None:
             return -1
@@ -181,8 +232,15 @@ class TileStream(IterableDataset):
         images = []
         for mag, member in zip(self.mags, self._members, strict=True):
             if member not in sample:
-                raise KeyError(f"sample {key} ({sample.get('__url__')}) has no {member} image")
-            img = decode_image(sample[member])
+                raise shard_error(
+                    sample["__url__"], f"corrupted: sample {key} has no {member} image"
+                )
+            try:
+                img = decode_image(sample[member])
+            except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for bad image data
+                raise shard_error(
+                    sample["__url__"], f"corrupted: sample {key}'s {member} does not decode ({exc})"
+                ) from None
             if self.check_size:
                 want = self.info.tile_px.get(mag)
                 if want is not None and tuple(img.shape[-2:]) != (want, want):
@@ -205,19 +263,24 @@ class TileStream(IterableDataset):
         register_webdataset_s3()
         winfo = get_worker_info()
         wid, nworkers = (winfo.id, winfo.num_workers) if winfo is not None else (0, 1)
-        shares = split_among_workers(self.tasks, nworkers)
-        mine = shares[wid] if wid < len(shares) else []
-        if not mine:
+        if nworkers != self.workers:
+            raise RuntimeError(
+                f"stream planned for {self.workers} loader workers is read by {nworkers}"
+            )
+        slot, slots = self.rank * self.workers + wid, self.world_size * self.workers
+        total = sum(len(v) for v in self.shards.values())
+        per_pass = slot_samples(total, slot, slots, train=self.repeat)
+        if per_pass == 0:
             return
-        rng = random.Random(f"{self.seed}:{wid}")
-        torch.manual_seed(zlib.crc32(f"{self.seed}:{wid}:torch".encode()))
-        # at most one pass of this worker's samples: a bigger buffer would only delay the first
+        rng = random.Random(f"{self.seed}:{self.epoch}:{slot}")
+        torch.manual_seed(hash_seed(self.seed, self.epoch, slot, "torch"))
+        # at most one pass of this slot's samples: a bigger buffer would only delay the first
         # batch and repeat samples within a pass
-        size = min(self.shuffle_buffer, sum(t.samples for t in mine))
+        size = min(self.shuffle_buffer, per_pass)
+        raw = (s for tasks in self._passes(slot, slots) for s in self._raw_samples(tasks))
         # labels are read (and, with labelled_only, unlabelled samples dropped) before decoding:
         # a label-scarce run would otherwise decode and augment the unlabelled majority
-        raw = self._labelled(self._raw_samples(mine, rng))
-        for sample in _shuffle_buffer(raw, size, rng):
+        for sample in _shuffle_buffer(self._labelled(raw), size, rng):
             yield self._decode(sample)
 
     def _labelled(self, samples: Iterable[dict]) -> Iterator[dict]:

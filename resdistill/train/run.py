@@ -59,13 +59,33 @@ def describe(cfg: TrainConfig) -> str:
     )
 
 
+def shard_error_of(exc: BaseException) -> Exception | None:
+    """The :class:`~resdistill.data.ShardError` behind a failed Ray Train run (a worker's
+    exception, possibly wrapped by Ray), or None: a bad shard is input to fix, not a crash."""
+    from resdistill.data.errors import ShardError
+
+    todo: list[BaseException] = [exc, *getattr(exc, "worker_failures", {}).values()]
+    done: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if id(e) in done:
+            continue
+        done.add(id(e))
+        if isinstance(e, ShardError):
+            return ShardError(str(e))
+        todo += [c for c in (getattr(e, "cause", None), e.__cause__) if c is not None]
+    return None
+
+
 def train(cfg: TrainConfig, *, console: Any = None, summary_json: str | None = None) -> RunSummary:
     """Run ``cfg`` (planned here: see :func:`resdistill.train.plan.prepare`) on Ray Train; print
     its header, per-epoch progress and a summary table; return the :class:`RunSummary`.
 
     A rerun with the same ``run.name`` and ``run.storage`` resumes after its latest checkpoint.
     Raises :class:`~resdistill.errors.UsageError` (options, dataset, teacher, targets) before
-    any Ray work, and Ray's ``TrainingFailedError`` when workers fail beyond ``max_failures``.
+    any Ray work, :class:`~resdistill.data.ShardError` (one line naming the shard) when a worker
+    met an unreadable shard, and Ray's ``TrainingFailedError`` when workers fail beyond
+    ``max_failures`` for any other reason.
     """
     from rich.console import Console
 
@@ -85,10 +105,16 @@ def train(cfg: TrainConfig, *, console: Any = None, summary_json: str | None = N
         console.print(f"[yellow]note[/]: {text}", soft_wrap=True)
     ray_init(run.address)
     t0 = time.perf_counter()
-    result = launch(train_worker, loop_config(cfg), name=name, storage=run.storage,
-                    workers=run.workers, gpu=run.gpu, cpus_per_worker=run.cpus_per_worker,
-                    max_failures=run.max_failures, keep=run.keep, metric=run.metric,
-                    mode=run.mode)  # fmt: skip
+    try:
+        result = launch(train_worker, loop_config(cfg), name=name, storage=run.storage,
+                        workers=run.workers, gpu=run.gpu, cpus_per_worker=run.cpus_per_worker,
+                        max_failures=run.max_failures, keep=run.keep, metric=run.metric,
+                        mode=run.mode)  # fmt: skip
+    except Exception as exc:
+        bad = shard_error_of(exc)
+        if bad is None:
+            raise
+        raise bad from None
     summary = summarize(result, name=name, storage=run.storage, metric=run.metric, mode=run.mode,
                         elapsed_s=time.perf_counter() - t0)  # fmt: skip
     print_summary(summary, title=f"{TITLES[cfg.stage]} {name}", console=console)

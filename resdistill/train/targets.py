@@ -80,22 +80,23 @@ def compute_shard(
     teacher: Any,
     info: Any,
     shard_rel: str,
-    samples: int,
+    keys: Sequence[str],
     teacher_mag: str,
     sizes: Mapping[str, tuple[int, int]],
     *,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Run ``teacher`` (a :class:`resdistill.train.teacher_net.FrozenTeacher`) over one shard at
-    ``teacher_mag`` without augmentation; the arrays of its ``.npz`` (see the module docstring)."""
+    """Run ``teacher`` (a :class:`resdistill.train.teacher_net.FrozenTeacher`) over the samples
+    ``keys`` of one shard (all the manifest lists for it) at ``teacher_mag`` without
+    augmentation; the arrays of its ``.npz`` (see the module docstring)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from resdistill.data import ShardTask, TileStream
+    from resdistill.data import TileStream
 
-    stream = TileStream(info, [ShardTask(shard_rel, samples)], [teacher_mag], repeat=False)
-    keys: list[str] = []
+    stream = TileStream(info, {shard_rel: sorted(keys)}, [teacher_mag], repeat=False)
+    read: list[str] = []
     logits: list[Any] = []
     feats: dict[str, list[Any]] = {m: [] for m in sizes}
 
@@ -109,20 +110,20 @@ def compute_shard(
 
     pending: list[torch.Tensor] = []
     for images, _label, key in stream:
-        keys.append(key)
+        read.append(key)
         pending.append(images[0])
         if len(pending) == batch_size:
             flush(pending)
             pending = []
     if pending:
         flush(pending)
-    if len(keys) != samples:
+    if len(read) != len(keys):
         raise ValueError(
-            f"{shard_rel}: read {len(keys)} samples, the manifest lists {samples}: the dataset "
+            f"{shard_rel}: read {len(read)} samples, the manifest lists {len(keys)}: the dataset "
             "changed while targets were computed"
         )
     out: dict[str, Any] = {
-        "keys": np.array(keys, dtype=np.str_),
+        "keys": np.array(read, dtype=np.str_),
         "logits": np.concatenate(logits) if logits else np.zeros((0, 0), np.float16),
     }
     for m in sizes:
@@ -145,7 +146,7 @@ def _shard_job(
     teacher: str,
     out: str,
     shard_rel: str,
-    samples: int,
+    keys: Sequence[str],
     teacher_mag: str,
     sizes: Mapping[str, Sequence[int]],
     batch_size: int,
@@ -161,7 +162,7 @@ def _shard_job(
         frozen,
         info,
         shard_rel,
-        samples,
+        keys,
         teacher_mag,
         {m: (int(s[0]), int(s[1])) for m, s in sizes.items()},
         batch_size=batch_size,
@@ -169,7 +170,7 @@ def _shard_job(
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     open_storage(out).write_bytes(npz_name(shard_rel), buf.getvalue())
-    return shard_rel, samples, time.perf_counter() - t0
+    return shard_rel, len(keys), time.perf_counter() - t0
 
 
 def write_targets(
@@ -230,7 +231,7 @@ def write_targets(
 
         ray_init(address)
         remote = ray.remote(num_cpus=1)(_shard_job)
-        refs = [remote.remote(*args, rel, n, *tail) for rel, n in jobs]
+        refs = [remote.remote(*args, rel, keys[rel], *tail) for rel, _n in jobs]
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -238,7 +239,7 @@ def write_targets(
             log(f"{rel}: {n} samples in {sec:.1f} s ({len(refs) - len(pending)}/{len(refs)})")
     else:
         for i, (rel, n) in enumerate(jobs):
-            _rel, _n, sec = _shard_job(*args, rel, n, *tail)
+            _rel, _n, sec = _shard_job(*args, rel, keys[rel], *tail)
             log(f"{rel}: {n} samples in {sec:.1f} s ({i + 1}/{len(jobs)})")
     doc = {
         "format_version": FORMAT_VERSION,

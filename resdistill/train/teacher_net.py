@@ -114,7 +114,8 @@ def build_loss(
 ) -> DistillLoss:
     """:class:`DistillLoss` from a :class:`~resdistill.config.LossConfig` (or a mapping of its
     temperature, kd_weight, feature_weight, feature_loss, feature_resize); with a trainable 1x1
-    projection ``student_channels -> teacher_channels`` only when the two differ."""
+    projection ``student_channels -> teacher_channels`` only when the two differ and the
+    feature term is on."""
     if isinstance(loss_cfg, LossConfig):
         loss_cfg = asdict(loss_cfg)
     proj = student_channels != teacher_channels

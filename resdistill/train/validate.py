@@ -1,5 +1,6 @@
-"""Validation over all ranks: each rank scores its own samples, the confusion matrices and loss
-sums are added with one ``all_reduce``, and the totals are scored by
+"""Validation over all ranks: rank 0's buffers (BatchNorm statistics) are broadcast first, so every
+rank scores the model rank 0 checkpoints; each rank scores its own samples, the confusion matrices
+and loss sums are added with one ``all_reduce``, and the totals are scored by
 :func:`resdistill.eval.metrics.confusion_scores` (the same metrics evaluation reports)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 
 from resdistill.eval.metrics import confusion_scores
-from resdistill.train.worker_env import WorkerEnv, all_reduce_sum, unwrap
+from resdistill.train.worker_env import WorkerEnv, all_reduce_sum, broadcast_buffers, unwrap
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -33,11 +34,12 @@ def evaluate(
 ) -> dict[str, float]:
     """``{prefix}accuracy``, ``macro_f1``, ``samples`` and ``loss`` of ``model`` over ALL ranks.
 
-    Each rank runs its own labelled samples through the unwrapped model (no per-batch
-    collectives, so ranks may hold different sample counts); ``image_index`` picks the
+    Rank 0's buffers are broadcast first (:func:`broadcast_buffers`); then each rank runs its
+    own labelled samples through the unwrapped model (no per-batch collectives, so ranks may hold different sample counts); ``image_index`` picks the
     magnification of the batch to classify. ``loss`` is the mean cross-entropy (NaN when empty).
     """
     net = unwrap(model)
+    broadcast_buffers(net, env)
     was_training = net.training
     net.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)

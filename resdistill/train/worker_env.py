@@ -6,6 +6,7 @@
   for checkpoints.
 * :func:`all_reduce_sum` / :func:`reduce_means` - the collectives every stage's metrics go through
   (one per epoch, never per batch, so ranks may hold different sample counts).
+* :func:`broadcast_buffers` - rank 0's buffers (BatchNorm running statistics) on every rank.
 """
 
 from __future__ import annotations
@@ -145,6 +146,19 @@ def all_reduce_sum(tensor: torch.Tensor, env: WorkerEnv) -> torch.Tensor:
         dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
         return on_device.cpu()
     return tensor
+
+
+def broadcast_buffers(model: torch.nn.Module, env: WorkerEnv) -> None:
+    """Copy rank 0's buffers (BatchNorm running means, variances and counts) to every rank, in
+    place. DDP syncs buffers only at the start of a training forward, after which each rank
+    updates them with its own batch: without this, ranks would validate different models, none
+    of them the one rank 0 checkpoints. A no-op on one worker or without buffers."""
+    if not env.distributed:
+        return
+    import torch.distributed as dist
+
+    for buf in unwrap(model).buffers():
+        dist.broadcast(buf, src=0)
 
 
 def reduce_means(sums: Mapping[str, float], count: float, env: WorkerEnv) -> dict[str, float]:
