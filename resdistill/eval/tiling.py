@@ -35,7 +35,20 @@ from sharding.regions import RegionGrid
 if TYPE_CHECKING:
     from sharding.options import ShardOptions
 
-__all__ = ["DEFAULT_MIN_TISSUE", "ReadChain", "TilePlan", "chain_of", "plan_tiles", "read_tiles"]
+__all__ = [
+    "DEFAULT_MIN_TISSUE",
+    "READ_MODES",
+    "ReadChain",
+    "TilePlan",
+    "chain_of",
+    "plan_tiles",
+    "read_tiles",
+]
+
+#: ``--read`` choices: ``as-trained`` replays the dataset's read chain (the pixels the model was
+#: trained on); ``native`` reads the model's magnification from the best pyramid level at or above
+#: it (the cheap read).
+READ_MODES = ("as-trained", "native")
 
 DEFAULT_MIN_TISSUE = 0.5
 #: JPEG quality assumed for a read chain from a dataset.json that did not record it (the
@@ -51,6 +64,7 @@ class ReadChain:
     mag: str  # the model's magnification name, one of opts.mags
     source: str  # "checkpoint" (the dataset's read chain) or "pyramid" (no read chain recorded)
     notes: tuple[str, ...] = ()  # one line each, for the user (said once per run)
+    read: str = "as-trained"  # one of READ_MODES
 
     @property
     def tile_px(self) -> int:
@@ -94,7 +108,11 @@ def tile_px_of(model: LoadedModel) -> int:
 
 
 def chain_of(
-    model: LoadedModel, *, min_tissue: float | None = None, mpp: float | None = None
+    model: LoadedModel,
+    *,
+    min_tissue: float | None = None,
+    mpp: float | None = None,
+    read: str = "as-trained",
 ) -> ReadChain:
     """The read chain to predict with ``model``: its checkpoint's, else the pyramid read.
 
@@ -110,6 +128,8 @@ def chain_of(
         raise UsageError(f"--min-tissue must be within 0..1, got {min_tissue}")
     if mpp is not None and not mpp > 0:
         raise UsageError(f"--mpp must be positive, got {mpp}")
+    if read not in READ_MODES:
+        raise UsageError(f"--read must be one of {', '.join(READ_MODES)}, got {read!r}")
     px = tile_px_of(model)
     recorded = dict(model.card.read_chain or {})
     notes: list[str] = []
@@ -125,7 +145,7 @@ def chain_of(
                 f"did): tiles are read from the slide's pyramid at {model.mag}, not encoded, "
                 f"min_tissue {opts.min_tissue:g}"
             )
-            return ReadChain(opts, model.mag, "pyramid", tuple(notes))
+            return ReadChain(opts, model.mag, "pyramid", tuple(notes), read)
         mags = [Magnification.parse(m) for m in recorded["magnifications"]]
         quality = recorded.get("quality")
         if recorded.get("image_format", "jpeg") == "jpeg" and quality is None:
@@ -150,7 +170,7 @@ def chain_of(
             f"{model.url}: the read chain has {opts.sizes.get(model.mag)} px tiles at {model.mag} "
             f"but the model was trained on {px} px: the checkpoint is inconsistent"
         )
-    return ReadChain(opts, model.mag, "checkpoint", tuple(notes))
+    return ReadChain(opts, model.mag, "checkpoint", tuple(notes), read)
 
 
 def plan_tiles(slide: Any, path: str, chain: ReadChain) -> TilePlan:

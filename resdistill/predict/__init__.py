@@ -1,0 +1,1 @@
+"""Slide prediction at scale: the Ray Data pipeline, its outputs, heatmaps and the cascade."""

@@ -1,0 +1,47 @@
+"""Heatmap pictures of one slide's prediction (contract; implementation pending).
+
+:func:`heatmap_pngs` is what the prediction pipeline calls once per slide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sharding.annotations import Outline
+
+__all__ = ["DEFAULT_HEATMAP_PX", "heatmap_pngs"]
+
+#: Long side, in pixels, of the slide picture under a heatmap (``--heatmap-px``).
+DEFAULT_HEATMAP_PX = 1600
+
+
+def heatmap_pngs(
+    background: np.ndarray,
+    slide_size: tuple[int, int],
+    xs: np.ndarray,
+    ys: np.ndarray,
+    size0: int,
+    tile_probs: np.ndarray,
+    classes: Sequence[str],
+    *,
+    slide_id: str,
+    mag: str,
+    which: Sequence[str],
+    cmap: str = "viridis",
+    alpha: float = 0.55,
+    escalated: np.ndarray | None = None,
+    outlines: Sequence[Outline] | None = None,
+) -> dict[str, bytes]:
+    """PNG bytes per picture: ``{class_name: png}`` for each class in ``which`` (its probability
+    over every tissue tile, with a colorbar, titled with the slide, the class and the
+    magnification as users write it, e.g. 2.5x) and ``{"classes": png}``, the argmax class map with
+    a legend. ``background`` is the slide image (``(h, w, 3)`` uint8, long side about
+    ``--heatmap-px``) covering level-0 ``slide_size`` ``(width, height)``; tile ``i`` covers level-0
+    ``[xs[i], xs[i] + size0) x [ys[i], ys[i] + size0)`` and has ``tile_probs[i]`` ``(K,)``;
+    ``escalated[i]`` marks tiles the cascade sent to the teacher; ``outlines`` are annotation
+    outlines drawn over every picture."""
+    raise NotImplementedError
