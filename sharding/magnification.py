@@ -75,6 +75,12 @@ class Magnification:
         return f"{self.power:g}x"
 
 
+def display_mag(name: str | float | Magnification) -> str:
+    """A magnification as users write it (``2.5x``), from any form :meth:`Magnification.parse`
+    reads (e.g. the file-name form ``2p5x``); for plots, tables and messages."""
+    return str(Magnification.parse(name))
+
+
 def parse_mags(text: str) -> list[Magnification]:
     """Parse a comma list such as ``10,5,2.5,1.25``; highest first, no duplicates."""
     mags = [Magnification.parse(part) for part in text.split(",") if part.strip()]
