@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "resdistill.commands.tune",
         "tune distillation or the teacher with Ray Tune (ASHA/PBT)",
     ),
+    "export": (
+        "resdistill.commands.export",
+        "write a checkpoint as one TorchScript or ONNX file with its normalisation and classes",
+    ),
     "teacher-targets": (
         "resdistill.commands.teacher_targets",
         "run the frozen teacher once and cache its targets for distillation",
