@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         f"input:   tiles uint8 RGB (N, 3, {px}, {px}), 0..255, at {meta['magnification']} "
         f"({read}; metadata 'read_chain', 'tile_read')"
     )
-    console.print("outputs: logits (N, K), probabilities (N, K)")
+    k = len(meta["classes"])
+    console.print(f"outputs: logits (N, {k}), probabilities (N, {k}) = softmax(logits)")
     console.print(f"classes: {escape(', '.join(meta['classes']))}")
     console.print(f"parity:  max |logit difference| {result.max_diff:.1e} on probe tiles")
     return 0
