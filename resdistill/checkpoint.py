@@ -35,7 +35,7 @@ META_FILE = "meta.json"
 CHECKPOINT_FORMAT = 1
 #: dataset.json fields that decide which pixels a model sees: stored with every model.
 READ_CHAIN_KEYS = ("magnifications", "mpp", "tile_px", "image_format", "quality", "min_tissue",
-                   "tissue", "format_version")  # fmt: skip
+                   "low_mags_from", "tissue", "format_version")  # fmt: skip
 #: model.pt fields a model needs besides its weights.
 REQUIRED_META = ("arch", "classes", "mag")
 

@@ -4,9 +4,11 @@
 whose tissue fraction is at least ``min_tissue``, each with its marker-ink fraction, with the
 tiling plan prediction shares (:func:`sharding.regions.plan_regions`: base mpp, tissue and ink
 detection by :func:`sharding.tissue.detect_tissue`, the region grid), and draws the slide's QC
-picture (:mod:`sharding.qc`). ``extract_chunk`` reads each region once, from the best level for
-the highest magnification, and derives every lower magnification from that tile by anti-aliased
-reduction: the same region, exact sizes, one ``read_region`` per sample. A slide with region
+picture (:mod:`sharding.qc`). ``extract_chunk`` cuts each region at every magnification with
+:func:`region_images`: by default read once, from the best level for the highest magnification,
+every lower magnification derived from that tile by anti-aliased reduction (the same region, exact
+sizes, one ``read_region`` per sample); with ``--low-mags-from native`` each magnification read
+from the best level at or above it (one ``read_region`` per magnification). A slide with region
 annotations has its regions labelled and selected by them in the plan
 (:mod:`sharding.region_labels`), so chunks only carry each region's label and class fractions.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -29,7 +31,7 @@ from .options import AnnotationOptions, ShardOptions
 from .qc import qc_png
 from .region_labels import ExtentError, slide_region_labels
 from .regions import plan_regions
-from .slide import SlideError, downsample, open_slide, read_region_at, slide_info
+from .slide import SlideError, SlideInfo, downsample, open_slide, read_region_at, slide_info
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,47 @@ def channel_stats(image: Image.Image) -> tuple[list[float], list[float]]:
     return flat.mean(0).tolist(), (flat * flat).mean(0).tolist()
 
 
+def region_images(
+    slide, info: SlideInfo, x: int, y: int, size0: int, opts: ShardOptions,
+    names: Sequence[str] | None = None,
+) -> dict[str, Image.Image]:  # fmt: skip
+    """The level-0 square ``(x, y, size0)`` at the magnifications ``names`` (default: all of
+    ``opts.mags``), each ``opts.sizes[name]`` px, as ``opts.low_mags_from`` says
+    (:data:`sharding.options.LOW_MAGS_FROM`):
+
+    * the top magnification, and every one with ``native``: ``read_region_at`` at its size (the
+      best pyramid level at or above it, then :func:`sharding.slide.downsample`);
+    * a lower magnification with ``top``: the top magnification's image (read once) reduced by
+      :func:`sharding.slide.downsample` (a box average for whole factors).
+
+    :class:`SlideError` (one line) when a read fails.
+    """
+    top_name = opts.mags[0].name
+    top: Image.Image | None = None
+
+    def read(px: int) -> Image.Image:
+        try:
+            return read_region_at(slide, info, x, y, size0, px)
+        except Exception as exc:
+            raise SlideError(
+                f"{info.path}: reading the region at ({x}, {y}) failed ({exc}); the file may be "
+                "truncated: copy it again"
+            ) from None
+
+    out: dict[str, Image.Image] = {}
+    for name in [m.name for m in opts.mags] if names is None else names:
+        px = opts.sizes[name]
+        if name == top_name or opts.low_mags_from == "native":
+            out[name] = read(px)
+            if name == top_name:
+                top = out[name]
+        else:
+            if top is None:
+                top = read(opts.sizes[top_name])
+            out[name] = downsample(top, px)
+    return out
+
+
 def extract_chunk(
     job: SlideJob,
     base_mpp: float,
@@ -205,16 +248,9 @@ def extract_chunk(
     try:
         # Use the mpp the plan settled on, even when it came from --mpp.
         info = replace(slide_info(slide, job.path, base_mpp), base_mpp=base_mpp)
-        top_px = opts.sizes[opts.mags[0].name]
         out: list[Sample] = []
         for x, y, tissue, label, source, fractions, ink in regions:
-            try:
-                top = read_region_at(slide, info, x, y, size0, top_px)
-            except Exception as exc:
-                raise SlideError(
-                    f"{job.path}: reading the region at ({x}, {y}) failed ({exc}); the file may "
-                    "be truncated: copy it again"
-                ) from None
+            images = region_images(slide, info, x, y, size0, opts)
             key = sample_key(job.slide, x, y)
             members: dict[str, bytes] = {}
             row: dict = {
@@ -232,7 +268,7 @@ def extract_chunk(
             }
             mpps: dict[str, float] = {}
             for mag in opts.mags:
-                img = downsample(top, opts.sizes[mag.name])
+                img = images[mag.name]
                 members[image_member(mag.name, opts.fmt)] = encode(img, opts)
                 mean, sqmean = channel_stats(img)
                 row[f"mean_{mag.name}"] = mean

@@ -108,6 +108,7 @@ def dataset_description(
     tile_px: dict[str, int],
     image_format: str,
     quality: int | None = None,
+    low_mags_from: str = "top",
     classes: list[str],
     splits: dict[str, float],
     seed: int,
@@ -117,7 +118,9 @@ def dataset_description(
 ) -> dict:
     """The content of dataset.json for a manifest table (see the module docstring); ``tissue``
     names the tissue detector and its version; ``quality`` is the JPEG quality the images were
-    encoded with (both part of the read chain a model records); with region annotations, their
+    encoded with and ``low_mags_from`` how lower magnifications were cut (see
+    :data:`sharding.options.LOW_MAGS_FROM`; all three part of the read chain a model records;
+    a dataset.json without it was cut ``top``); with region annotations, their
     source, settings and digest under ``annotations``."""
     rows = table.select(["split", "label", "slide", "shard"]).to_pylist()
     counts: dict[str, dict] = {}
@@ -155,6 +158,7 @@ def dataset_description(
         "tile_px": tile_px,
         "image_format": image_format,
         "quality": quality,
+        "low_mags_from": low_mags_from,
         "classes": classes,
         "counts": counts,
         "samples": n,

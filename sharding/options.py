@@ -11,6 +11,12 @@ from .tissue_mask import DETECTOR
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
+#: ``--low-mags-from`` choices: where a sample's lower magnifications come from. ``top``: the
+#: region read once at the top magnification and box-reduced (one read per sample); ``native``:
+#: each magnification read from the slide's best pyramid level at or above it (one read per
+#: magnification: the pixels a cheap prediction read gives).
+LOW_MAGS_FROM = ("top", "native")
+
 
 def parse_size(text: str | int) -> int:
     """Bytes from ``256MB``, ``1.5GB``, ``512KiB`` or a plain number of bytes."""
@@ -34,7 +40,8 @@ class ShardOptions:
     """What every slide task needs to cut and encode samples the same way.
 
     ``mags`` are highest first; ``tile_px`` is the edge at ``mags[0]``; lower magnifications get
-    ``tile_px * mag / mags[0]`` pixels of the same region.
+    ``tile_px * mag / mags[0]`` pixels of the same region, made as ``low_mags_from`` says
+    (:data:`LOW_MAGS_FROM`).
     """
 
     mags: tuple[Magnification, ...]
@@ -44,6 +51,7 @@ class ShardOptions:
     min_tissue: float = 0.5
     mpp_override: float | None = None
     sizes: dict[str, int] = field(default_factory=dict)
+    low_mags_from: str = "top"
 
     @classmethod
     def make(
@@ -54,6 +62,7 @@ class ShardOptions:
         quality: int = 90,
         min_tissue: float = 0.5,
         mpp_override: float | None = None,
+        low_mags_from: str = "top",
     ) -> ShardOptions:
         parsed = parse_mags(mags) if isinstance(mags, str) else list(mags)
         if fmt not in ("jpeg", "png"):
@@ -66,6 +75,10 @@ class ShardOptions:
             raise ValueError(f"--tile-px must be at least 8, got {tile_px}")
         if mpp_override is not None and not mpp_override > 0:
             raise ValueError(f"--mpp must be positive, got {mpp_override}")
+        if low_mags_from not in LOW_MAGS_FROM:
+            raise ValueError(
+                f"--low-mags-from must be one of {', '.join(LOW_MAGS_FROM)}, got {low_mags_from!r}"
+            )
         return cls(
             mags=tuple(parsed),
             tile_px=tile_px,
@@ -74,14 +87,18 @@ class ShardOptions:
             min_tissue=min_tissue,
             mpp_override=mpp_override,
             sizes=tile_sizes(parsed, tile_px),
+            low_mags_from=low_mags_from,
         )
 
     def identity(self) -> dict:
         """The settings a resumed run must share with the run it continues, the tissue
-        detector's version included (it decides the regions)."""
+        detector's version included (it decides the regions). ``low_mags_from`` is left out at its
+        default ``top``, so outputs begun before the option existed resume unchanged."""
         d = asdict(self)
         d["mags"] = [m.name for m in self.mags]
         d.pop("mpp_override")
+        if self.low_mags_from == "top":
+            d.pop("low_mags_from")
         d["tissue_detector"] = DETECTOR["version"]
         return d
 

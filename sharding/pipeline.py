@@ -92,14 +92,16 @@ def run_shard(
     seed: int = 0,
     progress: bool = True,
     chunk_regions: int = CHUNK_REGIONS,
+    low_mags_from: str = "top",
 ) -> ShardReport:
     """Shard ``slides`` into ``out``; see the module docstring. ``workers=0`` runs without Ray.
 
     ``annotations`` (region labels and regions of interest, see :mod:`sharding.region_labels`)
-    take ``classes`` from this call.
+    take ``classes`` from this call. ``low_mags_from`` (:data:`sharding.options.LOW_MAGS_FROM`)
+    says how lower magnifications are cut (:func:`sharding.extract.region_images`).
     """
     try:
-        opts = ShardOptions.make(mags, tile_px, fmt, quality, min_tissue, mpp)
+        opts = ShardOptions.make(mags, tile_px, fmt, quality, min_tissue, mpp, low_mags_from)
         target = parse_size(shard_size)
     except ValueError as exc:
         raise ShardError(str(exc)) from None
@@ -203,6 +205,7 @@ def run_shard(
             tile_px=dict(opts.sizes),
             image_format=opts.fmt,
             quality=opts.quality,
+            low_mags_from=opts.low_mags_from,
             classes=class_names,
             splits=dict(zip(("train", "val", "test"), splits, strict=True)),
             seed=seed,

@@ -1,10 +1,12 @@
 """Tile whole-slide images at several magnifications into WebDataset shards plus a manifest.
 
 Every sample is one region of tissue at every requested magnification (highest first; the tile at
---tile-px pixels at the highest, proportionally smaller below). Output goes to a local folder or to
-s3://bucket/prefix (endpoint and credentials from the standard AWS environment, e.g.
-AWS_ENDPOINT_URL). Reruns resume: finished slides are skipped, half-written shards discarded.
-One run at a time holds an output (a lease in <out>/_state/lease.json); a second is refused.
+--tile-px pixels at the highest, proportionally smaller below; --low-mags-from says whether the
+lower ones are reduced from the highest one's read or read from the slide's own pyramid levels).
+Output goes to a local folder or to s3://bucket/prefix (endpoint and credentials from the standard
+AWS environment, e.g. AWS_ENDPOINT_URL). Reruns resume: finished slides are skipped, half-written
+shards discarded. One run at a time holds an output (a lease in <out>/_state/lease.json); a second
+is refused.
 
 Region annotations (--annotations, QuPath GeoJSON) label each region by the class covering most of
 it, drop regions touching an ignored class, and restrict tiling to regions of interest.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sharding.options import IGNORE_CLASSES, AnnotationOptions
+from sharding.options import IGNORE_CLASSES, LOW_MAGS_FROM, AnnotationOptions
 
 
 def _ratios(text: str) -> tuple[float, float, float]:
@@ -46,6 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=224,
         help="tile edge at the highest magnification (default: %(default)s)",
+    )
+    p.add_argument(
+        "--low-mags-from",
+        choices=LOW_MAGS_FROM,
+        default="top",
+        help="where lower magnifications come from: 'top' reduces each region's read at the "
+        "highest magnification (one read per region, the same pixels whatever the slide's "
+        "pyramid); 'native' reads each from the slide's best pyramid level at or above it (one "
+        "read per magnification), the pixels 'predict --read native' serves a student, so "
+        "train on them when the student will be served native reads (default: %(default)s)",
     )
     p.add_argument(
         "--labels",
@@ -180,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             fmt=args.fmt,
             quality=args.quality,
+            low_mags_from=args.low_mags_from,
             address=args.address,
             workers=args.workers,
             resources=_resources(args.resources),

@@ -1,29 +1,43 @@
 """How ``predict`` turns a slide into a model's input tiles: the read chain of the dataset the model
-was trained on, replayed with the sharding code itself.
+was trained on, replayed with the sharding code itself, or the cheap native read.
 
 A checkpoint's ``read_chain`` (:data:`resdistill.checkpoint.READ_CHAIN_KEYS` of its dataset.json:
-magnifications, tile sizes, image format, JPEG quality, ``min_tissue``) says how its training tiles
-were made, and :func:`chain_of` turns it back into the sharding settings
-(:class:`sharding.options.ShardOptions`). Then, as sharding does:
+magnifications, tile sizes, how lower magnifications were cut (``low_mags_from``), image format,
+JPEG quality, ``min_tissue``) says how its training tiles were made, and :func:`chain_of` turns it
+back into the sharding settings (:class:`sharding.options.ShardOptions`). Then, as sharding does:
 
 1. :func:`plan_tiles`: the regions of the slide at the *top* magnification of the dataset, those
    with a tissue fraction ``>= min_tissue`` kept (:func:`sharding.regions.plan_regions`, the one
-   tiling plan), plus the thumbnail the heatmap is drawn on;
-2. :func:`read_tiles`: each region read once at the top magnification from the best pyramid level
-   (:func:`sharding.slide.read_region_at`), reduced to the model's magnification
-   (:func:`sharding.slide.downsample`: a box average for whole factors), encoded as the shards are
-   (:func:`sharding.extract.encode`: format and quality) and decoded as the loader decodes it
-   (:func:`resdistill.data.decode_image`). The model sees the very pixels of its shards.
+   tiling plan), plus the thumbnail the heatmap is drawn on; the same grid for both read modes;
+2. :func:`read_tiles`: each region's pixels at the model's magnification, by the read mode
+   (:data:`READ_MODES`), from :func:`sharding.extract.region_images`:
+
+   * ``as-trained`` (default): the pixels of the model's shards. For a dataset cut with
+     ``--low-mags-from top`` (and every dataset.json that does not record it), the region read
+     once at the top magnification from the best pyramid level
+     (:func:`sharding.slide.read_region_at`) and reduced to the model's magnification
+     (:func:`sharding.slide.downsample`: a box average for whole factors); for one cut
+     ``--low-mags-from native``, the ``native`` read below;
+   * ``native``: the region read at the model's magnification directly, from the slide's best
+     pyramid level at or above it, then reduced to the tile size
+     (:func:`sharding.slide.read_region_at` at ``tile_px``): a fraction of the pixels of the top
+     read when the slide has a level near the model's magnification. For a model at the dataset's
+     top magnification both modes give the same pixels.
+
+   Then encoded as the shards are (:func:`sharding.extract.encode`: format and quality) and
+   decoded as the loader decodes it (:func:`resdistill.data.decode_image`), in both modes: only the
+   source pixels differ. With ``as-trained`` the model sees the very pixels of its shards.
 
 A checkpoint without a read chain (written before checkpoints recorded one) is read as before:
 regions planned at the model's own magnification and tile size, read from the best pyramid level
-at or above it and reduced, not encoded, ``min_tissue`` :data:`DEFAULT_MIN_TISSUE` unless given.
+at or above it and reduced (both modes alike), not encoded, ``min_tissue``
+:data:`DEFAULT_MIN_TISSUE` unless given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -75,16 +89,26 @@ class ReadChain:
         """Whether tiles go through the dataset's image encoding (not for old checkpoints)."""
         return self.source == "checkpoint"
 
+    @property
+    def pixels_from(self) -> str:
+        """How the model's magnification is cut (:data:`sharding.options.LOW_MAGS_FROM`):
+        ``native`` for the ``native`` read, the dataset's ``low_mags_from`` for ``as-trained``."""
+        return "native" if self.read == "native" else self.opts.low_mags_from
+
     def to_json(self) -> dict[str, Any]:
+        """The chain as predict records it: ``read`` the mode, ``pixels_from`` what it read
+        (``top``: the top magnification reduced; ``native``: the model's own magnification)."""
         o = self.opts
         out: dict[str, Any] = {
             "source": self.source,
+            "read": self.read,
+            "pixels_from": self.pixels_from,
             "magnifications": [m.name for m in o.mags],
             "tile_px": dict(o.sizes),
             "min_tissue": o.min_tissue,
         }
         if self.encoded:
-            out.update(image_format=o.fmt, quality=o.quality)
+            out.update(image_format=o.fmt, quality=o.quality, low_mags_from=o.low_mags_from)
         return out
 
 
@@ -162,6 +186,7 @@ def chain_of(
             if min_tissue is None
             else min_tissue,
             mpp,
+            str(recorded.get("low_mags_from", "top")),  # datasets before the option: top
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{model.url}: unusable read chain {recorded} ({exc})") from None
@@ -193,26 +218,17 @@ def plan_tiles(slide: Any, path: str, chain: ReadChain) -> TilePlan:
 
 
 def read_tiles(slide: Any, plan: TilePlan, chain: ReadChain, cells: Sequence[int]) -> np.ndarray:
-    """Step 2 of the module docstring: the model's input tiles of grid ``cells`` of ``plan``, as
-    ``(len(cells), tile_px, tile_px, 3)`` uint8 RGB. :class:`sharding.slide.SlideError` when a
-    region cannot be read."""
+    """Step 2 of the module docstring: the model's input tiles of grid ``cells`` of ``plan`` by
+    ``chain.read``, as ``(len(cells), tile_px, tile_px, 3)`` uint8 RGB.
+    :class:`sharding.slide.SlideError` when a region cannot be read."""
     from resdistill.data import decode_image
-    from sharding.extract import encode
-    from sharding.slide import SlideError, downsample, read_region_at
+    from sharding.extract import encode, region_images
 
-    opts = chain.opts
-    top_px = opts.sizes[opts.mags[0].name]
+    opts = replace(chain.opts, low_mags_from=chain.pixels_from)
     out = np.empty((len(cells), chain.tile_px, chain.tile_px, 3), dtype=np.uint8)
     for n, i in enumerate(cells):
         x, y = int(plan.xs[i]), int(plan.ys[i])
-        try:
-            top = read_region_at(slide, plan.info, x, y, plan.size0, top_px)
-        except Exception as exc:
-            raise SlideError(
-                f"{plan.info.path}: reading the region at ({x}, {y}) failed ({exc}); the file may "
-                "be truncated: copy it again"
-            ) from None
-        img = downsample(top, chain.tile_px)
+        img = region_images(slide, plan.info, x, y, plan.size0, opts, [chain.mag])[chain.mag]
         if chain.encoded:
             out[n] = decode_image(encode(img, opts)).permute(1, 2, 0).numpy()
         else:
