@@ -24,7 +24,7 @@ from resdistill.eval.cascade_curve import (
     slide_bootstrap_accuracy,
 )
 from resdistill.eval.results import TilePredictions
-from resdistill.predict.cascade import cascade_flops, combine, escalate
+from resdistill.predict.cascade import cascade_flops, check_threshold, combine, escalate
 from tests.test_evaluate import (  # noqa: F401 (fixtures)
     CLASSES,
     TEST_SAMPLES,
@@ -85,6 +85,10 @@ def test_parse_thresholds() -> None:
         with pytest.raises(ValueError, match=needle):
             parse_thresholds(bad)
     assert all(0 <= t <= 1 for t in DEFAULT_THRESHOLDS) and DEFAULT_THRESHOLDS[0] == 0
+    assert check_threshold(0) == 0.0 and check_threshold(1) == 1.0
+    for bad in (float("nan"), 1.0000001, -1e-9):
+        with pytest.raises(ValueError, match="out of range"):
+            check_threshold(bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +261,8 @@ def test_evaluate_cascade_endpoints_repeat_the_models_own_accuracy(
     else:
         assert curve["best"] is None and "no threshold keeps" in stdout
     # files and the printed table
-    assert doc["files"]["cascade"] == str(out / "cascade.json")
+    assert doc["files"]["cascade"] == own["files"]["cascade"] == str(out / "cascade.json")
+    assert own["files"]["report"] == str(out / "evaluation.json")
     assert doc["files"]["cascade_plot"] == str(out / "cascade.png")
     with Image.open(out / "cascade.png") as img:
         assert img.format == "PNG" and img.width > 800 and img.height > 400
@@ -284,6 +289,27 @@ def test_evaluate_cascade_reuses_a_listed_teacher(
     for a, b in zip(curve["points"], earlier["points"], strict=True):
         assert a["escalated"] == b["escalated"]
         assert a["tile_accuracy"]["value"] == pytest.approx(b["tile_accuracy"]["value"])
+
+
+def test_evaluate_cascade_on_s3(tiny_dataset_s3: str, checkpoints: dict[str, Path]) -> None:  # noqa: F811
+    """Dataset and output on S3, a threshold grid of two: the files land beside evaluation.json."""
+    from resdistill.eval.cascade_eval import evaluate_cascade
+    from sharding.storage import open_storage
+
+    out = tiny_dataset_s3.rsplit("/", 1)[0] + "/eval-cascade"
+    report, doc = evaluate_cascade(
+        [str(checkpoints["student"])], tiny_dataset_s3, str(checkpoints["teacher"]), "test",
+        out=out, thresholds=(0.0, 0.8), n_boot=50, num_workers=0, bench_seconds=0.05,
+        bench_batch=4,
+    )  # fmt: skip
+    store = open_storage(out)
+    saved = json.loads(store.read_bytes("cascade.json"))
+    assert [p["label"] for p in saved["curves"][0]["points"]] == ["0", "0.8", ">1"]
+    assert saved["curves"][0]["n_tiles"] == 8 and saved["data"] == tiny_dataset_s3
+    assert store.read_bytes("cascade.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.files["cascade"] == store.child_url("cascade.json")
+    index = json.loads(store.read_bytes("evaluation.json"))["files"]
+    assert index["cascade_plot"] == store.child_url("cascade.png")
 
 
 def test_thresholds_help_names_the_default_grid() -> None:

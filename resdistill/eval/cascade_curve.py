@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from resdistill.eval.results import TilePredictions
-from resdistill.predict.cascade import cascade_flops, combine, escalate
+from resdistill.predict.cascade import cascade_flops, check_threshold, combine, escalate
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -53,8 +53,9 @@ ALL_LABEL = ">1"
 def parse_thresholds(text: str) -> list[float]:
     """A comma list of thresholds in ``[0, 1]`` -> sorted, without duplicates.
 
-    Raises ``ValueError`` (one line) for a value that is not a number or lies outside ``[0, 1]``:
-    a top probability is never above 1, and the every-tile point (``>1``) is always on the curve.
+    Raises ``ValueError`` (one line) for a value that is not a number or lies outside ``[0, 1]``
+    (:func:`~resdistill.predict.cascade.check_threshold`); the every-tile point (``>1``) is
+    always on the curve without being asked for.
     """
     values: list[float] = []
     for part in text.split(","):
@@ -64,12 +65,7 @@ def parse_thresholds(text: str) -> list[float]:
             v = float(part)
         except ValueError:
             raise ValueError(f"{part.strip()!r} is not a number") from None
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(
-                f"{part.strip()} is out of range: thresholds on the student's top probability "
-                f"lie in [0, 1] (the every-tile point {ALL_LABEL} is always drawn)"
-            )
-        values.append(v)
+        values.append(check_threshold(v))
     if not values:
         raise ValueError("no threshold given: use e.g. 0,0.5,0.8,0.9")
     return sorted(set(values))

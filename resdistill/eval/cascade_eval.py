@@ -167,9 +167,18 @@ def evaluate_cascade(
         "curves": curves,
     }
     if out is not None:
-        files = write_cascade(doc, out, plots=plots)
-        report.files.update(files)
+        _add_files(report, write_cascade(doc, out, plots=plots), out)
     return report, doc
+
+
+def _add_files(report: EvaluationReport, files: dict[str, str], out: str) -> None:
+    """List the cascade's files in ``report.files`` and in the ``evaluation.json`` already
+    written to ``out``, so that one index names every file of the run."""
+    from resdistill.eval.report import REPORT_JSON
+    from sharding.storage import open_storage
+
+    report.files.update(files)
+    open_storage(out).write_bytes(REPORT_JSON, json.dumps(report.to_json(), indent=1).encode())
 
 
 def write_cascade(doc: dict[str, Any], out: str, *, plots: bool = True) -> dict[str, str]:
