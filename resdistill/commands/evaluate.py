@@ -11,8 +11,15 @@ compute cost: parameters, FLOPs per tile (counted) and images/s measured on this
 
 Writes to --out: evaluation.json, predictions-<model>.csv, roc.png, accuracy_vs_flops.png.
 
+With --cascade TEACHER_CKPT, each other CKPT is also scored as the student of a cascade: tiles
+whose top student probability is under a threshold go to the teacher (at its magnification), for
+every threshold of --thresholds. Adds cascade.json and cascade.png (accuracy against mean FLOPs
+per tile, F_student + share escalated * F_teacher) and names the cheapest threshold whose tile
+accuracy is within 1 point of the teacher's.
+
 exit codes: 0 done; 2 unusable input (checkpoint not found, magnification or classes that the
-dataset lacks, empty split).
+dataset lacks, empty split, a cascade teacher with other classes than a student, a threshold
+outside [0, 1]).
 """
 
 from __future__ import annotations
@@ -67,12 +74,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="time spent measuring images/s per model (default: %(default)s)",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--cascade",
+        metavar="TEACHER_CKPT",
+        help="also compute each CKPT's cascade with this teacher: accuracy vs compute over "
+        "--thresholds (cascade.json, cascade.png)",
+    )
+    p.add_argument(
+        "--thresholds",
+        metavar="LIST",
+        help="comma list in [0, 1] of escalation thresholds on the student's top probability "
+        "(default: 0,0.5,0.6,0.7,0.75,0.8,0.85,0.9,0.925,0.95,0.975,0.99; every tile "
+        "escalated is always added)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from resdistill.errors import UsageError
+    from resdistill.eval.cascade_curve import DEFAULT_THRESHOLDS, parse_thresholds
+    from resdistill.eval.cascade_eval import evaluate_cascade, format_cascade_tables
     from resdistill.eval.evaluate import evaluate_models
     from resdistill.eval.report import format_table
     from sharding.storage import StorageError
@@ -89,28 +111,46 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.alpha < 1:
         err.print("[red]error:[/red] --alpha must be between 0 and 1")
         return 2
+    thresholds = DEFAULT_THRESHOLDS
+    if args.thresholds is not None:
+        if args.cascade is None:
+            print("evaluate: error: --thresholds needs --cascade TEACHER_CKPT", file=sys.stderr)
+            return 2
+        try:
+            thresholds = tuple(parse_thresholds(args.thresholds))
+        except ValueError as exc:
+            print(f"evaluate: error: --thresholds: {exc}", file=sys.stderr)
+            return 2
+    kwargs = {
+        "out": args.out,
+        "names": names,
+        "n_boot": args.n_boot,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "num_workers": max(0, args.loader_workers),
+        "device": args.device,
+        "bench_batch": args.bench_batch,
+        "bench_seconds": args.bench_seconds,
+        "plots": not args.no_plots,
+        "log": lambda msg: err.print(msg, style="dim", markup=False, soft_wrap=True),
+    }
+    cascade = None
     try:
-        report = evaluate_models(
-            args.checkpoints,
-            args.data,
-            args.split,
-            out=args.out,
-            names=names,
-            n_boot=args.n_boot,
-            alpha=args.alpha,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            num_workers=max(0, args.loader_workers),
-            device=args.device,
-            bench_batch=args.bench_batch,
-            bench_seconds=args.bench_seconds,
-            plots=not args.no_plots,
-            log=lambda msg: err.print(msg, style="dim", markup=False, soft_wrap=True),
-        )
+        if args.cascade is None:
+            report = evaluate_models(args.checkpoints, args.data, args.split, **kwargs)
+        else:
+            report, cascade = evaluate_cascade(
+                args.checkpoints, args.data, args.cascade, args.split, thresholds=thresholds,
+                **kwargs,
+            )  # fmt: skip
     except (UsageError, StorageError, FileNotFoundError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
     console.print(format_table(report))
+    if cascade is not None:
+        for item in format_cascade_tables(cascade):
+            console.print(item)
     for kind, url in report.files.items():
         if not kind.startswith("predictions:"):
             console.print(f"{kind + ':':<19}{url}", soft_wrap=True)

@@ -14,10 +14,23 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_ESCALATE", "cascade_flops", "combine", "escalate"]
+__all__ = ["DEFAULT_ESCALATE", "cascade_flops", "check_threshold", "combine", "escalate"]
 
 #: Default ``--escalate`` threshold on the student's top probability.
 DEFAULT_ESCALATE = 0.8
+
+
+def check_threshold(value: float) -> float:
+    """``value`` as a float when it is a usable threshold on a top probability, ``[0, 1]``;
+    ``ValueError`` (one line) otherwise: a top probability is never above 1 (every tile is
+    escalated from just above the largest one on) and never under 0 (nothing is escalated)."""
+    t = float(value)
+    if not 0.0 <= t <= 1.0:  # also rejects NaN
+        raise ValueError(
+            f"{value:g} is out of range: a threshold on the student's top probability lies in "
+            "[0, 1] (0: no tile goes to the teacher, 1: every tile not scored a sure 1.0)"
+        )
+    return t
 
 
 def escalate(student_probs: np.ndarray, threshold: float) -> np.ndarray:
