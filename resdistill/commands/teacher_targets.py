@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from resdistill.commands.common import split_list as split
     from resdistill.errors import UsageError
     from resdistill.train.targets import write_targets
+    from sharding.magnification import display_mag
 
     try:
         index = write_targets(
@@ -59,9 +60,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"teacher-targets: error: {exc}", file=sys.stderr)
         return 2
     d = index.doc
+    maps = ", ".join(display_mag(m) for m in d["sizes"])
     print(
         f"{d['samples']} samples in {len(d['shards'])} shards, teacher {d['teacher']['arch']} at "
-        f"{d['teacher_mag']}, maps for {', '.join(d['sizes'])}, {d['seconds']:.1f} s -> {index.url}"
+        f"{display_mag(d['teacher_mag'])}, maps for {maps}, {d['seconds']:.1f} s -> {index.url}"
     )
     print(f"distill with: --teacher {d['teacher']['checkpoint']} --targets {index.url}")
     return 0

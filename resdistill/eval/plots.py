@@ -1,13 +1,16 @@
 """Pictures of an evaluation and of a slide prediction, as PNG bytes or RGB arrays.
 
-* :func:`plot_roc` - one panel per class, one-vs-rest ROC of every model (tiles solid, slides
-  dashed).
-* :func:`plot_accuracy_vs_flops` - tile accuracy with its bootstrap interval against FLOPs per
-  tile (log scale), slide accuracy as an open square.
+* :func:`plot_roc` (:func:`roc_figure`) - one panel per class, one-vs-rest ROC of every model
+  (tiles solid, slides dashed).
+* :func:`plot_accuracy_vs_flops` (:func:`accuracy_vs_flops_figure`) - tile accuracy with its
+  bootstrap interval against FLOPs per tile (log scale), slide accuracy as an open square.
+
+Magnifications are written as users write them (2.5x, :func:`sharding.magnification.display_mag`).
 * :func:`render_heatmap` - a slide thumbnail with one value per tissue tile painted over the
   thumbnail pixels the tile covers.
-* :func:`draw_annotations` - a slide's annotation outlines over such a picture, with a legend
-  strip below it (colour scheme: :data:`CLASS_COLOURS`, :func:`outline_colour`).
+* :func:`draw_outlines` - a slide's annotation outlines over such a picture (colour scheme:
+  :data:`CLASS_COLOURS`, :func:`outline_colour`); :func:`draw_annotations` adds a legend strip
+  below it.
 
 Matplotlib is imported inside each function and draws on a bare ``Figure`` (no pyplot, no
 display backend), so plotting works on headless nodes and does not slow the CLI down.
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from resdistill.eval.results import EvaluationReport
+from sharding.magnification import display_mag
 
 if TYPE_CHECKING:
     from sharding.annotations import Outline
@@ -31,11 +35,15 @@ if TYPE_CHECKING:
 __all__ = [
     "CLASS_COLOURS",
     "DEFAULT_CMAP",
+    "accuracy_vs_flops_figure",
     "draw_annotations",
+    "draw_outlines",
     "outline_colour",
+    "outline_width",
     "plot_accuracy_vs_flops",
     "plot_roc",
     "render_heatmap",
+    "roc_figure",
 ]
 
 DEFAULT_CMAP = "viridis"
@@ -60,7 +68,12 @@ def _png(fig: Any) -> bytes:
 
 
 def plot_roc(report: EvaluationReport) -> bytes:
-    """PNG: one panel per class; per model its one-vs-rest ROC (tile level solid, slide dashed)."""
+    """PNG of :func:`roc_figure`."""
+    return _png(roc_figure(report))
+
+
+def roc_figure(report: EvaluationReport) -> Any:
+    """One panel per class; per model its one-vs-rest ROC (tile level solid, slide dashed)."""
     from matplotlib.figure import Figure
 
     from resdistill.eval.metrics import roc_curve
@@ -84,7 +97,7 @@ def plot_roc(report: EvaluationReport) -> bytes:
                     tpr,
                     color=colour,
                     lw=1.5,
-                    label=f"{ev.name} {ev.model.mag} tiles AUC {auc:.3f}",
+                    label=f"{ev.name} {display_mag(ev.model.mag)} tiles AUC {auc:.3f}",
                 )
             s_auc = ev.slide["auc"][name]["value"]
             if s_auc is not None and ev.slide.get("roc", {}).get(name):
@@ -107,11 +120,17 @@ def plot_roc(report: EvaluationReport) -> bytes:
     for ax in axes[k:]:
         ax.set_visible(False)
     fig.suptitle(f"ROC on {report.split} of {report.data}", fontsize=9)
-    return _png(fig)
+    return fig
 
 
 def plot_accuracy_vs_flops(report: EvaluationReport) -> bytes:
-    """PNG: tile accuracy (with its slide-bootstrap interval) against FLOPs per tile, log x axis."""
+    """PNG of :func:`accuracy_vs_flops_figure`."""
+    return _png(accuracy_vs_flops_figure(report))
+
+
+def accuracy_vs_flops_figure(report: EvaluationReport) -> Any:
+    """Tile accuracy (with its slide-bootstrap interval) against FLOPs per tile, log x axis; each
+    model's point labelled with its magnification as users write it (2.5x)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.0, 4.2))
@@ -123,13 +142,13 @@ def plot_accuracy_vs_flops(report: EvaluationReport) -> bytes:
         hi = acc["high"] if acc["high"] is not None else acc["value"]
         ax.errorbar(
             [x], [acc["value"]], yerr=[[acc["value"] - lo], [hi - acc["value"]]],
-            fmt="o", color=f"C{i % 10}", capsize=4, label=f"{ev.name} ({ev.model.mag})",
+            fmt="o", color=f"C{i % 10}", capsize=4, label=f"{ev.name} ({display_mag(ev.model.mag)})",
         )  # fmt: skip
         s = ev.slide["accuracy"]["value"]
         if s is not None:
             ax.plot([x], [s], marker="s", mfc="none", color=f"C{i % 10}", ls="none")
         ax.annotate(
-            f"{ev.model.mag}",
+            display_mag(ev.model.mag),
             (x, acc["value"]),
             textcoords="offset points",
             xytext=(6, 6),
@@ -150,7 +169,7 @@ def plot_accuracy_vs_flops(report: EvaluationReport) -> bytes:
     ax.set_title(f"accuracy vs compute on {report.split}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _png(fig)
+    return fig
 
 
 def render_heatmap(
@@ -170,24 +189,17 @@ def render_heatmap(
     ``slide_size = (width, height)`` level-0 pixels. It covers thumbnail columns
     ``round(x / sx) .. round((x + size0) / sx)`` and rows
     ``round(y / sy) .. round((y + size0) / sy)`` with ``sx = width / tw``, ``sy = height / th``
-    (adjacent tiles share edges, no gaps); there the pixel becomes
-    ``(1 - alpha) * thumbnail + alpha * colormap(value)``. Pixels of no tile keep the thumbnail.
+    (adjacent tiles share edges, no gaps; :mod:`resdistill.eval.tile_paint`); there the pixel
+    becomes ``(1 - alpha) * thumbnail + alpha * colormap(value)``. Pixels of no tile keep the
+    thumbnail.
     """
     import matplotlib
 
-    thumb = thumbnail.astype(np.float32)
-    th, tw = thumb.shape[:2]
-    sx, sy = slide_size[0] / tw, slide_size[1] / th
-    colours = matplotlib.colormaps[cmap](values)[:, :3] * 255.0
-    out = thumb.copy()
-    for x, y, colour in zip(xs, ys, colours, strict=True):
-        x, y = int(x), int(y)
-        x0, x1 = int(round(x / sx)), int(round((x + size0) / sx))
-        y0, y1 = int(round(y / sy)), int(round((y + size0) / sy))
-        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
-        region = out[y0:y1, x0:x1]
-        region[:] = (1.0 - alpha) * thumb[y0:y1, x0:x1] + alpha * colour
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    from resdistill.eval.tile_paint import blend, owner_map, tile_boxes
+
+    owner = owner_map(thumbnail.shape, tile_boxes(thumbnail.shape, slide_size, xs, ys, size0))
+    colours = matplotlib.colormaps[cmap](np.asarray(values, dtype=np.float64))[:, :3] * 255.0
+    return blend(thumbnail, owner, colours, alpha)
 
 
 def outline_colour(name: str, role: str, classes: Sequence[str]) -> RGB:
@@ -225,40 +237,64 @@ def _stroke(
         draw.line(part.ravel().tolist(), fill=fill, width=width, joint="curve")
 
 
-def draw_annotations(
+def draw_outlines(
     image: np.ndarray,
     slide_size: tuple[int, int],
     outlines: Sequence[Outline],
     classes: Sequence[str],
 ) -> np.ndarray:
     """``image`` (a ``(th, tw, 3)`` uint8 picture of a whole slide) with the annotation
-    ``outlines`` drawn on it and a legend strip below, as a new uint8 RGB array.
+    ``outlines`` drawn on it, as a new uint8 RGB array of the same size.
 
     ``outlines`` are in level-0 pixels of a slide of ``slide_size = (width, height)``; a point
     ``(x, y)`` lands on ``(x / sx, y / sy)`` with ``sx = width / tw``, ``sy = height / th`` (as
     :func:`render_heatmap` places tiles). Each ring is a line ``w = max(2, round(max(th, tw) /
     500))`` pixels wide in :func:`outline_colour`, dashed per :data:`DASHES`, over a black halo
-    ``w + 2`` wide; halos go first so that no halo hides another outline. The picture keeps its
-    pixels at the top left of the result; below it one legend row per outline (a line sample and
-    its name), the result widened with white if a name needs it.
+    ``w + 2`` wide; halos go first so that no halo hides another outline.
+    """
+    from PIL import Image, ImageDraw
+
+    th, tw = image.shape[:2]
+    scale = np.array([slide_size[0] / tw, slide_size[1] / th])
+    width = outline_width(image.shape)
+    picture = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    draw = ImageDraw.Draw(picture)
+    for halo in (True, False):
+        for outline in outlines:
+            colour = outline_colour(outline.name, outline.role, classes)
+            for ring in outline.rings:
+                fill, w = (HALO_COLOUR, width + 2) if halo else (colour, width)
+                _stroke(draw, ring / scale, DASHES.get(outline.role), fill, w)
+    return np.asarray(picture)
+
+
+def outline_width(shape: tuple[int, ...]) -> int:
+    """Width in pixels of an outline on a picture of ``shape[:2] = (th, tw)``:
+    ``max(2, round(max(th, tw) / 500))``."""
+    return max(2, round(max(shape[:2]) / 500))
+
+
+def draw_annotations(
+    image: np.ndarray,
+    slide_size: tuple[int, int],
+    outlines: Sequence[Outline],
+    classes: Sequence[str],
+) -> np.ndarray:
+    """:func:`draw_outlines` on ``image``, and a legend strip below, as a new uint8 RGB array.
+
+    The picture keeps its pixels at the top left of the result; below it one legend row per
+    outline (a line sample and its name), the result widened with white if a name needs it.
     """
     from PIL import Image, ImageDraw, ImageFont
 
     th, tw = image.shape[:2]
-    scale = np.array([slide_size[0] / tw, slide_size[1] / th])
-    width = max(2, round(max(th, tw) / 500))
+    width = outline_width(image.shape)
+    picture = Image.fromarray(draw_outlines(image, slide_size, outlines, classes))
     styles = [(o, outline_colour(o.name, o.role, classes), DASHES.get(o.role)) for o in outlines]
-    picture = Image.fromarray(np.ascontiguousarray(image[..., :3]))
-    draw = ImageDraw.Draw(picture)
-    for halo in (True, False):
-        for outline, colour, dash in styles:
-            for ring in outline.rings:
-                fill, w = (HALO_COLOUR, width + 2) if halo else (colour, width)
-                _stroke(draw, ring / scale, dash, fill, w)
-
     font = ImageFont.load_default()
     row = 16
-    text_w = max((draw.textlength(o.name, font=font) for o, _, _ in styles), default=0)
+    measure = ImageDraw.Draw(picture)
+    text_w = max((measure.textlength(o.name, font=font) for o, _, _ in styles), default=0)
     canvas = Image.new("RGB", (max(tw, 40 + int(text_w) + 6), th + row * len(styles) + 6), "white")
     canvas.paste(picture, (0, 0))
     legend = ImageDraw.Draw(canvas)

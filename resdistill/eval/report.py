@@ -15,6 +15,7 @@ from typing import Any
 
 from resdistill.eval.plots import plot_accuracy_vs_flops, plot_roc
 from resdistill.eval.results import EvaluationReport
+from sharding.magnification import display_mag
 
 __all__ = ["format_table", "human_flops", "safe_name", "write_report"]
 
@@ -94,7 +95,7 @@ def format_table(report: EvaluationReport) -> Any:
         s = ev.slide["accuracy"]["value"]
         table.add_row(
             ev.name,
-            ev.model.mag,
+            display_mag(ev.model.mag),
             f"{len(ev.predictions)} ({ev.tile.get('n_slides', '-')})",
             _ci(ev.tile["accuracy"]),
             _ci(ev.tile["macro_f1"]),

@@ -19,7 +19,8 @@ from typing import Any
 from resdistill.checkpoint import checkpoint_url
 from resdistill.train.runner import run_url
 from resdistill.tune.space import Domain
-from resdistill.tune.stage import stage_of
+from resdistill.tune.stage import canonical, stage_of
+from sharding.magnification import display_mag
 
 
 @dataclass
@@ -137,9 +138,14 @@ def _checkpoint_metrics(result: Any, ckpt: Any) -> dict[str, Any]:
     return {}
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, key: str = "") -> str:
+    """A value of the table: ``-`` for none, floats to 4 digits, a magnification (``mag``,
+    ``student_mag``) as users write it (2.5x, not the file-name form 2p5x)."""
     if value is None:
         return "-"
+    if canonical(key) == "mag":
+        with contextlib.suppress(ValueError):
+            return display_mag(value)
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -162,7 +168,7 @@ def print_summary(summary: TuneSummary, space: Mapping[str, Domain], console: An
     ):
         table.add_column(col)
     for row in summary.trials:
-        table.add_row(row.trial, row.status, *(_fmt(row.config.get(k)) for k in space),
+        table.add_row(row.trial, row.status, *(_fmt(row.config.get(k), k) for k in space),
                       str(row.epochs), _fmt(row.last), _fmt(row.best))  # fmt: skip
     console.print(table)
     console.print(f"run:             {summary.url}")
@@ -170,7 +176,7 @@ def print_summary(summary: TuneSummary, space: Mapping[str, Domain], console: An
         console.print("[yellow]no trial reported the metric with a checkpoint[/]")
         return
     b = summary.best
-    cfg = ", ".join(f"{k}={_fmt(b['config'].get(k))}" for k in space if k in b["config"])
+    cfg = ", ".join(f"{k}={_fmt(b['config'].get(k), k)}" for k in space if k in b["config"])
     console.print(
         f"best trial:      {b['trial']} ({summary.metric} {_fmt(b['value'])} at epoch {b['epoch']})"
     )
