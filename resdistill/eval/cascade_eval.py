@@ -33,6 +33,7 @@ from resdistill.eval.evaluate import (
     predict_split,
 )
 from resdistill.eval.results import EvaluationReport
+from sharding.magnification import display_mag
 
 __all__ = [
     "CASCADE_JSON",
@@ -120,7 +121,9 @@ def evaluate_cascade(
     if same:
         t_preds, t_flops = same[0].predictions, int(same[0].compute["flops"])
     else:
-        say(f"cascade teacher: {teacher.meta.get('arch')} at {teacher.mag} on {info.url} [{split}]")
+        say(
+            f"cascade teacher: {teacher.meta.get('arch')} at {display_mag(teacher.mag)} on {info.url} [{split}]"
+        )
         manifest = read_manifest(info.url, columns=("key", "slide", "split", "label", "shard"))
         t_preds = predict_split(
             teacher, info, split, manifest=manifest,

@@ -46,6 +46,7 @@ from resdistill.checkpoint import LoadedModel, load_model
 from resdistill.errors import UsageError
 from resdistill.eval.report import write_report
 from resdistill.eval.results import EvaluationReport, ModelEvaluation, TilePredictions
+from sharding.magnification import display_mag
 
 __all__ = [
     "EvaluationError",
@@ -108,7 +109,7 @@ def check_compatible(model: LoadedModel, info: Any) -> str:
     want, have = model.tile_px, info.tile_px.get(mag)
     if want and have and int(have) != want:
         raise MismatchError(
-            f"{model.url}: {model.name} was trained on {want} px tiles at {mag} but dataset "
+            f"{model.url}: {model.name} was trained on {want} px tiles at {display_mag(mag)} but dataset "
             f"{info.url} has {have} px tiles there (another --tile-px): reshard with a matching size"
         )
     return mag
@@ -259,7 +260,9 @@ def evaluate_models(
     for m in models:
         mag = m.mag
         px = int(m.tile_px or info.tile_px[mag])
-        say(f"{m.name}: {m.meta.get('arch')} at {mag} ({px} px) on {info.url} [{split}]")
+        say(
+            f"{m.name}: {m.meta.get('arch')} at {display_mag(mag)} ({px} px) on {info.url} [{split}]"
+        )
         preds = predict_split(
             m, info, split, batch_size=batch_size, num_workers=num_workers, device=device,
             manifest=manifest,

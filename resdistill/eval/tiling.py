@@ -44,6 +44,7 @@ import numpy as np
 
 from resdistill.checkpoint import CheckpointError, LoadedModel
 from resdistill.errors import UsageError
+from sharding.magnification import display_mag
 from sharding.regions import RegionGrid
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ def chain_of(
             )  # fmt: skip
             notes.append(
                 f"{model.url}: the checkpoint records no read chain (written before checkpoints "
-                f"did): tiles are read from the slide's pyramid at {model.mag}, not encoded, "
+                f"did): tiles are read from the slide's pyramid at {display_mag(model.mag)}, not encoded, "
                 f"min_tissue {opts.min_tissue:g}"
             )
             return ReadChain(opts, model.mag, "pyramid", tuple(notes), read)

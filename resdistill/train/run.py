@@ -13,6 +13,7 @@ from typing import Any
 
 from resdistill.config import STAGE_DISTILL, STAGE_SUPERVISED, STAGE_TEACHER, TrainConfig
 from resdistill.train.runner import RunSummary, launch, print_summary, run_url, summarize
+from sharding.magnification import display_mag
 
 #: the summary table's title per stage
 TITLES = {
@@ -38,12 +39,12 @@ def describe(cfg: TrainConfig) -> str:
     )
     if cfg.stage == STAGE_TEACHER:
         return (
-            f"[bold]teacher[/] {model.arch} at {model.mag} on {data.url}: {plan.n_train} train "
+            f"[bold]teacher[/] {model.arch} at {display_mag(model.mag)} on {data.url}: {plan.n_train} train "
             f"samples in {plan.train_shards} shards, {plan.n_val} val; {shape}"
         )
     if cfg.stage == STAGE_SUPERVISED:
         return (
-            f"[bold]supervised baseline[/] {model.arch} at {model.mag} on {data.url}: "
+            f"[bold]supervised baseline[/] {model.arch} at {display_mag(model.mag)} on {data.url}: "
             f"{plan.n_train} labelled train samples of {splits} in {plan.train_shards} shards, "
             f"{plan.n_val} val; loss = cross-entropy on labels; {shape}"
         )
@@ -51,7 +52,7 @@ def describe(cfg: TrainConfig) -> str:
     assert t is not None
     unl = plan.n_train - plan.n_labelled
     return (
-        f"[bold]distill[/] {model.arch} at {model.mag} <- teacher {t.arch} at {t.mag} "
+        f"[bold]distill[/] {model.arch} at {display_mag(model.mag)} <- teacher {t.arch} at {display_mag(t.mag)} "
         f"({t.checkpoint}) on {data.url}: {plan.n_train} train samples ({plan.n_labelled} "
         f"labelled, {unl} unlabeled) of {splits} in {plan.train_shards} shards, {plan.n_val} val; "
         f"loss = {lo.kd_weight:g} x KD(T={lo.temperature:g}) + {lo.feature_weight:g} x "

@@ -32,6 +32,7 @@ from resdistill.train.teacher_net import (
 )
 from resdistill.train.validate import evaluate
 from resdistill.train.worker_env import WorkerEnv
+from sharding.magnification import display_mag
 
 
 @dataclass
@@ -226,7 +227,7 @@ class DistillStage:
         out = {k: v for k, v in scored.items() if k.endswith(("accuracy", "macro_f1"))}
         if ctx.env.is_main:
             ctx.log(
-                f"teacher on {ctx.cfg.data.val_split} at {self.ref.mag}: accuracy "
+                f"teacher on {ctx.cfg.data.val_split} at {display_mag(self.ref.mag)}: accuracy "
                 f"{out['teacher_val_accuracy']:.4f}  macro F1 {out['teacher_val_macro_f1']:.4f}"
             )
         return out
