@@ -5,7 +5,8 @@ pixels a thumbnail pixel), so each polygon's edges land on known thumbnail pixel
 1.25x on 32 px tiles (random weights: only the drawing matters) predicts them twice, without and
 with annotations: outside a band around the outlines the heatmap pixels must be the same, on each
 edge the outline's colour must appear, and slides without a usable file must get the very same
-PNGs as without ``--annotations``.
+PNGs as without ``--annotations``. ``--heatmap-px 256`` makes the heatmap background the
+256 x 192 picture of the slide.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def predict(setup: Path, out: Path, *extra: str, slides: str = "abc") -> int:
     paths = [str(setup / "slides" / f"{s}.svs") for s in slides]
     argv = [str(setup / "ckpt"), *paths, "--out", str(out), "--heatmap", "all", "--min-tissue", "0"]
+    argv += ["--heatmap-px", str(W // SCALE)]
     return _cli(predict_cmd, [*argv, *extra])
 
 

@@ -43,5 +43,27 @@ def heatmap_pngs(
     ``--heatmap-px``) covering level-0 ``slide_size`` ``(width, height)``; tile ``i`` covers level-0
     ``[xs[i], xs[i] + size0) x [ys[i], ys[i] + size0)`` and has ``tile_probs[i]`` ``(K,)``;
     ``escalated[i]`` marks tiles the cascade sent to the teacher; ``outlines`` are annotation
-    outlines drawn over every picture."""
-    raise NotImplementedError
+    outlines drawn over every picture.
+
+    Temporary body (the heatmap work replaces it): each class's probability painted over the
+    background (:func:`resdistill.eval.plots.render_heatmap`), the argmax map as class index
+    over ``K - 1``, escalated tiles not marked, outlines with their legend strip."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from resdistill.eval.plots import draw_annotations, render_heatmap
+
+    size = (int(slide_size[0]), int(slide_size[1]))
+    probs = np.asarray(tile_probs)
+    values = {name: probs[:, list(classes).index(name)] for name in which}
+    values["classes"] = probs.argmax(axis=1) / max(1, len(classes) - 1)
+    out: dict[str, bytes] = {}
+    for name, v in values.items():
+        img = render_heatmap(background, size, xs, ys, size0, v, alpha=alpha, cmap=cmap)
+        if outlines:
+            img = draw_annotations(img, size, outlines, classes)
+        buf = BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        out[name] = buf.getvalue()
+    return out
