@@ -33,6 +33,8 @@ __all__ = ["CHUNK_TILES", "WAVE_SLIDES", "Cascade", "EngineConfig", "SlideResult
 
 #: Regions read by one read task call (one open of the slide).
 CHUNK_TILES = 64
+#: Bytes of memory a read task reserves: its worker holds torch (the decoder), OpenSlide and a chunk.
+READ_TASK_MEMORY = 640 * 1024**2
 #: Slides planned and run as one dataset; the next wave is planned meanwhile.
 WAVE_SLIDES = 256
 
@@ -144,9 +146,9 @@ def _dataset(plans: Mapping[str, SlidePlan], cfg: EngineConfig) -> Any:
         for sid, p in plans.items()
         for s in range(0, p.n_tiles, CHUNK_TILES)
     ]
-    # Read tasks: retried when their worker dies (an OpenSlide crash, a lost node). Their own
-    # remote args also keep Ray Data from fusing reading into the inference actors.
-    read = {"batch_format": "numpy", "num_cpus": 1, "max_retries": 2}
+    # Read tasks reserve memory for OpenSlide's caches and a chunk of regions; asking for it
+    # also keeps Ray Data from fusing reading into the inference actors (other resources).
+    read = {"batch_format": "numpy", "num_cpus": 1, "memory": READ_TASK_MEMORY}
     ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 512)))
     ds = ds.map_batches(
         read_chunks, batch_size=1, fn_kwargs={"plans": light, "chain": cfg.chain}, **read

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from sharding.regions import RegionGrid
     from sharding.slide import SlideInfo
 
-__all__ = ["PlanFailure", "SlidePlan", "plan_slide"]
+__all__ = ["PlanFailure", "SlidePlan", "open_slide_at", "plan_slide"]
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,27 @@ class PlanFailure:
     message: str
 
 
+def open_slide_at(path: str) -> Any:
+    """The OpenSlide handle of ``path``; an ``s3://`` slide through this node's cached copy, its
+    errors naming the URL the user gave, not the cache file."""
+    from sharding.remote_slides import is_s3, local_copy
+    from sharding.slide import SlideError, open_slide
+
+    local = local_copy(path) if is_s3(path) else path
+    try:
+        return open_slide(local)
+    except SlideError as exc:
+        raise SlideError(str(exc).replace(local, path)) from None
+
+
 def plan_slide(sid: str, path: str, chain: ReadChain, heatmap_px: int) -> SlidePlan | PlanFailure:
     """Plan ``path`` for ``chain`` (module docstring); never raises for a bad slide."""
     from resdistill.eval.tiling import plan_tiles
-    from sharding.slide import SlideError, open_slide
+    from sharding.slide import SlideError
 
     t0 = time.perf_counter()
     try:
-        slide = open_slide(path)
+        slide = open_slide_at(path)
         try:
             plan = plan_tiles(slide, path, chain)
             background = _background(slide, heatmap_px)

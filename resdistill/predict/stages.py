@@ -35,9 +35,9 @@ __all__ = ["Scorer", "read_chunks", "read_escalated"]
 def _read(plan: SlidePlan, chain: ReadChain, positions: np.ndarray) -> np.ndarray:
     """Tiles of the kept regions ``positions`` of ``plan`` read through ``chain``."""
     from resdistill.eval.tiling import read_tiles
-    from sharding.slide import open_slide
+    from resdistill.predict.plan import open_slide_at
 
-    slide = open_slide(plan.path)
+    slide = open_slide_at(plan.path)
     try:
         return read_tiles(slide, plan.grid(positions), chain, range(len(positions)))  # type: ignore[arg-type]
     finally:
