@@ -33,6 +33,9 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from resdistill.predict.cascade import DEFAULT_ESCALATE
+    from resdistill.predict.heatmaps import DEFAULT_HEATMAP_PX
+
     p.add_argument(
         "checkpoint", metavar="CKPT", help="checkpoint folder, model.pt or tune result JSON"
     )
@@ -47,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="heatmap classes: 'predicted' (the slide's class), 'all', or a comma list (default: %(default)s)",
     )
     p.add_argument(
-        "--heatmap-px", type=int, default=1600,
+        "--heatmap-px", type=int, default=DEFAULT_HEATMAP_PX,
         help="long side in pixels of the slide picture under the heatmaps (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
@@ -77,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--escalate", type=float, metavar="T",
-        help="with --cascade: escalate tiles whose top probability is under T (default: 0.8)",
+        help="with --cascade: escalate tiles whose top probability is under T (default: "
+        f"{DEFAULT_ESCALATE:g})",
     )  # fmt: skip
     p.add_argument(
         "--alpha", type=float, default=0.55,

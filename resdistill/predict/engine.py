@@ -35,8 +35,9 @@ __all__ = ["CHUNK_TILES", "WAVE_SLIDES", "Cascade", "EngineConfig", "SlideResult
 CHUNK_TILES = 64
 #: Bytes of memory a read task reserves: its worker holds torch (the decoder), OpenSlide and a chunk.
 READ_TASK_MEMORY = 640 * 1024**2
-#: Slides planned and run as one dataset; the next wave is planned meanwhile.
-WAVE_SLIDES = 256
+#: Slides planned and run as one dataset; the next wave is planned meanwhile. Bounds the
+#: driver's plans and heatmap backgrounds (at most ~6 MB each at 1600 px) whatever the run size.
+WAVE_SLIDES = 128
 
 
 @dataclass(frozen=True)
