@@ -63,6 +63,8 @@ def settle(args: argparse.Namespace) -> Setup:
         raise UsageError("--batch-size must be at least 1")
     if args.heatmap_px < 16:
         raise UsageError(f"--heatmap-px must be at least 16, got {args.heatmap_px}")
+    if args.device not in (None, "cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
     if args.actors is not None and args.actors < 1:
         raise UsageError("--actors must be at least 1")
     if args.cmap not in matplotlib.colormaps:
@@ -144,7 +146,7 @@ def predict_command(args: argparse.Namespace) -> int:
         err.print(f"[yellow]note[/yellow] {escape(note)}", soft_wrap=True)
     try:
         failed = _run(args, setup, store, found, done, annotations, err)
-    except StorageError as exc:
+    except (UsageError, StorageError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
     unusable = annotations is not None and annotations.problems > 0
@@ -220,6 +222,8 @@ def _engine_config(args: argparse.Namespace, setup: Setup, resources: dict) -> A
 
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     device = args.device or ("cuda" if gpus else "cpu")
+    if device == "cuda" and not gpus:
+        raise UsageError("--device cuda: the Ray cluster has no GPU (leave --device out for CPU)")
     stages = 2 if setup.teacher is not None else 1
     actors = args.actors or (max(1, gpus) if device == "cuda" else max(1, cpus // 4))
     actor_cpus = 1.0
