@@ -219,3 +219,13 @@ def test_cascade_refuses_another_grid(
     assert rc == 2 and len(err) == 1, err
     assert "32 px at 2.5x" in err[0] and "64 px at 5x" in err[0] and "same region grid" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_escalate_needs_a_teacher(setup: Path, tmp_path: Path, capsys) -> None:
+    slide = str(setup / "slides" / "a.svs")
+    rc = _cli(
+        predict_cmd,
+        [str(setup / "student"), slide, "--out", str(tmp_path / "o"), "--escalate", "0.5"],
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--escalate needs --cascade" in err[0], err

@@ -185,7 +185,7 @@ def _run(args, setup: Setup, store, found, done, annotations, err) -> int:  # no
     if todo:
         import ray
 
-        ray_init(args.address)
+        ray_init(args.address, dashboard=False)  # the command shows its own progress
         cfg = _engine_config(args, setup, ray.cluster_resources())
         with Progress(err, len(todo)) as progress:
 
