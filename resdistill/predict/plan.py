@@ -105,7 +105,11 @@ def plan_slide(sid: str, path: str, chain: ReadChain, heatmap_px: int) -> SlideP
     except SlideError as exc:
         return PlanFailure(sid, path, str(exc))
     except Exception as exc:  # noqa: BLE001 - OpenSlide's own errors on a damaged file
-        return PlanFailure(sid, path, f"{path}: reading the slide failed ({exc})")
+        return PlanFailure(
+            sid, path,
+            f"{path}: reading the slide failed ({exc}); the file may be truncated or damaged: "
+            "copy it again",
+        )  # fmt: skip
     keep = np.flatnonzero(plan.keep)
     return SlidePlan(
         sid=sid, path=path, info=plan.info, size0=int(plan.size0), rows=plan.rows,

@@ -92,7 +92,7 @@ def summary_table(
         alone = tiles * setup.flops[1]
         parts.append(
             f"escalated {escalated / tiles:.1%}; {flops / 1e9:.2f} GFLOPs, "
-            f"{flops / alone:.2f} of the teacher alone"
+            f"{flops / alone:.0%} of the teacher alone"
         )
     table.caption = "; ".join(parts)
     return table
