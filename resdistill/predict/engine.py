@@ -108,21 +108,30 @@ def run_engine(
     items = list(slides.items())
     waves = [items[i : i + WAVE_SLIDES] for i in range(0, len(items), WAVE_SLIDES)]
 
-    def submit(wave: list[tuple[str, str]]) -> list[Any]:
-        return [plan_task.remote(sid, path, cfg.chain, cfg.heatmap_px) for sid, path in wave]
+    def submit(wave: list[tuple[str, str]]) -> dict[Any, tuple[str, str]]:
+        return {
+            plan_task.remote(sid, path, cfg.chain, cfg.heatmap_px): (sid, path)
+            for sid, path in wave
+        }
 
-    pending = submit(waves[0]) if waves else []
+    pending = submit(waves[0]) if waves else {}
     for k in range(len(waves)):
         plans: dict[str, SlidePlan] = {}
-        for ref in _as_completed(ray, pending):
-            plan = ray.get(ref)
+        for ref in _as_completed(ray, list(pending)):
+            try:
+                plan = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # the worker died (e.g. OpenSlide crashed)
+                sid, path = pending[ref]
+                plan = PlanFailure(
+                    sid, path, f"{path}: planning the slide failed ({type(exc).__name__})"
+                )
             if isinstance(plan, PlanFailure):
                 on_slide(SlideResult(plan.sid, plan.path, plan.message))
             else:
                 plans[plan.sid] = plan
                 if on_planned is not None:
                     on_planned(plan.n_tiles)
-        pending = submit(waves[k + 1]) if k + 1 < len(waves) else []
+        pending = submit(waves[k + 1]) if k + 1 < len(waves) else {}
         if plans:
             for result in _run_wave(plans, cfg, on_tiles):
                 on_slide(result)
