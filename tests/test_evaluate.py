@@ -476,6 +476,7 @@ def test_predict_real_slide_heatmap(
 ) -> None:
     import openslide
 
+    from resdistill.predict.heatmaps import LEFT_PX, TOP_PX
     from sharding.slide import read_region_at, slide_info
     from sharding.tissue import detect_tissue, grid, region_size0
 
@@ -534,8 +535,10 @@ def test_predict_real_slide_heatmap(
     for c in CLASSES:
         with Image.open(out / f"{sid}.heatmap-{c}.png") as img:
             assert img.format == "PNG"
-            assert img.size == (thumb.shape[1], thumb.shape[0])
-            arr = np.asarray(img.convert("RGB"))
+            assert img.size[0] >= thumb.shape[1] and img.size[1] >= thumb.shape[0]
+            picture = np.asarray(img.convert("RGB"))
+        # the slide picture lies in the PNG at (LEFT_PX, TOP_PX), one pixel per pixel
+        arr = picture[TOP_PX : TOP_PX + thumb.shape[0], LEFT_PX : LEFT_PX + thumb.shape[1]]
 
         def cell(j: int, arr: np.ndarray = arr) -> tuple[np.ndarray, np.ndarray]:
             x0, y0 = int(round(xs[j] / sx)), int(round(ys[j] / sy))

@@ -13,10 +13,14 @@ import numpy as np
 if TYPE_CHECKING:
     from sharding.annotations import Outline
 
-__all__ = ["DEFAULT_HEATMAP_PX", "heatmap_pngs"]
+__all__ = ["CLASS_MAP", "DEFAULT_HEATMAP_PX", "LEFT_PX", "TOP_PX", "heatmap_pngs"]
 
 #: Long side, in pixels, of the slide picture under a heatmap (``--heatmap-px``).
 DEFAULT_HEATMAP_PX = 1600
+#: The name of the argmax class map among the pictures.
+CLASS_MAP = "classes"
+#: Where the slide image's top left pixel lies in every PNG.
+LEFT_PX, TOP_PX = 0, 0
 
 
 def heatmap_pngs(
@@ -35,6 +39,8 @@ def heatmap_pngs(
     alpha: float = 0.55,
     escalated: np.ndarray | None = None,
     outlines: Sequence[Outline] | None = None,
+    mpp: float | None = None,
+    confidence_opacity: bool = False,
 ) -> dict[str, bytes]:
     """PNG bytes per picture: ``{class_name: png}`` for each class in ``which`` (its probability
     over every tissue tile, with a colorbar, titled with the slide, the class and the
@@ -47,7 +53,8 @@ def heatmap_pngs(
 
     Temporary body (the heatmap work replaces it): each class's probability painted over the
     background (:func:`resdistill.eval.plots.render_heatmap`), the argmax map as class index
-    over ``K - 1``, escalated tiles not marked, outlines with their legend strip."""
+    over ``K - 1`` (only when ``which`` names :data:`CLASS_MAP`), escalated tiles not marked, no
+    scale bar, outlines with their legend strip."""
     from io import BytesIO
 
     from PIL import Image
@@ -56,8 +63,12 @@ def heatmap_pngs(
 
     size = (int(slide_size[0]), int(slide_size[1]))
     probs = np.asarray(tile_probs)
-    values = {name: probs[:, list(classes).index(name)] for name in which}
-    values["classes"] = probs.argmax(axis=1) / max(1, len(classes) - 1)
+    values = {
+        name: probs.argmax(axis=1) / max(1, len(classes) - 1)
+        if name == CLASS_MAP
+        else probs[:, list(classes).index(name)]
+        for name in which
+    }
     out: dict[str, bytes] = {}
     for name, v in values.items():
         img = render_heatmap(background, size, xs, ys, size0, v, alpha=alpha, cmap=cmap)

@@ -129,8 +129,7 @@ def write_slide(
     the record written (``record`` plus the slide's fields). ``flops`` are the counted FLOPs of
     one tile through the student and, with the cascade, the teacher."""
     from resdistill.predict.cascade import cascade_flops
-    from resdistill.predict.heatmaps import heatmap_pngs
-    from sharding.magnification import display_mag
+    from resdistill.predict.heatmaps import CLASS_MAP, heatmap_pngs
 
     p = result.plan
     probs = result.probs
@@ -146,9 +145,10 @@ def write_slide(
     predicted = classes[int(mean.argmax())]
     pngs = heatmap_pngs(
         p.background, (p.info.width, p.info.height), p.xs, p.ys, p.size0, probs, classes,
-        slide_id=sid, mag=display_mag(mag), which=list(which) or [predicted], cmap=cmap,
-        alpha=alpha, escalated=result.escalated,
+        slide_id=sid, mag=mag, which=[*(list(which) or [predicted]), CLASS_MAP],
+        cmap=cmap, alpha=alpha, escalated=result.escalated,
         outlines=overlay.outlines if overlay is not None and overlay.outlines else None,
+        mpp=p.info.base_mpp,
     )  # fmt: skip
     for name, data in pngs.items():
         files[f"heatmap:{name}"] = f"{sid}.heatmap-{name}.png"
