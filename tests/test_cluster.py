@@ -142,7 +142,7 @@ def test_kuberay_image_is_built_on_the_installed_ray() -> None:
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:([0-9.]+)-py311", dockerfile, re.M)
     assert base and base.group(1) == ray.__version__
-    assert f'"ray[default,train,tune]=={ray.__version__}"' in dockerfile
+    assert f'"ray[data,default,train,tune]=={ray.__version__}"' in dockerfile
     for copied in ("sharding", "resdistill", "pyproject.toml"):
         assert re.search(rf"^COPY .*\b{re.escape(copied)}\b", dockerfile, re.M)
 

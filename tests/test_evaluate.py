@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -475,8 +476,9 @@ def test_predict_real_slide_heatmap(
 ) -> None:
     import openslide
 
+    from resdistill.predict.heatmaps import LEFT_PX, TOP_PX
     from sharding.slide import read_region_at, slide_info
-    from sharding.tissue import detect_tissue, grid, region_size0, thumbnail
+    from sharding.tissue import detect_tissue, grid, region_size0
 
     out = tmp_path / "pred"
     ckpt = checkpoints["student"]  # 5x, 16 px tiles: region = 16 px * 2 um / 0.499 um = 64 px
@@ -492,7 +494,7 @@ def test_predict_real_slide_heatmap(
         size0 = region_size0(info, 2.0, 16)
         xs, ys = grid(info.width, info.height, size0)
         frac = detect_tissue(slide, info).fractions(xs, ys, size0)
-        thumb, _ = thumbnail(slide, info)
+        thumb = np.asarray(slide.get_thumbnail((1600, 1600)).convert("RGB"))
         model, payload = _load(ckpt)
         i = int(np.flatnonzero(frac >= 0.5)[0])
         tile = np.asarray(read_region_at(slide, info, int(xs[i]), int(ys[i]), size0, 16))
@@ -504,7 +506,8 @@ def test_predict_real_slide_heatmap(
     }  # fmt: skip
     tissue = ~np.isnan(heat[..., 0])
     assert tissue.ravel().tolist() == (frac >= 0.5).tolist()
-    assert doc["n_tiles"] == int(tissue.sum()) == len(doc["tiles"]) > 50
+    tiles = pq.read_table(out / "tiles.parquet").to_pandas()
+    assert doc["n_tiles"] == int(tissue.sum()) == len(tiles) > 50
     np.testing.assert_allclose(heat[tissue].sum(axis=1), 1.0, atol=1e-5)
 
     # slide class = argmax of the mean tile probabilities
@@ -521,15 +524,21 @@ def test_predict_real_slide_heatmap(
     with torch.no_grad():
         expected = torch.softmax(model(x)[0], 1)[0].numpy()
     np.testing.assert_allclose(heat[i // cols, i % cols], expected, atol=1e-5)
-    assert doc["tiles"][0]["probs"] == pytest.approx(expected.tolist(), abs=1e-5)
+    first = tiles.iloc[0]
+    assert (first["x"], first["y"]) == (xs[i], ys[i])
+    assert [first[f"p_{c}"] for c in CLASSES] == pytest.approx(expected.tolist(), abs=1e-5)
 
-    # heatmap PNGs: thumbnail-sized, painted on tissue cells, untouched elsewhere
+    # heatmap PNGs: the slide picture (long side --heatmap-px) painted on tissue cells,
+    # untouched elsewhere
+    assert (doc["background"]["width"], doc["background"]["height"]) == thumb.shape[1::-1]
     sx, sy = info.width / thumb.shape[1], info.height / thumb.shape[0]
     for c in CLASSES:
         with Image.open(out / f"{sid}.heatmap-{c}.png") as img:
             assert img.format == "PNG"
-            assert img.size == (thumb.shape[1], thumb.shape[0])
-            arr = np.asarray(img.convert("RGB"))
+            assert img.size[0] >= thumb.shape[1] and img.size[1] >= thumb.shape[0]
+            picture = np.asarray(img.convert("RGB"))
+        # the slide picture lies in the PNG at (LEFT_PX, TOP_PX), one pixel per pixel
+        arr = picture[TOP_PX : TOP_PX + thumb.shape[0], LEFT_PX : LEFT_PX + thumb.shape[1]]
 
         def cell(j: int, arr: np.ndarray = arr) -> tuple[np.ndarray, np.ndarray]:
             x0, y0 = int(round(xs[j] / sx)), int(round(ys[j] / sy))

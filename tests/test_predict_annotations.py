@@ -5,7 +5,8 @@ pixels a thumbnail pixel), so each polygon's edges land on known thumbnail pixel
 1.25x on 32 px tiles (random weights: only the drawing matters) predicts them twice, without and
 with annotations: outside a band around the outlines the heatmap pixels must be the same, on each
 edge the outline's colour must appear, and slides without a usable file must get the very same
-PNGs as without ``--annotations``.
+PNGs as without ``--annotations``. ``--heatmap-px 256`` makes the heatmap background the
+256 x 192 picture of the slide, found in each PNG at ``(LEFT_PX, TOP_PX)``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image
 from resdistill.commands import predict as predict_cmd
 from resdistill.eval.plots import CLASS_COLOURS, IGNORE_COLOUR, ROI_COLOUR
 from resdistill.models import build_model
+from resdistill.predict.heatmaps import LEFT_PX, TOP_PX
 from sharding.storage import open_storage
 from tests.annotation_factory import collection, feature, ring
 from tests.slide_factory import blob_image, write_slide
@@ -70,12 +72,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def predict(setup: Path, out: Path, *extra: str, slides: str = "abc") -> int:
     paths = [str(setup / "slides" / f"{s}.svs") for s in slides]
     argv = [str(setup / "ckpt"), *paths, "--out", str(out), "--heatmap", "all", "--min-tissue", "0"]
+    argv += ["--heatmap-px", str(W // SCALE)]
     return _cli(predict_cmd, [*argv, *extra])
 
 
 def png(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
+
+
+def image(picture: np.ndarray) -> np.ndarray:
+    """The slide picture inside a heatmap PNG (at ``LEFT_PX, TOP_PX``, one pixel per pixel)."""
+    return picture[TOP_PX : TOP_PX + H // SCALE, LEFT_PX : LEFT_PX + W // SCALE]
 
 
 def near(img: np.ndarray, x: float, y: float, colour: tuple[int, int, int], r: int = 2) -> bool:
@@ -125,13 +133,12 @@ def test_outlines_over_heatmaps(setup: Path, tmp_path: Path, capsys) -> None:
         assert doc["class"] in CLASSES
     assert "unusable annotation file c.geojson" in doc["annotations"]["note"]
 
+    th, tw = H // SCALE, W // SCALE
     for cls in CLASSES:
-        plain = png(tmp_path / "plain" / f"a.heatmap-{cls}.png")
-        drawn = png(tmp_path / "ann" / f"a.heatmap-{cls}.png")
-        th, tw = plain.shape[:2]
-        assert (tw, th) == (W // SCALE, H // SCALE)
-        assert drawn.shape[1] == tw and drawn.shape[0] > th  # the legend strip below
-        top = drawn[:th]
+        plain_png = png(tmp_path / "plain" / f"a.heatmap-{cls}.png")
+        drawn_png = png(tmp_path / "ann" / f"a.heatmap-{cls}.png")
+        assert plain_png.shape[0] >= th and plain_png.shape[1] >= tw
+        plain, top = image(plain_png), image(drawn_png)  # the slide picture in each PNG
 
         # on every edge: the outline's colour (dashed outlines: on part of it)
         for rect in (TUMOR, HOLE):
@@ -151,8 +158,9 @@ def test_outlines_over_heatmaps(setup: Path, tmp_path: Path, capsys) -> None:
         assert np.array_equal(top[far], plain[far])
         assert not np.array_equal(top[~far], plain[~far])
 
-        # the legend shows each class's colour
-        legend = drawn[th:]
+        # the legend (beside or below the slide picture) shows each outline's colour
+        legend = drawn_png.copy()
+        legend[TOP_PX : TOP_PX + th, LEFT_PX : LEFT_PX + tw] = 0
         for colour in (*CLASS_COLOURS[:2], ROI_COLOUR, IGNORE_COLOUR):
             assert (legend == colour).all(axis=2).any()
 
@@ -173,7 +181,7 @@ def test_annotations_on_s3(setup: Path, tmp_path: Path, s3_bucket: str, capsys) 
     doc = json.loads((tmp_path / "o" / "a.json").read_text())["annotations"]
     assert doc["file"] == f"{s3_bucket}/cohort/ann/a.geojson"
     assert doc["sha256"] == hashlib.sha256(annotation_a()).hexdigest()
-    top = png(tmp_path / "o" / "a.heatmap-Tumor.png")[: H // SCALE]
+    top = image(png(tmp_path / "o" / "a.heatmap-Tumor.png"))
     assert all(on_edge(top, *e, CLASS_COLOURS[0]) > 0.9 for e in rect_edges(TUMOR))
 
 

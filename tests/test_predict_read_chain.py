@@ -83,25 +83,30 @@ def test_dataset_records_its_jpeg_quality(sharded: dict[str, Path]) -> None:
 
 
 def test_predict_probabilities_match_evaluate_on_the_shard_tiles(
-    sharded: dict[str, Path],
+    sharded: dict[str, Path], tmp_path: Path
 ) -> None:
+    import pyarrow.parquet as pq
+
     from resdistill.data import DatasetInfo
     from resdistill.eval.evaluate import predict_split
-    from resdistill.eval.predict import predict_slide
 
     model = load_model(sharded["ckpt"])
     evaluated = predict_split(model, DatasetInfo.load(str(sharded["ds"])), "test", num_workers=0)
     by_key = dict(zip(evaluated.keys, evaluated.probs, strict=True))
     spread = evaluated.probs[:, 1].max() - evaluated.probs[:, 1].min()
     assert spread > 1e-3  # the model's output depends on the pixels
+    slides = [str(sharded["slides"] / f"{sid}.svs") for sid in "ab"]
+    out = tmp_path / "o"
+    assert _cli(predict_cmd, [str(sharded["ckpt"]), *slides, "--out", str(out)]) == 0
+    tiles = pq.read_table(out / "tiles.parquet").to_pandas()
     for sid in "ab":
-        pred = predict_slide(model, sharded["slides"] / f"{sid}.svs", device="cpu")
-        p = pred.plan
-        keys = [f"{sid}_{p.xs[i]}_{p.ys[i]}" for i in np.flatnonzero(p.keep)]
+        mine = tiles[tiles["slide"] == sid]
+        keys = [f"{sid}_{x}_{y}" for x, y in zip(mine["x"], mine["y"], strict=True)]
         assert sorted(keys) == sorted(k for k in by_key if k.startswith(f"{sid}_"))
         expected = np.array([by_key[k] for k in keys])
-        np.testing.assert_allclose(pred.tile_probs, expected, atol=1e-5)
-        assert pred.min_tissue == 0.3
+        probs = mine[[f"p_{c}" for c in CLASSES]].to_numpy()
+        np.testing.assert_allclose(probs, expected, atol=1e-5)
+        assert json.loads((out / f"{sid}.json").read_text())["min_tissue"] == 0.3
 
 
 def test_predict_classifies_the_shard_tile(sharded: dict[str, Path]) -> None:

@@ -1,0 +1,244 @@
+"""The prediction engine: slides -> tile and slide probabilities, on Ray Data.
+
+For each wave of at most :data:`WAVE_SLIDES` slides (the next wave is planned while one runs, so
+the driver holds a bounded number of plans and heatmap backgrounds whatever the slide count):
+
+1. plan every slide as a Ray task (:func:`resdistill.predict.plan.plan_slide`); a slide that cannot
+   be planned is reported at once;
+2. one Ray Data dataset over chunks of :data:`CHUNK_TILES` kept regions
+   (``from_items`` -> ``map_batches(read_chunks)`` on CPU tasks -> ``map_batches(Scorer)`` in an
+   actor pool of ``actors`` actors, one GPU each on cuda), with the cascade two more stages
+   (:func:`~resdistill.predict.stages.read_escalated` at the teacher's read chain, then the
+   teacher's :class:`~resdistill.predict.stages.Scorer`);
+3. the driver streams the rows back (``iter_batches``), fills each slide's tile probabilities and
+   hands a slide to ``on_slide`` as soon as all its regions are in.
+
+The slide's probabilities are the mean of its tiles' (:func:`resdistill.predict.cascade.combine`
+first with the cascade), its class their argmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from resdistill.eval.tiling import ReadChain
+from resdistill.predict.plan import PlanFailure, SlidePlan, plan_slide
+from resdistill.predict.stages import Scorer, read_chunks, read_escalated
+
+__all__ = ["CHUNK_TILES", "WAVE_SLIDES", "Cascade", "EngineConfig", "SlideResult", "run_engine"]
+
+#: Regions read by one read task call (one open of the slide).
+CHUNK_TILES = 64
+#: Bytes of memory a read task reserves: its worker holds torch (the decoder), OpenSlide and a chunk.
+READ_TASK_MEMORY = 640 * 1024**2
+#: Slides planned and run as one dataset; the next wave is planned meanwhile. Bounds the
+#: driver's plans and heatmap backgrounds (at most ~6 MB each at 1600 px) whatever the run size.
+WAVE_SLIDES = 128
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """The teacher's side of the cascade (:mod:`resdistill.predict.cascade`)."""
+
+    checkpoint: str
+    chain: ReadChain
+    threshold: float
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    checkpoint: str  # the student's (or the only model's) checkpoint URL
+    chain: ReadChain
+    classes: tuple[str, ...]
+    device: str  # "cpu" or "cuda"
+    actors: int
+    actor_cpus: float  # CPUs each inference actor asks for
+    batch_size: int
+    heatmap_px: int
+    cascade: Cascade | None = None
+
+
+@dataclass
+class SlideResult:
+    """One slide's outcome: ``plan`` and ``probs`` when ``error`` is empty."""
+
+    sid: str
+    path: str
+    error: str = ""
+    plan: SlidePlan | None = None
+    probs: np.ndarray | None = None  # (n, K) final tile probabilities (the mix with the cascade)
+    student: np.ndarray | None = None  # (n, K) the student's own, with the cascade
+    escalated: np.ndarray | None = None  # (n,) bool, with the cascade
+    seconds: float = 0.0  # planning + read + model time spent on the slide, all workers
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+@dataclass
+class _Slide:
+    plan: SlidePlan
+    probs: np.ndarray
+    tprobs: np.ndarray
+    esc: np.ndarray
+    seconds: float
+    received: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def run_engine(
+    slides: Mapping[str, str],
+    cfg: EngineConfig,
+    on_slide: Callable[[SlideResult], None],
+    on_tiles: Callable[[int], None] | None = None,
+    on_planned: Callable[[int], None] | None = None,
+) -> None:
+    """Predict ``slides`` (``{slide id: path}``) on the connected Ray (module docstring).
+
+    ``on_planned(n_tiles)`` after each slide is planned, ``on_tiles(n)`` as rows arrive,
+    ``on_slide(result)`` once per slide, failed or not."""
+    import ray
+
+    plan_task = ray.remote(num_cpus=1, max_retries=1)(plan_slide)
+    items = list(slides.items())
+    waves = [items[i : i + WAVE_SLIDES] for i in range(0, len(items), WAVE_SLIDES)]
+
+    def submit(wave: list[tuple[str, str]]) -> dict[Any, tuple[str, str]]:
+        return {
+            plan_task.remote(sid, path, cfg.chain, cfg.heatmap_px): (sid, path)
+            for sid, path in wave
+        }
+
+    pending = submit(waves[0]) if waves else {}
+    for k in range(len(waves)):
+        plans: dict[str, SlidePlan] = {}
+        for ref in _as_completed(ray, list(pending)):
+            try:
+                plan = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # the worker died (e.g. OpenSlide crashed)
+                sid, path = pending[ref]
+                plan = PlanFailure(
+                    sid, path, f"{path}: planning the slide failed ({type(exc).__name__})"
+                )
+            if isinstance(plan, PlanFailure):
+                on_slide(SlideResult(plan.sid, plan.path, plan.message))
+            else:
+                plans[plan.sid] = plan
+                if on_planned is not None:
+                    on_planned(plan.n_tiles)
+        pending = submit(waves[k + 1]) if k + 1 < len(waves) else {}
+        if plans:
+            for result in _run_wave(plans, cfg, on_tiles):
+                on_slide(result)
+
+
+def _as_completed(ray: Any, refs: list[Any]) -> Iterator[Any]:
+    while refs:
+        done, refs = ray.wait(refs, num_returns=1)
+        yield from done
+
+
+def _dataset(plans: Mapping[str, SlidePlan], cfg: EngineConfig) -> Any:
+    """The Ray Data pipeline of one wave (steps 2 of the module docstring)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the command shows its own progress
+    ctx.print_on_execution_start = False
+    light = {sid: p.light() for sid, p in plans.items()}
+    chunks = [
+        {"slide": sid, "start": s, "stop": min(s + CHUNK_TILES, p.n_tiles)}
+        for sid, p in plans.items()
+        for s in range(0, p.n_tiles, CHUNK_TILES)
+    ]
+    # Read tasks reserve memory for OpenSlide's caches and a chunk of regions; asking for it
+    # also keeps Ray Data from fusing reading into the inference actors (other resources).
+    read = {"batch_format": "numpy", "num_cpus": 1, "memory": READ_TASK_MEMORY}
+    ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 512)))
+    ds = ds.map_batches(
+        read_chunks, batch_size=1, fn_kwargs={"plans": light, "chain": cfg.chain}, **read
+    )
+    ds = ds.map_batches(Scorer, **_actors(cfg, checkpoint=cfg.checkpoint))
+    if cfg.cascade is not None:
+        c = cfg.cascade
+        ds = ds.map_batches(
+            read_escalated, batch_size=cfg.batch_size,
+            fn_kwargs={"plans": light, "chain": c.chain, "threshold": c.threshold}, **read,
+        )  # fmt: skip
+        ds = ds.map_batches(
+            Scorer,
+            **_actors(cfg, checkpoint=c.checkpoint, tiles="ttile", probs="tprobs", only="esc"),
+        )
+    return ds
+
+
+def _actors(cfg: EngineConfig, **scorer: Any) -> dict[str, Any]:
+    """``map_batches`` arguments of an inference stage: a pool of ``cfg.actors``
+    :class:`~resdistill.predict.stages.Scorer` actors, one GPU each on cuda."""
+    import ray
+
+    return {
+        "batch_size": cfg.batch_size, "batch_format": "numpy",
+        "compute": ray.data.ActorPoolStrategy(size=cfg.actors),
+        "fn_constructor_kwargs": {"device": cfg.device, **scorer},
+        "num_cpus": cfg.actor_cpus, "num_gpus": 1 if cfg.device == "cuda" else None,
+    }  # fmt: skip
+
+
+def _run_wave(
+    plans: Mapping[str, SlidePlan], cfg: EngineConfig, on_tiles: Callable[[int], None] | None
+) -> Iterator[SlideResult]:
+    k = len(cfg.classes)
+    state = {
+        sid: _Slide(
+            plan=p,
+            probs=np.zeros((p.n_tiles, k)),
+            tprobs=np.zeros((p.n_tiles, k)),
+            esc=np.zeros(p.n_tiles, bool),
+            seconds=p.seconds,
+        )  # fmt: skip
+        for sid, p in plans.items()
+    }
+    for batch in _dataset(plans, cfg).iter_batches(batch_format="numpy", batch_size=None):
+        for sid in np.unique(batch["slide"]):
+            s = state[str(sid)]
+            rows = batch["slide"] == sid
+            _fill(s, {key: v[rows] for key, v in batch.items()}, cascade=cfg.cascade is not None)
+            if s.received >= s.plan.n_tiles:
+                yield _result(state.pop(str(sid)), cfg)
+        if on_tiles is not None:
+            on_tiles(int(batch["n"].sum()))
+    for s in state.values():  # cannot happen unless rows were lost: never report them as done
+        s.errors.append(f"{s.plan.path}: {s.plan.n_tiles - s.received} regions never came back")
+        yield _result(s, cfg)
+
+
+def _fill(s: _Slide, rows: Mapping[str, np.ndarray], *, cascade: bool) -> None:
+    s.received += int(rows["n"].sum())
+    s.seconds += float(rows["seconds"].sum())
+    bad = rows["error"] != ""
+    s.errors.extend(str(e) for e in rows["error"][bad])
+    pos = rows["pos"][~bad]
+    s.probs[pos] = rows["probs"][~bad]
+    if cascade:
+        s.esc[pos] = rows["esc"][~bad]
+        s.tprobs[pos] = rows["tprobs"][~bad]
+
+
+def _result(s: _Slide, cfg: EngineConfig) -> SlideResult:
+    from resdistill.predict.cascade import combine
+
+    p = s.plan
+    if s.errors:
+        return SlideResult(p.sid, p.path, s.errors[0], plan=p, seconds=s.seconds)
+    if cfg.cascade is None:
+        return SlideResult(p.sid, p.path, plan=p, probs=s.probs, seconds=s.seconds)
+    mixed = combine(s.probs, s.tprobs, s.esc)
+    return SlideResult(
+        p.sid, p.path, plan=p, probs=mixed, student=s.probs, escalated=s.esc, seconds=s.seconds
+    )

@@ -1,0 +1,145 @@
+"""The Ray Data stages of prediction: read and decode on CPU tasks, score in actors.
+
+Rows flow as numpy batches with these columns:
+
+* ``slide`` (str), ``pos`` (index into the slide's kept regions, :class:`SlidePlan`), ``n`` (how
+  many regions the row stands for: 1, or a whole chunk for an error row), ``error`` (``""``, or
+  the one line saying why the regions could not be read), ``seconds`` (worker time spent on the
+  row so far);
+* ``tile`` (uint8 ``(px, px, 3)``) from :func:`read_chunks` until :class:`Scorer` replaces it with
+  ``probs`` (``(K,)`` float32);
+* with the cascade, ``esc`` (bool) and ``ttile`` from :func:`read_escalated`, and ``tprobs`` from
+  the teacher's :class:`Scorer`.
+
+A read failure never raises inside a stage (that would end the whole dataset): the rows become
+error rows of their slide, which the driver reports as that slide's status.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from resdistill.eval.tiling import ReadChain
+    from resdistill.predict.plan import SlidePlan
+
+Batch = dict[str, np.ndarray]
+
+__all__ = ["Scorer", "read_chunks", "read_escalated"]
+
+
+def _read(plan: SlidePlan, chain: ReadChain, positions: np.ndarray) -> np.ndarray:
+    """Tiles of the kept regions ``positions`` of ``plan`` read through ``chain``."""
+    from resdistill.eval.tiling import read_tiles
+    from resdistill.predict.plan import open_slide_at
+
+    slide = open_slide_at(plan.path)
+    try:
+        return read_tiles(slide, plan.grid(positions), chain, range(len(positions)))  # type: ignore[arg-type]
+    finally:
+        slide.close()
+
+
+def _failure(plan: SlidePlan, exc: Exception) -> str:
+    from sharding.slide import SlideError
+
+    return str(exc) if isinstance(exc, SlideError) else f"{plan.path}: reading failed ({exc})"
+
+
+def read_chunks(batch: Batch, *, plans: Mapping[str, SlidePlan], chain: ReadChain) -> Batch:
+    """Chunks ``{slide, start, stop}`` of kept regions -> one row per tile, or one error row
+    (``n = stop - start``) per chunk that cannot be read."""
+    out: dict[str, list[Any]] = {k: [] for k in ("slide", "pos", "n", "error", "seconds", "tile")}
+    blank = np.zeros((chain.tile_px, chain.tile_px, 3), np.uint8)
+    for sid, start, stop in zip(batch["slide"], batch["start"], batch["stop"], strict=True):
+        plan = plans[str(sid)]
+        positions = np.arange(int(start), int(stop))
+        t0 = time.perf_counter()
+        try:
+            tiles = _read(plan, chain, positions)
+        except Exception as exc:  # noqa: BLE001 - becomes the slide's status, never the run's end
+            rows = [(int(start), int(stop) - int(start), _failure(plan, exc), blank)]
+        else:
+            rows = [(int(p), 1, "", t) for p, t in zip(positions, tiles, strict=True)]
+        each = (time.perf_counter() - t0) / len(rows)
+        for pos, n, error, tile in rows:
+            for key, value in zip(out, (str(sid), pos, n, error, each, tile), strict=True):
+                out[key].append(value)
+    return {
+        "slide": np.array(out["slide"], dtype=object), "pos": np.array(out["pos"], np.int64),
+        "n": np.array(out["n"], np.int64), "error": np.array(out["error"], dtype=object),
+        "seconds": np.array(out["seconds"], np.float64), "tile": np.stack(out["tile"]),
+    }  # fmt: skip
+
+
+def read_escalated(
+    batch: Batch, *, plans: Mapping[str, SlidePlan], chain: ReadChain, threshold: float
+) -> Batch:
+    """Marks the rows the cascade escalates (``esc``: the student's top probability under
+    ``threshold``, :func:`resdistill.predict.cascade.escalate`) and reads their regions through the
+    teacher's ``chain`` into ``ttile`` (zeros for the other rows)."""
+    from resdistill.predict.cascade import escalate
+
+    n = len(batch["slide"])
+    ok = batch["error"] == ""
+    esc = escalate(batch["probs"], threshold) & ok
+    ttile = np.zeros((n, chain.tile_px, chain.tile_px, 3), np.uint8)
+    error = batch["error"].copy()
+    seconds = batch["seconds"].copy()
+    for sid in {str(s) for s in batch["slide"][esc]}:
+        rows = np.flatnonzero(esc & (batch["slide"] == sid))
+        t0 = time.perf_counter()
+        try:
+            ttile[rows] = _read(plans[sid], chain, batch["pos"][rows])
+        except Exception as exc:  # noqa: BLE001 - becomes the slide's status
+            error[rows] = _failure(plans[sid], exc)
+        seconds[rows] += (time.perf_counter() - t0) / rows.size
+    return {**batch, "esc": esc, "ttile": ttile, "error": error, "seconds": seconds}
+
+
+class Scorer:
+    """An inference actor: ``p = softmax(model((tile / 255 - mean) / std))`` for the rows of a
+    batch without an error (and, with ``only``, where that bool column is set); other rows get
+    zeros. ``tiles`` is replaced by ``probs``; worker seconds are added to ``seconds``."""
+
+    def __init__(
+        self, checkpoint: str, device: str, tiles: str = "tile", probs: str = "probs",
+        only: str | None = None,
+    ) -> None:  # fmt: skip
+        import torch
+
+        from resdistill.checkpoint import load_model
+
+        self.torch = torch
+        self.device = device
+        self.model = load_model(checkpoint, device=device)
+        self.net = self.model.model.eval().to(device)
+        ms = self.model.mean_std()
+        mean, std = ms if ms is not None else ([0.5] * 3, [0.25] * 3)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.tiles, self.probs, self.only = tiles, probs, only
+
+    def __call__(self, batch: Batch) -> Batch:
+        torch = self.torch
+        t0 = time.perf_counter()
+        rows = batch["error"] == ""
+        if self.only is not None:
+            rows &= batch[self.only]
+        probs = np.zeros((len(batch["slide"]), len(self.model.classes)), np.float32)
+        if rows.any():
+            with torch.inference_mode():
+                x = torch.from_numpy(np.ascontiguousarray(batch[self.tiles][rows]))
+                x = x.to(self.device).permute(0, 3, 1, 2).float()
+                logits, _ = self.net((x / 255.0 - self.mean) / self.std)
+                probs[rows] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        out = {k: v for k, v in batch.items() if k != self.tiles}
+        out[self.probs] = probs
+        out["seconds"] = batch["seconds"] + np.where(
+            rows, (time.perf_counter() - t0) / max(1, rows.sum()), 0.0
+        )
+        return out
