@@ -58,13 +58,13 @@ def native_student(demo: Path, data: Path, s_mag: str) -> str:
     from resdistill.train.targets import write_targets
 
     runs = demo / "runs-native"
-    done = sorted(runs.glob("distilled-cached/checkpoint_epoch*"))
-    if done:
-        return str(done[-1])
+    best = runs / "distilled-cached.best"
+    if best.exists():
+        return best.read_text().strip()
     p = argparse.ArgumentParser()
     demo_cmd.add_arguments(p)
     d = p.parse_args([])
-    teacher = sorted((demo / "runs" / "teacher").glob("checkpoint_epoch*"))[-1]
+    teacher = demo_models(demo)["teacher"]
     targets = write_targets(str(data), str(teacher), student_mags=[s_mag]).url
     p = argparse.ArgumentParser()
     distill.add_arguments(p)
@@ -75,7 +75,14 @@ def native_student(demo: Path, data: Path, s_mag: str) -> str:
         "--arch", d.arch, "--epochs", str(d.student_epochs), "--jitter", d.student_jitter,
         "--teacher", str(teacher), "--targets", targets, "--temperature", str(d.temperature),
     ])  # fmt: skip
-    return distill.train(args).best_checkpoint
+    out = distill.train(args).best_checkpoint
+    best.write_text(out)
+    return out
+
+
+def demo_models(demo: Path) -> dict[str, str]:
+    """``{name: best checkpoint}`` of the demo's runs (its ``eval/demo.json``)."""
+    return json.loads((demo / "eval" / "demo.json").read_text())["models"]
 
 
 def accuracy(profile: dict[str, Any], labels: dict[str, str]) -> tuple[float, float, int, int]:
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ray_init(None)
     students = {
-        "top": str(sorted((demo / "runs" / "distilled-cached").glob("checkpoint_epoch*"))[-1]),
+        "top": demo_models(demo)["distilled-cached"],
         "native": native_student(demo, native_dataset(demo, desc), s_mag),
     }
     m = read_manifest(str(demo / "dataset"), columns=["slide", "split", "label"]).to_pylist()

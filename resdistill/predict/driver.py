@@ -56,7 +56,7 @@ def settle(args: argparse.Namespace) -> Setup:
 
     from resdistill.checkpoint import load_model
     from resdistill.eval.tiling import chain_of
-    from resdistill.predict.cascade import DEFAULT_ESCALATE
+    from resdistill.predict.cascade import DEFAULT_ESCALATE, check_threshold
     from resdistill.predict.outputs import heatmap_classes
 
     if args.batch_size < 1:
@@ -71,9 +71,10 @@ def settle(args: argparse.Namespace) -> Setup:
         raise UsageError(f"unknown colormap {args.cmap!r} (try viridis, magma, RdYlBu_r)")
     if args.escalate is not None and not args.cascade:
         raise UsageError("--escalate needs --cascade TEACHER_CKPT")
-    threshold = DEFAULT_ESCALATE if args.escalate is None else args.escalate
-    if not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--escalate must be within 0..1, got {threshold}")
+    try:
+        threshold = check_threshold(DEFAULT_ESCALATE if args.escalate is None else args.escalate)
+    except ValueError as exc:
+        raise UsageError(f"--escalate: {exc}") from None
     model = load_model(args.checkpoint, device="cpu")
     chain = chain_of(model, min_tissue=args.min_tissue, mpp=args.mpp, read=args.read)
     which = heatmap_classes(args.heatmap, model.classes) or []
