@@ -143,3 +143,68 @@ def profile_rows(
                 )  # fmt: skip
             )
     return rows, profiles
+
+
+def engine_run(ckpt: str, slides: list[Path], out: Path, *extra: str) -> dict[str, Any]:
+    """``resdistill predict`` (the Ray Data engine) on ``slides`` in this process, on the Ray
+    session already started; wall seconds and the slides.parquet rows."""
+    import argparse
+
+    import pyarrow.parquet as pq
+
+    from resdistill.commands import predict as predict_cmd
+    from resdistill.predict.driver import predict_command
+
+    p = argparse.ArgumentParser()
+    predict_cmd.add_arguments(p)
+    args = p.parse_args([ckpt, *map(str, slides), "--out", str(out), *extra])
+    t0 = time.perf_counter()
+    rc = predict_command(args)
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"predict {ckpt} failed (exit {rc})")
+    table = pq.read_table(out / "slides.parquet").to_pylist()
+    return {"wall_s": wall, "slides": len(table), "tiles": sum(r["tiles"] for r in table),
+            "slides_per_hour": 3600.0 * len(table) / wall}  # fmt: skip
+
+
+def engine_rows(
+    ckpts: dict[str, str], slides: list[Path], work: Path, *, row: Any, pictures: bool
+) -> list[dict[str, Any]]:
+    """End-to-end ``resdistill predict`` runs (plan, read, decode, infer, aggregate, write) of the
+    teacher and each student and read mode on the same slides; slides/hour ratios against the
+    teacher. ``pictures=False`` passes ``--heatmap none`` (tables only)."""
+    from sharding.magnification import display_mag
+
+    extra = () if pictures else ("--heatmap", "none")
+    mags = list(ckpts)
+    what = "with heatmaps" if pictures else "--heatmap none"
+    n = 0
+
+    def run(mag: str, read: str) -> dict[str, Any]:
+        nonlocal n
+        n += 1
+        return engine_run(ckpts[mag], slides, work / f"predict-{n}", "--read", read, *extra)
+
+    run(mags[-1], "native")  # warm-up: Ray Data's first dataset and the workers' imports
+    teacher = run(mags[0], "as-trained")
+    rows = []
+    for mag in mags[1:]:
+        for read in ("as-trained", "native"):
+            r = run(mag, read)
+            rows.append(
+                row(
+                    f"predict (Ray Data, {what}): student {display_mag(mag)} {read} vs "
+                    f"teacher {display_mag(mags[0])}",
+                    "teacher",
+                    teacher["slides_per_hour"],
+                    f"student {read}",
+                    r["slides_per_hour"],
+                    "slides/h",
+                    r["slides_per_hour"] / teacher["slides_per_hour"],
+                    ">= 10x (2.5x native)" if mag == "2p5x" and read == "native" else "",
+                    f"{r['slides']} slides, {r['tiles']} tiles; teacher {teacher['wall_s']:.1f}s, "
+                    f"student {r['wall_s']:.1f}s",
+                )  # fmt: skip
+            )
+    return rows

@@ -18,6 +18,11 @@ Rows (``--only`` names in brackets):
 * [distill] one distillation epoch (same samples, loader included, in-process) with cached
   teacher targets (:mod:`resdistill.train.targets`) vs the online teacher; target 5x or faster.
   The one-off cost of computing the targets is reported beside it.
+* [predict] whole-slide prediction (:mod:`bench_predict`): the 10x teacher vs students at 5x,
+  2.5x and 1.25x with ``--read as-trained`` and ``native``, on the same slides: slides/hour in one
+  process split into plan / read / replay / model, and end to end through ``resdistill predict``
+  (the Ray Data engine) with ``--heatmap none`` and with the default heatmaps. Target: the 2.5x
+  student with native reads at least 10x the teacher's slides/hour.
 * [ddp] the same cached-target distillation epoch on Ray Train with 2 workers vs 1 (same global
   samples per epoch): ratio of train samples/s, plus where the time goes (start-up, train,
   validation+checkpoint).
@@ -44,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-ROWS = ("shard", "loader", "s3", "compute", "distill", "ddp")
+ROWS = ("shard", "loader", "s3", "compute", "predict", "distill", "ddp")
 MAGS = "10,5,2.5,1.25"
 TILE_PX = 224
 
@@ -244,6 +249,29 @@ def bench_compute_rows(data: str, *, seconds: float, batch: int) -> list[dict[st
             )  # fmt: skip
         )
     return out
+
+
+def bench_predict_rows(
+    data: str, work: Path, *, n_slides: int, size: tuple[float, float]
+) -> list[dict[str, Any]]:
+    """The [predict] rows: slides of their own (seed 1, larger than the training slides) read
+    with the benchmark dataset's read chain, by random-weight models at every magnification."""
+    from bench_predict import engine_rows, make_checkpoints, profile_rows
+
+    from sharding.ray_cluster import ray_init
+    from sharding.synthetic import write_synthetic_slides
+
+    slides_dir = work / "slides"
+    write_synthetic_slides(slides_dir, n_slides, seed=1, size_um=size)
+    slides = sorted(p for p in slides_dir.iterdir() if p.suffix in (".svs", ".tiff"))
+    ckpts = make_checkpoints(
+        data, work, [m.strip().replace(".", "p") + "x" for m in MAGS.split(",")]
+    )
+    rows, _ = profile_rows(ckpts, slides, batch=64, row=row)
+    ray_init(None, dashboard=False)
+    rows += engine_rows(ckpts, slides, work, row=row, pictures=False)
+    rows += engine_rows(ckpts, slides, work / "pictures", row=row, pictures=True)
+    return rows
 
 
 def distill_epoch_s(
@@ -458,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
                 data, workers=cores, batch=batch, samples=96, steps=1, with_s3=True,
                 work=work)[2:])  # fmt: skip
         section("compute", lambda: bench_compute_rows(data, seconds=1.0 if q else 3.0, batch=batch))
+        section("predict", lambda: bench_predict_rows(
+            data, work / "predict", n_slides=6 if q else 12,
+            size=(3000.0, 2400.0) if q else (5000.0, 4000.0)))  # fmt: skip
         targets_box: list[Any] = []
 
         def distill_rows() -> list[dict[str, Any]]:
@@ -478,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             section("ddp", lambda: bench_ddp_rows(
                 data, teacher, targets_box[0], work, mag="2p5x", batch=batch,
                 steps=4 if q else 10))  # fmt: skip
+        if {"predict", "ddp"} & only:
             import ray
 
             ray.shutdown()  # only this driver's local cluster; never `ray stop`

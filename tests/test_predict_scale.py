@@ -168,7 +168,12 @@ def test_cascade_escalates_exactly_the_unsure_tiles(
     slides = [str(setup / "slides" / f"{s}.svs") for s in GOOD]
     cols = [f"p_{c}" for c in CLASSES]
     assert predict(ray_cluster, setup / "student", slides, str(tmp_path / "s")) == 0
-    assert predict(ray_cluster, setup / "teacher", slides, str(tmp_path / "t")) == 0
+    assert (
+        predict(ray_cluster, setup / "teacher", slides, str(tmp_path / "t"), "--heatmap", "none")
+        == 0
+    )
+    assert not list((tmp_path / "t").glob("*.png"))  # --heatmap none: tables and .npy only
+    assert (tmp_path / "t" / "a.heatmap.npy").exists()
     student = table(str(tmp_path / "s"), "tiles.parquet").set_index(["slide", "x", "y"])
     teacher = table(str(tmp_path / "t"), "tiles.parquet").set_index(["slide", "x", "y"])
     assert list(student.index) == list(teacher.index)  # the same region grid

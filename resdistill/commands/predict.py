@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--heatmap",
         default="predicted",
-        help="heatmap classes: 'predicted' (the slide's class), 'all', or a comma list (default: %(default)s)",
+        help="heatmap classes: 'predicted' (the slide's class), 'all', a comma list, or 'none' (no "
+        "pictures: the tables and the .npy heatmap only, for cohorts) (default: %(default)s)",
     )
     p.add_argument(
         "--heatmap-px", type=int, default=DEFAULT_HEATMAP_PX,

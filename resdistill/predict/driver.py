@@ -31,6 +31,7 @@ class Setup:
     threshold: float
     flops: tuple[int, int | None]  # counted per tile: student (or the only model), teacher
     which: list[str]  # heatmap classes; empty: each slide's own class
+    pictures: bool = True  # False for --heatmap none: no PNG, no slide picture read
 
     def settings(self, read: str) -> dict[str, Any]:
         """What a slide's record must match for a rerun to skip it."""
@@ -87,7 +88,9 @@ def settle(args: argparse.Namespace) -> Setup:
         _flops(model, chain.tile_px),
         _flops(teacher, teacher_chain.tile_px) if teacher is not None else None,
     )
-    return Setup(model, chain, teacher, teacher_chain, threshold, flops, which)
+    return Setup(
+        model, chain, teacher, teacher_chain, threshold, flops, which, args.heatmap != "none"
+    )
 
 
 def _check_cascade(model: Any, chain: Any, teacher: Any, tchain: Any) -> None:
@@ -196,7 +199,7 @@ def _run(args, setup: Setup, store, found, done, annotations, err) -> int:  # no
                     records[result.sid] = doc = write_slide(
                         store, result, record, classes=model.classes, which=setup.which,
                         mag=model.mag, cmap=args.cmap, alpha=args.alpha, flops=setup.flops,
-                        overlay=overlay,
+                        overlay=overlay, pictures=setup.pictures,
                     )  # fmt: skip
                     new.append(doc)
                 else:
@@ -236,5 +239,5 @@ def _engine_config(args: argparse.Namespace, setup: Setup, resources: dict) -> A
     return EngineConfig(
         checkpoint=setup.model.url, chain=setup.chain, classes=tuple(setup.model.classes),
         device=device, actors=actors, actor_cpus=actor_cpus, batch_size=args.batch_size,
-        heatmap_px=args.heatmap_px, cascade=cascade,
+        heatmap_px=args.heatmap_px if setup.pictures else 0, cascade=cascade,
     )  # fmt: skip

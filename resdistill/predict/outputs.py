@@ -46,9 +46,10 @@ PARTS = "parts"
 
 def heatmap_classes(which: str | Sequence[str] | None, classes: Sequence[str]) -> list[str] | None:
     """The classes ``--heatmap`` names among ``classes``: ``None`` for ``None``/``"predicted"``
-    (each slide's own class), every class for ``"all"``, else the names of a list or of a comma
-    list; :class:`UsageError` naming an unknown one."""
-    if which is None or which == "predicted":
+    (each slide's own class) and for ``"none"`` (no pictures: see ``write_slide``'s ``pictures``),
+    every class for ``"all"``, else the names of a list or of a comma list; :class:`UsageError`
+    naming an unknown one."""
+    if which is None or which in ("predicted", "none"):
         return None
     if which == "all":
         return list(classes)
@@ -124,10 +125,12 @@ def write_slide(
     alpha: float,
     flops: tuple[int, int | None],
     overlay: SlideOverlay | None = None,
+    pictures: bool = True,
 ) -> dict[str, Any]:
     """Write the files of one predicted slide (module docstring), ``<slide>.json`` last; returns
     the record written (``record`` plus the slide's fields). ``flops`` are the counted FLOPs of
-    one tile through the student and, with the cascade, the teacher."""
+    one tile through the student and, with the cascade, the teacher. ``pictures=False``
+    (``--heatmap none``) writes no PNG: the tables and the ``.npy`` heatmap only."""
     from resdistill.predict.cascade import cascade_flops
     from resdistill.predict.heatmaps import CLASS_MAP, heatmap_pngs
 
@@ -143,7 +146,7 @@ def write_slide(
     store.write_bytes(files["heatmap_npy"], buf.getvalue())
     mean = probs.mean(axis=0)
     predicted = classes[int(mean.argmax())]
-    pngs = heatmap_pngs(
+    pngs = {} if not pictures else heatmap_pngs(
         p.background, (p.info.width, p.info.height), p.xs, p.ys, p.size0, probs, classes,
         slide_id=sid, mag=mag, which=[*(list(which) or [predicted]), CLASS_MAP],
         cmap=cmap, alpha=alpha, escalated=result.escalated,

@@ -121,6 +121,9 @@ def plan_slide(sid: str, path: str, chain: ReadChain, heatmap_px: int) -> SlideP
 
 def _background(slide: Any, heatmap_px: int) -> np.ndarray:
     """The whole slide as ``(h, w, 3)`` uint8 with its long side ``heatmap_px`` (OpenSlide's
-    thumbnail keeps the aspect ratio)."""
+    thumbnail keeps the aspect ratio); an empty ``(0, 0, 3)`` array for ``heatmap_px == 0`` (no
+    pictures are drawn)."""
+    if heatmap_px <= 0:
+        return np.zeros((0, 0, 3), dtype=np.uint8)
     img = slide.get_thumbnail((int(heatmap_px), int(heatmap_px))).convert("RGB")
     return np.asarray(img, dtype=np.uint8)
