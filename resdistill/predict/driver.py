@@ -213,6 +213,8 @@ def _run(args, setup: Setup, store, found, done, annotations, err) -> int:  # no
         cascade=setup.teacher is not None,
     )  # fmt: skip
     console = Console(highlight=False)
+    if not console.is_terminal:  # a log file: room for whole slide ids and class names
+        console.width = max(console.width, 160)
     console.print(summary_table(setup, new, len(done), failures, time.perf_counter() - started))
     console.print(f"output: {store.url}", soft_wrap=True)
     return len(failures)
