@@ -259,6 +259,17 @@ def test_unlabeled_cohort_from_the_command(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_sites_cohort_default_size_puts_every_class_at_every_site():
+    n = COHORTS["sites"].slides
+    plan = slide_plan(n, seed=0, sites=3)  # two slides per patient, as the command writes
+    assert Counter((p["label"], p["site"]) for p in plan) == {
+        (label, k): 2 for label in CLASSES for k in range(3)
+    }
+    sites_of = {}
+    for p in plan:
+        assert sites_of.setdefault(p["patient"], p["site"]) == p["site"]
+
+
 def test_cohorts_combine_by_name():
     both = cohort_named("sites+subtle+unlabeled")
     assert (both.sites, both.cues, both.slides, both.labeled_fraction) == (3, SUBTLE_CUES, 24, 0.25)

@@ -6,12 +6,16 @@ stain jitter in every cohort. The cohorts (:data:`COHORTS`):
 
 * ``default``: the embedded demo and test slides, one lab (:data:`~sharding.synthetic.staining.REFERENCE`).
 * ``sites``: :data:`SITES` scanning sites, each with its own stain vectors, stain strengths and
-  glass tint (:meth:`Cohort.staining`): a batch effect that is nuisance, not signal (every site
-  scans every class; :func:`~sharding.synthetic.slides.slide_plan` assigns sites).
+  glass tint (:meth:`Cohort.staining`): a batch effect that is nuisance, not signal (each
+  patient is scanned at one site and every site scans every class; see
+  :func:`~sharding.synthetic.slides.slide_plan`). 24 slides by default: with two slides per
+  patient, every class has one patient at each site.
 * ``subtle``: atypical nuclei keep their high-magnification detail (clumped chromatin, nucleoli,
-  irregular contour) but are barely enlarged and no more hematoxylin-dense than benign ones on
-  average (:data:`SUBTLE_CUES`), so the faint darkening that lets a low-magnification student
-  tell atypia from benign tissue is about a third of the default's.
+  irregular contour) but are enlarged 15% instead of 40% and start from 1.25 hematoxylin
+  instead of 1.30 (benign nuclei: 1.35; :data:`SUBTLE_CUES`). Atypical tissue seen at 5x is
+  then ~3.5 grey levels darker than benign tissue instead of ~10.5: the only atypia cue that
+  survives downsampling is a third as strong, so the classes are harder at low magnification
+  and not at high.
 * ``unlabeled``: four times the slides with a quarter of them labelled: as many labelled slides
   as ``default`` plus three times as many unlabelled ones.
 
@@ -101,6 +105,7 @@ COHORTS: dict[str, Cohort] = {
             "sites",
             f"{SITES} scanning sites with their own stain vectors, strengths and glass tint",
             sites=SITES,
+            slides=24,
         ),
         Cohort(
             "subtle",

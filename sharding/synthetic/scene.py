@@ -16,7 +16,8 @@ Classes (:data:`CLASSES`) carry their cue at different physical scales (:data:`C
   is ~3 pixels there). Its nuclei are also 40% larger and a little darker (nucleomegaly,
   hyperchromasia), a cue that survives at low magnification as slightly bigger, darker dots,
   partly masked by the regional variation of cellularity (0.7-1.3x): the kind of cue a
-  low-magnification student must learn to see from the teacher.
+  low-magnification student must learn to see from the teacher. The ``subtle`` cohort weakens
+  this low-magnification part (:data:`~sharding.synthetic.cohorts.SUBTLE_CUES`).
 * ``inflamed``: small, very dark lymphocyte nuclei scattered through the tissue and packed into
   wide aggregates: darker and bluer at every scale.
 """
