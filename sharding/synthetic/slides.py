@@ -88,8 +88,8 @@ def slide_plan(
 
     Scanning site ``(i % C + i // (S * C)) % sites``: one per patient, and each class moves on
     one site per patient, so every site scans every class (equally when there are a multiple of
-    ``S * C * sites`` slides) and the first slide of each class, the first ones labelled, come
-    from different sites, as when a few labelled slides are gathered from several hospitals.
+    ``S * C * sites`` slides) and the first slides of the classes, the first ones labelled, are
+    spread over the sites, as when a few labelled slides are gathered from several hospitals.
     """
     if n_slides < 0:
         raise ValueError(f"n_slides must be >= 0, got {n_slides}")
