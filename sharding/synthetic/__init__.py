@@ -7,11 +7,15 @@ Layers, each importing only those above it:
   coordinates, so tiles agree at their borders).
 * :mod:`~sharding.synthetic.layout`: where tissue, vacuoles and glands are (the scene's truth).
 * :mod:`~sharding.synthetic.nuclei`: where nuclei are and how one is drawn.
-* :mod:`~sharding.synthetic.scene`: the classes, the staining and the renderer of a scene.
+* :mod:`~sharding.synthetic.staining`: the colour model (a lab's stain vectors, strengths, glass).
+* :mod:`~sharding.synthetic.cohorts`: named cohorts (scanning sites, subtle cues, unlabelled).
+* :mod:`~sharding.synthetic.scene`: the classes and the renderer of a scene.
 * :mod:`~sharding.synthetic.slides`: slide sets on disk with ``labels.csv`` / ``truth.csv``.
 """
 
+from sharding.synthetic.cohorts import COHORTS, Cohort, cohort_named
 from sharding.synthetic.layout import Island, TissueLayout
+from sharding.synthetic.nuclei import NuclearCues
 from sharding.synthetic.pyramid import (
     APERIO_PREFIX,
     FORMATS,
@@ -27,32 +31,43 @@ from sharding.synthetic.scene import CLASS_CUES, CLASSES, SlideScene, make_scene
 from sharding.synthetic.slides import (
     CSV_HEADER,
     LABELS_CSV,
+    SITE_COLUMN,
     TRUTH_CSV,
     SynthSlide,
+    site_name,
     slide_plan,
     write_slide,
     write_synthetic_slides,
 )
+from sharding.synthetic.staining import REFERENCE, Staining
 
 __all__ = [
     "APERIO_PREFIX",
     "CLASSES",
     "CLASS_CUES",
+    "COHORTS",
     "CSV_HEADER",
     "FORMATS",
     "LABELS_CSV",
+    "REFERENCE",
+    "SITE_COLUMN",
     "TRUTH_CSV",
+    "Cohort",
     "Island",
+    "NuclearCues",
     "PyramidInfo",
     "SlideScene",
+    "Staining",
     "SynthSlide",
     "TileReader",
     "TissueLayout",
     "aperio_description",
     "box_downsample",
+    "cohort_named",
     "level_sizes",
     "make_scene",
     "require_jpeg_codec",
+    "site_name",
     "slide_plan",
     "write_pyramid",
     "write_slide",

@@ -8,6 +8,7 @@ into coverage and hematoxylin per pixel of one tile.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,10 +20,6 @@ _NUC_CELL = 11.0
 _NUC_P = 0.6
 _NUC_R = (2.6, 3.4)  # mean semi-axis range, um
 _NUC_H = 1.35  # hematoxylin amount of a smooth nucleus
-# Atypia: clumps/nucleoli add density, so the base is lower; nuclei are also enlarged by
-# _ATYPIA_SCALE (more hematoxylin per area of tissue), a faint cue that survives downsampling.
-_ATYPIA_H = 1.30
-_ATYPIA_SCALE = 1.4
 # Lymphocytes (inflamed).
 _LYM_CELL = 5.0
 _LYM_R = (2.2, 2.7)
@@ -30,6 +27,27 @@ _LYM_H = 2.0
 # How far beyond a box glands still shape its nuclei: the widest nucleus reach into the box
 # (2 x the largest atypical semi-axis) plus the 10% exclusion rim of the largest gland.
 _GLAND_MARGIN = 16.0
+
+
+@dataclass(frozen=True)
+class NuclearCues:
+    """How atypical nuclei differ from benign ones beyond their chromatin, contour and nucleoli.
+
+    ``atypia_scale`` multiplies the semi-axes (nucleomegaly) and ``atypia_h`` is the base
+    hematoxylin amount (hyperchromasia; benign nuclei have 1.35, and clumps, membrane and
+    nucleoli add density on top of the base). Both leave more hematoxylin per area of tissue,
+    the only part of the atypia cue that survives downsampling. The defaults are the
+    ``default`` cohort's; ``atypia_scale`` must stay within [1, 1.4] (:data:`_GLAND_MARGIN`).
+    """
+
+    atypia_scale: float = 1.4
+    atypia_h: float = 1.30
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.atypia_scale <= 1.4:
+            raise ValueError(f"atypia_scale must be within [1, 1.4], got {self.atypia_scale}")
+        if self.atypia_h <= 0:
+            raise ValueError(f"atypia_h must be positive, got {self.atypia_h}")
 
 
 def _grid_nuclei(
@@ -47,9 +65,15 @@ def _grid_nuclei(
 
 
 def place_nuclei(
-    layout: TissueLayout, x0: float, y0: float, x1: float, y1: float
+    layout: TissueLayout,
+    x0: float,
+    y0: float,
+    x1: float,
+    y1: float,
+    cues: NuclearCues = NuclearCues(),
 ) -> list[dict[str, np.ndarray]]:
-    """Nuclei that may touch the um box, in groups sharing a drawing style.
+    """Nuclei that may touch the um box, in groups sharing a drawing style; ``cues`` sets the
+    size and hematoxylin of atypical nuclei.
 
     Each group is a dict of arrays: ``cx, cy, a, b, ang, h, seed`` and a scalar-like
     ``style`` (0 smooth, 1 atypical). ``a, b`` are semi-axes in um, ``h`` the hematoxylin
@@ -80,7 +104,7 @@ def place_nuclei(
     keep = u[0] < _NUC_P * cellularity
     keep &= in_tissue(cx, cy) & outside_glands(cx, cy)
     atypia = layout.label == "atypia"
-    r = (_NUC_R[0] + (_NUC_R[1] - _NUC_R[0]) * u[1]) * (_ATYPIA_SCALE if atypia else 1.0)
+    r = (_NUC_R[0] + (_NUC_R[1] - _NUC_R[0]) * u[1]) * (cues.atypia_scale if atypia else 1.0)
     elong = 1.0 + 0.45 * u[2]
     groups.append(
         {
@@ -89,7 +113,7 @@ def place_nuclei(
             "a": (r * np.sqrt(elong))[keep],
             "b": (r / np.sqrt(elong))[keep],
             "ang": (u[3] * np.pi)[keep],
-            "h": ((_ATYPIA_H if atypia else _NUC_H) * (0.9 + 0.2 * u[4]))[keep],
+            "h": ((cues.atypia_h if atypia else _NUC_H) * (0.9 + 0.2 * u[4]))[keep],
             "seed": lattice_hash(cx, cy, layout.field_salt(11))[keep],
             "style": np.array(1 if atypia else 0),
         }

@@ -1,8 +1,8 @@
 """A synthetic slide's scene: its class, tissue layout and staining, rendered to RGB pixels.
 
-Colour model (Beer-Lambert, as in colour deconvolution): ``RGB = glass * exp(-(h * H + e * E))``
-with unit optical-density vectors ``H`` (hematoxylin, blue-purple) and ``E`` (eosin, pink) and
-per-pixel stain amounts ``h``, ``e``, plus Gaussian sensor noise.
+Colour: per-pixel hematoxylin and eosin amounts mixed by the Beer-Lambert model of the scene's
+:class:`~sharding.synthetic.staining.Staining` (the lab's stain vectors, strengths and glass),
+times the slide's own stain strengths, plus Gaussian sensor noise.
 
 Classes (:data:`CLASSES`) carry their cue at different physical scales (:data:`CLASS_CUES`):
 
@@ -16,7 +16,8 @@ Classes (:data:`CLASSES`) carry their cue at different physical scales (:data:`C
   is ~3 pixels there). Its nuclei are also 40% larger and a little darker (nucleomegaly,
   hyperchromasia), a cue that survives at low magnification as slightly bigger, darker dots,
   partly masked by the regional variation of cellularity (0.7-1.3x): the kind of cue a
-  low-magnification student must learn to see from the teacher.
+  low-magnification student must learn to see from the teacher. The ``subtle`` cohort weakens
+  this low-magnification part (:data:`~sharding.synthetic.cohorts.SUBTLE_CUES`).
 * ``inflamed``: small, very dark lymphocyte nuclei scattered through the tissue and packed into
   wide aggregates: darker and bluer at every scale.
 """
@@ -28,9 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sharding.synthetic.cohorts import Cohort, cohort_named
 from sharding.synthetic.layout import Island, TissueLayout
 from sharding.synthetic.noise import mix, noise_grid, sensor_noise_window
-from sharding.synthetic.nuclei import place_nuclei, stamp_nuclei
+from sharding.synthetic.nuclei import NuclearCues, place_nuclei, stamp_nuclei
+from sharding.synthetic.staining import REFERENCE, Staining
 
 CLASSES: tuple[str, ...] = ("benign", "glandular", "atypia", "inflamed")
 
@@ -43,23 +46,23 @@ CLASS_CUES: dict[str, str] = {
     "inflamed": "nuclear density and colour: dark lymphocyte aggregates (every magnification)",
 }
 
-# Unit optical-density vectors (R, G, B) of the two stains, and the glass colour.
-_H_OD = np.array([0.60, 0.74, 0.30], np.float32) / np.float32(np.linalg.norm([0.60, 0.74, 0.30]))
-_E_OD = np.array([0.13, 0.87, 0.48], np.float32) / np.float32(np.linalg.norm([0.13, 0.87, 0.48]))
-_GLASS = np.array([242.0, 240.0, 245.0], np.float32)
-
 
 @dataclass(frozen=True)
 class SlideScene(TissueLayout):
-    """Everything needed to render one slide, in micrometres: the :class:`TissueLayout` plus
-    its staining; :meth:`render` draws any rectangle."""
+    """Everything needed to render one slide, in micrometres: the :class:`TissueLayout`, how
+    atypical nuclei look (``cues``) and the staining; :meth:`render` draws any rectangle.
 
-    stain: tuple[float, float] = (1.0, 1.0)  # per-slide (hematoxylin, eosin) strength
+    ``stain`` is the slide's own (hematoxylin, eosin) strength, multiplied by the lab's
+    (``staining``)."""
+
+    stain: tuple[float, float] = (1.0, 1.0)
     fibre_angles: tuple[float, float] = (0.3, 1.9)
+    staining: Staining = REFERENCE
+    cues: NuclearCues = NuclearCues()
 
     def nuclei(self, x0: float, y0: float, x1: float, y1: float) -> list[dict[str, np.ndarray]]:
         """Nuclei that may touch the um box, in groups sharing a drawing style (:func:`place_nuclei`)."""
-        return place_nuclei(self, x0, y0, x1, y1)
+        return place_nuclei(self, x0, y0, x1, y1, self.cues)
 
     # -- drawing --------------------------------------------------------------------------
     def render(
@@ -90,7 +93,7 @@ class SlideScene(TissueLayout):
         )
         tissue = self.tissue_tile(x0, y0, w, h, mpp)
         if not tissue.any():
-            return np.clip(_GLASS + noise + 0.5, 0, 255).astype(np.uint8)
+            return self.staining.blank(noise)
 
         # stroma: two families of thin wavy collagen fibres (the second one fainter), each bent
         # by its own smooth phase warp, whose mix drifts slowly over the tissue
@@ -146,30 +149,33 @@ class SlideScene(TissueLayout):
         alpha = alpha.reshape(h, w)
         nuc_h = nuc_h.reshape(h, w)
 
-        hs, es = self.stain
+        hs = self.stain[0] * self.staining.h_strength
+        es = self.stain[1] * self.staining.e_strength
         hem = tissue * (hem * (1.0 - alpha) + nuc_h) * hs
         e = tissue * e * (1.0 - 0.75 * alpha) * es
-        out = np.empty((h, w, 3), np.uint8)
-        for c in range(3):  # RGB_c = glass_c * exp(-(h * H_c + e * E_c)) + noise_c
-            chan = hem * _H_OD[c]
-            chan += e * _E_OD[c]
-            np.exp(-chan, out=chan)
-            chan *= _GLASS[c]
-            chan += noise[..., c]
-            chan += 0.5
-            np.clip(chan, 0, 255, out=chan)
-            out[..., c] = chan
-        return out
+        return self.staining.compose(hem, e, noise)
 
 
-def make_scene(label: str, *, seed: int, index: int, size_um: tuple[float, float]) -> SlideScene:
+def make_scene(
+    label: str,
+    *,
+    seed: int,
+    index: int,
+    size_um: tuple[float, float],
+    cohort: str | Cohort = "default",
+    site: int = 0,
+) -> SlideScene:
     """The scene of slide ``index`` of a set made with ``seed``: 1-3 islands filling ~half the glass.
 
     Islands sit in equal cells along the longer side; each is an ellipse of ~0.8 of its cell's
     half-size with random low harmonics, kept >= 3% of the short side away from the slide edge.
+    The ``cohort`` (:mod:`~sharding.synthetic.cohorts`) sets how atypical nuclei look and the
+    staining of scanning site ``site``; layout and slide stain strength depend only on
+    ``(seed, index)``, so slide ``index`` has the same tissue in every cohort.
     """
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}: use one of {CLASSES}")
+    kind = cohort_named(cohort) if isinstance(cohort, str) else cohort
     width_um, height_um = float(size_um[0]), float(size_um[1])
     if width_um <= 0 or height_um <= 0:
         raise ValueError(f"size_um must be positive, got {size_um!r}")
@@ -204,4 +210,6 @@ def make_scene(label: str, *, seed: int, index: int, size_um: tuple[float, float
         salt=mix(seed, index, 0xA11CE),
         stain=(float(rng.uniform(0.95, 1.05)), float(rng.uniform(0.93, 1.07))),
         fibre_angles=(float(rng.uniform(0, np.pi)), float(rng.uniform(0, np.pi))),
+        staining=kind.staining(seed, site),
+        cues=kind.cues,
     )
