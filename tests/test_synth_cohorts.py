@@ -61,13 +61,16 @@ def _tiny_set(root: Path, cohort: str, seed: int = 3) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # default = today's generator; every cohort deterministic per seed
 
-#: SHA-256 of ``make_scene(label, seed=7, index=i, size_um=(300, 300)).render`` of the 96 px
-#: square at 0.25 um/px centred on the first island, recorded before cohorts existed.
+#: Per-channel mean and standard deviation (8-bit levels) of
+#: ``make_scene(label, seed=7, index=i, size_um=(300, 300)).render`` of the 96 px square at
+#: 0.25 um/px centred on the first island, recorded before cohorts existed. Statistics, not a
+#: digest: another CPU's vector ``exp`` may move a pixel by one level (1e-4 of a mean), while any
+#: change of the generator moves them by far more than the tolerance.
 TODAY = {
-    "benign": "2bda51c89fb95ed8653c7accb3fc31cb53eb510852f65fe994ff990af84ca739",
-    "glandular": "c8c708197e5dc9fd479534d434b00c5418ba7d14be63156351e5358124896544",
-    "atypia": "e5b38a9e2194521b7e6f79032422bff1bda7ca2f2564abb4b7ba7942361c50c3",
-    "inflamed": "6f13fd5954f7721f3cfa2f80b12a4c25733ef6f10c4dd7f6cb45a049aa2f0818",
+    "benign": ((192.089, 139.643, 186.133), (45.181, 36.429, 21.444)),
+    "glandular": ((190.27, 133.36, 181.534), (45.559, 35.964, 21.799)),
+    "atypia": ((186.778, 130.715, 179.955), (48.718, 36.378, 22.438)),
+    "inflamed": ((147.051, 108.515, 165.688), (69.989, 55.88, 36.053)),
 }
 
 
@@ -78,7 +81,10 @@ def test_default_cohort_renders_todays_pixels(cohort):
         scene = make_scene(label, seed=7, index=i, size_um=(300.0, 300.0), **kwargs)
         isl = scene.islands[0]
         pixels = scene.render(int(isl.cx / 0.25) - 48, int(isl.cy / 0.25) - 48, 96, 96, 0.25)
-        assert _digest(pixels) == TODAY[label], label
+        flat = pixels.reshape(-1, 3).astype(np.float64)
+        mean, std = TODAY[label]
+        np.testing.assert_allclose(flat.mean(0), mean, atol=0.01, err_msg=label)
+        np.testing.assert_allclose(flat.std(0), std, atol=0.01, err_msg=label)
 
 
 @pytest.fixture(scope="module")
