@@ -20,6 +20,7 @@ from resdistill.config import (
     DataPlan,
     TeacherRef,
     TrainConfig,
+    hed_pair,
 )
 from resdistill.errors import UsageError
 
@@ -35,7 +36,8 @@ def check(cfg: TrainConfig, note: Callable[[str], None] = _stderr_note) -> Train
     """Refuse impossible option values (one line each); the config to run.
 
     With cached targets (``data.targets``) the default colour jitter is switched off (with a
-    ``note``): the stored teacher outputs belong to the un-jittered tiles.
+    ``note``) and HED jitter is refused: the stored teacher outputs belong to the un-jittered
+    tiles (targets are always made un-augmented).
     """
     for opt, value in (("batch-size", cfg.data.batch_size), ("epochs", cfg.optim.epochs),
                        ("workers", cfg.run.workers)):  # fmt: skip
@@ -47,6 +49,10 @@ def check(cfg: TrainConfig, note: Callable[[str], None] = _stderr_note) -> Train
         raise UsageError("--steps-per-epoch must be at least 1")
     if cfg.optim.lr <= 0:
         raise UsageError("--lr must be positive")
+    try:
+        hed_pair(cfg.data.hed_jitter)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     loss = cfg.loss
     if cfg.stage == STAGE_DISTILL:
         if cfg.teacher is None:
@@ -72,6 +78,11 @@ def _check_targets(cfg: TrainConfig, note: Callable[[str], None]) -> TrainConfig
     if cfg.loss.feature_resize != "maxpool":
         raise UsageError(
             "--targets stores max-pooled teacher maps: --feature-resize must be maxpool"
+        )
+    if any(float(v) for v in cfg.data.hed_jitter):
+        raise UsageError(
+            "--hed-jitter is not allowed with --targets: the teacher's stored outputs are of the "
+            "un-jittered tiles; drop --hed-jitter, or distil online (without --targets)"
         )
     jitter = tuple(float(v) for v in cfg.data.jitter)
     if not any(jitter):
