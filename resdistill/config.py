@@ -42,6 +42,8 @@ FEATURE_RESIZES = ("maxpool", "bicubic")
 #: Colour jitter (brightness, contrast, saturation, hue). The paper's reference code uses
 #: 0.5/0.5/0.5/0.2; milder defaults keep colour-coded classes learnable.
 DEFAULT_JITTER = (0.2, 0.2, 0.2, 0.05)
+#: ``--stain-norm`` methods (see :mod:`resdistill.data.stain_norm`); "" is off.
+STAIN_NORMS = ("reinhard", "macenko")
 DEFAULT_METRIC = "val_macro_f1"
 
 PBT = {"tune": "pbt"}  # tunable, and PBT may perturb it mid-trial
@@ -79,6 +81,8 @@ class DataConfig:
     jitter: tuple[float, ...] = DEFAULT_JITTER  # brightness, contrast, saturation, hue
     flips: bool = True  # random flips and 90-degree rotations
     hed_jitter: tuple[float, ...] = (0.0, 0.0)  # HED stain jitter (sigma, bias); zeros: off
+    stain_norm: str = ""  # stain normalisation method (STAIN_NORMS), "" for none
+    stain_reference: Mapping[str, Any] | None = None  # its reference, filled in by the planner
     steps_per_epoch: int | None = None  # None: train samples // (workers x batch_size)
     targets: str | None = None  # cached teacher targets root (distillation only)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +151,179 @@ def test_hed_jitter_with_cached_targets_is_refused_in_one_line(capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "--hed-jitter is not allowed with --targets" in err and "without --targets" in err
+
+
+# ------------------------------------------------------------------------ stain normalisation
+
+
+@pytest.fixture(scope="module")
+def he_tiles(real_slide) -> torch.Tensor:
+    """Float 224 px tiles of the real H&E slide CMU-1-Small-Region, in [0, 1]."""
+    import openslide
+
+    with openslide.OpenSlide(str(real_slide)) as slide:
+        img = np.array(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    x = torch.from_numpy(img[:2016, :2912]).permute(2, 0, 1).float() / 255
+    return x.unfold(1, 224, 224).unfold(2, 224, 224).permute(1, 2, 0, 3, 4).reshape(-1, 3, 224, 224)
+
+
+def _tissue(tiles: torch.Tensor) -> torch.Tensor:
+    """Tiles that are mostly tissue (Macenko's mask covers a third of the pixels or more)."""
+    from resdistill.data.stain import rgb_to_od
+
+    frac = (rgb_to_od(tiles, 1 / 255) > 0.15).all(1).float().mean((1, 2))
+    return tiles[frac > 0.33]
+
+
+def _restain(x: torch.Tensor, h: float, e: float) -> torch.Tensor:
+    """``x`` as another lab might stain it: haematoxylin x ``h``, eosin x ``e``."""
+    return hed_jitter(x, torch.tensor([h, e, 1.0]), torch.zeros(3))
+
+
+def test_lab_round_trip_and_reinhard_matches_the_reference(he_tiles: torch.Tensor) -> None:
+    from resdistill.data.stain_norm import (
+        estimate_reference,
+        lab_stats,
+        lab_to_rgb,
+        normalizer,
+        rgb_to_lab,
+    )
+
+    tiles = _tissue(he_tiles)
+    assert len(tiles) >= 8
+    assert torch.allclose(lab_to_rgb(rgb_to_lab(tiles[:4])), tiles[:4], atol=1e-4)
+    white = rgb_to_lab(torch.ones(3, 1, 1)).view(3)
+    assert torch.allclose(white, torch.tensor([100.0, 0.0, 0.0]), atol=0.05)  # D65 white
+    ref = estimate_reference(tiles, "reinhard")
+    assert ref["method"] == "reinhard" and 50 < ref["mean"][0] < 95
+    shifted = _restain(tiles[:6], 1.4, 0.7)
+    before = lab_stats(shifted)[0]
+    assert (before - torch.tensor(ref["mean"])).abs().max() > 5  # the restain moved the colours
+    mean, std = lab_stats(normalizer(ref)(shifted))
+    np.testing.assert_allclose(mean.numpy(), np.tile(ref["mean"], (6, 1)), atol=1.0)
+    np.testing.assert_allclose(std.numpy(), np.tile(ref["std"], (6, 1)), atol=1.0)
+
+
+def test_macenko_maps_stains_and_amounts_to_the_reference(he_tiles: torch.Tensor) -> None:
+    from resdistill.data.stain_norm import estimate_reference, macenko_stains, normalizer
+
+    tiles = _tissue(he_tiles)
+    ref = estimate_reference(tiles, "macenko", torch.Generator().manual_seed(0))
+    stains = torch.tensor(ref["stains"])
+    assert stains[0, 0] > stains[1, 0]  # haematoxylin (more red OD) first
+    assert torch.allclose(stains.norm(dim=1), torch.ones(2), atol=1e-5)
+    norm = normalizer(ref)
+    a, b = _restain(tiles[:6], 1.4, 0.7), _restain(tiles[:6], 0.7, 1.3)
+    got_stains, got_max, ok = macenko_stains(norm(a))
+    assert bool(ok.all())
+    assert (got_stains - stains).abs().max() < 0.1
+    np.testing.assert_allclose(got_max.numpy(), np.tile(ref["max_conc"], (6, 1)), rtol=0.15)
+    # two stainings of the same tissue come out far closer than they went in
+    assert (norm(a) - norm(b)).abs().mean() < 0.6 * (a - b).abs().mean()
+    # a blank tile has no stains to estimate: left as it is
+    blank = torch.full((3, 32, 32), 0.95)
+    assert torch.equal(norm(blank), blank)
+    with pytest.raises(ValueError, match="unknown stain"):
+        normalizer({"method": "vahadane"})
+
+
+def _raw(info: Any) -> Any:
+    """``info`` whose per-magnification normalisation is the identity (pixels / 255)."""
+    ident = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    return replace(info, normalization={m: ident for m in info.magnifications})
+
+
+def test_stain_normalisation_is_planned_recorded_and_applied(tiny_dataset, tmp_path) -> None:
+    """The teacher stage estimates a reference from the training tiles; the loaders apply it to
+    every magnification, in evaluation too; the model card keeps it; evaluation and prediction
+    apply it; a student inherits it, and the combinations that cannot hold are refused."""
+    from resdistill import data as D
+    from resdistill.checkpoint import load_model
+    from resdistill.commands import teacher as teacher_cmd
+    from resdistill.data.stain_norm import normalizer
+    from resdistill.data.stain_reference import reference_from_dataset
+    from resdistill.eval.evaluate import predict_split
+    from resdistill.models import build_model
+    from resdistill.predict.stages import Scorer
+    from resdistill.train.plan import prepare
+    from resdistill.train.worker import model_card
+    from tests.test_distill import save_checkpoint, teacher_payload
+
+    args = teacher_cmd.build_parser().parse_args(
+        [
+            "--data",
+            str(tiny_dataset),
+            "--stain-norm",
+            "reinhard",
+            "--workers",
+            "1",
+            "--batch-size",
+            "8",
+        ]
+    )
+    notes: list[str] = []
+    cfg = prepare(teacher_cmd.build_config(args), notes=notes)
+    ref = cfg.data.stain_reference
+    assert cfg.data.stain_norm == "reinhard" and ref["method"] == "reinhard"
+    assert any("stain normalisation (reinhard)" in n for n in notes)
+    dataset = D.Dataset.open(str(tiny_dataset))
+    info = dataset.info
+    assert reference_from_dataset(dataset, ["train"], "10x", "reinhard") == ref  # one fixed draw
+    assert TrainConfig.from_dict(cfg.to_dict()).data.stain_reference == ref
+
+    norm = normalizer(ref)
+    kw = {"batch_size": 64, "train": False, "num_workers": 0, "labelled_only": True}
+    plain = next(iter(D.make_loader(_raw(info), ["val"], ["10x", "5x"], **kw).epoch()))
+    normed = next(iter(D.make_loader(_raw(info), ["val"], ["10x", "5x"], stain=ref, **kw).epoch()))
+    assert normed.keys == plain.keys
+    for m in range(2):
+        assert torch.allclose(normed.images[m], norm(plain.images[m]), atol=1e-6)
+        assert not torch.allclose(normed.images[m], plain.images[m], atol=1e-2)
+
+    class _Stage:
+        def card_fields(self) -> dict[str, Any]:
+            return {"teacher": None, "loss": None}
+
+    card = model_card(cfg, info, _Stage())
+    assert card.stain_reference() == ref
+    torch.manual_seed(0)
+    net = build_model("resnet18", info.num_classes).eval()
+    folder = save_checkpoint(
+        tmp_path / "stained" / "checkpoint_epoch0001",
+        {**card.to_dict(), "state_dict": net.state_dict()},
+    )
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in info.mean_std("10x"))
+    with torch.inference_mode():
+        want = torch.softmax(net((norm(plain.images[0]) - mean) / std)[0], 1).numpy()
+        unnormed = torch.softmax(net((plain.images[0] - mean) / std)[0], 1).numpy()
+    assert not np.allclose(want, unnormed, atol=1e-3)
+    preds = predict_split(load_model(folder), info, "val", batch_size=8, num_workers=0,
+                          device="cpu")  # fmt: skip
+    row = {k: i for i, k in enumerate(plain.keys)}
+    order = [row[k] for k in preds.keys]
+    np.testing.assert_allclose(preds.probs, want[order], atol=1e-5)
+    n = len(plain.keys)
+    tiles = (plain.images[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    batch = {"tile": tiles, "error": np.array([""] * n), "slide": np.array(["s"] * n),
+             "seconds": np.zeros(n)}  # fmt: skip
+    np.testing.assert_allclose(Scorer(folder, "cpu")(batch)["probs"], want, atol=1e-5)
+
+    bare = save_checkpoint(tmp_path / "bare" / "checkpoint_epoch0001",
+                           teacher_payload(net, info, "10x"))  # fmt: skip
+
+    def student(teacher: str, *extra: str) -> TrainConfig:
+        argv = ["--data", str(tiny_dataset), "--teacher", teacher, "--student-mag", "5x",
+                "--workers", "1", "--batch-size", "8", *extra]  # fmt: skip
+        return distill.build_config(distill.build_parser().parse_args(argv))
+
+    notes = []
+    inherited = prepare(student(folder), notes=notes)
+    assert inherited.data.stain_norm == "reinhard" and inherited.data.stain_reference == ref
+    assert any("as the teacher was trained with" in n for n in notes)
+    with pytest.raises(distill.UsageError, match="trained without stain normalisation"):
+        prepare(student(bare, "--stain-norm", "reinhard"))
+    with pytest.raises(distill.UsageError, match="trained with --stain-norm reinhard"):
+        prepare(student(folder, "--stain-norm", "macenko"))
+    with pytest.raises(distill.UsageError, match="--targets with a stain-normalised teacher"):
+        prepare(student(folder, "--targets", str(tmp_path / "targets"), "--jitter", "0"))
+    assert prepare(student(bare)).data.stain_reference is None

@@ -20,6 +20,7 @@ from resdistill.config import (
     FEATURE_RESIZES,
     OPTIMIZERS,
     SCHEDULES,
+    STAIN_NORMS,
     DataConfig,
     LossConfig,
     ModelConfig,
@@ -87,6 +88,15 @@ def add_data_options(
         "(BIAS defaults to SIGMA; 0 disables; Tellez et al. 2019: 0.05 light, 0.2 strong)",
     )
     g.add_argument("--no-flips", action="store_true", help="no random flips / 90-degree rotations")
+    g.add_argument(
+        "--stain-norm",
+        default="none",
+        choices=("none", *STAIN_NORMS),
+        help="map every tile's colours (every magnification, in training, evaluation and "
+        "prediction) onto a reference estimated from the training tiles at the top "
+        "magnification: reinhard (LAB mean/std), macenko (stain vectors); a student inherits "
+        "its teacher's",
+    )
     g.add_argument(
         "--steps-per-epoch",
         type=int,
@@ -223,6 +233,7 @@ def data_config(args: argparse.Namespace, *, train_splits: str) -> DataConfig:
         jitter=tuple(float(v) for v in args.jitter),
         flips=not args.no_flips,
         hed_jitter=_hed_jitter(getattr(args, "hed_jitter", ())),
+        stain_norm="" if getattr(args, "stain_norm", "none") == "none" else args.stain_norm,
         steps_per_epoch=args.steps_per_epoch,
         targets=getattr(args, "targets", None) or None,
     )

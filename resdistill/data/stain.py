@@ -42,9 +42,9 @@ def stain_matrix(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (m / m.norm(dim=1, keepdim=True)).to(dtype)
 
 
-def rgb_to_od(x: torch.Tensor) -> torch.Tensor:
+def rgb_to_od(x: torch.Tensor, eps: float = OD_EPS) -> torch.Tensor:
     """``OD = -log(I + eps)`` of float RGB in [0, 1] (``I0 = 1``), any shape."""
-    return -torch.log(x + OD_EPS)
+    return -torch.log(x + eps)
 
 
 def hed_jitter(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ class WorkerContext:
             "num_workers": self.cfg.data.loader_workers,
             "pin_memory": self.env.use_cuda,
             "manifest": self.manifest,
+            "stain": self.cfg.data.stain_reference,
         }
 
     def train_kwargs(self, start_epoch: int) -> dict[str, Any]:
