@@ -9,12 +9,13 @@ sample, and every tile at evaluation and prediction, gets the same treatment):
   Simple and robust; moves the overall colour, not the stains separately.
 * ``macenko`` (Macenko et al. 2009): ``OD = -log(I + 1/255)`` (:func:`~resdistill.data.stain.
   rgb_to_od` with an 8-bit floor, so that the odd black JPEG pixel, OD 14 with a tiny eps, does
-  not set the percentiles); keep the tissue pixels (every OD channel > ``beta`` = 0.15); the plane of the two
-  largest eigenvectors ``e1, e2`` of their OD covariance; angles ``phi = atan2(OD.e2, OD.e1)``;
-  stain vectors ``e(phi_1%)``, ``e(phi_99%)``, the one with more red OD first (haematoxylin),
-  rows ``S`` (2x3); amounts ``C = OD @ pinv(S)``; ``C_k <- C_k * ref_max_k / max_k`` with
-  ``max_k`` the 99th percentile of ``C_k`` over tissue; ``I = exp(-C @ S_ref)``, clipped. A tile
-  with under :data:`MIN_TISSUE_PIXELS` tissue pixels is left unchanged.
+  not set the percentiles); keep the tissue pixels (every OD channel > ``beta`` = 0.15); the
+  plane of the two largest eigenvectors ``e1, e2`` of their OD covariance; angles
+  ``phi = atan2(OD.e2, OD.e1)``; stain vectors ``e(phi_1%)``, ``e(phi_99%)``, the one with more
+  red OD first (haematoxylin), rows ``S`` (2x3); amounts ``C = OD @ pinv(S)``;
+  ``C_k <- C_k * ref_max_k / max_k`` with ``max_k`` the 99th percentile of ``C_k`` over tissue;
+  ``I = exp(-C @ S_ref) - 1/255``, clipped. A tile with under :data:`MIN_TISSUE_PIXELS` tissue
+  pixels is left unchanged.
 
 A reference is a plain dict (JSON- and ``weights_only``-safe, kept in configs and checkpoints):
 ``{"method": "reinhard", "mean": [L, a, b], "std": [L, a, b]}`` or ``{"method": "macenko",
