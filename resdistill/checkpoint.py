@@ -49,7 +49,9 @@ class ModelCard:
     """What ``model.pt`` says about its network, besides the weights.
 
     ``mag`` is a magnification name (``10x``, ``2p5x``); ``normalization`` the per-channel
-    ``{"mean": [r, g, b], "std": [r, g, b]}`` of [0, 1] pixels the model was trained with;
+    ``{"mean": [r, g, b], "std": [r, g, b]}`` of [0, 1] pixels the model was trained with, and
+    ``"stain"``, the stain normalisation reference its tiles went through first, when one did
+    (:mod:`resdistill.data.stain_norm`);
     ``read_chain`` the dataset's :data:`READ_CHAIN_KEYS`; ``teacher`` (students) names the
     teacher checkpoint, its arch, magnification and classes; ``loss`` the loss settings.
     """
@@ -77,6 +79,11 @@ class ModelCard:
         if not norm.get("mean") or not norm.get("std"):
             return None
         return [float(v) for v in norm["mean"]], [max(float(v), 1e-3) for v in norm["std"]]
+
+    def stain_reference(self) -> dict[str, Any] | None:
+        """The stain normalisation the model's inputs need, or None (see the class docstring)."""
+        ref = (self.normalization or {}).get("stain")
+        return dict(ref) if ref else None
 
     def to_dict(self) -> dict[str, Any]:
         """model.pt's metadata: the card's fields plus ``num_classes`` (plain values)."""

@@ -42,10 +42,28 @@ FEATURE_RESIZES = ("maxpool", "bicubic")
 #: Colour jitter (brightness, contrast, saturation, hue). The paper's reference code uses
 #: 0.5/0.5/0.5/0.2; milder defaults keep colour-coded classes learnable.
 DEFAULT_JITTER = (0.2, 0.2, 0.2, 0.05)
+#: ``--stain-norm`` methods (see :mod:`resdistill.data.stain_norm`); "" is off.
+STAIN_NORMS = ("reinhard", "macenko")
 DEFAULT_METRIC = "val_macro_f1"
 
 PBT = {"tune": "pbt"}  # tunable, and PBT may perturb it mid-trial
 TUNE = {"tune": "yes"}  # tunable between trials only
+
+
+def hed_pair(values: tuple[float, ...] | list[float]) -> tuple[float, float]:
+    """``(sigma, bias)`` of ``--hed-jitter SIGMA[,BIAS]``: BIAS defaults to SIGMA (Tellez et
+    al.'s ``HED-light`` is 0.05, ``HED-strong`` 0.2); ``()`` or zeros mean off. ValueError
+    when sigma is outside [0, 1) or bias is negative."""
+    vals = tuple(float(v) for v in values)
+    if len(vals) > 2:
+        raise ValueError(f"--hed-jitter takes SIGMA[,BIAS], got {len(vals)} numbers")
+    sigma = vals[0] if vals else 0.0
+    bias = vals[1] if len(vals) > 1 else sigma
+    if not 0.0 <= sigma < 1.0:
+        raise ValueError(f"--hed-jitter sigma must be in [0, 1), got {sigma:g}")
+    if bias < 0.0:
+        raise ValueError(f"--hed-jitter bias must be 0 or more, got {bias:g}")
+    return sigma, bias
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     jitter: tuple[float, ...] = DEFAULT_JITTER  # brightness, contrast, saturation, hue
     flips: bool = True  # random flips and 90-degree rotations
+    hed_jitter: tuple[float, ...] = (0.0, 0.0)  # HED stain jitter (sigma, bias); zeros: off
+    stain_norm: str = ""  # stain normalisation method (STAIN_NORMS), "" for none
+    stain_reference: Mapping[str, Any] | None = None  # its reference, filled in by the planner
     steps_per_epoch: int | None = None  # None: train samples // (workers x batch_size)
     targets: str | None = None  # cached teacher targets root (distillation only)
 

@@ -20,6 +20,7 @@ from resdistill.config import (
     FEATURE_RESIZES,
     OPTIMIZERS,
     SCHEDULES,
+    STAIN_NORMS,
     DataConfig,
     LossConfig,
     ModelConfig,
@@ -28,6 +29,7 @@ from resdistill.config import (
     SpeedConfig,
     TeacherRef,
     TrainConfig,
+    hed_pair,
 )
 
 Group = Any  # an argparse parser or argument group
@@ -76,7 +78,25 @@ def add_data_options(
         + (f", {jitter_help}" if jitter_help else "")
         + " (0 disables; paper: 0.5,0.5,0.5,0.2)",
     )
+    g.add_argument(
+        "--hed-jitter",
+        type=floats,
+        default="0",
+        metavar="SIGMA[,BIAS]",
+        help="stain jitter in haematoxylin-eosin-DAB space: each stain's amount C becomes "
+        "C * U(1-SIGMA, 1+SIGMA) + U(-BIAS, BIAS), one draw per sample for every magnification "
+        "(BIAS defaults to SIGMA; 0 disables; Tellez et al. 2019: 0.05 light, 0.2 strong)",
+    )
     g.add_argument("--no-flips", action="store_true", help="no random flips / 90-degree rotations")
+    g.add_argument(
+        "--stain-norm",
+        default="none",
+        choices=("none", *STAIN_NORMS),
+        help="map every tile's colours (every magnification, in training, evaluation and "
+        "prediction) onto a reference estimated from the training tiles at the top "
+        "magnification: reinhard (LAB mean/std), macenko (stain vectors); a student inherits "
+        "its teacher's",
+    )
     g.add_argument(
         "--steps-per-epoch",
         type=int,
@@ -212,9 +232,21 @@ def data_config(args: argparse.Namespace, *, train_splits: str) -> DataConfig:
         shuffle_buffer=int(args.shuffle_buffer),
         jitter=tuple(float(v) for v in args.jitter),
         flips=not args.no_flips,
+        hed_jitter=_hed_jitter(getattr(args, "hed_jitter", ())),
+        stain_norm="" if getattr(args, "stain_norm", "none") == "none" else args.stain_norm,
         steps_per_epoch=args.steps_per_epoch,
         targets=getattr(args, "targets", None) or None,
     )
+
+
+def _hed_jitter(values: tuple[float, ...]) -> tuple[float, float]:
+    """``--hed-jitter`` as ``(sigma, bias)``; a bad value is a one-line usage error."""
+    from resdistill.errors import UsageError
+
+    try:
+        return hed_pair(values)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def optim_config(args: argparse.Namespace) -> OptimConfig:

@@ -1,8 +1,9 @@
 """Augmentations applied to a sample's images together: one random draw per sample.
 
-* :class:`PairedAugment` - flips, 90-degree rotation and colour jitter (:class:`FastColorJitter`)
-  with one draw for every magnification of a sample, so a student tile and its paired teacher
-  tile see the same transform.
+* :class:`PairedAugment` - flips, 90-degree rotation, HED stain jitter
+  (:class:`~resdistill.data.stain.HedJitter`) and colour jitter (:class:`FastColorJitter`) with
+  one draw for every magnification of a sample, so a student tile and its paired teacher tile
+  see the same transform; :func:`paired_augment` builds it from a run's data config.
 * :class:`GeometricAugment` - flips and 90-degree rotation only, one draw for a tile and a stored
   feature map together (training on cached teacher targets, which belong to the un-jittered tile).
 
@@ -19,7 +20,9 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from resdistill.config import DEFAULT_JITTER
+from resdistill.config import DEFAULT_JITTER, DataConfig
+
+from .stain import HedJitter
 
 #: An augmentation: the images of one sample in, the same number of tensors out, one draw.
 Augment = Callable[..., tuple[torch.Tensor, ...]]
@@ -112,26 +115,38 @@ class FastColorJitter(v2.Transform):
 
 
 class PairedAugment:
-    """The same random flips, 90-degree rotation and colour jitter for every image of one sample.
+    """The same random flips, 90-degree rotation, stain and colour jitter for every image of one
+    sample.
 
     ``(img_1, ..., img_m) -> (T(img_1), ..., T(img_m))`` with one draw of ``T`` per call:
     horizontal flip (p=0.5), vertical flip (p=0.5), rotation by ``k * 90`` degrees with ``k``
-    uniform in {0, 1, 2, 3} (on uint8), conversion to float in [0, 1], then
+    uniform in {0, 1, 2, 3} (on uint8), conversion to float in [0, 1], HED jitter ``(sigma,
+    bias)`` (:class:`~resdistill.data.stain.HedJitter`, when ``hed`` is not zero), then
     :class:`FastColorJitter` ``(brightness, contrast, saturation, hue)``. torchvision v2 transforms
     draw their parameters once per call and apply them to every ``tv_tensors.Image`` passed
     together; plain tensors would only transform the first one, so the images are wrapped.
     Inputs: uint8 ``(3, H, W)`` tensors of any square sizes. Outputs: float32 in [0, 1].
     """
 
-    def __init__(self, jitter: Sequence[float] = DEFAULT_JITTER, *, flips: bool = True) -> None:
+    def __init__(
+        self,
+        jitter: Sequence[float] = DEFAULT_JITTER,
+        *,
+        flips: bool = True,
+        hed: Sequence[float] = (0.0, 0.0),
+    ) -> None:
         ops: list[Any] = []
         if flips:
             ops += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()]
         ops.append(v2.ToDtype(torch.float32, scale=True))
+        hed_sigma, hed_bias = (tuple(float(v) for v in hed) + (0.0, 0.0))[:2]
+        if hed_sigma or hed_bias:
+            ops.append(HedJitter(hed_sigma, hed_bias))
         b, c, s, h = (tuple(float(v) for v in jitter) + (0.0, 0.0, 0.0, 0.0))[:4]
         if any((b, c, s, h)):
             ops.append(FastColorJitter(b, c, s, h))
         self.jitter = (b, c, s, h)
+        self.hed = (hed_sigma, hed_bias)
         self.flips = flips
         self._compose = v2.Compose(ops)
 
@@ -141,7 +156,12 @@ class PairedAugment:
         return tuple(o.as_subclass(torch.Tensor) for o in out)
 
     def __repr__(self) -> str:
-        return f"PairedAugment(jitter={self.jitter}, flips={self.flips})"
+        return f"PairedAugment(jitter={self.jitter}, hed={self.hed}, flips={self.flips})"
+
+
+def paired_augment(data: DataConfig) -> PairedAugment:
+    """The :class:`PairedAugment` of a run's data section (flips, HED and colour jitter)."""
+    return PairedAugment(data.jitter, flips=data.flips, hed=data.hed_jitter)
 
 
 class GeometricAugment:

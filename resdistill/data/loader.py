@@ -15,7 +15,7 @@ Sources. :func:`make_loader` selects the keys and builds a stream with its ``sou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from .plan import shard_keys, steps_per_epoch, workers_per_rank
 from .stream import TileStream
 
 #: Builds a rank's stream: ``source(info, shards, mags, *, repeat, rank, world_size, workers, epoch,
-#: shuffle_buffer, augment, seed, labelled_only, labelled_slides)``, the arguments of
+#: shuffle_buffer, augment, seed, labelled_only, labelled_slides, stain)``, the arguments of
 #: :class:`TileStream`.
 Source = Callable[..., TileStream]
 
@@ -146,6 +146,7 @@ def make_loader(
     manifest: Any = None,
     labelled_slides: Collection[str] | None = None,
     source: Source = TileStream,
+    stain: Mapping[str, Any] | None = None,
 ) -> StreamLoader:
     """Batches of ``splits`` for ``rank`` of ``world_size`` (see the module docstring).
 
@@ -156,7 +157,9 @@ def make_loader(
     the first pass's draw and the shuffles' seeds. ``labelled_only`` drops samples whose label is null
     (counts follow the manifest); ``labelled_slides`` hides the labels of every other slide (a
     label-scarce run). ``manifest`` (a pyarrow Table) saves reading it again; a :class:`Dataset`
-    supplies its own. ``source`` builds the stream (see the module docstring).
+    supplies its own. ``source`` builds the stream (see the module docstring). ``stain``: the
+    stain normalisation reference every image goes through first, in both modes (see
+    :class:`TileStream`).
     """
     if isinstance(info, Dataset):
         if manifest is None:
@@ -197,6 +200,7 @@ def make_loader(
         seed=seed,
         labelled_only=labelled_only,
         labelled_slides=labelled_slides,
+        stain=stain,
     )
     return StreamLoader(
         stream, batch_size=batch_size, steps=steps, num_workers=workers, pin_memory=pin_memory

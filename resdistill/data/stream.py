@@ -38,6 +38,7 @@ from .augment import Augment
 from .errors import shard_error
 from .info import DatasetInfo
 from .plan import ShardTask, hash_seed, slot_samples, slot_tasks
+from .stain_norm import normalizer
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -82,7 +83,9 @@ class TileStream(IterableDataset):
     shard_keys`), the same on every rank. ``repeat=True``: endless passes, a new draw each
     (training); ``False``: one pass, each sample of the rank once (evaluation). ``epoch`` is the
     epoch the stream starts at (its first pass's draw). ``augment`` gets the sample's uint8
-    images together, before normalisation.
+    images together, before normalisation. ``stain`` (a reference of
+    :mod:`~resdistill.data.stain_norm`) stain-normalises every image first, in training and
+    evaluation alike (it is part of the model's input); the augmentation then gets float images.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class TileStream(IterableDataset):
         labelled_only: bool = False,
         check_size: bool = True,
         labelled_slides: Collection[str] | None = None,
+        stain: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not mags:
@@ -120,6 +124,7 @@ class TileStream(IterableDataset):
         self.labelled_only = labelled_only
         self.check_size = check_size
         self.labelled_slides = None if labelled_slides is None else frozenset(labelled_slides)
+        self._stain = normalizer(stain) if stain else None
         self._members = [info.member(m) for m in self.mags]
         self._class_index = {c: i for i, c in enumerate(info.classes)}
         self._norm = []
@@ -249,6 +254,8 @@ class TileStream(IterableDataset):
                         f"dataset.json says {want}"
                     )
             images.append(img)
+        if self._stain is not None:
+            images = [self._stain(img.to(torch.float32).div_(255.0)) for img in images]
         if self.augment is not None:
             images = list(self.augment(*images))
         out = tuple(

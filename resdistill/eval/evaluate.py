@@ -145,7 +145,8 @@ def predict_split(
     """Run ``model`` over the labelled tiles of ``split`` of ``info`` at the model's magnification.
 
     Reads with :func:`resdistill.data.make_loader` (``train=False``: shards in order, each sample
-    once, no augmentation) normalising with the checkpoint's mean/std; the model runs in eval mode
+    once, no augmentation) normalising with the checkpoint's mean/std (after its stain
+    normalisation, when it was trained with one); the model runs in eval mode
     under ``torch.inference_mode``; ``probs = softmax(logits)``. ``on_batch(n)`` is called with
     the size of each batch (progress).
     """
@@ -169,6 +170,7 @@ def predict_split(
         labelled_only=True,
         pin_memory=device.startswith("cuda"),
         manifest=manifest,
+        stain=model.card.stain_reference(),
     )
     net = model.model
     net.eval().to(device)

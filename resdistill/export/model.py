@@ -38,7 +38,15 @@ class NormalizedClassifier(nn.Module):
 
 def normalization_of(model: LoadedModel) -> tuple[list[float], list[float]]:
     """The checkpoint's mean/std; :class:`CheckpointError` when its card lacks them (a file
-    that guessed them would give other scores than the model was trained to give)."""
+    that guessed them would give other scores than the model was trained to give) or when the
+    model was trained on stain-normalised tiles (the exported files do not carry that step)."""
+    stain = model.card.stain_reference()
+    if stain:
+        raise CheckpointError(
+            f"{model.url}: the model was trained on stain-normalised tiles "
+            f"({stain.get('method')}), a step exported files do not include; use resdistill "
+            "predict, which applies it"
+        )
     ms = model.mean_std()
     if ms is None:
         raise CheckpointError(

@@ -102,7 +102,8 @@ def read_escalated(
 
 
 class Scorer:
-    """An inference actor: ``p = softmax(model((tile / 255 - mean) / std))`` for the rows of a
+    """An inference actor: ``p = softmax(model((stain(tile / 255) - mean) / std))``, ``stain``
+    the checkpoint's stain normalisation (identity without one), for the rows of a
     batch without an error (and, with ``only``, where that bool column is set); other rows get
     zeros. ``tiles`` is replaced by ``probs``; worker seconds are added to ``seconds``."""
 
@@ -122,6 +123,12 @@ class Scorer:
         mean, std = ms if ms is not None else ([0.5] * 3, [0.25] * 3)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        ref = self.model.card.stain_reference()
+        self.stain = None
+        if ref:
+            from resdistill.data.stain_norm import normalizer
+
+            self.stain = normalizer(ref)
         self.tiles, self.probs, self.only = tiles, probs, only
 
     def __call__(self, batch: Batch) -> Batch:
@@ -134,8 +141,10 @@ class Scorer:
         if rows.any():
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(batch[self.tiles][rows]))
-                x = x.to(self.device).permute(0, 3, 1, 2).float()
-                logits, _ = self.net((x / 255.0 - self.mean) / self.std)
+                x = x.to(self.device).permute(0, 3, 1, 2).float() / 255.0
+                if self.stain is not None:
+                    x = self.stain(x)
+                logits, _ = self.net((x - self.mean) / self.std)
                 probs[rows] = torch.softmax(logits.float(), dim=1).cpu().numpy()
         out = {k: v for k, v in batch.items() if k != self.tiles}
         out[self.probs] = probs

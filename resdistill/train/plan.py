@@ -17,9 +17,11 @@ from resdistill.config import (
     DEFAULT_JITTER,
     STAGE_DISTILL,
     STAGE_TEACHER,
+    STAIN_NORMS,
     DataPlan,
     TeacherRef,
     TrainConfig,
+    hed_pair,
 )
 from resdistill.errors import UsageError
 
@@ -35,7 +37,8 @@ def check(cfg: TrainConfig, note: Callable[[str], None] = _stderr_note) -> Train
     """Refuse impossible option values (one line each); the config to run.
 
     With cached targets (``data.targets``) the default colour jitter is switched off (with a
-    ``note``): the stored teacher outputs belong to the un-jittered tiles.
+    ``note``) and HED jitter is refused: the stored teacher outputs belong to the un-jittered
+    tiles (targets are always made un-augmented).
     """
     for opt, value in (("batch-size", cfg.data.batch_size), ("epochs", cfg.optim.epochs),
                        ("workers", cfg.run.workers)):  # fmt: skip
@@ -47,6 +50,10 @@ def check(cfg: TrainConfig, note: Callable[[str], None] = _stderr_note) -> Train
         raise UsageError("--steps-per-epoch must be at least 1")
     if cfg.optim.lr <= 0:
         raise UsageError("--lr must be positive")
+    try:
+        hed_pair(cfg.data.hed_jitter)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     loss = cfg.loss
     if cfg.stage == STAGE_DISTILL:
         if cfg.teacher is None:
@@ -72,6 +79,11 @@ def _check_targets(cfg: TrainConfig, note: Callable[[str], None]) -> TrainConfig
     if cfg.loss.feature_resize != "maxpool":
         raise UsageError(
             "--targets stores max-pooled teacher maps: --feature-resize must be maxpool"
+        )
+    if any(float(v) for v in cfg.data.hed_jitter):
+        raise UsageError(
+            "--hed-jitter is not allowed with --targets: the teacher's stored outputs are of the "
+            "un-jittered tiles; drop --hed-jitter, or distil online (without --targets)"
         )
     jitter = tuple(float(v) for v in cfg.data.jitter)
     if not any(jitter):
@@ -126,13 +138,16 @@ def teacher_ref(url: str, classes: Sequence[str], *, evaluate: bool = True) -> T
             f"{str(exc).splitlines()[0]}"
         ) from None
     norm = ckpt.get("normalization")
+    stain = {"stain": dict(norm["stain"])} if norm and norm.get("stain") else {}
     return TeacherRef(
         checkpoint=url,
         arch=str(ckpt["arch"]),
         mag=str(ckpt.get("mag") or ""),
         classes=tuple(t_classes),
         feature_channels=int(ARCHITECTURES[ckpt["arch"]]),
-        normalization={"mean": list(norm["mean"]), "std": list(norm["std"])} if norm else None,
+        normalization={"mean": list(norm["mean"]), "std": list(norm["std"]), **stain}
+        if norm
+        else None,
         evaluate=evaluate,
     )
 
@@ -223,6 +238,7 @@ def prepare(
         steps = data.steps_per_epoch or steps_per_epoch(n_train, cfg.run.workers, data.batch_size)
     except ValueError as exc:
         raise UsageError(f"{data.url}: {exc}") from None
+    stain = _stain_reference(cfg, dataset, splits, teacher, notes)
     targets = None
     if data.targets:
         targets = _targets(data.targets, teacher, dataset, list(train_keys), mag)
@@ -246,11 +262,62 @@ def prepare(
     )
     return replace(
         cfg,
-        data=replace(data, url=info.url, train_splits=tuple(splits)),
+        data=replace(data, url=info.url, train_splits=tuple(splits), **stain),
         model=replace(cfg.model, arch=arch, mag=mag),
         teacher=teacher,
         plan=plan,
     )
+
+
+def _stain_reference(
+    cfg: TrainConfig, dataset: Any, splits: list[str], teacher: TeacherRef | None, notes: list[str]
+) -> dict[str, Any]:
+    """``{"stain_norm", "stain_reference"}`` of the run, or ``{}`` without stain normalisation.
+
+    A distilled student inherits its teacher's reference (both see the tiles the teacher was
+    trained on); asking for a method the teacher was not trained with is refused. Other stages
+    estimate it from the training splits at the dataset's top magnification (a fixed draw, so
+    the teacher and the baseline of one dataset share it), unless the config already holds one.
+    """
+    from resdistill.data.stain_reference import reference_from_dataset
+
+    data = cfg.data
+    if data.stain_norm and data.stain_norm not in STAIN_NORMS:
+        raise UsageError(f"--stain-norm {data.stain_norm}: choose from {', '.join(STAIN_NORMS)}")
+    if cfg.stage == STAGE_DISTILL:
+        assert teacher is not None
+        ref = (teacher.normalization or {}).get("stain")
+        method = ref.get("method", "") if ref else ""
+        if data.stain_norm and data.stain_norm != method:
+            was = f"with --stain-norm {method}" if method else "without stain normalisation"
+            raise UsageError(
+                f"--stain-norm {data.stain_norm}: the teacher was trained {was}, and a student "
+                "sees its tiles as the teacher did; drop --stain-norm, or train the teacher "
+                f"with --stain-norm {data.stain_norm}"
+            )
+        if not ref:
+            return {}
+        if data.targets:
+            raise UsageError(
+                "--targets with a stain-normalised teacher is not supported: the stored outputs "
+                "are of un-normalised tiles; distil online (without --targets)"
+            )
+        if not data.stain_norm:
+            notes.append(f"stain normalisation ({method}) as the teacher was trained with")
+        return {"stain_norm": method, "stain_reference": dict(ref)}
+    if not data.stain_norm:
+        return {}
+    if data.stain_reference and data.stain_reference.get("method") == data.stain_norm:
+        return {}
+    top = dataset.info.highest
+    try:
+        ref = reference_from_dataset(dataset, splits, top, data.stain_norm)
+    except ValueError as exc:
+        raise UsageError(f"--stain-norm {data.stain_norm}: {exc}") from None
+    notes.append(
+        f"stain normalisation ({data.stain_norm}) to a reference from {', '.join(splits)} at {top}"
+    )
+    return {"stain_reference": ref}
 
 
 def _targets(

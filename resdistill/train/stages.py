@@ -22,6 +22,7 @@ from torch import nn
 
 from resdistill import data as D
 from resdistill.config import STAGE_DISTILL, TrainConfig
+from resdistill.data.augment import paired_augment
 from resdistill.models import build_model
 from resdistill.train.teacher_net import (
     DistillStep,
@@ -53,6 +54,7 @@ class WorkerContext:
             "num_workers": self.cfg.data.loader_workers,
             "pin_memory": self.env.use_cuda,
             "manifest": self.manifest,
+            "stain": self.cfg.data.stain_reference,
         }
 
     def train_kwargs(self, start_epoch: int) -> dict[str, Any]:
@@ -131,7 +133,7 @@ class SupervisedStage:
         labelled = cfg.plan.labelled_slides if cfg.plan else None
         return D.make_loader(
             self.ctx.info, list(data.train_splits), [cfg.model.mag], train=True,
-            augment=D.PairedAugment(data.jitter, flips=data.flips), labelled_only=True,
+            augment=paired_augment(data), labelled_only=True,
             labelled_slides=list(labelled) if labelled is not None else None,
             **self.ctx.train_kwargs(start_epoch),
         )  # fmt: skip
@@ -205,7 +207,7 @@ class DistillStage:
         labelled = ctx.cfg.plan.labelled_slides if ctx.cfg.plan else None
         return D.make_loader(
             ctx.info, list(data.train_splits), [s_mag, self.ref.mag], train=True,
-            augment=D.PairedAugment(data.jitter, flips=data.flips), labelled_only=False,
+            augment=paired_augment(data), labelled_only=False,
             labelled_slides=list(labelled) if labelled is not None else None,
             **ctx.train_kwargs(start_epoch),
         )  # fmt: skip

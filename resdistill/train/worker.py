@@ -43,13 +43,15 @@ def model_card(cfg: TrainConfig, info: D.DatasetInfo, stage: Stage) -> ModelCard
     """What ``model.pt`` says about the network a stage trains (see :class:`ModelCard`)."""
     mag = cfg.model.mag
     mean, std = info.mean_std(mag)
+    ref = cfg.data.stain_reference
+    stain = {"stain": dict(ref)} if ref else {}  # read back by ModelCard.stain_reference
     return ModelCard(
         stage=cfg.stage,
         arch=cfg.model.arch,
         classes=tuple(info.classes),
         mag=mag,
         tile_px=int(info.tile_px.get(mag, 0)),
-        normalization={"mean": list(mean), "std": list(std)},
+        normalization={"mean": list(mean), "std": list(std), **stain},
         dataset=info.url,
         read_chain=read_chain(cfg.plan.dataset if cfg.plan else info.raw),
         train_splits=tuple(cfg.data.train_splits),
