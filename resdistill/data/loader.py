@@ -146,6 +146,7 @@ def make_loader(
     manifest: Any = None,
     labelled_slides: Collection[str] | None = None,
     source: Source = TileStream,
+    slides: Collection[str] | None = None,
 ) -> StreamLoader:
     """Batches of ``splits`` for ``rank`` of ``world_size`` (see the module docstring).
 
@@ -155,7 +156,8 @@ def make_loader(
     ``epoch`` is the epoch the loader starts at (pass the starting epoch when resuming): it picks
     the first pass's draw and the shuffles' seeds. ``labelled_only`` drops samples whose label is null
     (counts follow the manifest); ``labelled_slides`` hides the labels of every other slide (a
-    label-scarce run). ``manifest`` (a pyarrow Table) saves reading it again; a :class:`Dataset`
+    label-scarce run); ``slides`` keeps only those slides' samples (a share of the unlabelled
+    data, :func:`~resdistill.data.plan.select_train_slides`). ``manifest`` (a pyarrow Table) saves reading it again; a :class:`Dataset`
     supplies its own. ``source`` builds the stream (see the module docstring).
     """
     if isinstance(info, Dataset):
@@ -167,8 +169,9 @@ def make_loader(
     if manifest is None:
         manifest = read_manifest(info.url)
     keys = shard_keys(
-        manifest, splits, labelled_only=labelled_only, labelled_slides=labelled_slides
-    )
+        manifest, splits, labelled_only=labelled_only, labelled_slides=labelled_slides,
+        slides=slides,
+    )  # fmt: skip
     total = sum(len(v) for v in keys.values())
     if train:
         if total < world_size:
