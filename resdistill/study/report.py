@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from resdistill.study.claims import Claim, Verdict, approach, beats, judge, rises
-from resdistill.study.grid import KIND_BASELINE, KIND_DISTILLED, KIND_TEACHER, Cell
+from resdistill.study.claims import Claim, approach, beats, judge, rises
+from resdistill.study.grid import KIND_BASELINE, KIND_DISTILLED, KIND_TEACHER
 from resdistill.study.records import cell_of
 
 N_BOOT = 1000
@@ -138,7 +138,7 @@ def check_claims(rows: Sequence[Row], records: Mapping[str, Mapping[str, Any]]) 
             curve = [(r.unlabelled_share, r.accuracy, r.accuracy_std) for r in rows
                      if r.kind == KIND_DISTILLED and r.mag == mag
                      and r.label_fraction == fraction]  # fmt: skip
-            if curve:
+            if len(curve) > 1:  # a single share is no curve
                 c3.append(rises(f"{mag}, {100 * fraction:g}% labelled", curve))
     return judge(c1, c2, c3)
 
@@ -197,10 +197,6 @@ def print_table(rows: Sequence[Row], claims: Sequence[Claim], console: Any) -> N
         console.print(f"claim {c.number} ({c.statement}): [{colour}]{c.word}[/]")
 
 
-def verdict_rows(claims: Sequence[Claim]) -> list[Verdict]:
-    return [v for c in claims for v in c.verdicts]
-
-
 def write_report(records: Mapping[str, Mapping[str, Any]], out: Path, header: str,
                  console: Any = None) -> tuple[list[Row], list[Claim]]:  # fmt: skip
     """Write the report folder from the cells' records; ``(rows, claims)``."""
@@ -215,7 +211,3 @@ def write_report(records: Mapping[str, Mapping[str, Any]], out: Path, header: st
     if console is not None:
         print_table(rows, claims, console)
     return rows, claims
-
-
-def cells_of(records: Mapping[str, Mapping[str, Any]]) -> list[Cell]:
-    return [cell_of(r) for r in records.values()]

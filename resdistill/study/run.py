@@ -113,6 +113,7 @@ def run_study(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     from resdistill.study.report import write_report
     from resdistill.study.tuning import TrialOptions, run_cells
     from resdistill.train.runner import run_url
+    from sharding.magnification import display_mag
     from sharding.ray_cluster import ray_init
 
     console = Console(highlight=False)
@@ -142,8 +143,8 @@ def run_study(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
                           trial_cpus=args.trial_cpus, gpu=args.gpu)  # fmt: skip
     todo = [c for c in grid.cells() if c.id not in records]
     console.print(
-        f"[bold]study[/] on {info.url}: teacher {grid.teacher_mag}, students "
-        f"{', '.join(grid.student_mags)}, label fractions {grid.label_fractions}, unlabelled "
+        f"[bold]study[/] on {info.url}: teacher {display_mag(grid.teacher_mag)}, students "
+        f"{', '.join(map(display_mag, grid.student_mags))}, label fractions {grid.label_fractions}, unlabelled "
         f"shares {grid.unlabelled_shares}, seeds {list(grid.seeds)}: {len(grid.cells())} cells, "
         f"{len(grid.cells()) - len(todo)} done, {len(todo)} to run -> {run_url(storage, args.name)}",
         soft_wrap=True,
@@ -176,7 +177,7 @@ def run_study(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     records = load_records(out)
     missing = [c.id for c in grid.cells() if c.id not in records]
     minutes = (time.monotonic() - started) / 60
-    header = (f"Dataset {info.url}; teacher at {grid.teacher_mag}; {len(records)} cells in "
+    header = (f"Dataset {info.url}; teacher at {display_mag(grid.teacher_mag)}; {len(records)} cells in "
               f"{minutes:.1f} min this run; run storage {run_url(storage, args.name)}.")  # fmt: skip
     if missing:
         header += f" Missing cells (rerun with --resume): {', '.join(missing)}."
