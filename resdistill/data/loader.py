@@ -142,13 +142,15 @@ def make_loader(
     epoch: int = 0,
     steps: int | None = None,
     labelled_only: bool = False,
+    slides: Collection[str] | None = None,
     pin_memory: bool = False,
     manifest: Any = None,
     labelled_slides: Collection[str] | None = None,
     source: Source = TileStream,
-    slides: Collection[str] | None = None,
 ) -> StreamLoader:
-    """Batches of ``splits`` for ``rank`` of ``world_size`` (see the module docstring).
+    """Batches of ``splits`` for ``rank`` of ``world_size`` (see the module docstring); only
+    the samples of ``slides`` when given (distillation reading a share of the unlabelled data,
+    :func:`~resdistill.data.plan.select_train_slides`).
 
     ``train=True``: shuffled (buffer ``shuffle_buffer``), augmented when ``augment`` is given,
     endless source cut into ``steps`` batches per epoch (default :func:`steps_per_epoch` of the
@@ -156,8 +158,7 @@ def make_loader(
     ``epoch`` is the epoch the loader starts at (pass the starting epoch when resuming): it picks
     the first pass's draw and the shuffles' seeds. ``labelled_only`` drops samples whose label is null
     (counts follow the manifest); ``labelled_slides`` hides the labels of every other slide (a
-    label-scarce run); ``slides`` keeps only those slides' samples (a share of the unlabelled
-    data, :func:`~resdistill.data.plan.select_train_slides`). ``manifest`` (a pyarrow Table) saves reading it again; a :class:`Dataset`
+    label-scarce run). ``manifest`` (a pyarrow Table) saves reading it again; a :class:`Dataset`
     supplies its own. ``source`` builds the stream (see the module docstring).
     """
     if isinstance(info, Dataset):

@@ -85,6 +85,26 @@ def _check_targets(cfg: TrainConfig, note: Callable[[str], None]) -> TrainConfig
     return replace(cfg, data=replace(cfg.data, jitter=(0.0, 0.0, 0.0, 0.0)))
 
 
+def _train_slides(
+    cfg: TrainConfig, manifest: Any, splits: list[str], labelled: list[str] | None
+) -> list[str] | None:
+    """The slides a distillation run with ``data.unlabelled_share < 1`` reads (the labelled ones
+    plus that share of the rest, :func:`resdistill.data.select_train_slides`); None: all."""
+    from resdistill.data import select_train_slides
+
+    share = cfg.data.unlabelled_share
+    if share >= 1:
+        return None
+    if cfg.stage != STAGE_DISTILL:
+        raise UsageError(
+            "the unlabelled share applies to distillation: baselines read no such data"
+        )
+    try:
+        return select_train_slides(manifest, splits, share, cfg.optim.seed, labelled)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def teacher_ref(url: str, classes: Sequence[str], *, evaluate: bool = True) -> TeacherRef:
     """Read a teacher checkpoint and check it against the dataset's ``classes``.
 
@@ -258,26 +278,6 @@ def prepare(
         teacher=teacher,
         plan=plan,
     )
-
-
-def _train_slides(
-    cfg: TrainConfig, manifest: Any, splits: list[str], labelled: list[str] | None
-) -> list[str] | None:
-    """The slides a distillation run with ``data.unlabelled_share < 1`` reads (the labelled ones
-    plus that share of the rest, :func:`resdistill.data.select_train_slides`); None: all."""
-    from resdistill.data import select_train_slides
-
-    share = cfg.data.unlabelled_share
-    if share >= 1:
-        return None
-    if cfg.stage != STAGE_DISTILL:
-        raise UsageError(
-            "the unlabelled share applies to distillation: baselines read no such data"
-        )
-    try:
-        return select_train_slides(manifest, splits, share, cfg.optim.seed, labelled)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def _targets(
