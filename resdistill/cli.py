@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "resdistill.commands.export",
         "write a checkpoint as one TorchScript or ONNX file with its normalisation and classes",
     ),
+    "study": ("resdistill.commands.study", "check the paper's three claims: a grid on Ray Tune"),
     "teacher-targets": (
         "resdistill.commands.teacher_targets",
         "run the frozen teacher once and cache its targets for distillation",

@@ -74,6 +74,8 @@ class DataConfig:
     train_splits: tuple[str, ...] = ("train",)
     val_split: str = "val"
     label_fraction: float = 1.0  # share of training slides whose labels are used
+    # distillation: share of the unlabelled training slides (labels hidden or absent) it reads
+    unlabelled_share: float = 1.0
     batch_size: int = field(default=64, metadata=TUNE)  # per worker
     eval_batch_size: int | None = None  # None: batch_size
     loader_workers: int = 2  # DataLoader processes per Ray Train worker
@@ -180,6 +182,7 @@ class DataPlan:
     train_shards: int
     steps_per_epoch: int
     labelled_slides: tuple[str, ...] | None = None  # None: every slide's labels
+    train_slides: tuple[str, ...] | None = None  # None: every slide of the train splits
     targets: Mapping[str, Any] | None = None  # cached targets: {"url", "doc"} when used
 
 

@@ -142,13 +142,16 @@ def make_loader(
     epoch: int = 0,
     steps: int | None = None,
     labelled_only: bool = False,
+    slides: Collection[str] | None = None,
     pin_memory: bool = False,
     manifest: Any = None,
     labelled_slides: Collection[str] | None = None,
     source: Source = TileStream,
     stain: Mapping[str, Any] | None = None,
 ) -> StreamLoader:
-    """Batches of ``splits`` for ``rank`` of ``world_size`` (see the module docstring).
+    """Batches of ``splits`` for ``rank`` of ``world_size`` (see the module docstring); only
+    the samples of ``slides`` when given (distillation reading a share of the unlabelled data,
+    :func:`~resdistill.data.plan.select_train_slides`).
 
     ``train=True``: shuffled (buffer ``shuffle_buffer``), augmented when ``augment`` is given,
     endless source cut into ``steps`` batches per epoch (default :func:`steps_per_epoch` of the
@@ -170,8 +173,9 @@ def make_loader(
     if manifest is None:
         manifest = read_manifest(info.url)
     keys = shard_keys(
-        manifest, splits, labelled_only=labelled_only, labelled_slides=labelled_slides
-    )
+        manifest, splits, labelled_only=labelled_only, labelled_slides=labelled_slides,
+        slides=slides,
+    )  # fmt: skip
     total = sum(len(v) for v in keys.values())
     if train:
         if total < world_size:

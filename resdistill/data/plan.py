@@ -62,11 +62,12 @@ def shard_keys(
     *,
     labelled_only: bool = False,
     labelled_slides: Collection[str] | None = None,
+    slides: Collection[str] | None = None,
 ) -> dict[str, list[str]]:
     """``{shard rel path: [sample keys]}`` for the rows of ``splits`` (labelled rows only if asked).
 
     ``labelled_slides`` (see :func:`select_labelled_slides`) treats every other slide's samples as
-    unlabeled.
+    unlabeled; ``slides`` (see :func:`select_train_slides`) keeps only those slides' rows.
     """
     bad = [s for s in splits if s not in SPLITS]
     if bad:
@@ -75,9 +76,12 @@ def shard_keys(
     wanted = set(splits)
     out: dict[str, list[str]] = {}
     keep = None if labelled_slides is None else set(labelled_slides)
+    only = None if slides is None else set(slides)
     for key, slide, split, label, shard in zip(
         cols["key"], cols["slide"], cols["split"], cols["label"], cols["shard"], strict=True
     ):
+        if only is not None and slide not in only:
+            continue
         if keep is not None and slide not in keep:
             label = None
         if split in wanted and not (labelled_only and label is None):
@@ -106,6 +110,37 @@ def select_labelled_slides(
         ranked = sorted(by_class[label], key=lambda s: zlib.crc32(f"{seed}:{s}".encode()))
         chosen.extend(ranked[: max(1, round(fraction * len(ranked)))])
     return sorted(chosen)
+
+
+def select_train_slides(
+    manifest: Any,
+    splits: Sequence[str],
+    share: float,
+    seed: int = 0,
+    labelled_slides: Collection[str] | None = None,
+) -> list[str] | None:
+    """Slides a distillation run with ``share`` of the unlabelled data reads: every labelled
+    slide of ``splits`` (those of ``labelled_slides`` when given, else every slide with a label)
+    plus ``round(share * n)`` of the ``n`` others (no label, or a hidden one), ranked by a seeded
+    hash, so a smaller share's slides are a subset of a larger one's at the same seed.
+    ``share >= 1`` returns None (every slide)."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"unlabelled share must be in [0, 1], got {share}")
+    if share >= 1:
+        return None
+    cols = manifest.to_pydict()
+    wanted = set(splits)
+    keep = None if labelled_slides is None else set(labelled_slides)
+    labelled: set[str] = set()
+    others: set[str] = set()
+    for slide, split, label in zip(cols["slide"], cols["split"], cols["label"], strict=True):
+        if split not in wanted:
+            continue
+        known = label is not None and (keep is None or slide in keep)
+        (labelled if known else others).add(slide)
+    others -= labelled
+    ranked = sorted(others, key=lambda s: zlib.crc32(f"{seed}:unlabelled:{s}".encode()))
+    return sorted(labelled | set(ranked[: round(share * len(ranked))]))
 
 
 def slot_tasks(

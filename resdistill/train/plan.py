@@ -97,6 +97,26 @@ def _check_targets(cfg: TrainConfig, note: Callable[[str], None]) -> TrainConfig
     return replace(cfg, data=replace(cfg.data, jitter=(0.0, 0.0, 0.0, 0.0)))
 
 
+def _train_slides(
+    cfg: TrainConfig, manifest: Any, splits: list[str], labelled: list[str] | None
+) -> list[str] | None:
+    """The slides a distillation run with ``data.unlabelled_share < 1`` reads (the labelled ones
+    plus that share of the rest, :func:`resdistill.data.select_train_slides`); None: all."""
+    from resdistill.data import select_train_slides
+
+    share = cfg.data.unlabelled_share
+    if share >= 1:
+        return None
+    if cfg.stage != STAGE_DISTILL:
+        raise UsageError(
+            "the unlabelled share applies to distillation: baselines read no such data"
+        )
+    try:
+        return select_train_slides(manifest, splits, share, cfg.optim.seed, labelled)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def teacher_ref(url: str, classes: Sequence[str], *, evaluate: bool = True) -> TeacherRef:
     """Read a teacher checkpoint and check it against the dataset's ``classes``.
 
@@ -216,17 +236,23 @@ def prepare(
     arch = cfg.model.arch or (ref.arch if ref is not None else "resnet18")
     splits = [s for s in data.train_splits if s]
     manifest = dataset.manifest()
-    if data.label_fraction < 1 and not supervised:
+    if data.label_fraction < 1 and not supervised and data.unlabelled_share >= 1:
+        # distillation reads no labels; the fraction only says which slides count as labelled
+        # (its teacher's) when it reads a share of the rest
         raise UsageError("--label-fraction applies to --supervised: distillation uses no labels")
     try:
         labelled = select_labelled_slides(manifest, splits, data.label_fraction, cfg.optim.seed)
     except ValueError as exc:
         raise UsageError(f"--label-fraction: {exc}") from None
-    train_keys = shard_keys(manifest, splits, labelled_only=supervised, labelled_slides=labelled)
+    train_slides = _train_slides(cfg, manifest, splits, labelled)
+    train_keys = shard_keys(manifest, splits, labelled_only=supervised, labelled_slides=labelled,
+                            slides=train_slides)  # fmt: skip
     n_train = sum(len(v) for v in train_keys.values())
     n_labelled = sum(
         len(v)
-        for v in shard_keys(manifest, splits, labelled_only=True, labelled_slides=labelled).values()
+        for v in shard_keys(
+            manifest, splits, labelled_only=True, labelled_slides=labelled, slides=train_slides
+        ).values()
     )
     n_val = sum(len(v) for v in shard_keys(manifest, [data.val_split], labelled_only=True).values())
     if n_val == 0:
@@ -258,6 +284,7 @@ def prepare(
         train_shards=len(train_keys),
         steps_per_epoch=steps,
         labelled_slides=tuple(labelled) if labelled is not None else None,
+        train_slides=tuple(train_slides) if train_slides is not None else None,
         targets=targets,
     )
     return replace(

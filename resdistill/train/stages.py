@@ -66,6 +66,7 @@ class WorkerContext:
             "seed": self.cfg.optim.seed,
             "epoch": start_epoch,
             "steps": self.cfg.plan.steps_per_epoch if self.cfg.plan else data.steps_per_epoch,
+            "slides": self.cfg.plan.train_slides if self.cfg.plan else None,
             **self.loader_kwargs(),
         }
 

@@ -121,12 +121,21 @@ def trial_function(hparams: dict[str, Any], *, base: TrainConfig, opts: dict[str
     (``--steps-per-epoch`` was given) and the :data:`TRAINER_OPTIONS`.
     """
     import ray.tune
+
+    start_url = checkpoint_url(ray.tune.get_checkpoint())
+    run_in_trial(apply_hparams(base, hparams, opts), opts, start_url)
+
+
+def run_in_trial(cfg: TrainConfig, opts: dict[str, Any], start_url: str | None) -> None:
+    """Run ``cfg`` as one Ray Train run inside the current Tune trial, started from
+    ``start_url`` (the trial's own latest or a donor's checkpoint), every epoch forwarded to
+    Tune with its checkpoint (see the module docstring). ``opts`` as :func:`trial_function`'s;
+    ``resdistill study`` runs its grid cells through it too."""
+    import ray.tune
     from ray.train import Checkpoint
     from ray.util.queue import Queue
 
-    start = ray.tune.get_checkpoint()
-    start_url = checkpoint_url(start)
-    config = loop_config(apply_hparams(base, hparams, opts), start_url)
+    config = loop_config(cfg, start_url)
     run_name = f"{ray.tune.get_context().get_trial_id()}-{uuid.uuid4().hex[:8]}"
     train_storage = f"{run_url(opts['storage'], opts['experiment'])}/_train"
 
