@@ -218,8 +218,10 @@ def fake_cluster() -> Iterator[FakeCluster]:
     worker nodes at that address (default: port 6379), so the head can take a free port and
     test runs beside each other do not collide. Every other port is chosen free too.
     """
-    base = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
-    tmp = Path(tempfile.mkdtemp(prefix="rdas-", dir=base))  # short: Ray's socket paths
+    # Short, whatever TMPDIR is: the head's and the fake nodes' unix sockets live under it, and
+    # a socket path may not exceed 107 bytes (a longer TMPDIR left the head unable to start).
+    base = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+    tmp = Path(tempfile.mkdtemp(prefix="rdas-", dir=base))
     gcs_port, dash_port = free_port(), free_port()
     config = _load("local-autoscale.yaml")
     config["provider"]["gcs_address"] = f"127.0.0.1:{gcs_port}"
