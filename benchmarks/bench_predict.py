@@ -116,33 +116,47 @@ def profile_rows(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows: each student and read mode vs the teacher (as-trained), slides/hour, in one process;
     and the raw profiles."""
-    from sharding.magnification import display_mag
 
     mags = list(ckpts)
     teacher = profile_one(ckpts[mags[0]], slides, "as-trained", batch)
     profiles = [teacher]
+
+    def measure(mag: str, read: str) -> tuple[dict[str, Any], str]:
+        p = profile_one(ckpts[mag], slides, read, batch)
+        profiles.append(p)
+        share = " ".join(f"{k} {v / p['total_s']:.0%}" for k, v in p["seconds"].items())
+        return p, f"{p['tiles']} tiles; {share}"
+
+    rows = rows_vs_teacher("1 process", mags, teacher, measure, row)
+    return rows, profiles
+
+
+def rows_vs_teacher(
+    how: str, mags: list[str], teacher: dict[str, Any], measure: Any, row: Any
+) -> list[dict[str, Any]]:
+    """One row per student magnification (``mags[1:]``) and read mode: ``measure(mag, read)``
+    gives ``({"slides_per_hour": ...}, note)``, compared with ``teacher``'s slides/hour."""
+    from sharding.magnification import display_mag
+
     rows = []
     for mag in mags[1:]:
         for read in ("as-trained", "native"):
-            p = profile_one(ckpts[mag], slides, read, batch)
-            profiles.append(p)
-            sec = p["seconds"]
-            share = " ".join(f"{k} {v / p['total_s']:.0%}" for k, v in sec.items())
+            got, note = measure(mag, read)
             rows.append(
                 row(
-                    f"predict (1 process): student {display_mag(mag)} {read} vs teacher "
+                    f"predict ({how}): student {display_mag(mag)} {read} vs teacher "
                     f"{display_mag(mags[0])}",
                     "teacher",
                     teacher["slides_per_hour"],
                     f"student {read}",
-                    p["slides_per_hour"],
+                    got["slides_per_hour"],
                     "slides/h",
-                    p["slides_per_hour"] / teacher["slides_per_hour"],
+                    got["slides_per_hour"] / teacher["slides_per_hour"],
                     ">= 10x (2.5x native)" if mag == "2p5x" and read == "native" else "",
-                    f"{p['tiles']} tiles; {share}",
+                    note,
                 )  # fmt: skip
             )
-    return rows, profiles
+    return rows
 
 
 def engine_run(ckpt: str, slides: list[Path], out: Path, *extra: str) -> dict[str, Any]:
@@ -174,7 +188,6 @@ def engine_rows(
     """End-to-end ``resdistill predict`` runs (plan, read, decode, infer, aggregate, write) of the
     teacher and each student and read mode on the same slides; slides/hour ratios against the
     teacher. ``pictures=False`` passes ``--heatmap none`` (tables only)."""
-    from sharding.magnification import display_mag
 
     extra = () if pictures else ("--heatmap", "none")
     mags = list(ckpts)
@@ -188,23 +201,13 @@ def engine_rows(
 
     run(mags[-1], "native")  # warm-up: Ray Data's first dataset and the workers' imports
     teacher = run(mags[0], "as-trained")
-    rows = []
-    for mag in mags[1:]:
-        for read in ("as-trained", "native"):
-            r = run(mag, read)
-            rows.append(
-                row(
-                    f"predict (Ray Data, {what}): student {display_mag(mag)} {read} vs "
-                    f"teacher {display_mag(mags[0])}",
-                    "teacher",
-                    teacher["slides_per_hour"],
-                    f"student {read}",
-                    r["slides_per_hour"],
-                    "slides/h",
-                    r["slides_per_hour"] / teacher["slides_per_hour"],
-                    ">= 10x (2.5x native)" if mag == "2p5x" and read == "native" else "",
-                    f"{r['slides']} slides, {r['tiles']} tiles; teacher {teacher['wall_s']:.1f}s, "
-                    f"student {r['wall_s']:.1f}s",
-                )  # fmt: skip
-            )
+
+    def measure(mag: str, read: str) -> tuple[dict[str, Any], str]:
+        r = run(mag, read)
+        return r, (
+            f"{r['slides']} slides, {r['tiles']} tiles; teacher {teacher['wall_s']:.1f}s, "
+            f"student {r['wall_s']:.1f}s"
+        )
+
+    rows = rows_vs_teacher(f"Ray Data, {what}", mags, teacher, measure, row)
     return rows
