@@ -159,7 +159,6 @@ def predict_command(args: argparse.Namespace) -> int:
 
 def _run(args, setup: Setup, store, found, done, annotations, err) -> int:  # noqa: ANN001
     """Run the engine over the slides not done, write and merge; returns the failures' count."""
-    import json
 
     from rich.console import Console
     from rich.markup import escape
@@ -171,7 +170,7 @@ def _run(args, setup: Setup, store, found, done, annotations, err) -> int:  # no
 
     model, chain = setup.model, setup.chain
     todo = {sid: path for sid, path in found.items() if sid not in done}
-    records = {sid: json.loads(store.read_bytes(f"{sid}.json")) for sid in done}
+    records = dict(done)  # the done slides' records, read once by done_slides
     failures: dict[str, tuple[str, str]] = {}
     new: list[dict[str, Any]] = []
     record = {

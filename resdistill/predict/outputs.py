@@ -63,10 +63,13 @@ def heatmap_classes(which: str | Sequence[str] | None, classes: Sequence[str]) -
     return names
 
 
-def done_slides(store: Storage, sids: Sequence[str], settings: Mapping[str, Any]) -> set[str]:
-    """The slides of ``sids`` whose record in ``store`` has status ``ok``; :class:`UsageError`
-    when a record was written with other ``settings`` (its predictions would mix with these)."""
-    done: set[str] = set()
+def done_slides(
+    store: Storage, sids: Sequence[str], settings: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """``{slide: record}`` of the slides of ``sids`` whose record in ``store`` has status ``ok``
+    (each read once); :class:`UsageError` when a record was written with other ``settings`` (its
+    predictions would mix with these)."""
+    done: dict[str, dict[str, Any]] = {}
     other: list[str] = []
     for sid in sids:
         rel = f"{sid}.json"
@@ -78,7 +81,7 @@ def done_slides(store: Storage, sids: Sequence[str], settings: Mapping[str, Any]
         if doc.get("settings") != dict(settings):
             other.append(sid)
         else:
-            done.add(sid)
+            done[sid] = doc
     if other:
         raise UsageError(
             f"{store.url} holds predictions made with other settings (checkpoint, --read, "
