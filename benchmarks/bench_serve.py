@@ -85,6 +85,18 @@ def demo_models(demo: Path) -> dict[str, str]:
     return json.loads((demo / "eval" / "demo.json").read_text())["models"]
 
 
+def demo_test_slides(demo: Path) -> tuple[list[Path], dict[str, str]]:
+    """The demo's test slides (files) and ``{slide id: label}``, from its dataset's manifest."""
+    from resdistill.data import read_manifest
+
+    m = read_manifest(str(demo / "dataset"), columns=["slide", "split", "label"]).to_pylist()
+    labels = {r["slide"]: r["label"] for r in m if r["split"] == "test"}
+    slides = sorted(
+        p for p in (demo / "slides").iterdir() if p.stem in labels and p.suffix in (".svs", ".tiff")
+    )
+    return slides, labels
+
+
 def accuracy(profile: dict[str, Any], labels: dict[str, str]) -> tuple[float, float, int, int]:
     """(tile accuracy, slide accuracy, tiles, slides) of one :func:`profile_one` result."""
     classes = profile["classes"]
@@ -100,7 +112,6 @@ def accuracy(profile: dict[str, Any], labels: dict[str, str]) -> tuple[float, fl
 def main(argv: list[str] | None = None) -> int:
     from bench_predict import profile_one
 
-    from resdistill.data import read_manifest
     from sharding.magnification import display_mag
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -117,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "top": demo_models(demo)["distilled-cached"],
         "native": native_student(demo, native_dataset(demo, desc), s_mag),
     }
-    m = read_manifest(str(demo / "dataset"), columns=["slide", "split", "label"]).to_pylist()
-    labels = {r["slide"]: r["label"] for r in m if r["split"] == "test"}
-    slides = sorted(p for p in (demo / "slides").iterdir() if p.stem in labels)
+    slides, labels = demo_test_slides(demo)
     rows = []
     for trained, ckpt in students.items():
         for read in ("as-trained", "native"):
