@@ -123,6 +123,7 @@ class LossConfig:
     feature_weight: float = field(default=1.0, metadata=PBT)
     feature_loss: str = "mse"
     feature_resize: str = "maxpool"
+    attention_weight: float = field(default=0.0, metadata=PBT)
     label_smoothing: float = field(default=0.0, metadata=PBT)
 
 
@@ -241,7 +242,7 @@ class Tunable:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "loss": LossConfig}
-_DISTILL_ONLY = {"temperature", "kd_weight", "feature_weight"}
+_DISTILL_ONLY = {"temperature", "kd_weight", "feature_weight", "attention_weight"}
 
 
 def tunable(stage: str) -> dict[str, Tunable]:

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DistillLoss", "FeatureLoss", "KDLoss", "resize_feature_map"]
+__all__ = [
+    "AttentionLoss",
+    "DistillLoss",
+    "FeatureLoss",
+    "KDLoss",
+    "class_attention",
+    "resize_feature_map",
+]
 
 FeatureMode = Literal["mse", "l1"]
 ResizeMode = Literal["maxpool", "bicubic"]
@@ -197,12 +204,76 @@ class FeatureLoss(nn.Module):
         return f"mode={self.mode!r}, resize={self.resize!r}"
 
 
+def class_attention(
+    features: torch.Tensor, head_weight: torch.Tensor, classes: torch.Tensor
+) -> torch.Tensor:
+    """Unit-norm class attention maps ``(N, H*W)`` of feature maps ``F`` ``(N, C, H, W)``::
+
+        A[n] = relu(sum_c W[k_n, c] * F[n, c]),   a[n] = A[n] / max(||A[n]||_2, 1e-8)
+
+    with ``W`` ``(K, C)`` the weight of a global-average-pool + linear head and ``k_n =
+    classes[n]``. For such a head this is Grad-CAM (Selvaraju et al. 2017) up to a positive
+    factor: ``d logit_k / d F[c, h, w] = W[k, c] / (H W)`` for every cell, so Grad-CAM's channel
+    weights are ``W[k, :]`` scaled, and no backward pass is needed. A map that is 0 everywhere
+    stays 0."""
+    w = _float32(head_weight)[classes]
+    maps = torch.einsum("nc,nchw->nhw", w, _float32(features)).clamp_min(0).flatten(1)
+    return maps / maps.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+class AttentionLoss(nn.Module):
+    """Inter-resolution attention transfer (del Amor et al. 2024, arXiv:2401.06010): the student
+    attends to where the teacher does, for the class the teacher predicts::
+
+        k = argmax(t),  g = resize(f_t, (Hs, Ws))                  # as FeatureLoss
+        L_att = mean_n sum_hw (class_attention(f_s, W_s, k) - class_attention(g, W_t, k))^2
+
+    ``W_t`` is the frozen teacher's head weight (a buffer), ``W_s`` the student's (its gradient
+    flows). The teacher map is resized before its attention is taken, so a teacher map cached at
+    the student's size (``resdistill teacher-targets``) gives the same loss as the online one.
+    A 1x1 student map has one cell, whose unit-norm attention is 1 whatever the input: the term
+    is refused there (:class:`ValueError`): tiles at the student's magnification must give maps
+    of 2x2 cells or more (64 px for the ResNets' 32x downsampling)."""
+
+    def __init__(self, teacher_head: torch.Tensor, resize: ResizeMode = "maxpool") -> None:
+        super().__init__()
+        if teacher_head.dim() != 2:
+            raise ValueError(f"teacher head weight must be (K, C), got {tuple(teacher_head.shape)}")
+        self.resize: ResizeMode = resize
+        self.register_buffer("teacher_head", _float32(teacher_head.detach().clone()))
+
+    def forward(
+        self,
+        student_features: torch.Tensor,
+        student_head: torch.Tensor,
+        teacher_features: torch.Tensor,
+        teacher_logits: torch.Tensor,
+    ) -> torch.Tensor:
+        """The scalar attention loss (float32)."""
+        s, t = student_features, teacher_features.detach()
+        if s.dim() != 4 or t.dim() != 4:
+            raise ValueError("AttentionLoss expects (N, C, H, W) feature maps")
+        if tuple(s.shape[-2:]) == (1, 1):
+            raise ValueError(
+                "attention transfer needs student feature maps of 2x2 cells or more, got 1x1: "
+                "use tiles of 64 px or more at the student's magnification, or drop it"
+            )
+        k = teacher_logits.detach().argmax(1)
+        g = resize_feature_map(_float32(t), (s.shape[-2], s.shape[-1]), self.resize)
+        a_s = class_attention(s, student_head, k)
+        a_t = class_attention(g, self.teacher_head, k)
+        return (a_s - a_t).pow(2).sum(1).mean()
+
+
 class DistillLoss(nn.Module):
     """Total resolution-distillation loss of DiPalma et al. 2021 (arXiv:2101.04170)::
 
         L = kd_weight * KDLoss(T)(s, t) + feature_weight * FeatureLoss(mode, resize)(f_s, f_t)
+          + attention_weight * AttentionLoss(W_t, resize)(f_s, W_s, f_t, t)
 
-    (both weights 1 and ``T = 1`` in the reference code). ``forward`` takes only student and teacher
+    (both first weights 1 and ``T = 1`` in the reference code; the attention term, off by
+    default, needs the teacher's head weight ``teacher_head`` and, in ``forward``, the student's
+    ``student_head``). ``forward`` takes only student and teacher
     outputs - there is no label argument, so labels can never influence the distillation loss.
     A term whose weight is 0 is not computed and its inputs may be ``None``; with
     ``feature_weight == 0`` no channel projection is built (no parameter without a gradient).
@@ -222,9 +293,11 @@ class DistillLoss(nn.Module):
         student_channels: int | None = None,
         teacher_channels: int | None = None,
         antialias: bool = True,
+        attention_weight: float = 0.0,
+        teacher_head: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if kd_weight < 0 or feature_weight < 0:
+        if kd_weight < 0 or feature_weight < 0 or attention_weight < 0:
             raise ValueError("loss weights must be >= 0")
         if kd_weight == 0 and feature_weight == 0:
             raise ValueError("at least one of kd_weight and feature_weight must be > 0")
@@ -241,6 +314,12 @@ class DistillLoss(nn.Module):
             teacher_channels if on else None,
             antialias=antialias,
         )
+        self.attention_weight = float(attention_weight)
+        self.attention: AttentionLoss | None = None
+        if self.attention_weight > 0:
+            if teacher_head is None:
+                raise ValueError("attention_weight > 0 needs the teacher's head weight")
+            self.attention = AttentionLoss(teacher_head, resize)
 
     def forward(
         self,
@@ -248,13 +327,14 @@ class DistillLoss(nn.Module):
         teacher_logits: torch.Tensor | None,
         student_features: torch.Tensor | None = None,
         teacher_features: torch.Tensor | None = None,
+        student_head: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return ``(total, {"kd", "feature", "total"})`` for one batch of student/teacher outputs."""
+        """``(total, {"kd", "feature", "attention", "total"})`` for one batch of outputs."""
         total: torch.Tensor | None = None
         given = [x for x in (student_logits, student_features) if x is not None]
         device = given[0].device if given else None
         zero = torch.zeros((), dtype=torch.float32, device=device)
-        kd_value = feature_value = zero
+        kd_value = feature_value = attention_value = zero
         if self.kd_weight > 0:
             if student_logits is None or teacher_logits is None:
                 raise ValueError("kd_weight > 0 needs student_logits and teacher_logits")
@@ -266,13 +346,23 @@ class DistillLoss(nn.Module):
             feature_value = self.feature(student_features, teacher_features)
             term = self.feature_weight * feature_value
             total = term if total is None else total + term
+        if self.attention is not None:
+            if None in (student_features, teacher_features, student_head, teacher_logits):
+                raise ValueError("the attention term needs both feature maps, the teacher's "
+                                 "logits and the student's head weight")  # fmt: skip
+            attention_value = self.attention(student_features, student_head, teacher_features,
+                                             teacher_logits)  # fmt: skip
+            term = self.attention_weight * attention_value
+            total = term if total is None else total + term
         assert total is not None  # guaranteed by the constructor
         parts = {
             "kd": kd_value.detach(),
             "feature": feature_value.detach(),
+            "attention": attention_value.detach(),
             "total": total.detach(),
         }
         return total, parts
 
     def extra_repr(self) -> str:
-        return f"kd_weight={self.kd_weight}, feature_weight={self.feature_weight}"
+        return (f"kd_weight={self.kd_weight}, feature_weight={self.feature_weight}, "
+                f"attention_weight={self.attention_weight}")  # fmt: skip

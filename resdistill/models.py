@@ -96,6 +96,11 @@ class ResNetClassifier(nn.Module):
         """Channels ``C`` of the feature map returned by :meth:`forward`."""
         return ARCHITECTURES[self.arch]
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The linear head's weight ``(num_classes, C)`` (class attention maps use it)."""
+        return self.net.fc.weight
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``layer4(layer3(layer2(layer1(maxpool(relu(bn1(conv1(x))))))))``."""
         n = self.net

@@ -248,6 +248,10 @@ def test_bad_options_exit_2_with_one_line(
          "no labelled samples"),
         (["--teacher", trained_teacher, "--student-mag", "5x", "--train-splits", "nope"],
          "unknown split"),
+        (["--teacher", trained_teacher, "--student-mag", "5x", "--attention-weight", "1"],
+         "tiles of 64 px or more"),
+        (["--teacher", trained_teacher, "--student-mag", "5x", "--unlabelled-share", "1.5"],
+         "within 0..1"),
     ]  # fmt: skip
     for extra, message in cases:
         assert distill.main(["--data", data, *extra]) == 2, extra

@@ -252,6 +252,7 @@ def test_distill_forward_takes_no_labels() -> None:
         "teacher_logits",
         "student_features",
         "teacher_features",
+        "student_head",
     ]
     with pytest.raises(TypeError):
         DistillLoss()(torch.zeros(2, 3), torch.zeros(2, 3), labels=torch.zeros(2))  # type: ignore[call-arg]

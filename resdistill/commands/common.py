@@ -147,6 +147,14 @@ def add_kd_options(group: Group) -> None:
         choices=FEATURE_RESIZES,
         help="how the teacher's feature map is brought to the student's size",
     )
+    group.add_argument(
+        "--attention-weight",
+        type=float,
+        default=0.0,
+        help="weight of inter-resolution attention transfer (del Amor et al. 2024): the "
+        "student's class attention map (Grad-CAM of the teacher's class) matched to the "
+        "teacher's; needs student tiles of 64 px or more (0: off)",
+    )
 
 
 def add_speed_options(group: Group) -> None:
@@ -226,6 +234,7 @@ def data_config(args: argparse.Namespace, *, train_splits: str) -> DataConfig:
         train_splits=tuple(splits),
         val_split=args.val_split,
         label_fraction=float(args.label_fraction),
+        unlabelled_share=float(getattr(args, "unlabelled_share", 1.0)),
         batch_size=int(args.batch_size),
         eval_batch_size=args.eval_batch_size,
         loader_workers=int(args.loader_workers),
@@ -270,6 +279,7 @@ def loss_config(args: argparse.Namespace) -> LossConfig:
         feature_weight=float(getattr(args, "feature_weight", base.feature_weight)),
         feature_loss=getattr(args, "feature_loss", base.feature_loss),
         feature_resize=getattr(args, "feature_resize", base.feature_resize),
+        attention_weight=float(getattr(args, "attention_weight", base.attention_weight)),
         label_smoothing=float(getattr(args, "label_smoothing", base.label_smoothing)),
     )
 

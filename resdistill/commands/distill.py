@@ -84,6 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "student learns from the stored teacher outputs instead of running the teacher; flips "
         "and rotations stay, colour jitter is refused (see resdistill.train.targets)",
     )
+    g.add_argument(
+        "--unlabelled-share",
+        type=float,
+        default=1.0,
+        help="read every labelled training slide plus only this share of the others (seeded; "
+        "a smaller share is a subset of a larger one), to measure what unlabelled slides add; "
+        "with --label-fraction F, the slides outside the teacher's F count as unlabelled",
+    )
     g = parser.add_argument_group("distillation")
     g.add_argument(
         "--supervised",

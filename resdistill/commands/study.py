@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--student-args", default="",
                    help="more `resdistill distill` options for student cells, e.g. '--temperature 4'")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="seed of the synthetic cohort")
+    g.add_argument("--cohort", default="default",
+                   help="without --data: the embedded cohort's kind, as `resdistill synth "
+                        "--cohort` (default, sites, subtle, unlabeled, or a+b)")  # fmt: skip
     g = p.add_argument_group("run")
     g.add_argument("--out", default="study", help="report folder (cells/ records inside)")
     g.add_argument("--storage", default=None,
@@ -79,6 +82,8 @@ def study(args: argparse.Namespace) -> object:
         args.epochs, args.student_epochs = QUICK_EPOCHS
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
+    if args.data and args.cohort != "default":
+        raise ValueError("--cohort picks the embedded synthetic cohort: drop it with --data")
     return run_study(args)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from resdistill.config import TrainConfig
 from resdistill.study.grid import KIND_BASELINE, KIND_TEACHER, Cell
@@ -69,13 +69,11 @@ def cell_config(
         )
     if teacher_checkpoint is None:
         raise ValueError(f"{cell.id}: a distilled cell needs its teacher's checkpoint")
-    argv = [*student, "--teacher", teacher_checkpoint, "--no-teacher-eval", *extra]
-    cfg = distill.build_config(_parse(distill, argv))
     share = 1.0 if cell.unlabelled_share is None else cell.unlabelled_share
     if share < 1:  # the teacher's labelled slides stay; a share of the others is added
-        data = replace(cfg.data, unlabelled_share=share, label_fraction=cell.label_fraction)
-        cfg = replace(cfg, data=data)
-    return prepare(cfg)
+        student += [*fraction, "--unlabelled-share", f"{share:g}"]
+    argv = [*student, "--teacher", teacher_checkpoint, "--no-teacher-eval", *extra]
+    return prepare(distill.build_config(_parse(distill, argv)))
 
 
 def split_samples(data: str, splits: tuple[str, ...], labelled_only: bool = False) -> int:

@@ -6,6 +6,7 @@ phase, the students' phase, evaluation, report. A cell with a record in ``<out>/
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -29,17 +30,41 @@ SYNTH_SLIDES, SYNTH_LABELLED, SYNTH_MAGS, SYNTH_TILE_PX = 32, 0.75, "10,5,2.5,1.
 QUICK_RATIO = 4.0
 
 
-def synthetic_dataset(out: Path, seed: int, address: str | None, console: Any) -> str:
-    """Write (or keep) the embedded cohort's slides and shards under ``out``; its dataset URL."""
+def cohort_size(cohort: str) -> tuple[int, float]:
+    """``(slides, labelled share)`` of the embedded ``cohort`` (``resdistill synth --cohort``):
+    :data:`SYNTH_SLIDES` at :data:`SYNTH_LABELLED`, or, for a cohort with a smaller labelled
+    share (``unlabeled``), as many labelled slides plus more unlabelled ones."""
+    from sharding.synthetic import cohort_named
+
+    try:
+        share = cohort_named(cohort).labeled_fraction
+    except ValueError as exc:
+        raise UsageError(f"--cohort: {exc}") from None
+    if share >= SYNTH_LABELLED:
+        return SYNTH_SLIDES, SYNTH_LABELLED
+    return round(SYNTH_SLIDES * SYNTH_LABELLED / share), share
+
+
+def synthetic_dataset(
+    out: Path, seed: int, address: str | None, console: Any, cohort: str = "default"
+) -> str:
+    """Write (or keep) the embedded ``cohort``'s slides and shards under ``out``; its dataset
+    URL. ``out/cohort.json`` names the cohort and seed, so a resumed study cannot mix cohorts."""
     from sharding.pipeline import run_shard
     from sharding.progress import print_summary
     from sharding.synthetic import LABELS_CSV, write_synthetic_slides
 
-    slides, dataset = out / "slides", out / "dataset"
+    slides, dataset, marker = out / "slides", out / "dataset", out / "cohort.json"
+    made = {"cohort": cohort, "seed": seed}
+    if marker.exists() and json.loads(marker.read_text()) != made:
+        raise UsageError(f"{out} holds the synthetic cohort {marker.read_text().strip()}, "
+                         f"not {json.dumps(made)}: use a new --out")  # fmt: skip
     if not (slides / LABELS_CSV).exists():
-        write_synthetic_slides(slides, SYNTH_SLIDES, seed=seed, size_um=(1600.0, 1500.0),
-                               base_mags=(20,), slides_per_patient=1,
-                               labeled_fraction=SYNTH_LABELLED, workers=os.cpu_count() or 1)  # fmt: skip
+        n, share = cohort_size(cohort)
+        write_synthetic_slides(slides, n, seed=seed, size_um=(1600.0, 1500.0),
+                               base_mags=(20,), slides_per_patient=1, cohort=cohort,
+                               labeled_fraction=share, workers=os.cpu_count() or 1)  # fmt: skip
+        marker.write_text(json.dumps(made) + "\n")
     report = run_shard([slides], str(dataset), mags=SYNTH_MAGS, tile_px=SYNTH_TILE_PX,
                        labels=slides / LABELS_CSV, splits=(0.6, 0.2, 0.2), address=address,
                        seed=seed, shard_size="64MB", progress=console.is_terminal)  # fmt: skip
@@ -127,7 +152,7 @@ def run_study(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     storage = args.storage or str(out / "runs")
     started = time.monotonic()
     ray_init(args.address)
-    data = args.data or synthetic_dataset(out, args.seed, args.address, console)
+    data = args.data or synthetic_dataset(out, args.seed, args.address, console, args.cohort)
     info = DatasetInfo.load(data)
     grid = build_grid(args, info)
     bs = args.batch_size

@@ -24,6 +24,10 @@ from resdistill.config import (
     hed_pair,
 )
 from resdistill.errors import UsageError
+from sharding.magnification import display_mag
+
+#: tile edge (px) below which a ResNet's 32x-downsampled feature map has a single cell
+ATTENTION_MIN_PX = 64
 
 #: Keys a teacher checkpoint's ``model.pt`` must hold.
 TEACHER_KEYS = ("arch", "classes", "state_dict")
@@ -48,6 +52,8 @@ def check(cfg: TrainConfig, note: Callable[[str], None] = _stderr_note) -> Train
         raise UsageError("--loader-workers must be 0 or more")
     if cfg.data.steps_per_epoch is not None and cfg.data.steps_per_epoch < 1:
         raise UsageError("--steps-per-epoch must be at least 1")
+    if not 0 <= cfg.data.unlabelled_share <= 1:
+        raise UsageError("--unlabelled-share must be within 0..1")
     if cfg.optim.lr <= 0:
         raise UsageError("--lr must be positive")
     try:
@@ -63,8 +69,10 @@ def check(cfg: TrainConfig, note: Callable[[str], None] = _stderr_note) -> Train
             )
         if not loss.temperature > 0:
             raise UsageError("--temperature must be positive")
-        if loss.kd_weight < 0 or loss.feature_weight < 0:
-            raise UsageError("--kd-weight and --feature-weight must be 0 or more")
+        if loss.kd_weight < 0 or loss.feature_weight < 0 or loss.attention_weight < 0:
+            raise UsageError(
+                "--kd-weight, --feature-weight and --attention-weight must be 0 or more"
+            )
         if loss.kd_weight == 0 and loss.feature_weight == 0:
             raise UsageError("--kd-weight and --feature-weight are both 0: nothing to learn from")
     if cfg.data.targets:
@@ -231,6 +239,13 @@ def prepare(
                 "learns at the lower magnification"
             )
         teacher = replace(ref, mag=t_mag)
+        px = int(info.tile_px.get(mag, 0))
+        if cfg.loss.attention_weight > 0 and px < ATTENTION_MIN_PX:
+            raise UsageError(
+                f"--attention-weight: the student's {display_mag(mag)} tiles are {px} px, whose "
+                f"feature maps have one cell (no spatial attention to transfer); it needs "
+                f"tiles of {ATTENTION_MIN_PX} px or more at the student's magnification"
+            )
         if ref.mag and ref.mag != t_mag:
             notes.append(f"the teacher was trained at {ref.mag} and is fed {t_mag} tiles")
     arch = cfg.model.arch or (ref.arch if ref is not None else "resnet18")
@@ -239,7 +254,10 @@ def prepare(
     if data.label_fraction < 1 and not supervised and data.unlabelled_share >= 1:
         # distillation reads no labels; the fraction only says which slides count as labelled
         # (its teacher's) when it reads a share of the rest
-        raise UsageError("--label-fraction applies to --supervised: distillation uses no labels")
+        raise UsageError(
+            "--label-fraction applies to --supervised (or, with --unlabelled-share, names the "
+            "teacher's labelled slides): distillation uses no labels"
+        )
     try:
         labelled = select_labelled_slides(manifest, splits, data.label_fraction, cfg.optim.seed)
     except ValueError as exc:

@@ -56,7 +56,9 @@ def describe(cfg: TrainConfig) -> str:
         f"({t.checkpoint}) on {data.url}: {plan.n_train} train samples ({plan.n_labelled} "
         f"labelled, {unl} unlabeled) of {splits} in {plan.train_shards} shards, {plan.n_val} val; "
         f"loss = {lo.kd_weight:g} x KD(T={lo.temperature:g}) + {lo.feature_weight:g} x "
-        f"{lo.feature_loss}({lo.feature_resize}); labels used for validation only; {shape}"
+        f"{lo.feature_loss}({lo.feature_resize})"
+        + (f" + {lo.attention_weight:g} x attention" if lo.attention_weight else "")
+        + "; labels used for validation only; {shape}"
     )
 
 

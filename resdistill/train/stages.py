@@ -30,6 +30,7 @@ from resdistill.train.teacher_net import (
     cached_distill_batch,
     distill_batch,
     stream_teacher,
+    teacher_head_weight,
 )
 from resdistill.train.validate import evaluate
 from resdistill.train.worker_env import WorkerEnv
@@ -184,7 +185,11 @@ class DistillStage:
             self.teacher = stream_teacher(ref.checkpoint, ref.normalization, stream, env.device)
             if env.channels_last:
                 self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        self.loss = build_loss(cfg.loss, self.network.feature_channels, ref.feature_channels)
+        head = None
+        if cfg.loss.attention_weight > 0:
+            head = (self.teacher.net.head_weight.detach() if self.teacher is not None
+                    else teacher_head_weight(ref.checkpoint))  # fmt: skip
+        self.loss = build_loss(cfg.loss, self.network.feature_channels, ref.feature_channels, head)
         self.trainable = DistillStep(self.network, self.loss)
         self.find_unused = cfg.loss.kd_weight == 0
         self.teacher_val: dict[str, float] = {}
@@ -250,6 +255,7 @@ class DistillStage:
         return loss, {
             "train_kd": parts["kd"].detach() * b,
             "train_feature": parts["feature"].detach() * b,
+            **({"train_attention": parts["attention"].detach() * b} if self.loss.attention else {}),
             "train_agreement": (logits.detach().argmax(1) == t_logits.argmax(1)).sum(),
         }
 

@@ -76,6 +76,14 @@ class FrozenTeacher(nn.Module):
             return self.net(x)
 
 
+def teacher_head_weight(url: str) -> torch.Tensor:
+    """The linear head's weight ``(K, C)`` of the teacher checkpoint ``url`` (for the attention
+    term when the teacher itself is not loaded, i.e. with cached targets)."""
+    from resdistill.checkpoint import load_checkpoint
+
+    return load_checkpoint(url)["state_dict"]["net.fc.weight"]
+
+
 def load_teacher(url: str, device: torch.device | str = "cpu", renorm: Any = None) -> FrozenTeacher:
     """The teacher of checkpoint folder ``url`` (``model.pt``, ``weights_only=True``), frozen."""
     from resdistill.checkpoint import load_checkpoint
@@ -105,17 +113,22 @@ class DistillStep(nn.Module):
         self, x: torch.Tensor, t_logits: torch.Tensor, t_features: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         s_logits, s_features = self.student(x)
-        total, parts = self.loss(s_logits, t_logits, s_features, t_features)
+        head = self.student.head_weight if self.loss.attention is not None else None
+        total, parts = self.loss(s_logits, t_logits, s_features, t_features, head)
         return total, parts, s_logits
 
 
 def build_loss(
-    loss_cfg: LossConfig | Mapping[str, Any], student_channels: int, teacher_channels: int
+    loss_cfg: LossConfig | Mapping[str, Any],
+    student_channels: int,
+    teacher_channels: int,
+    teacher_head: torch.Tensor | None = None,
 ) -> DistillLoss:
     """:class:`DistillLoss` from a :class:`~resdistill.config.LossConfig` (or a mapping of its
-    temperature, kd_weight, feature_weight, feature_loss, feature_resize); with a trainable 1x1
-    projection ``student_channels -> teacher_channels`` only when the two differ and the
-    feature term is on."""
+    temperature, kd_weight, feature_weight, feature_loss, feature_resize, attention_weight);
+    with a trainable 1x1 projection ``student_channels -> teacher_channels`` only when the two
+    differ and the feature term is on; ``teacher_head`` (the teacher's head weight) is needed
+    when the attention term is on."""
     if isinstance(loss_cfg, LossConfig):
         loss_cfg = asdict(loss_cfg)
     proj = student_channels != teacher_channels
@@ -127,6 +140,8 @@ def build_loss(
         resize=loss_cfg["feature_resize"],
         student_channels=student_channels if proj else None,
         teacher_channels=teacher_channels if proj else None,
+        attention_weight=float(loss_cfg.get("attention_weight", 0.0)),
+        teacher_head=teacher_head,
     )
 
 
