@@ -18,33 +18,47 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-#: name -> (teacher options, student options); every option a recipe changes is spelled out
-RECIPES: dict[str, tuple[str, str]] = {
+#: name -> (teacher options, student options, recipe whose teachers it reuses or "", more
+#: `resdistill study` options); every option a recipe changes is spelled out
+RECIPES: dict[str, tuple[str, str, str, str]] = {
     "previous": ("--jitter 0.2,0.2,0.2,0.05 --hed-jitter 0",
-                 "--temperature 1 --jitter 0.2,0.2,0.2,0.05 --hed-jitter 0"),
+                 "--temperature 1 --jitter 0.2,0.2,0.2,0.05 --hed-jitter 0", "", ""),
     "stain": ("--jitter 0.5,0.5,0.5,0.2 --hed-jitter 0.05",
-              "--temperature 4 --jitter 0 --hed-jitter 0"),
+              "--temperature 4 --jitter 0 --hed-jitter 0", "", ""),
+    "kd4": ("", "--temperature 4 --jitter 0 --hed-jitter 0", "previous", ""),
+    # attention transfer needs 2x2 student maps: 64 px tiles, the 5x student of these cohorts
+    "kd-5x": ("", "--temperature 4 --jitter 0 --hed-jitter 0", "stain",
+              "--student-mags 5x --label-fractions 1"),
+    "attention-5x": ("", "--temperature 4 --jitter 0 --hed-jitter 0 --attention-weight 1",
+                     "stain", "--student-mags 5x --label-fractions 1"),
 }  # fmt: skip
 COHORTS = ("sites", "subtle", "default")
 
 
-def run_one(out: Path, cohort: str, recipe: str, first: str, epochs: int, extra: list[str]) -> int:
-    """``resdistill study`` for one cohort and recipe (resumed if it has cells already)."""
-    teacher_args, student_args = RECIPES[recipe]
+def run_one(out: Path, cohort: str, recipe: str, epochs: int, extra: list[str]) -> int:
+    """``resdistill study`` for one cohort and recipe (resumed if it has cells already), on the
+    cohort's dataset of an earlier recipe if there is one, with the teachers of the recipe it
+    names (their cell records' checkpoints) if any."""
+    teacher_args, student_args, teachers_from, more = RECIPES[recipe]
     folder = out / cohort / recipe
     argv = [sys.executable, "-m", "resdistill", "study", "--out", str(folder),
             "--student-mags", "2.5x", "--unlabelled-shares", "1", "--seeds", "1",
             "--epochs", str(epochs), "--student-epochs", str(epochs),
-            "--teacher-args", teacher_args, "--student-args", student_args, *extra]  # fmt: skip
-    if recipe == first:
-        argv += ["--cohort", cohort]
-    else:
-        argv += ["--data", str(out / cohort / first / "dataset")]
+            "--teacher-args", teacher_args, "--student-args", student_args,
+            *shlex.split(more), *extra]  # fmt: skip
+    made = [out / cohort / r / "dataset" for r in RECIPES if r != recipe]
+    made = [d for d in made if (d / "dataset.json").exists()]
+    argv += ["--data", str(made[0])] if made else ["--cohort", cohort]
+    fractions = (1, 0.1) if "--label-fractions 1" not in more else (1,)
+    for fraction in fractions if teachers_from else ():
+        cell = out / cohort / teachers_from / "cells" / f"teacher-10x-l{fraction:g}-s0.json"
+        argv += ["--teacher", f"{fraction:g}={json.loads(cell.read_text())['checkpoint']}"]
     if (folder / "cells").is_dir():
         argv.append("--resume")
     print("+", shlex.join(argv[1:]), flush=True)
@@ -59,11 +73,12 @@ def rows(out: Path) -> list[dict[str, object]]:
             path = out / cohort / recipe / "study.csv"
             if not path.exists():
                 continue
-            acc = {}
+            acc, mags = {}, set()
             with path.open() as f:
                 for r in csv.DictReader(f):
                     acc[(r["kind"], float(r["label_fraction"]))] = float(r["accuracy"])
-            row: dict[str, object] = {"cohort": cohort, "recipe": recipe}
+                    mags |= {r["mag"]} if r["kind"] != "teacher" else set()
+            row: dict[str, object] = {"cohort": cohort, "recipe": recipe, "student": ",".join(mags)}
             for fr in (1.0, 0.1):
                 for kind in ("teacher", "distilled", "baseline"):
                     row[f"{kind}@{fr:g}"] = acc.get((kind, fr))

@@ -13,7 +13,7 @@ cluster), evaluated on the test split with slide-clustered bootstrap CIs.
 
 Without --data it writes the embedded synthetic cohort (32 slides, a quarter unlabelled) under
 --out and shards it at 10x, 5x, 2.5x and 1.25x. --quick runs one student magnification, one seed
-and short schedules. Output in --out: study.csv / study.parquet, accuracy_vs_flops.png,
+and the unlabelled shares 0 and 1, at the full schedules. Output in --out: study.csv / study.parquet, accuracy_vs_flops.png,
 accuracy_vs_unlabeled.png and summary.md (each claim with its numbers, its rule and "holds" or
 "does not hold"); cells/ holds one record per finished cell, which --resume keeps.
 """
@@ -24,8 +24,8 @@ import argparse
 
 from resdistill.commands import common
 
-#: --quick: epochs of the teachers and of the students
-QUICK_EPOCHS = (8, 6)
+#: the unlabelled shares of the full grid and of --quick
+SHARES, QUICK_SHARES = "0,0.25,0.5,1", "0,1"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,12 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="comma list; default: every magnification below the teacher's")  # fmt: skip
     g = p.add_argument_group("grid")
     g.add_argument("--label-fractions", default="1,0.1", help="labelled share of training slides")
-    g.add_argument("--unlabelled-shares", default="0,0.25,0.5,1",
-                   help="shares of the unlabelled training slides distillation reads")  # fmt: skip
+    g.add_argument("--unlabelled-shares", default=None,
+                   help=f"shares of the unlabelled training slides distillation reads (default: "
+                        f"{SHARES}; with --quick {QUICK_SHARES})")  # fmt: skip
     g.add_argument("--seeds", type=int, default=3, help="seeds per cell")
     g.add_argument("--quick", action="store_true",
-                   help="one student magnification (16x fewer FLOPs), one seed, "
-                        f"{QUICK_EPOCHS[0]}/{QUICK_EPOCHS[1]} epochs")  # fmt: skip
+                   help="one student magnification (16x fewer FLOPs), one seed, unlabelled "
+                        f"shares {QUICK_SHARES}; the full schedules, so its verdicts are evidence")  # fmt: skip
     g = p.add_argument_group("training (every cell)")
     g.add_argument("--arch", default="resnet-small", help="teachers' and students' network")
     g.add_argument("--epochs", type=int, default=20, help="teachers' epochs")
@@ -79,7 +80,8 @@ def study(args: argparse.Namespace) -> object:
 
     if args.quick:
         args.seeds = 1
-        args.epochs, args.student_epochs = QUICK_EPOCHS
+    if args.unlabelled_shares is None:
+        args.unlabelled_shares = QUICK_SHARES if args.quick else SHARES
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
     if args.data and args.cohort != "default":

@@ -37,6 +37,9 @@ from resdistill.errors import UsageError
 ALIASES = {"student_mag": "mag"}
 #: Options only some stages need: optional in the tune parser, required by :func:`base_config`.
 PER_STAGE_OPTIONS = frozenset({"--student-mag", "--teacher"})
+#: Options whose default differs between ``resdistill teacher`` and ``distill``: unset (None) in
+#: the tune parser, then the trials' stage's own default (:func:`base_config`).
+STAGE_DEFAULTS = frozenset({"--jitter", "--hed-jitter"})
 
 
 def stage_of(args: argparse.Namespace) -> str:
@@ -76,6 +79,9 @@ class _OptionalFlags:
     def add_argument(self, *names: str, **kwargs: Any) -> Any:
         if self._flags.intersection(names):
             kwargs["required"] = False
+        if STAGE_DEFAULTS.intersection(names):
+            kwargs["default"] = None
+            kwargs["help"] = kwargs.get("help", "") + " (default: the stage's own)"
         return self._target.add_argument(*names, **kwargs)
 
 
@@ -94,23 +100,28 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
     from resdistill.train.plan import prepare
 
     if args.teacher_mode:
-        return prepare(teacher.build_config(_with_teacher_defaults(args, teacher.build_parser())))
+        return prepare(teacher.build_config(_with_defaults(args, teacher.build_parser(), [])))
     if not args.student_mag:
         raise UsageError(
             "--student-mag is required (the trials' default; --space student_mag=... tunes it)"
         )
-    return prepare(distill.build_config(args))
+    return prepare(
+        distill.build_config(_with_defaults(args, distill.build_parser(), ["--student-mag", "x"]))
+    )
 
 
-def _with_teacher_defaults(
-    args: argparse.Namespace, teacher_parser: argparse.ArgumentParser
+def _with_defaults(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, required: list[str]
 ) -> argparse.Namespace:
-    """A copy of ``args`` whose unset (None) options take ``resdistill teacher``'s defaults: its
-    ``--arch`` and ``--train-splits`` default to values where distillation's default to None."""
+    """A copy of ``args`` whose unset (None) options take the stage command's defaults, parsed
+    (so typed) by ``parser`` from ``--data`` plus its other ``required`` options: e.g. the
+    teacher's ``--arch`` and ``--train-splits`` (None for distillation) and each stage's
+    :data:`STAGE_DEFAULTS`."""
+    defaults = vars(parser.parse_args(["--data", args.data, *required]))
     out = argparse.Namespace(**vars(args))
     for key, value in vars(args).items():
-        if value is None:
-            setattr(out, key, teacher_parser.get_default(key))
+        if value is None and key in defaults:
+            setattr(out, key, defaults[key])
     return out
 
 
