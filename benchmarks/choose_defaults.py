@@ -123,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table:
         for cohort in (c for c in args.cohorts.split(",") if c):
             for recipe in recipes:
-                rc = run_one(
-                    out, cohort, recipe, recipes[0], args.epochs, shlex.split(args.study_args)
-                )
+                rc = run_one(out, cohort, recipe, args.epochs, shlex.split(args.study_args))
                 failed += rc != 0
     print(markdown(rows(out)))
     return 1 if failed else 0

@@ -39,9 +39,17 @@ SCHEDULES = ("cosine", "constant", "linear")
 AMP_MODES = ("auto", "bf16", "off")
 FEATURE_LOSSES = ("mse", "l1")
 FEATURE_RESIZES = ("maxpool", "bicubic")
-#: Colour jitter (brightness, contrast, saturation, hue). The paper's reference code uses
-#: 0.5/0.5/0.5/0.2; milder defaults keep colour-coded classes learnable.
+#: Colour jitter (brightness, contrast, saturation, hue) of the teacher. The paper's reference
+#: code uses 0.5/0.5/0.5/0.2; milder jitter keeps stain-intensity cues learnable. The teacher's,
+#: the students' and the epochs' defaults were chosen by ``benchmarks/choose_defaults.py`` over
+#: three synthetic cohorts (README, "How the defaults were chosen").
 DEFAULT_JITTER = (0.2, 0.2, 0.2, 0.05)
+#: A student's (distilled, or the ``--supervised`` baseline) colour jitter: none.
+STUDENT_JITTER = (0.0, 0.0, 0.0, 0.0)
+#: KD temperature: 4 passes a confident teacher's ranking of the other classes (the paper: 1).
+DEFAULT_TEMPERATURE = 4.0
+#: Epochs of ``teacher`` and ``distill`` (the paper: 100).
+DEFAULT_EPOCHS = 20
 #: ``--stain-norm`` methods (see :mod:`resdistill.data.stain_norm`); "" is off.
 STAIN_NORMS = ("reinhard", "macenko")
 DEFAULT_METRIC = "val_macro_f1"
@@ -105,7 +113,7 @@ class ModelConfig:
 class OptimConfig:
     """Optimiser and learning-rate schedule (see :mod:`resdistill.train.optim`)."""
 
-    epochs: int = 10
+    epochs: int = DEFAULT_EPOCHS
     lr: float = field(default=1e-3, metadata=PBT)
     weight_decay: float = field(default=1e-4, metadata=TUNE)
     optimizer: str = field(default="adam", metadata=TUNE)
@@ -118,7 +126,7 @@ class OptimConfig:
 class LossConfig:
     """Loss settings: KD + feature terms when distilling, label smoothing when supervised."""
 
-    temperature: float = field(default=1.0, metadata=PBT)
+    temperature: float = field(default=DEFAULT_TEMPERATURE, metadata=PBT)
     kd_weight: float = field(default=1.0, metadata=PBT)
     feature_weight: float = field(default=1.0, metadata=PBT)
     feature_loss: str = "mse"

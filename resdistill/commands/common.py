@@ -15,7 +15,9 @@ from typing import Any
 from resdistill.config import (
     AMP_MODES,
     ARCH_CHOICES,
+    DEFAULT_EPOCHS,
     DEFAULT_JITTER,
+    DEFAULT_TEMPERATURE,
     FEATURE_LOSSES,
     FEATURE_RESIZES,
     OPTIMIZERS,
@@ -59,6 +61,7 @@ def add_data_options(
     fraction_help: str = "use the labels of only this share of the training slides (at least "
     "one per class; a label-scarce experiment)",
     jitter_help: str = "",
+    jitter: tuple[float, ...] = DEFAULT_JITTER,
 ) -> Group:
     """The ``data`` group: dataset, splits, labels, batching, augmentation, steps."""
     g = parser.add_argument_group("data")
@@ -73,7 +76,7 @@ def add_data_options(
     g.add_argument(
         "--jitter",
         type=floats,
-        default=",".join(f"{v:g}" for v in DEFAULT_JITTER),
+        default=",".join(f"{v:g}" for v in jitter),
         help="colour jitter brightness,contrast,saturation,hue"
         + (f", {jitter_help}" if jitter_help else "")
         + " (0 disables; paper: 0.5,0.5,0.5,0.2)",
@@ -113,7 +116,7 @@ def add_model_options(
     g = parser.add_argument_group("model and optimisation")
     g.add_argument("--arch", default=arch, choices=ARCH_CHOICES,
                    help=arch_help or "torchvision ResNet (random init)")  # fmt: skip
-    g.add_argument("--epochs", type=int, default=10, help="total epochs of the run")
+    g.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="total epochs of the run")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay")
     g.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="sgd: Nesterov 0.9")
@@ -134,7 +137,8 @@ def add_label_smoothing(group: Group, help_text: str = "cross-entropy smoothing"
 
 def add_kd_options(group: Group) -> None:
     """The distillation loss: KD temperature and weights, feature distance and resize."""
-    group.add_argument("--temperature", type=float, default=1.0, help="KD temperature T")
+    group.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                       help="KD temperature T (the paper: 1)")  # fmt: skip
     group.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KD term")
     group.add_argument(
         "--feature-weight", type=float, default=1.0, help="weight of the feature term"

@@ -24,6 +24,8 @@ import json
 import time
 from pathlib import Path
 
+from resdistill.config import DEFAULT_EPOCHS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo", help="working folder (default: %(default)s)")
@@ -47,25 +49,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="architecture of teacher and students (default: %(default)s, the paper's reference)",
     )
     p.add_argument(
-        "--epochs", type=int, default=20, help="epochs of the teacher (default: %(default)s)"
+        "--epochs",
+        type=int,
+        default=DEFAULT_EPOCHS,
+        help="epochs of the teacher (default: %(default)s)",
     )
-    p.add_argument("--student-epochs", type=int, default=20, help="epochs of each student")
+    p.add_argument(
+        "--student-epochs", type=int, default=DEFAULT_EPOCHS, help="epochs of each student"
+    )
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument(
-        "--student-jitter",
-        default="0",
-        help="colour jitter of the baseline and distilled students (default: %(default)s, off: "
-        "the synthetic slides share one stain, and jitter cost the distilled student 8 points "
-        "of test accuracy and the baseline 3; the teacher keeps its default)",
-    )
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=4.0,
-        help="KD temperature of the distilled students (default: %(default)s; the paper's 1 left "
-        "the student 2 points under the 10%%-label baseline, where the teacher, fit to few "
-        "slides, is nearly one-hot)",
-    )
     p.add_argument(
         "--label-fraction",
         type=float,
@@ -159,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         stage(name)
         summary = distill.train(_parse(distill, [
             *common, "--name", name, "--student-mag", str(s_mag), "--arch", args.arch,
-            "--epochs", str(args.student_epochs), "--jitter", args.student_jitter, *extra,
+            "--epochs", str(args.student_epochs), *extra,
         ]))  # fmt: skip
         done(name)
         return summary.best_checkpoint
@@ -167,8 +159,7 @@ def run(args: argparse.Namespace) -> int:
     models: dict[str, str] = {}
     models["teacher"] = train_teacher("teacher", [])
     models["baseline"] = train_student("baseline", ["--supervised"])
-    kd = ["--temperature", str(args.temperature)]
-    models["distilled"] = train_student("distilled", ["--teacher", models["teacher"], *kd])
+    models["distilled"] = train_student("distilled", ["--teacher", models["teacher"]])
 
     def cached_targets(name: str, teacher_checkpoint: str) -> str:
         from resdistill.train.targets import write_targets
@@ -183,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cached:
         targets = cached_targets("teacher-targets", models["teacher"])
         models["distilled-cached"] = train_student(
-            "distilled-cached", ["--teacher", models["teacher"], "--targets", targets, *kd]
+            "distilled-cached", ["--teacher", models["teacher"], "--targets", targets]
         )
     if args.label_fraction and args.label_fraction < 1:
         from resdistill.data import read_manifest
@@ -199,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         models[f"baseline-{pct}"] = train_student(
             f"baseline-{pct}", ["--supervised", *frac, *steps]
         )
-        student = ["--teacher", teacher_pct, *kd]
+        student = ["--teacher", teacher_pct]
         if args.cached:  # the fast path: this student is distilled from cached targets
             student += ["--targets", cached_targets(f"teacher-targets-{pct}", teacher_pct)]
         models[f"distilled-{pct}"] = train_student(f"distilled-{pct}", student)

@@ -47,7 +47,13 @@ import argparse
 from typing import Any
 
 from resdistill.commands import common
-from resdistill.config import STAGE_DISTILL, STAGE_SUPERVISED, TeacherRef, TrainConfig
+from resdistill.config import (
+    STAGE_DISTILL,
+    STAGE_SUPERVISED,
+    STUDENT_JITTER,
+    TeacherRef,
+    TrainConfig,
+)
 from resdistill.errors import UsageError  # noqa: F401 - what this command raises
 
 
@@ -61,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         fraction_help="with --supervised: use the labels of only this share of the training "
         "slides (at least one per class), as the teacher's --label-fraction",
         jitter_help="the same draw for the student's and the teacher's tile",
+        jitter=STUDENT_JITTER,
     )
     g.add_argument(
         "--teacher",

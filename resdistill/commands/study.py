@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 
 from resdistill.commands import common
+from resdistill.config import DEFAULT_EPOCHS
 
 #: the unlabelled shares of the full grid and of --quick
 SHARES, QUICK_SHARES = "0,0.25,0.5,1", "0,1"
@@ -50,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         f"shares {QUICK_SHARES}; the full schedules, so its verdicts are evidence")  # fmt: skip
     g = p.add_argument_group("training (every cell)")
     g.add_argument("--arch", default="resnet-small", help="teachers' and students' network")
-    g.add_argument("--epochs", type=int, default=20, help="teachers' epochs")
-    g.add_argument("--student-epochs", type=int, default=20, help="students' epochs")
+    g.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="teachers' epochs")
+    g.add_argument("--student-epochs", type=int, default=DEFAULT_EPOCHS, help="students' epochs")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes per run")
     g.add_argument("--teacher-args", default="",
