@@ -149,7 +149,11 @@ def test_tunable_names_come_from_the_config(
     assert set(settings("teacher")) == set(tunable("teacher"))
     assert set(settings("distill")) == {*tunable("distill"), "student_mag"}
     assert pbt_mutable("distill") == (
-        "lr", "temperature", "kd_weight", "feature_weight", "attention_weight"
+        "lr",
+        "temperature",
+        "kd_weight",
+        "feature_weight",
+        "attention_weight",
     )
     assert pbt_mutable("teacher") == pbt_mutable("supervised") == ("lr", "label_smoothing")
     argv = ["--data", str(tiny_dataset), "--teacher", trained_teacher, "--student-mag", "5x",
