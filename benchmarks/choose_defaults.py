@@ -32,6 +32,8 @@ RECIPES: dict[str, tuple[str, str, str, str]] = {
     "stain": ("--jitter 0.5,0.5,0.5,0.2 --hed-jitter 0.05",
               "--temperature 4 --jitter 0 --hed-jitter 0", "", ""),
     "kd4": ("", "--temperature 4 --jitter 0 --hed-jitter 0", "previous", ""),
+    "kd4-1.25x": ("", "--temperature 4 --jitter 0 --hed-jitter 0", "previous",
+                  "--student-mags 1.25x --label-fractions 1"),
     # attention transfer needs 2x2 student maps: 64 px tiles, the 5x student of these cohorts
     "kd-5x": ("", "--temperature 4 --jitter 0 --hed-jitter 0", "stain",
               "--student-mags 5x --label-fractions 1"),
