@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         splits_help="comma list of splits to learn from (default: train,unlabeled; with "
         "--supervised: train). Distillation uses every sample of them, labelled or not",
         fraction_help="with --supervised: use the labels of only this share of the training "
-        "slides (at least one per class), as the teacher's --label-fraction",
+        "slides (at least one per class), as the teacher's --label-fraction; with "
+        "--unlabelled-share: which slides count as labelled (the teacher's)",
         jitter_help="the same draw for the student's and the teacher's tile",
         jitter=STUDENT_JITTER,
     )
