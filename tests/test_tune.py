@@ -16,6 +16,7 @@ import pytest
 
 from resdistill.checkpoint import TRAINER_FILE, load_checkpoint
 from resdistill.commands.tune import build_parser, main
+from resdistill.config import DEFAULT_JITTER, DEFAULT_TEMPERATURE, STUDENT_JITTER
 from resdistill.errors import UsageError
 from resdistill.tune.report import TrialRow, trial_id_of
 from resdistill.tune.run import check_args, tune_run
@@ -127,13 +128,18 @@ def test_trial_config_takes_the_hyperparameters(tiny_dataset: Path, trained_teac
         ["--data", str(tiny_dataset), "--teacher", trained_teacher, "--student-mag", "5x",
          "--batch-size", "8", "--workers", "1"])  # fmt: skip
     base = base_config(args)
-    cfg = apply_hparams(base, {"lr": 0.01, "temperature": 4, "kd_weight": 0.5, "feature_weight": 0,
+    cfg = apply_hparams(base, {"lr": 0.01, "temperature": 2, "kd_weight": 0.5, "feature_weight": 0,
                                "batch_size": 16, "weight_decay": 0.0}, {"workers": 2})  # fmt: skip
     assert cfg.optim.lr == 0.01 and cfg.optim.weight_decay == 0.0
-    assert cfg.loss.temperature == 4.0 and cfg.loss.kd_weight == 0.5
+    assert cfg.loss.temperature == 2.0 and cfg.loss.kd_weight == 0.5
     assert cfg.loss.feature_weight == 0.0
     assert cfg.data.batch_size == 16 and cfg.plan.steps_per_epoch == 56 // (2 * 16)
-    assert base.loss.temperature != 4.0  # the base config is left alone
+    assert base.loss.temperature == DEFAULT_TEMPERATURE  # the base config is left alone
+    # options whose default differs by stage take the trials' stage's own
+    assert base.data.jitter == STUDENT_JITTER
+    teacher_args = build_parser().parse_args(["--data", str(tiny_dataset), "--teacher-mode",
+                                              "--batch-size", "8", "--workers", "1"])  # fmt: skip
+    assert base_config(teacher_args).data.jitter == DEFAULT_JITTER
     with pytest.raises(ValueError, match="40x"):
         apply_hparams(base, {"student_mag": "40x"}, {"workers": 1})
 
