@@ -43,6 +43,18 @@ RECIPES: dict[str, tuple[str, str, str, str]] = {
 COHORTS = ("sites", "subtle", "default")
 
 
+def study_fractions(argv: list[str]) -> tuple[float, ...]:
+    """The label fractions ``resdistill study`` runs with the options ``argv`` (its own default
+    when they name none), parsed by the study command's own parser."""
+    from resdistill.commands import study
+    from resdistill.study.grid import parse_fractions
+
+    parser = argparse.ArgumentParser(add_help=False)
+    study.add_arguments(parser)
+    given = parser.parse_known_args(argv)[0].label_fractions
+    return parse_fractions(given, zero_ok=False, what="--label-fractions")
+
+
 def run_one(out: Path, cohort: str, recipe: str, epochs: int, extra: list[str]) -> int:
     """``resdistill study`` for one cohort and recipe (resumed if it has cells already), on the
     cohort's dataset of an earlier recipe if there is one, with the teachers of the recipe it
@@ -57,7 +69,7 @@ def run_one(out: Path, cohort: str, recipe: str, epochs: int, extra: list[str]) 
     made = [out / cohort / r / "dataset" for r in RECIPES if r != recipe]
     made = [d for d in made if (d / "dataset.json").exists()]
     argv += ["--data", str(made[0])] if made else ["--cohort", cohort]
-    fractions = (1, 0.1) if "--label-fractions 1" not in more else (1,)
+    fractions = study_fractions(shlex.split(more))
     for fraction in fractions if teachers_from else ():
         cell = out / cohort / teachers_from / "cells" / f"teacher-10x-l{fraction:g}-s0.json"
         argv += ["--teacher", f"{fraction:g}={json.loads(cell.read_text())['checkpoint']}"]

@@ -50,6 +50,9 @@ STUDENT_JITTER = (0.0, 0.0, 0.0, 0.0)
 DEFAULT_TEMPERATURE = 4.0
 #: Epochs of ``teacher`` and ``distill`` (the paper: 100).
 DEFAULT_EPOCHS = 20
+#: Smallest student tile edge (px) for attention transfer: the ResNets downsample 32x, so a
+#: smaller tile gives a one-cell feature map, whose unit-norm attention is 1 whatever the input.
+ATTENTION_MIN_PX = 64
 #: ``--stain-norm`` methods (see :mod:`resdistill.data.stain_norm`); "" is off.
 STAIN_NORMS = ("reinhard", "macenko")
 DEFAULT_METRIC = "val_macro_f1"

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resdistill.config import ATTENTION_MIN_PX
+
 __all__ = [
     "AttentionLoss",
     "DistillLoss",
@@ -233,13 +235,17 @@ class AttentionLoss(nn.Module):
     the student's size (``resdistill teacher-targets``) gives the same loss as the online one.
     A 1x1 student map has one cell, whose unit-norm attention is 1 whatever the input: the term
     is refused there (:class:`ValueError`): tiles at the student's magnification must give maps
-    of 2x2 cells or more (64 px for the ResNets' 32x downsampling)."""
+    of 2x2 cells or more (:data:`~resdistill.config.ATTENTION_MIN_PX` for the ResNets). ``resize``
+    and ``antialias`` are the feature term's (:func:`resize_feature_map`)."""
 
-    def __init__(self, teacher_head: torch.Tensor, resize: ResizeMode = "maxpool") -> None:
+    def __init__(
+        self, teacher_head: torch.Tensor, resize: ResizeMode = "maxpool", antialias: bool = True
+    ) -> None:
         super().__init__()
         if teacher_head.dim() != 2:
             raise ValueError(f"teacher head weight must be (K, C), got {tuple(teacher_head.shape)}")
         self.resize: ResizeMode = resize
+        self.antialias = antialias
         self.register_buffer("teacher_head", _float32(teacher_head.detach().clone()))
 
     def forward(
@@ -256,10 +262,11 @@ class AttentionLoss(nn.Module):
         if tuple(s.shape[-2:]) == (1, 1):
             raise ValueError(
                 "attention transfer needs student feature maps of 2x2 cells or more, got 1x1: "
-                "use tiles of 64 px or more at the student's magnification, or drop it"
+                f"use tiles of {ATTENTION_MIN_PX} px or more at the student's magnification, or "
+                "drop it"
             )
         k = teacher_logits.detach().argmax(1)
-        g = resize_feature_map(_float32(t), (s.shape[-2], s.shape[-1]), self.resize)
+        g = resize_feature_map(_float32(t), (s.shape[-2], s.shape[-1]), self.resize, self.antialias)
         a_s = class_attention(s, student_head, k)
         a_t = class_attention(g, self.teacher_head, k)
         return (a_s - a_t).pow(2).sum(1).mean()
@@ -319,7 +326,7 @@ class DistillLoss(nn.Module):
         if self.attention_weight > 0:
             if teacher_head is None:
                 raise ValueError("attention_weight > 0 needs the teacher's head weight")
-            self.attention = AttentionLoss(teacher_head, resize)
+            self.attention = AttentionLoss(teacher_head, resize, antialias)
 
     def forward(
         self,
@@ -347,7 +354,8 @@ class DistillLoss(nn.Module):
             term = self.feature_weight * feature_value
             total = term if total is None else total + term
         if self.attention is not None:
-            if None in (student_features, teacher_features, student_head, teacher_logits):
+            needed = (student_features, teacher_features, student_head, teacher_logits)
+            if any(x is None for x in needed):
                 raise ValueError("the attention term needs both feature maps, the teacher's "
                                  "logits and the student's head weight")  # fmt: skip
             attention_value = self.attention(student_features, student_head, teacher_features,

@@ -15,6 +15,7 @@ from typing import Any
 from resdistill.config import (
     AMP_MODES,
     ARCH_CHOICES,
+    ATTENTION_MIN_PX,
     DEFAULT_EPOCHS,
     DEFAULT_JITTER,
     DEFAULT_TEMPERATURE,
@@ -157,7 +158,7 @@ def add_kd_options(group: Group) -> None:
         default=0.0,
         help="weight of inter-resolution attention transfer (del Amor et al. 2024): the "
         "student's class attention map (Grad-CAM of the teacher's class) matched to the "
-        "teacher's; needs student tiles of 64 px or more (0: off)",
+        f"teacher's; needs student tiles of {ATTENTION_MIN_PX} px or more (0: off)",
     )
 
 

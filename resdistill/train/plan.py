@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from resdistill.config import (
+    ATTENTION_MIN_PX,
     DEFAULT_JITTER,
     STAGE_DISTILL,
     STAGE_TEACHER,
@@ -25,9 +26,6 @@ from resdistill.config import (
 )
 from resdistill.errors import UsageError
 from sharding.magnification import display_mag
-
-#: tile edge (px) below which a ResNet's 32x-downsampled feature map has a single cell
-ATTENTION_MIN_PX = 64
 
 #: Keys a teacher checkpoint's ``model.pt`` must hold.
 TEACHER_KEYS = ("arch", "classes", "state_dict")
