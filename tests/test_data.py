@@ -11,8 +11,8 @@ import torch
 from resdistill.data import (
     Dataset,
     DatasetInfo,
-    FastColorJitter,
     PairedAugment,
+    colour_jitter,
     hue_matrix,
     make_loader,
     read_manifest,
@@ -316,39 +316,52 @@ def test_paired_geometry_commutes_with_downsampling() -> None:
     assert len(seen) >= 4  # several of the 8 flips/rotations occurred
 
 
-def test_fast_colour_jitter_formulas() -> None:
+def test_colour_jitter_formulas() -> None:
     assert torch.allclose(hue_matrix(0.0), torch.eye(3), atol=1e-6)
     assert torch.allclose(hue_matrix(0.25) @ hue_matrix(0.25), hue_matrix(0.5), atol=1e-5)
+    batched = hue_matrix(torch.tensor([0.0, 0.25], dtype=torch.float64))
+    assert batched.shape == (2, 3, 3) and torch.allclose(batched[1], hue_matrix(0.25))
     grey = torch.full((3, 4, 4), 0.4)
     rotated = torch.einsum("ij,jhw->ihw", hue_matrix(0.3), grey)
     assert torch.allclose(rotated, grey, atol=1e-5)  # hue leaves greys alone
-    x = torch.rand(3, 8, 8) * 0.5
-    jitter = FastColorJitter(0.5, 0.0, 0.0, 0.0)
-    out = jitter.transform(x, {"b": 1.5, "c": 1.0, "s": 1.0, "h": 0.0})
-    assert torch.allclose(out, x * 1.5)
-    out = jitter.transform(x, {"b": 1.0, "c": 0.0, "s": 1.0, "h": 0.0})  # contrast 0: flat grey
-    assert torch.allclose(out, out.mean().expand_as(out), atol=1e-6)
-    out = jitter.transform(x, {"b": 1.0, "c": 1.0, "s": 0.0, "h": 0.0})  # saturation 0: grey
-    assert torch.allclose(out[0], out[1]) and torch.allclose(out[1], out[2])
+    x = torch.rand(2, 3, 8, 8) * 0.5
+    one, zero = torch.ones(2), torch.zeros(2)
+
+    def jit(b, c, s, h):
+        return colour_jitter(x.clone(), b, c, s, h)
+
+    assert torch.allclose(jit(one * 1.5, one, one, zero), x * 1.5)
+    # per-sample factors: sample 0 brightened, sample 1 untouched
+    out = jit(torch.tensor([1.5, 1.0]), one, one, zero)
+    assert torch.allclose(out[0], x[0] * 1.5) and torch.allclose(out[1], x[1])
+    out = jit(one, zero, one, zero)  # contrast 0: flat grey
+    assert torch.allclose(out[0], out[0].mean().expand_as(out[0]), atol=1e-6)
+    out = jit(one, one, zero, zero)  # saturation 0: grey
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
+    hue = jit(one, one, one, torch.tensor([0.3, 0.0]))
+    assert not torch.allclose(hue[0], x[0], atol=1e-3) and torch.allclose(hue[1], x[1], atol=1e-6)
     img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
     for seed in range(5):
         torch.manual_seed(seed)
         (y,) = PairedAugment(jitter=(0.9, 0.9, 0.9, 0.5))(img)
         assert y.dtype == torch.float32 and float(y.min()) >= 0 and float(y.max()) <= 1
     with pytest.raises(ValueError, match="hue"):
-        FastColorJitter(0.1, 0.1, 0.1, 0.7)
+        PairedAugment(jitter=(0.1, 0.1, 0.1, 0.7))
 
 
-def test_plain_v2_transform_would_only_touch_the_first_tensor() -> None:
-    """Why PairedAugment wraps images: v2 treats only the first pure tensor as an image."""
-    from torchvision.transforms import v2
-
-    flip = v2.RandomHorizontalFlip(p=1.0)
-    img = _random_image(8, 2)
-    a, b = flip(img, img.clone())
-    assert not torch.equal(a, b)
-    a, b = PairedAugment(jitter=(0, 0, 0, 0))(img, img.clone())
-    assert torch.equal(a, b)
+def test_batch_augment_draws_per_sample_and_shares_them_across_magnifications() -> None:
+    """On a batch each sample gets its own draw, and a sample's tiles at every magnification the
+    same one: the augmented high tile, box-reduced, is the augmented low tile."""
+    # mid-range values, so no jitter reaches the clamp (which does not commute with reduction)
+    high = torch.randint(90, 160, (32, 3, 16, 16), dtype=torch.uint8)
+    high[:] = high[0]  # every sample the same image: any difference comes from the draws
+    low = torch.nn.functional.avg_pool2d(high.float(), 2).div(255.0)
+    aug = PairedAugment(jitter=(0.3, 0.3, 0.3, 0.1))
+    h, lo = aug(high, low, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.nn.functional.avg_pool2d(h, 2), lo, atol=1e-5)
+    assert len({h[i].numpy().tobytes() for i in range(32)}) > 20
+    again = aug(high, low, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], h)  # seeded by the generator
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,12 @@ One place for everything a training stage reads (teacher, distillation, evaluati
 * :mod:`~resdistill.data.plan` - which samples each (rank, loader worker) slot reads in each pass,
   a uniform draw per training pass, taken from ``manifest.parquet`` (never by listing a folder),
   and the equal steps per epoch.
-* :mod:`~resdistill.data.augment` - paired augmentation (one draw for every image of a sample).
+* :mod:`~resdistill.data.augment` - paired augmentation of batches (one draw per sample, shared
+  by every image of that sample).
 * :mod:`~resdistill.data.stream` - :class:`TileStream`, an ``IterableDataset`` over webdataset tar
-  shards that decodes only the magnifications a stage asks for, after its label filter.
+  shards that decodes (to uint8) only the magnifications a stage asks for, after its label filter.
+* :mod:`~resdistill.data.prepare` - :class:`BatchPrep`: a uint8 batch to the model's input on the
+  training device (augmentation, stain and per-magnification normalisation, vectorised).
 * :mod:`~resdistill.data.loader` - :class:`StreamLoader` / :func:`make_loader`: batches; in
   training mode every rank yields exactly :func:`steps_per_epoch` batches per epoch.
 * :mod:`~resdistill.data.errors` - :class:`ShardError`, a shard that cannot be read (one line).
@@ -20,10 +23,10 @@ One place for everything a training stage reads (teacher, distillation, evaluati
 from .augment import (
     DEFAULT_JITTER,
     Augment,
-    FastColorJitter,
     GeometricAugment,
     PairedAugment,
-    RandomRot90,
+    colour_jitter,
+    flip_rotate,
     hue_matrix,
 )
 from .errors import ShardError
@@ -40,6 +43,7 @@ from .plan import (
     steps_per_epoch,
     workers_per_rank,
 )
+from .prepare import BatchPrep
 from .stream import TileStream, decode_image
 
 __all__ = [
@@ -47,19 +51,20 @@ __all__ = [
     "READ_COLUMNS",
     "Augment",
     "Batch",
+    "BatchPrep",
     "Dataset",
     "DatasetInfo",
-    "FastColorJitter",
     "GeometricAugment",
     "PairedAugment",
-    "RandomRot90",
     "ShardError",
     "ShardTask",
     "Source",
     "StreamLoader",
     "TileStream",
     "collate",
+    "colour_jitter",
     "decode_image",
+    "flip_rotate",
     "hash_seed",
     "hue_matrix",
     "make_loader",

@@ -1,30 +1,34 @@
-"""Augmentations applied to a sample's images together: one random draw per sample.
+"""Augmentations of whole batches, one random draw per sample shared by all of its images.
 
-* :class:`PairedAugment` - flips, 90-degree rotation, HED stain jitter
-  (:class:`~resdistill.data.stain.HedJitter`) and colour jitter (:class:`FastColorJitter`) with
-  one draw for every magnification of a sample, so a student tile and its paired teacher tile
-  see the same transform; :func:`paired_augment` builds it from a run's data config.
-* :class:`GeometricAugment` - flips and 90-degree rotation only, one draw for a tile and a stored
-  feature map together (training on cached teacher targets, which belong to the un-jittered tile).
+The loader carries uint8 tiles; :class:`~resdistill.data.prepare.BatchPrep` augments each
+collated batch in the training process (on its device), where one vectorised op over the batch
+replaces a chain of per-sample ops in every loader worker:
 
-Every draw comes from torch's RNG, which the stream seeds per loader worker.
+* :class:`PairedAugment` - flips and 90-degree rotation (on uint8, before anything else), then
+  HED stain jitter (:func:`~resdistill.data.stain.hed_jitter`) and colour jitter
+  (:func:`colour_jitter`) on float [0, 1]: per sample one draw, applied to every magnification
+  of that sample, so a student tile and its paired teacher tile see the same transform;
+  :func:`paired_augment` builds it from a run's data config.
+* :class:`GeometricAugment` - flips and rotation only, the same draw for a tile and a stored
+  feature map (training on cached teacher targets, which belong to the un-jittered tile).
+
+Draws come from the ``generator`` passed in (the loader seeds one per rank and starting epoch),
+or torch's global RNG when it is None.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from resdistill.config import DEFAULT_JITTER, DataConfig
 
-from .stain import HedJitter
+from .stain import draw_hed, hed_jitter
 
-#: An augmentation: the images of one sample in, the same number of tensors out, one draw.
+#: An augmentation called on one sample's (or one batch's) images: the same number out, one draw
+#: per sample.
 Augment = Callable[..., tuple[torch.Tensor, ...]]
 
 
@@ -41,91 +45,86 @@ _RGB2YIQ = torch.tensor(
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 
 
-def hue_matrix(shift: float) -> torch.Tensor:
-    """3x3 RGB matrix rotating hue by ``shift`` turns: ``YIQ2RGB @ R(2 pi shift) @ RGB2YIQ``."""
-    theta = 2.0 * math.pi * shift
-    c, s = math.cos(theta), math.sin(theta)
-    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]], dtype=torch.float64)
+def hue_matrix(shift: float | torch.Tensor) -> torch.Tensor:
+    """RGB matrix rotating hue by ``shift`` turns: ``YIQ2RGB @ R(2 pi shift) @ RGB2YIQ``;
+    ``(3, 3)`` for a number, ``(N, 3, 3)`` for a ``(N,)`` tensor of shifts."""
+    theta = 2.0 * math.pi * torch.as_tensor(shift, dtype=torch.float64)
+    c, s = torch.cos(theta), torch.sin(theta)
+    one, zero = torch.ones_like(c), torch.zeros_like(c)
+    rot = torch.stack(
+        [torch.stack([one, zero, zero], -1), torch.stack([zero, c, -s], -1),
+         torch.stack([zero, s, c], -1)], -2,
+    )  # fmt: skip
     return (_YIQ2RGB @ rot @ _RGB2YIQ).to(torch.float32)
 
 
-class RandomRot90(v2.Transform):
-    """Rotate by ``k * 90`` degrees, ``k`` uniform in {0, 1, 2, 3}, the same ``k`` for all inputs."""
+def colour_jitter(
+    x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    """Colour jitter of float RGB ``x`` ``(N, 3, H, W)`` in [0, 1], IN PLACE, with per-sample
+    factors ``(N,)``: ``x <- b x``; ``x <- c x + (1 - c) mean(gray(x))``; ``x <- s x + (1 - s)
+    gray(x)``; ``x <- hue_matrix(h) x`` (rotation of the YIQ chroma plane); clamp to [0, 1].
 
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        return {"k": int(torch.randint(0, 4, ()).item())}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if params["k"] == 0:
-            return inpt
-        out = torch.rot90(inpt, params["k"], dims=(-2, -1))
-        # torch ops unwrap tv_tensors: re-wrap so later transforms still see every image
-        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
-
-
-class FastColorJitter(v2.Transform):
-    """Colour jitter on float RGB in [0, 1], one draw of factors shared by all inputs.
-
-    With ``b ~ U[1-B, 1+B]``, ``c ~ U[1-C, 1+C]``, ``s ~ U[1-S, 1+S]``, ``h ~ U[-H, H]``:
-    ``x <- b x``; ``x <- c x + (1 - c) mean(gray(x))``; ``x <- s x + (1 - s) gray(x)``;
-    ``x <- hue_matrix(h) x`` (rotation of the YIQ chroma plane); then clamp to [0, 1].
-    The same effects as torchvision's ``ColorJitter`` (fixed order, and a linear hue rotation
-    instead of an HSV round trip): about 10x faster on a 224 px tile, where the HSV hue step
-    alone costs ~6 ms and would make the loader slower than training wants.
+    The effects of torchvision's ``ColorJitter`` in a fixed order, with a linear hue rotation
+    instead of an HSV round trip (whose hue step alone costs milliseconds per 224 px tile). In
+    place because a batch of 224 px tiles is tens of MB: every fresh tensor of that size is a
+    new mapping and its page faults, which cost more than the arithmetic.
     """
+    shape = (-1, 1, 1, 1)
+    b, c, s = (v.to(x).view(shape) for v in (b, c, s))
+    x.mul_(b)
+    x.mul_(c).add_((1.0 - c) * _gray(x).mean(dim=(-3, -2, -1), keepdim=True))
+    x.mul_(s).add_((1.0 - s) * _gray(x))
+    if bool((h != 0).any()):
+        n = x.shape[0]
+        x.copy_(torch.bmm(hue_matrix(h.double()).to(x), x.reshape(n, 3, -1)).view_as(x))
+    return x.clamp_(0.0, 1.0)
 
-    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float) -> None:
-        super().__init__()
-        if not 0 <= hue <= 0.5:
-            raise ValueError(f"hue jitter must be in [0, 0.5], got {hue}")
-        for name, v in (
-            ("brightness", brightness),
-            ("contrast", contrast),
-            ("saturation", saturation),
-        ):
-            if v < 0:
-                raise ValueError(f"{name} jitter must be >= 0, got {v}")
-        self.factors = (brightness, contrast, saturation, hue)
 
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        b, c, s, h = self.factors
-        u = torch.rand(4).tolist()
-        return {
-            "b": 1.0 + b * (2 * u[0] - 1),
-            "c": 1.0 + c * (2 * u[1] - 1),
-            "s": 1.0 + s * (2 * u[2] - 1),
-            "h": h * (2 * u[3] - 1),
-        }
+def _uniform(n: int, half_width: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``(n,)`` draws of ``U(-half_width, half_width)``."""
+    return half_width * (2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1)
 
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        x = inpt.as_subclass(torch.Tensor)
-        if not x.is_floating_point():
-            raise TypeError("FastColorJitter expects float images in [0, 1]")
-        b, c, s, h = params["b"], params["c"], params["s"], params["h"]
-        if b != 1.0:
-            x = x * b
-        if c != 1.0:
-            x = c * x + (1.0 - c) * _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
-        if s != 1.0:
-            x = s * x + (1.0 - s) * _gray(x)
-        if h != 0.0:
-            x = torch.einsum("ij,...jhw->...ihw", hue_matrix(h), x)
-        x = x.clamp(0.0, 1.0)
-        return tv_tensors.wrap(x, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else x
+
+def flip_rotate(x: torch.Tensor, hflip: bool, vflip: bool, k: int) -> torch.Tensor:
+    """``rot90(vflip(hflip(x)), k)`` on dims (-2, -1): one element of the dihedral group D4."""
+    if hflip:
+        x = torch.flip(x, dims=(-1,))
+    if vflip:
+        x = torch.flip(x, dims=(-2,))
+    if k:
+        x = torch.rot90(x, k, dims=(-2, -1))
+    return x
+
+
+def flip_rotate_batch(
+    x: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, k: torch.Tensor
+) -> torch.Tensor:
+    """:func:`flip_rotate` of every sample ``x[i]`` with its own ``(hflip[i], vflip[i], k[i])``,
+    IN PLACE (square images): one op per group of samples sharing an element, at most 7."""
+    code = hflip.long() * 8 + vflip.long() * 4 + k.long()
+    if x.shape[-1] != x.shape[-2]:  # a quarter turn changes the shape: one image only
+        if x.shape[0] != 1:
+            raise ValueError(f"batched flips and rotations need square images, got {x.shape}")
+        c = int(code[0])
+        return flip_rotate(x, bool(c & 8), bool(c & 4), c & 3)
+    for c in torch.unique(code).tolist():
+        if c == 0:
+            continue
+        idx = (code == c).nonzero().flatten().to(x.device)
+        x[idx] = flip_rotate(x[idx], bool(c & 8), bool(c & 4), c & 3)
+    return x
 
 
 class PairedAugment:
-    """The same random flips, 90-degree rotation, stain and colour jitter for every image of one
-    sample.
+    """Per sample one draw of: horizontal flip (p=0.5), vertical flip (p=0.5), rotation by
+    ``k * 90`` degrees (``k`` uniform in {0, 1, 2, 3}), HED jitter ``(sigma, bias)`` when ``hed``
+    is not zero, then colour jitter ``(brightness, contrast, saturation, hue)`` when not zero;
+    the draw is shared by every tile (magnification) of the sample.
 
-    ``(img_1, ..., img_m) -> (T(img_1), ..., T(img_m))`` with one draw of ``T`` per call:
-    horizontal flip (p=0.5), vertical flip (p=0.5), rotation by ``k * 90`` degrees with ``k``
-    uniform in {0, 1, 2, 3} (on uint8), conversion to float in [0, 1], HED jitter ``(sigma,
-    bias)`` (:class:`~resdistill.data.stain.HedJitter`, when ``hed`` is not zero), then
-    :class:`FastColorJitter` ``(brightness, contrast, saturation, hue)``. torchvision v2 transforms
-    draw their parameters once per call and apply them to every ``tv_tensors.Image`` passed
-    together; plain tensors would only transform the first one, so the images are wrapped.
-    Inputs: uint8 ``(3, H, W)`` tensors of any square sizes. Outputs: float32 in [0, 1].
+    :class:`~resdistill.data.prepare.BatchPrep` calls :meth:`geometry` (tiles and stored feature
+    maps) and :meth:`colour` (tiles) separately, with stain normalisation between them;
+    ``__call__`` runs both on copies of one sample's or one batch's images.
     """
 
     def __init__(
@@ -135,28 +134,70 @@ class PairedAugment:
         flips: bool = True,
         hed: Sequence[float] = (0.0, 0.0),
     ) -> None:
-        ops: list[Any] = []
-        if flips:
-            ops += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()]
-        ops.append(v2.ToDtype(torch.float32, scale=True))
-        hed_sigma, hed_bias = (tuple(float(v) for v in hed) + (0.0, 0.0))[:2]
-        if hed_sigma or hed_bias:
-            ops.append(HedJitter(hed_sigma, hed_bias))
         b, c, s, h = (tuple(float(v) for v in jitter) + (0.0, 0.0, 0.0, 0.0))[:4]
-        if any((b, c, s, h)):
-            ops.append(FastColorJitter(b, c, s, h))
+        if not 0 <= h <= 0.5:
+            raise ValueError(f"hue jitter must be in [0, 0.5], got {h}")
+        for name, v in (("brightness", b), ("contrast", c), ("saturation", s)):
+            if v < 0:
+                raise ValueError(f"{name} jitter must be >= 0, got {v}")
+        hed_sigma, hed_bias = (tuple(float(v) for v in hed) + (0.0, 0.0))[:2]
         self.jitter = (b, c, s, h)
         self.hed = (hed_sigma, hed_bias)
         self.flips = flips
-        self._compose = v2.Compose(ops)
 
-    def __call__(self, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        wrapped = tuple(tv_tensors.Image(img) for img in images)
-        out = self._compose(*wrapped) if len(wrapped) > 1 else (self._compose(wrapped[0]),)
-        return tuple(o.as_subclass(torch.Tensor) for o in out)
+    @property
+    def changes_colour(self) -> bool:
+        return any(self.jitter) or any(self.hed)
+
+    def geometry(
+        self, tiles: Sequence[torch.Tensor], maps: Sequence[torch.Tensor] = (),
+        generator: torch.Generator | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+        """The flips and rotation of each sample, the same for its tiles and maps (any dtype;
+        in place: the caller owns them)."""
+        if not self.flips or not tiles:
+            return list(tiles), list(maps)
+        n = tiles[0].shape[0]
+        u = torch.rand(2, n, generator=generator)
+        k = torch.randint(0, 4, (n,), generator=generator)
+        hflip, vflip = u[0] < 0.5, u[1] < 0.5
+        flip = [flip_rotate_batch(t, hflip, vflip, k) for t in tiles]
+        return flip, [flip_rotate_batch(m, hflip, vflip, k) for m in maps]
+
+    def colour(
+        self, tiles: Sequence[torch.Tensor], generator: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
+        """HED then colour jitter of float ``(N, 3, H, W)`` tiles in [0, 1] (in place: the caller
+        owns them), one draw per sample."""
+        tiles = list(tiles)
+        if not tiles or not self.changes_colour:
+            return tiles
+        n = tiles[0].shape[0]
+        if any(self.hed):
+            alpha, beta = draw_hed(*self.hed, n=n, generator=generator)
+            tiles = [hed_jitter(t, alpha, beta) for t in tiles]
+        b, c, s, h = self.jitter
+        if any((b, c, s, h)):
+            draws = [1.0 + _uniform(n, v, generator) for v in (b, c, s)]
+            hue = _uniform(n, h, generator)
+            tiles = [colour_jitter(t, *draws, hue) for t in tiles]
+        return tiles
+
+    def __call__(
+        self, *images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The whole transform on copies of ``images``: one sample ``(C, H, W)`` each, or batches
+        ``(N, C, H, W)``; uint8 images come back as float32 in [0, 1], float ones (in [0, 1],
+        or feature maps when colour is off) keep their scale."""
+        single = bool(images) and images[0].dim() == 3
+        batch = [(i[None] if single else i).clone() for i in images]
+        batch, _ = self.geometry(batch, (), generator)
+        floats = [t.float().div_(255.0) if t.dtype == torch.uint8 else t for t in batch]
+        out = self.colour(floats, generator)
+        return tuple(t[0] for t in out) if single else tuple(out)
 
     def __repr__(self) -> str:
-        return f"PairedAugment(jitter={self.jitter}, hed={self.hed}, flips={self.flips})"
+        return f"{type(self).__name__}(jitter={self.jitter}, hed={self.hed}, flips={self.flips})"
 
 
 def paired_augment(data: DataConfig) -> PairedAugment:
@@ -164,12 +205,9 @@ def paired_augment(data: DataConfig) -> PairedAugment:
     return PairedAugment(data.jitter, flips=data.flips, hed=data.hed_jitter)
 
 
-class GeometricAugment:
-    """One random element of the dihedral group D4 applied to every tensor of a sample:
-    horizontal flip (p=0.5), vertical flip (p=0.5), then ``rot90`` by ``k`` uniform in {0..3}, on
-    the last two dims. Inputs of any channel count and square size (a uint8 tile and a
-    ``(C, h, w)`` feature map alike); the same draw for all. No colour change: the teacher's
-    stored outputs belong to the un-jittered tile.
+class GeometricAugment(PairedAugment):
+    """Flips and rotation only (no colour change: stored teacher outputs belong to the
+    un-jittered tile), one draw for a sample's tile and its stored feature map.
 
     Exactness: ``adaptive_max_pool2d`` to a square size commutes with every D4 element, so
     ``g(pool(f_t)) == pool(g(f_t))`` bit for bit; the stored map, transformed, is the teacher's
@@ -177,29 +215,9 @@ class GeometricAugment:
     """
 
     def __init__(self, flips: bool = True) -> None:
-        self.flips = flips
+        super().__init__((0.0, 0.0, 0.0, 0.0), flips=flips)
 
-    def draw(self) -> tuple[bool, bool, int]:
-        """``(hflip, vflip, k)`` from torch's RNG (seeded per loader worker)."""
-        if not self.flips:
-            return False, False, 0
-        u = torch.rand(2).tolist()
-        return u[0] < 0.5, u[1] < 0.5, int(torch.randint(0, 4, ()).item())
-
-    @staticmethod
-    def apply(x: torch.Tensor, hflip: bool, vflip: bool, k: int) -> torch.Tensor:
-        """``rot90(vflip(hflip(x)), k)`` on dims (-2, -1)."""
-        if hflip:
-            x = torch.flip(x, dims=(-1,))
-        if vflip:
-            x = torch.flip(x, dims=(-2,))
-        if k:
-            x = torch.rot90(x, k, dims=(-2, -1))
-        return x
-
-    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        params = self.draw()
-        return tuple(self.apply(t, *params) for t in tensors)
+    apply = staticmethod(flip_rotate)
 
     def __repr__(self) -> str:
         return f"GeometricAugment(flips={self.flips})"

@@ -32,11 +32,11 @@ __all__ = ["CachedTargetStream", "GeometricAugment", "make_cached_loader"]
 class CachedTargetStream(TileStream):
     """A ``TileStream`` of the student tile whose samples carry the stored teacher outputs.
 
-    Yields ``((x_s, t_logits, t_features), label, key)``: ``x_s`` the normalised student tile
+    Yields ``((x_s, t_logits, t_features), label, key)``: ``x_s`` the uint8 student tile
     ``(3, H, W)``, ``t_logits`` ``(K,)`` and ``t_features`` ``(C, h, w)`` float32 from the
-    targets of the sample's key; ``augment`` (a :class:`GeometricAugment`) transforms ``x_s``
-    and ``t_features`` with one draw. A key without targets raises :class:`StaleTargetsError`.
-    Each shard's ``.npz`` is read once per pass.
+    targets of the sample's key (the batch step flips and rotates ``x_s`` and ``t_features``
+    with one draw, :mod:`~resdistill.data.prepare`). A key without targets raises
+    :class:`StaleTargetsError`. Each shard's ``.npz`` is read once per pass.
     """
 
     def __init__(self, *args: Any, targets: TargetsIndex, **kwargs: Any) -> None:
@@ -71,18 +71,10 @@ class CachedTargetStream(TileStream):
             yield sample
 
     def _decode(self, sample: Mapping[str, Any]) -> tuple[tuple[torch.Tensor, ...], int, str]:
-        aug, self.augment = self.augment, None  # the base class must not augment on its own
-        try:
-            (img,), label, key = super()._decode(sample)
-        finally:
-            self.augment = aug
+        (img,), label, key = super()._decode(sample)
         logits = torch.from_numpy(sample["__tlogits__"].astype("float32"))
         feat = torch.from_numpy(sample["__tfeat__"].astype("float32"))
-        if aug is not None:
-            # flips/rotations commute with the per-channel normalisation, so transforming the
-            # normalised tile equals normalising the transformed one
-            img, feat = aug(img, feat)
-        return (img.contiguous(), logits, feat.contiguous()), label, key
+        return (img, logits, feat), label, key
 
 
 def make_cached_loader(
@@ -98,7 +90,10 @@ def make_cached_loader(
     """:func:`make_loader` of ``student_mag`` with :class:`CachedTargetStream` as its source:
     batches whose ``images`` are ``(x_s (N,3,H,W), t_logits (N,K), t_features (N,C,h,w))``.
     ``kwargs`` are make_loader's (batch size, rank, seeds, steps, manifest, ...). Distillation
-    uses every sample, so no label filtering."""
+    uses every sample, so no label filtering. ``augment`` may flip and rotate only: the stored
+    outputs belong to the un-jittered tile."""
+    if augment is not None and augment.changes_colour:
+        raise ValueError("cached teacher targets allow flips and rotations only, not colour jitter")
     return make_loader(
         info,
         splits,

@@ -11,6 +11,10 @@ batch counts: do not run collectives per batch there.
 Sources. :func:`make_loader` selects the keys and builds a stream with its ``source``: a
 :class:`TileStream` by default, or any subclass taking the same arguments (cached teacher targets,
 :mod:`resdistill.data.cached`), so every source shares the plan, the equal steps and the seeds.
+
+Batches. Workers send uint8 tiles; :meth:`StreamLoader.epoch` hands every batch to its
+:class:`~resdistill.data.prepare.BatchPrep` (device, augmentation, stain and per-magnification
+normalisation on the whole batch) and yields model-ready float tensors.
 """
 
 from __future__ import annotations
@@ -22,20 +26,21 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .augment import Augment
+from .augment import PairedAugment
 from .info import Dataset, DatasetInfo, read_manifest
-from .plan import shard_keys, steps_per_epoch, workers_per_rank
+from .plan import hash_seed, shard_keys, steps_per_epoch, workers_per_rank
+from .prepare import BatchPrep
 from .stream import TileStream
 
 #: Builds a rank's stream: ``source(info, shards, mags, *, repeat, rank, world_size, workers, epoch,
-#: shuffle_buffer, augment, seed, labelled_only, labelled_slides, stain)``, the arguments of
-#: :class:`TileStream`.
+#: shuffle_buffer, seed, labelled_only, labelled_slides)``, the arguments of :class:`TileStream`.
 Source = Callable[..., TileStream]
 
 
 @dataclass
 class Batch:
-    """A batch: one ``(N, 3, H_m, W_m)`` tensor per requested magnification, labels, keys."""
+    """A batch: one ``(N, 3, H_m, W_m)`` tensor per requested magnification (then a source's
+    extras), labels, keys: uint8 as collated, float and normalised once prepared."""
 
     images: tuple[torch.Tensor, ...]
     labels: torch.Tensor
@@ -67,7 +72,8 @@ def collate(samples: Sequence[tuple[tuple[torch.Tensor, ...], int, str]]) -> Bat
 
 class StreamLoader:
     """Batches of one rank. Training: exactly ``steps`` batches per :meth:`epoch` (endless source);
-    evaluation: one pass over the rank's samples per :meth:`epoch`.
+    evaluation: one pass over the rank's samples per :meth:`epoch`. Each batch goes through
+    ``prepare`` (None: collated uint8 batches as they are).
     """
 
     def __init__(
@@ -79,8 +85,10 @@ class StreamLoader:
         num_workers: int,
         pin_memory: bool = False,
         prefetch_factor: int = 4,
+        prepare: BatchPrep | None = None,
     ) -> None:
         self.stream = stream
+        self.prepare = prepare
         self.batch_size = batch_size
         self.steps = steps
         self.num_workers = num_workers
@@ -105,14 +113,16 @@ class StreamLoader:
 
     def epoch(self) -> Iterator[Batch]:
         """The batches of one epoch (see the class docstring)."""
+        prep = self.prepare or (lambda b: b)
         if self.steps is None:
-            yield from self.loader
+            for batch in self.loader:
+                yield prep(batch)
             return
         if self._it is None:
             self._it = iter(self.loader)
         for _ in range(self.steps):
             try:
-                yield next(self._it)
+                yield prep(next(self._it))
             except StopIteration:
                 raise RuntimeError(
                     "training stream ended early: this rank has no samples to cycle over"
@@ -137,7 +147,7 @@ def make_loader(
     world_size: int = 1,
     num_workers: int = 2,
     shuffle_buffer: int = 1000,
-    augment: Augment | None = None,
+    augment: PairedAugment | None = None,
     seed: int = 0,
     epoch: int = 0,
     steps: int | None = None,
@@ -148,6 +158,7 @@ def make_loader(
     labelled_slides: Collection[str] | None = None,
     source: Source = TileStream,
     stain: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
 ) -> StreamLoader:
     """Batches of ``splits`` for ``rank`` of ``world_size`` (see the module docstring); only
     the samples of ``slides`` when given (distillation reading a share of the unlabelled data,
@@ -161,8 +172,9 @@ def make_loader(
     (counts follow the manifest); ``labelled_slides`` hides the labels of every other slide (a
     label-scarce run). ``manifest`` (a pyarrow Table) saves reading it again; a :class:`Dataset`
     supplies its own. ``source`` builds the stream (see the module docstring). ``stain``: the
-    stain normalisation reference every image goes through first, in both modes (see
-    :class:`TileStream`).
+    stain normalisation reference every tile goes through, in both modes (it is part of the
+    model's input). ``device``: where batches are prepared (the training device; None: here).
+    Augmentation draws come from a generator seeded by ``(seed, epoch, rank)``.
     """
     if isinstance(info, Dataset):
         if manifest is None:
@@ -200,12 +212,12 @@ def make_loader(
         workers=workers,
         epoch=epoch,
         shuffle_buffer=shuffle_buffer,
-        augment=augment,
         seed=seed,
         labelled_only=labelled_only,
         labelled_slides=labelled_slides,
-        stain=stain,
     )
-    return StreamLoader(
-        stream, batch_size=batch_size, steps=steps, num_workers=workers, pin_memory=pin_memory
-    )
+    generator = torch.Generator().manual_seed(hash_seed(seed, epoch, rank, "augment"))
+    prep = BatchPrep(stream.norms(), stain=stain, augment=augment, generator=generator,
+                     device=device, owns=True)  # fmt: skip
+    return StreamLoader(stream, batch_size=batch_size, steps=steps, num_workers=workers,
+                        pin_memory=pin_memory, prepare=prep)  # fmt: skip

@@ -16,19 +16,14 @@ rows are the unit OD vectors of haematoxylin, eosin and DAB (:data:`HED_FROM_RGB
     I  = clip(I0 * exp(-C @ M), 0, 1)
 
 One draw of ``(alpha, beta)`` per sample is shared by every magnification of the sample (the
-paired contract of :class:`~resdistill.data.augment.PairedAugment`): the map is applied pixel
-by pixel, so a student tile and its teacher tile see the same stain change.
+paired contract of :class:`~resdistill.data.augment.PairedAugment`, which draws with
+:func:`draw_hed`): the map is applied pixel by pixel, so a student tile and its teacher tile see
+the same stain change.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-
-from resdistill.config import hed_pair
 
 #: Ruifrok & Johnston's stain OD vectors (rows: haematoxylin, eosin, DAB), before normalisation.
 RUIFROK_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
@@ -72,24 +67,3 @@ def draw_hed(
     shape = (3,) if n is None else (n, 3)
     u = torch.rand((2, *shape), generator=generator, dtype=torch.float64)
     return (1.0 + sigma * (2 * u[0] - 1)).float(), (bias * (2 * u[1] - 1)).float()
-
-
-class HedJitter(v2.Transform):
-    """:func:`hed_jitter` with one draw of ``(alpha, beta)`` per call, shared by every image
-    passed together (torchvision v2 draws ``make_params`` once per call). Float input in
-    [0, 1] only: run it after ``ToDtype(float32, scale=True)``."""
-
-    def __init__(self, sigma: float, bias: float) -> None:
-        super().__init__()
-        self.sigma, self.bias = hed_pair((sigma, bias))
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        alpha, beta = draw_hed(self.sigma, self.bias)
-        return {"alpha": alpha, "beta": beta}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        x = inpt.as_subclass(torch.Tensor)
-        if not x.is_floating_point():
-            raise TypeError("HedJitter expects float images in [0, 1]")
-        out = hed_jitter(x, params["alpha"], params["beta"])
-        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out

@@ -56,6 +56,7 @@ class WorkerContext:
             "pin_memory": self.env.use_cuda,
             "manifest": self.manifest,
             "stain": self.cfg.data.stain_reference,
+            "device": self.env.device,
         }
 
     def train_kwargs(self, start_epoch: int) -> dict[str, Any]:

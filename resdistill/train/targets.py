@@ -93,16 +93,17 @@ def compute_shard(
     import torch
     import torch.nn.functional as F
 
-    from resdistill.data import TileStream
+    from resdistill.data import BatchPrep, TileStream
 
     stream = TileStream(info, {shard_rel: sorted(keys)}, [teacher_mag], repeat=False)
+    prep = BatchPrep(stream.norms())
     read: list[str] = []
     logits: list[Any] = []
     feats: dict[str, list[Any]] = {m: [] for m in sizes}
 
     def flush(batch: list[torch.Tensor]) -> None:
         with torch.inference_mode():
-            t, f = teacher(torch.stack(batch))
+            t, f = teacher(prep.images([torch.stack(batch)])[0])
         logits.append(t.float().to(torch.float16).numpy())
         for m, hw in sizes.items():
             pooled = F.adaptive_max_pool2d(f.float(), hw)
