@@ -15,9 +15,12 @@ Rows (``--only`` names in brackets):
 * [s3] the same loader from an S3 endpoint (a local ``moto_server``) vs the local folder.
 * [compute] FLOPs and measured inference images/s of the student at each magnification vs the
   teacher at the highest (:func:`resdistill.eval.compute.compute_table`; paper: 4x/16x/64x FLOPs).
-* [distill] one distillation epoch (same samples, loader included, in-process) with cached
-  teacher targets (:mod:`resdistill.train.targets`) vs the online teacher; target 5x or faster.
-  The one-off cost of computing the targets is reported beside it.
+* [train] each stage's training loop (Ray Train, as the CLI runs it) vs a bare loop over
+  in-memory tensors with the same model, batch and threads (``bench_train``; target >= 0.8):
+  teacher at 10x, student at 2.5x supervised, distilled online and from cached targets; the
+  cached vs online distillation epoch (target >= 5x) and the cached vs supervised student epoch
+  (target <= 1.15x); Ray Train start-up and shutdown per run, split. The one-off cost of
+  computing the cached targets is in the cached row's note.
 * [predict] whole-slide prediction (:mod:`bench_predict`): the 10x teacher vs students at 5x,
   2.5x and 1.25x with ``--read as-trained`` and ``native``, on the same slides: slides/hour in one
   process split into plan / read / replay / model, and end to end through ``resdistill predict``
@@ -49,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-ROWS = ("shard", "loader", "s3", "compute", "predict", "distill", "ddp")
+ROWS = ("shard", "loader", "s3", "compute", "predict", "train", "ddp")
 MAGS = "10,5,2.5,1.25"
 TILE_PX = 224
 
@@ -274,89 +277,6 @@ def bench_predict_rows(
     return rows
 
 
-def distill_epoch_s(
-    data: str, teacher: str, targets: Any, s_mag: str, *, cached: bool, batch: int, steps: int,
-    workers: int,
-) -> float:  # fmt: skip
-    """Seconds of ``steps`` distillation steps (loader, teacher if online, student fwd+bwd+Adam);
-    the first batch (loader start-up) is not timed."""
-    import torch
-
-    from resdistill import data as D
-    from resdistill.data.cached import GeometricAugment, make_cached_loader
-    from resdistill.models import build_model
-    from resdistill.train.teacher_net import (
-        DistillStep,
-        build_loss,
-        cached_distill_batch,
-        distill_batch,
-        load_teacher,
-    )
-
-    info = D.DatasetInfo.load(data)
-    t_mag = info.highest
-    cfg = {"temperature": 1.0, "kd_weight": 1.0, "feature_weight": 1.0, "feature_loss": "mse",
-           "feature_resize": "maxpool"}  # fmt: skip
-    torch.manual_seed(0)
-    step = DistillStep(build_model("resnet18", info.num_classes), build_loss(cfg, 512, 512))
-    opt = torch.optim.Adam(step.parameters(), 1e-3)
-    common = {"batch_size": batch, "num_workers": workers, "shuffle_buffer": 64,
-              "steps": steps + 1, "seed": 0}  # fmt: skip
-    if cached:
-        loader = make_cached_loader(info, ["train"], s_mag, targets, augment=GeometricAugment(),
-                                    **common)  # fmt: skip
-        frozen = None
-    else:
-        loader = D.make_loader(info, ["train"], [s_mag, t_mag], train=True,
-                               augment=D.PairedAugment((0, 0, 0, 0)), **common)  # fmt: skip
-        frozen = load_teacher(teacher)
-    it = loader.epoch()
-    first = True
-    t0 = 0.0
-    for b in it:
-        loss = (cached_distill_batch(step, b) if cached else distill_batch(step, frozen, b))[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if first:
-            first, t0 = False, time.perf_counter()
-    elapsed = time.perf_counter() - t0
-    loader.close()
-    return elapsed
-
-
-def bench_distill_rows(
-    data: str, teacher: str, work: Path, *, mags: list[str], batch: int, steps: int, workers: int
-) -> tuple[list[dict[str, Any]], Any]:
-    from resdistill.train.targets import write_targets
-
-    targets, targets_s = _timed(
-        lambda: write_targets(
-            data, teacher, out=str(work / "targets"), splits=["train", "val"], use_ray=False
-        )  # fmt: skip
-    )
-    out = []
-    kw = {"batch": batch, "steps": steps, "workers": workers}
-    for m in mags:
-        online = distill_epoch_s(data, teacher, targets, m, cached=False, **kw)
-        cached = distill_epoch_s(data, teacher, targets, m, cached=True, **kw)
-        n = batch * steps
-        out.append(
-            row(
-                f"distill epoch at {m}: cached targets vs online teacher",
-                "online teacher",
-                n / online,
-                "cached targets",
-                n / cached,
-                "samples/s",
-                online / cached,
-                ">= 5x",
-                f"targets once: {targets.doc['samples']} samples in {targets_s:.1f}s",
-            )  # fmt: skip
-        )
-    return out, targets
-
-
 def bench_ddp_rows(
     data: str, teacher: str, targets: Any, work: Path, *, mag: str, batch: int, steps: int
 ) -> list[dict[str, Any]]:
@@ -489,27 +409,38 @@ def main(argv: list[str] | None = None) -> int:
         section("predict", lambda: bench_predict_rows(
             data, work / "predict", n_slides=6 if q else 12,
             size=(3000.0, 2400.0) if q else (5000.0, 4000.0)))  # fmt: skip
-        targets_box: list[Any] = []
+        targets: list[Any] = []
 
-        def distill_rows() -> list[dict[str, Any]]:
-            out, targets = bench_distill_rows(
-                data, teacher, work, mags=["2p5x", "1p25x"] if q else ["5x", "2p5x", "1p25x"], batch=batch,
-                steps=6 if q else 10, workers=1,
-            )  # fmt: skip
-            targets_box.append(targets)
-            return out
-
-        section("distill", distill_rows)
-        if "ddp" in only:
-            if not targets_box:
+        def cached_targets() -> Any:
+            if not targets:
                 from resdistill.train.targets import write_targets
 
-                targets_box.append(write_targets(data, teacher, out=str(work / "targets"),
-                                                 splits=["train", "val"], use_ray=False))  # fmt: skip
+                out, secs = _timed(lambda: write_targets(
+                    data, teacher, out=str(work / "targets"), splits=["train", "val"],
+                    use_ray=False))  # fmt: skip
+                targets.append(out)
+                timings["targets_s"] = secs
+            return targets[0]
+
+        def train_rows() -> list[dict[str, Any]]:
+            from bench_train import train_rows as rows_of
+
+            tg = cached_targets()
+            out = rows_of(data, teacher, tg.url, work / "train", row=row, student_mag="2.5x",
+                          batch=64, steps=32, teacher_steps=8 if q else 32, cpus=cores,
+                          log=lambda m: print(m, flush=True))  # fmt: skip
+            note = f"; targets once: {tg.doc['samples']} samples in {timings['targets_s']:.1f}s"
+            for r in out:
+                if r["row"].startswith("distill epoch"):
+                    r["note"] += note
+            return out
+
+        section("train", train_rows)
+        if "ddp" in only:
             section("ddp", lambda: bench_ddp_rows(
-                data, teacher, targets_box[0], work, mag="2p5x", batch=batch,
-                steps=4 if q else 10))  # fmt: skip
-        if {"predict", "ddp"} & only:
+                data, teacher, cached_targets(), work, mag="2p5x", batch=64,
+                steps=16 if q else 32))  # fmt: skip
+        if {"predict", "train", "ddp"} & only:
             import ray
 
             ray.shutdown()  # only this driver's local cluster; never `ray stop`

@@ -147,9 +147,11 @@ def report_epoch(
 class Tracer:
     """Optional JSON-lines trace of worker starts and epochs (``--trace-dir``), for tests and ops.
 
-    ``starts.jsonl``: ``{"rank", "pid", "start_epoch", "world_size", "time"}`` per worker start;
-    ``epochs.jsonl``: ``{"rank", "pid", "epoch", "steps", "samples", "time"}`` per finished epoch;
-    ``rank<r>.json``: the latest ``{"pid", "epoch", "phase"}`` of rank ``r`` (replaced atomically).
+    ``starts.jsonl``: ``{"rank", "pid", "start_epoch", "world_size", "entered", "time"}`` per
+    worker start (``entered``: when the training function began, ``time``: when set-up and
+    restore were done); ``epochs.jsonl``: ``{"rank", "pid", "epoch", "steps", "samples",
+    "time"}`` per finished epoch; ``rank<r>.json``: the latest ``{"pid", "epoch", "phase",
+    "time"}`` of rank ``r`` (replaced atomically). Times are ``time.time()``.
     """
 
     def __init__(self, directory: str | None, env: WorkerEnv) -> None:
@@ -167,9 +169,10 @@ class Tracer:
         with open(self.dir / name, "a") as fh:
             fh.write(line + "\n")
 
-    def start(self, start_epoch: int) -> None:
+    def start(self, start_epoch: int, entered: float | None = None) -> None:
         self._append(
-            "starts.jsonl", {"start_epoch": start_epoch, "world_size": self.env.world_size}
+            "starts.jsonl",
+            {"start_epoch": start_epoch, "world_size": self.env.world_size, "entered": entered},
         )
 
     def phase(self, epoch: int, phase: str) -> None:
@@ -177,7 +180,8 @@ class Tracer:
             return
         dest = self.dir / f"rank{self.env.rank}.json"
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "epoch": epoch, "phase": phase}))
+        record = {"pid": os.getpid(), "epoch": epoch, "phase": phase, "time": time.time()}
+        tmp.write_text(json.dumps(record))
         os.replace(tmp, dest)
 
     def epoch(self, epoch: int, steps: int, samples: int) -> None:

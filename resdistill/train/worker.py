@@ -12,6 +12,7 @@ validation from summed confusion matrices, a checkpoint reported every epoch.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -61,6 +62,7 @@ def model_card(cfg: TrainConfig, info: D.DatasetInfo, stage: Stage) -> ModelCard
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """One DDP rank of a training run (see the module docstring)."""
+    entered = time.time()
     cfg = TrainConfig.from_dict(loop_config["config"])
     assert cfg.plan is not None, "plan the config first (resdistill.train.plan.prepare)"
     env = worker_env(cfg.speed)
@@ -83,7 +85,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             log(f"resuming after epoch {state.epoch} from {restored.path}")
             if state.epoch >= cfg.optim.epochs:
                 log(f"run already has {state.epoch} epochs: raise --epochs to train further")
-    tracer.start(state.epoch)
+    tracer.start(state.epoch, entered)
     model = prepare_model(stage.trainable, env, find_unused=stage.find_unused)
     optim = cfg.optim
     optimizer = make_optimizer(model.parameters(), optim.optimizer, optim.lr, optim.weight_decay)
@@ -103,6 +105,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             model.train()
             sums: dict[str, torch.Tensor] = {"train_loss": torch.zeros((), device=env.device)}
             n = done = 0
+            t0, first_step_s = time.perf_counter(), 0.0
             for batch in train_loader.epoch():
                 set_lr(optimizer, lr_at(state.step))
                 loss, batch_sums = stage.batch_loss(model, batch)
@@ -112,6 +115,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 state.step += 1
                 done += 1
                 b = len(batch)
+                if done == 1:
+                    first_step_s = time.perf_counter() - t0
                 sums["train_loss"] += loss.detach() * b
                 for k, v in batch_sums.items():
                     sums[k] = sums.get(k, 0) + v
@@ -120,6 +125,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     log(f"epoch {epoch} step {done}/{steps} loss {float(loss):.4f}")
             metrics = reduce_means({k: float(v) for k, v in sums.items()}, n, env)
             metrics["lr"] = lr_at(state.step)
+            # this rank's wait for its first batch plus that step: the loader's start-up on a
+            # worker's first epoch, apart from the steady rate of the rest
+            metrics["train_first_step_s"] = first_step_s
             return EpochResult(metrics, done, n)
 
         def validate(epoch: int) -> dict[str, float]:
