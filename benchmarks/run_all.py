@@ -21,6 +21,9 @@ Rows (``--only`` names in brackets):
   cached vs online distillation epoch (target >= 5x) and the cached vs supervised student epoch
   (target <= 1.15x); Ray Train start-up and shutdown per run, split. The one-off cost of
   computing the cached targets is in the cached row's note.
+* [profile] CPU per sample of each phase of a training step (``profile_step``: tar read,
+  decode, collation, batch preparation, forward+backward, optimiser), one thread: the data
+  path against the model step, for the student's tile, the teacher's and the online pair.
 * [predict] whole-slide prediction (:mod:`bench_predict`): the 10x teacher vs students at 5x,
   2.5x and 1.25x with ``--read as-trained`` and ``native``, on the same slides: slides/hour in one
   process split into plan / read / replay / model, and end to end through ``resdistill predict``
@@ -52,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-ROWS = ("shard", "loader", "s3", "compute", "predict", "train", "ddp")
+ROWS = ("shard", "loader", "s3", "compute", "profile", "predict", "train", "ddp")
 MAGS = "10,5,2.5,1.25"
 TILE_PX = 224
 
@@ -406,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                 data, workers=cores, batch=batch, samples=96, steps=1, with_s3=True,
                 work=work)[2:])  # fmt: skip
         section("compute", lambda: bench_compute_rows(data, seconds=1.0 if q else 3.0, batch=batch))
+        section("profile", lambda: __import__("profile_step").profile_rows(
+            data, row=row, student_mag="2.5x", batch=64, samples=256 if q else 1024))  # fmt: skip
         section("predict", lambda: bench_predict_rows(
             data, work / "predict", n_slides=6 if q else 12,
             size=(3000.0, 2400.0) if q else (5000.0, 4000.0)))  # fmt: skip
@@ -453,8 +458,15 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"rows": rows, "cores": cores, "loadavg": os.getloadavg(), "quick": q,
                "timings_s": timings, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
         Path(args.json).write_text(json.dumps(doc, indent=1))
+    text = markdown_table(rows, header)
+    if {"shard", "profile", "predict", "train"} <= only:
+        from scale_model import Assumptions, markdown, model
+
+        scale = markdown(model(rows, Assumptions()), Assumptions())
+        print(scale)
+        text += "\n" + scale
     if args.markdown:
-        Path(args.markdown).write_text(markdown_table(rows, header))
+        Path(args.markdown).write_text(text)
     return 0
 
 
