@@ -174,15 +174,27 @@ def check_magnification(info: SlideInfo, mag: Magnification) -> None:
         )
 
 
+def opaque(region: Image.Image) -> bool:
+    """Whether an OpenSlide RGBA region has no transparent (unscanned) pixel: its alpha band's
+    minimum, found in C (a numpy ``min`` over the strided alpha column costs more than the
+    conversion it guards)."""
+    return region.mode != "RGBA" or region.getchannel("A").getextrema()[0] == 255
+
+
 def to_rgb(region: Image.Image) -> np.ndarray:
     """RGBA from OpenSlide -> uint8 RGB, with transparent (unscanned) pixels shown as white glass."""
+    if opaque(region):
+        return np.array(region.convert("RGB"))
     arr = np.asarray(region)
     rgb = arr[..., :3]
-    alpha = arr[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    a = alpha.astype(np.float32) / 255.0
+    a = arr[..., 3:4].astype(np.float32) / 255.0
     return (rgb.astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
+
+
+def rgb_image(region: Image.Image) -> Image.Image:
+    """:func:`to_rgb` as a PIL image; an opaque region (the usual case) is converted by PIL alone,
+    without a numpy round trip: the same pixels, since the alpha band is then dropped unused."""
+    return region.convert("RGB") if opaque(region) else Image.fromarray(to_rgb(region))
 
 
 def downsample(image: Image.Image, size: int) -> Image.Image:
@@ -214,4 +226,4 @@ def read_region_at(slide, info: SlideInfo, x: int, y: int, size0: int, out_px: i
     """
     level, read_px = read_level(info, size0, out_px)
     region = slide.read_region((int(x), int(y)), level, (read_px, read_px))
-    return downsample(Image.fromarray(to_rgb(region)), out_px)
+    return downsample(rgb_image(region), out_px)

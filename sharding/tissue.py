@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
-from .slide import SlideInfo, best_level, to_rgb
+from .slide import SlideInfo, best_level, rgb_image
 from .tissue_mask import DETECTOR, THUMB_MPP, TissueMask, otsu, tissue_mask
 
 __all__ = [
@@ -59,9 +59,7 @@ def thumbnail(slide, info: SlideInfo) -> tuple[np.ndarray, float]:
             region = slide.read_region(
                 (int(round(lx * ds)), int(round(ly * ds))), level, (lcols, lrows)
             )
-            small = Image.fromarray(to_rgb(region)).resize(
-                (tx1 - tx0, ty1 - ty0), Image.Resampling.BOX
-            )
+            small = rgb_image(region).resize((tx1 - tx0, ty1 - ty0), Image.Resampling.BOX)
             out[ty0:ty1, tx0:tx1] = np.asarray(small)
     return out, info.width / tw
 
