@@ -112,7 +112,7 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
 
 def candidates(rgb: np.ndarray, val: np.ndarray, ink_zone: np.ndarray) -> np.ndarray:
     """Pixels that may be tissue: not ink or its margin, not near-black, not near-white."""
-    near_white = rgb.min(axis=2) >= NEAR_WHITE
+    near_white = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) >= NEAR_WHITE
     return ~ink_zone & (val >= NEAR_BLACK) & ~near_white
 
 
