@@ -15,7 +15,6 @@ annotations has its regions labelled and selected by them in the plan
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +25,7 @@ from PIL import Image
 
 from .annotation_set import AnnotationRef
 from .annotations import AnnotationError
+from .codec import channel_stats, encode
 from .layout import image_member, sample_key
 from .options import AnnotationOptions, ShardOptions
 from .qc import qc_png
@@ -177,24 +177,6 @@ def annotate(plan: SlidePlan, ann_opts: AnnotationOptions) -> SlidePlan:
     )
 
 
-def encode(image: Image.Image, opts: ShardOptions) -> bytes:
-    buf = io.BytesIO()
-    if opts.fmt == "jpeg":
-        image.save(
-            buf, format="JPEG", quality=opts.quality, subsampling=0 if opts.quality >= 90 else 2
-        )
-    else:
-        image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def channel_stats(image: Image.Image) -> tuple[list[float], list[float]]:
-    """Per-channel mean of the RGB image and of its square, RGB scaled to [0, 1]."""
-    arr = np.asarray(image, dtype=np.float32) / 255.0
-    flat = arr.reshape(-1, 3)
-    return flat.mean(0).tolist(), (flat * flat).mean(0).tolist()
-
-
 def region_images(
     slide, info: SlideInfo, x: int, y: int, size0: int, opts: ShardOptions,
     names: Sequence[str] | None = None,
@@ -244,15 +226,19 @@ def extract_chunk(
     opts: ShardOptions,
 ) -> list[Sample]:
     """Cut and encode ``regions`` of one slide (see :meth:`SlidePlan.regions`)."""
+    names = [m.name for m in opts.mags]
+    member = {n: image_member(n, opts.fmt) for n in names}
+    # The real scale: the region's level-0 extent over the image's pixels.
+    mpps = {n: round(size0 * base_mpp / opts.sizes[n], 6) for n in names}
     slide = open_slide(job.path)
     try:
         # Use the mpp the plan settled on, even when it came from --mpp.
         info = replace(slide_info(slide, job.path, base_mpp), base_mpp=base_mpp)
         out: list[Sample] = []
         for x, y, tissue, label, source, fractions, ink in regions:
-            images = region_images(slide, info, x, y, size0, opts)
+            images = region_images(slide, info, x, y, size0, opts, names)
             key = sample_key(job.slide, x, y)
-            members: dict[str, bytes] = {}
+            members = {member[n]: encode(images[n], opts) for n in names}
             row: dict = {
                 "key": key,
                 "slide": job.slide,
@@ -266,15 +252,10 @@ def extract_chunk(
                 "ink": float(ink),
                 "ann": fractions,
             }
-            mpps: dict[str, float] = {}
-            for mag in opts.mags:
-                img = images[mag.name]
-                members[image_member(mag.name, opts.fmt)] = encode(img, opts)
-                mean, sqmean = channel_stats(img)
-                row[f"mean_{mag.name}"] = mean
-                row[f"sqmean_{mag.name}"] = sqmean
-                # The real scale: the region's level-0 extent over the image's pixels.
-                mpps[mag.name] = round(size0 * base_mpp / opts.sizes[mag.name], 6)
+            means, sqmeans = channel_stats([images[n] for n in names])
+            for n, mean, sqmean in zip(names, means.tolist(), sqmeans.tolist(), strict=True):
+                row[f"mean_{n}"] = mean
+                row[f"sqmean_{n}"] = sqmean
             meta = {
                 "slide": job.slide,
                 "x": int(x),
