@@ -389,3 +389,32 @@ def test_tiny_tiles_give_a_1x1_feature_map() -> None:
 def test_unknown_architecture_is_refused() -> None:
     with pytest.raises(ValueError, match="resnet18"):
         build_model("vgg16", 2)
+
+
+def test_batch_prep_normalises_per_magnification_and_leaves_a_borrowed_batch_alone() -> None:
+    """BatchPrep: uint8 tiles -> (x / 255 - mean_m) / std_m for each magnification's own
+    statistics; 4-D extras (stored feature maps) get the tiles' flips, others pass through; a
+    batch it does not own is copied, never changed in place."""
+    from resdistill.data import Batch, BatchPrep, GeometricAugment
+
+    g = torch.Generator().manual_seed(0)
+    hi = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g)
+    lo = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8, generator=g)
+    logits, fmap = torch.randn(6, 2), hi[:, :1].float()  # the map is the tile's first channel
+    batch = Batch((hi, lo, logits, fmap), torch.zeros(6, dtype=torch.long), list("abcdef"))
+    keep = [t.clone() for t in batch.images]
+    norms = [((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)), ((0.1, 0.2, 0.3), (0.5, 0.5, 0.5))]
+    plain = BatchPrep(norms)(batch)
+    for x, raw, (mean, std) in zip(plain.images[:2], (hi, lo), norms, strict=True):
+        want = (raw.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(
+            3, 1, 1
+        )
+        assert torch.allclose(x, want, atol=1e-6)
+    assert torch.equal(plain.images[2], logits) and torch.equal(plain.images[3], fmap)
+    flipped = BatchPrep(norms, augment=GeometricAugment(), generator=g)(batch)
+    std0, mean0 = torch.tensor(norms[0][1]).view(3, 1, 1), torch.tensor(norms[0][0]).view(3, 1, 1)
+    tile = ((flipped.images[0] * std0 + mean0) * 255).round()
+    assert not torch.equal(flipped.images[0], plain.images[0])  # some sample was flipped
+    assert torch.allclose(tile[:, :1], flipped.images[3])  # and its map moved with its tile
+    assert torch.equal(flipped.images[2], logits)
+    assert all(torch.equal(a, b) for a, b in zip(batch.images, keep, strict=True))
