@@ -6,10 +6,11 @@
 
 Rows (``--only`` names in brackets):
 
-* [shard] sharding: the naive per-tile ``read_region`` loop (``bench_shard.naive_shard``) vs
+* [shard] sharding (``bench_shard.shard_rows``): the naive per-tile ``read_region`` loop vs
   ``run_shard`` in one process; and ``run_shard`` vs the codec bound: the time to decode each
-  region from the pyramid level ``run_shard`` reads and to encode its output tiles, alone
-  (ratio ``codec / ours`` <= 1; 1.0 means sharding costs no more than its codecs).
+  region from the pyramid level ``run_shard`` reads and to encode its output tiles with its own
+  encoder, alone (ratio ``codec / ours`` <= 1; 1.0 means sharding costs no more than its
+  codecs), with ``run_shard``'s time split by phase in the note.
 * [loader] loader samples/s (training mode, augmentation) vs the samples/s training consumes
   (``bench_loader.loader_rate`` / ``train_rates``), at the teacher's tile and the pair.
 * [s3] the same loader from an S3 endpoint (a local ``moto_server``) vs the local folder.
@@ -130,62 +131,6 @@ def make_teacher(data: str, folder: Path) -> str:
 # --------------------------------------------------------------------------------------------------
 # Rows
 # --------------------------------------------------------------------------------------------------
-
-
-def bench_shard_rows(slides: Path, work: Path) -> list[dict[str, Any]]:
-    from bench_shard import naive_shard
-
-    from sharding.extract import SlideJob, encode, plan_slide
-    from sharding.options import ShardOptions
-    from sharding.pipeline import run_shard
-    from sharding.slide import open_slide, read_level, slide_info
-
-    files = sorted(p for p in slides.iterdir() if p.suffix in (".svs", ".tiff"))
-    work.mkdir(parents=True, exist_ok=True)
-    opts = ShardOptions.make(MAGS, TILE_PX)
-    n_naive, naive_s = _timed(lambda: naive_shard(files, work / "naive.tar", opts))
-    rep, ours_s = _timed(
-        lambda: run_shard(
-            files,
-            str(work / "ours"),
-            mags=MAGS,
-            tile_px=TILE_PX,
-            workers=0,
-            progress=False,
-            overwrite=True,
-        )  # fmt: skip
-    )
-    # codec bound: the pixels run_shard must decode (each region once, from the same pyramid
-    # level it reads: the best level at or above the top magnification's scale) and the output
-    # tiles it must encode (same encoder and settings), nothing else: no resampling, tissue
-    # check, statistics, tar or manifest.
-    decode_s = encode_s = 0.0
-    for path in files:
-        plan = plan_slide(SlideJob(str(path), path.stem, "train", None, None), opts)
-        slide = open_slide(str(path))
-        info = slide_info(slide, str(path), plan.base_mpp)
-        level, read_px = read_level(info, plan.size0, opts.sizes[opts.mags[0].name])
-        tiles = []
-        for x, y in zip(plan.xs.tolist(), plan.ys.tolist(), strict=True):
-            t0 = time.perf_counter()
-            region = slide.read_region((x, y), level, (read_px, read_px)).convert("RGB")
-            decode_s += time.perf_counter() - t0
-            tiles = [region.resize((opts.sizes[m.name],) * 2) for m in opts.mags]
-            t0 = time.perf_counter()
-            for tile in tiles:
-                encode(tile, opts)
-            encode_s += time.perf_counter() - t0
-        slide.close()
-    codec_s = decode_s + encode_s
-    n = rep.new_samples
-    return [
-        row("shard: resdistill vs naive read_region loop (1 core)", "naive", n_naive / naive_s,
-            "run_shard", n / ours_s, "samples/s", (n / ours_s) / (n_naive / naive_s), ">= 4x",
-            f"{n} samples x {len(opts.mags)} mags"),
-        row("shard: codec bound vs resdistill (1 core)", "decode+encode only", n / codec_s,
-            "run_shard", n / ours_s, "samples/s", codec_s / ours_s, "<= 1, -> 1.0",
-            f"decode {decode_s:.2f}s + encode {encode_s:.2f}s vs {ours_s:.2f}s"),
-    ]  # fmt: skip
 
 
 def bench_loader_rows(
@@ -400,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(out)
             print(f"[{name}] done in {timings[f'{name}_s']:.1f}s", flush=True)
 
-        section("shard", lambda: bench_shard_rows(slides, work / "shard"))
+        section("shard", lambda: __import__("bench_shard").shard_rows(
+            slides, work / "shard", mags=MAGS, tile_px=TILE_PX, row=row))  # fmt: skip
         section("loader", lambda: bench_loader_rows(
             data, workers=cores, batch=batch, samples=96 if q else 600, steps=2 if q else 3,
             with_s3="s3" in only, work=work))  # fmt: skip
@@ -462,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if {"shard", "profile", "predict", "train"} <= only:
         from scale_model import Assumptions, markdown, model
 
-        scale = markdown(model(rows, Assumptions()), Assumptions())
+        scale = markdown(model(rows, Assumptions(), cores), Assumptions())
         print(scale)
         text += "\n" + scale
     if args.markdown:

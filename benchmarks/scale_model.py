@@ -10,6 +10,9 @@ Assumptions (each a flag):
 
 * one vCPU of a cluster node does what one core of the benchmark machine does (``--vcpu-factor``);
 * a slide holds ``--tissue-mm2`` of tissue; a 10x tile of 224 px at 1 um/px covers 0.0502 mm2;
+  its file is ``--slide-gb`` and a shard node fetches slides at ``--node-gbps`` (GB/s; a
+  c6i.4xlarge has up to 12.5 Gbit/s): sharding a slide costs the longer of its CPU time and its
+  download;
 * a GPU sustains ``--gpu-tflops`` of bf16 on these convolutions (A10G of ``g5.2xlarge``: 125 peak
   dense; 25% of peak is typical of small ResNets), training costing 3x a forward pass; its node's
   other vCPUs feed it at the loader's measured CPU time per sample (the profile rows);
@@ -46,7 +49,9 @@ class Assumptions:
     teacher_epochs: int = 20
     labelled_slides: int = 1_000
     student_epochs: int = 20
-    hours: float = 12.0  # the wall time a stage should fit in, to size the node counts
+    slide_gb: float = 1.5
+    node_gbps: float = 1.2
+    hours: float = 2.0  # the wall time a stage should fit in, to size the node counts
 
     @property
     def tiles_per_slide(self) -> float:
@@ -68,10 +73,12 @@ def gflops(px: int) -> float:
     return count_flops(build_model("resnet18", 2), (3, px, px)) / 1e9
 
 
-def model(rows: list[dict[str, Any]], a: Assumptions) -> list[tuple[str, str, str]]:
-    """``(quantity, value, basis)`` lines of the scale model."""
+def model(rows: list[dict[str, Any]], a: Assumptions, cores: int) -> list[tuple[str, str, str]]:
+    """``(quantity, value, basis)`` lines of the scale model; ``cores``: the benchmark
+    machine's."""
     shard = find(rows, "shard: codec bound")  # run_shard on one core, samples/s
     predict = find(rows, "predict (1 process): student 2.5x native")
+    engine = find(rows, "predict (Ray Data, --heatmap none): student 2.5x native")
     prof_s = find(rows, "profile, CPU per sample (1 thread): student")
     prof_t = find(rows, "profile, CPU per sample (1 thread): teacher")
     cached = find(rows, "train loop vs bare loop: distilled, cached")
@@ -85,9 +92,11 @@ def model(rows: list[dict[str, Any]], a: Assumptions) -> list[tuple[str, str, st
 
     per_core = shard["ours_value"]
     add("sharding, samples/s per core", per_core, "samples/s", "measured (run_shard, 1 core)")
-    node = add("sharding, slides/hour per shard_cpu node", per_core * SHARD_VCPUS * a.vcpu_factor
-               * 3600 / tiles, "slides/h", f"extrapolated: {SHARD_VCPUS} vCPUs, {tiles:,.0f} "
-               "tiles/slide")  # fmt: skip
+    cpu_node = per_core * SHARD_VCPUS * a.vcpu_factor * 3600 / tiles
+    net_node = a.node_gbps * 3600 / a.slide_gb
+    node = add("sharding, slides/hour per shard_cpu node", min(cpu_node, net_node), "slides/h",
+               f"extrapolated: min(CPU {cpu_node:,.0f} on {SHARD_VCPUS} vCPUs at {tiles:,.0f} "
+               f"tiles/slide, download {net_node:,.0f})")  # fmt: skip
     loader_t = 1e6 / prof_t["ours_value"] * (GPU_VCPUS - 1) * a.vcpu_factor
     loader_s = 1e6 / prof_s["ours_value"] * (GPU_VCPUS - 1) * a.vcpu_factor
     gpu_t = a.gpu_tflops * 1e12 / (3 * gflops(224) * 1e9)
@@ -105,19 +114,25 @@ def model(rows: list[dict[str, Any]], a: Assumptions) -> list[tuple[str, str, st
                  f"extrapolated: min(GPU {gpu_s:,.0f}, loader {loader_s:,.0f})")  # fmt: skip
     i_rate = add("teacher 10x inference (targets) per train_gpu node", min(gpu_inf, loader_t),
                  "samples/s", f"extrapolated: min(GPU {gpu_inf:,.0f}, loader {loader_t:,.0f})")  # fmt: skip
-    m = re.search(r"(\d+) tiles", predict["note"])
-    bench_tiles = int(m.group(1)) / 6 if m else 58.0  # the predict section's 6 slides
-    p_slides_h = predict["ours_value"] * bench_tiles / tiles  # per process (core)
+    m = re.search(r"(\d+) slides, (\d+) tiles", engine["note"])
+    if m is None:
+        raise SystemExit(f"cannot read slides and tiles from {engine['note']!r}")
+    bench_tiles = int(m.group(2)) / int(m.group(1))
+    # one process using every core of the benchmark machine
+    p_slides_h = predict["ours_value"] * bench_tiles / tiles / cores
     add("prediction, 2.5x student native, slides/hour per core", p_slides_h, "slides/h",
         f"extrapolated from measured {predict['ours_value']:,.0f} slides/h of "
-        f"{bench_tiles:.0f}-tile slides")  # fmt: skip
+        f"{bench_tiles:.0f}-tile slides, one process on {cores} cores")  # fmt: skip
     n_all = a.slides * tiles
     work = {
         "sharding": (a.slides / node, "shard_cpu"),
         "teacher": (a.teacher_epochs * a.labelled_slides * tiles / t_rate / 3600, "train_gpu"),
         "targets": (n_all / i_rate / 3600, "train_gpu"),
         "distillation": (a.student_epochs * n_all / s_rate / 3600, "train_gpu"),
-        "prediction": (a.slides / (p_slides_h * SHARD_VCPUS * a.vcpu_factor), "shard_cpu"),
+        "prediction": (
+            a.slides / min(p_slides_h * SHARD_VCPUS * a.vcpu_factor, net_node),
+            "shard_cpu",
+        ),
     }
     for stage, (node_hours, kind) in work.items():
         nodes = max(1, int(-(-node_hours // a.hours)))
@@ -128,7 +143,8 @@ def model(rows: list[dict[str, Any]], a: Assumptions) -> list[tuple[str, str, st
 
 def markdown(lines: list[tuple[str, str, str]], a: Assumptions) -> str:
     head = (f"*Scale model: {a.slides:,} slides at 40x, {a.tissue_mm2:g} mm2 tissue each "
-            f"({a.tiles_per_slide:,.0f} 10x tiles), teacher {a.teacher_epochs} epochs on "
+            f"({a.tiles_per_slide:,.0f} 10x tiles), {a.slide_gb:g} GB files fetched at "
+            f"{a.node_gbps:g} GB/s per node, teacher {a.teacher_epochs} epochs on "
             f"{a.labelled_slides:,} labelled slides, student {a.student_epochs} epochs on all, GPU "
             f"{a.gpu_tflops:g} TFLOP/s sustained, 1 vCPU = {a.vcpu_factor:g} core here*")  # fmt: skip
     body = ["| quantity | value | basis |", "| --- | --- | --- |"]
@@ -146,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(v.default), default=v.default)
     args = ap.parse_args(argv)
     a = Assumptions(**{f: getattr(args, f) for f in Assumptions.__dataclass_fields__})
-    rows = json.loads(Path(args.json).read_text())["rows"]
-    text = markdown(model(rows, a), a)
+    doc = json.loads(Path(args.json).read_text())
+    text = markdown(model(doc["rows"], a, int(doc["cores"])), a)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
