@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_rows import row  # noqa: E402
 from shard_phases import phase_clock, split_note  # noqa: E402
 
 from sharding.codec import encode  # noqa: E402
@@ -167,13 +168,6 @@ def peak_rss_mb(slide: Path, out: Path) -> float:
     return int(res.stdout.strip().splitlines()[-1]) / 1024
 
 
-def _row(name: str, baseline: str, base: float, ours_label: str, ours: float, unit: str,
-         ratio: float, target: str = "", note: str = "") -> dict:  # fmt: skip
-    """A row as ``benchmarks/run_all.py`` builds them, for this script's own printout."""
-    return {"row": name, "baseline": baseline, "baseline_value": base, "ours": ours_label,
-            "ours_value": ours, "unit": unit, "ratio": ratio, "target": target, "note": note}  # fmt: skip
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -196,7 +190,7 @@ def main() -> None:
         "tile_px": TILE_PX,
     }
 
-    naive, codec = shard_rows(slides_dir, work / "one-core", mags=MAGS, tile_px=TILE_PX, row=_row)
+    naive, codec = shard_rows(slides_dir, work / "one-core", mags=MAGS, tile_px=TILE_PX, row=row)
     n = int(naive["note"].split()[0])
     import ray
 

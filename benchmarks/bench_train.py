@@ -38,6 +38,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_rows import row, timed  # noqa: E402
 
 #: stage -> (what the row calls it, whether it is distillation, whether it reads cached targets)
 STAGES = {
@@ -165,7 +168,7 @@ def train_rows(
     from sharding.ray_cluster import ray_init
 
     info = DatasetInfo.load(data)
-    _, init_s = _timed(lambda: ray_init(None, dashboard=False))
+    _, init_s = timed(lambda: ray_init(None, dashboard=False))
     runs: dict[str, dict[str, float]] = {}
     rows = []
     for stage in STAGES:
@@ -210,17 +213,6 @@ def train_rows(
     return rows
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
-def _row(name, baseline, base, ours_label, ours, unit, ratio, target="", note=""):  # noqa: ANN001, ANN202
-    return {"row": name, "baseline": baseline, "baseline_value": base, "ours": ours_label,
-            "ours_value": ours, "unit": unit, "ratio": ratio, "target": target, "note": note}  # fmt: skip
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -235,7 +227,7 @@ def main() -> None:
     ap.add_argument("--work", default="bench-train")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    rows = train_rows(args.data, args.teacher, args.targets, Path(args.work), row=_row,
+    rows = train_rows(args.data, args.teacher, args.targets, Path(args.work), row=row,
                       student_mag=args.student_mag, batch=args.batch, steps=args.steps,
                       teacher_steps=args.teacher_steps, cpus=os.cpu_count() or 1)  # fmt: skip
     for r in rows:

@@ -56,24 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_rows import row, timed  # noqa: E402
+
 ROWS = ("shard", "loader", "s3", "compute", "profile", "predict", "train", "ddp")
 MAGS = "10,5,2.5,1.25"
 TILE_PX = 224
-
-
-def row(
-    name: str, baseline: str, base: float, ours_label: str, ours: float, unit: str,
-    ratio: float, target: str = "", note: str = "",
-) -> dict[str, Any]:  # fmt: skip
-    """One table row: ``ratio`` is stated per row (ours/base or base/ours, as the name says)."""
-    return {"row": name, "baseline": baseline, "baseline_value": base, "ours": ours_label,
-            "ours_value": ours, "unit": unit, "ratio": ratio, "target": target, "note": note}  # fmt: skip
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +227,7 @@ def bench_ddp_rows(
                 "--steps-per-epoch", str(max(1, steps // workers)), "--epochs", "2",
                 "--jitter", "0", "--no-teacher-eval", "--shuffle-buffer", "64"]  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):
-            summary, wall = _timed(
+            summary, wall = timed(
                 lambda a=argv: distill.train(distill.build_parser().parse_args(a))
             )
         hist = T.load_checkpoint(summary.latest_checkpoint, T.TRAINER_FILE)["state"]["history"]
@@ -333,15 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="rdbench-") as tmp:
         work = Path(args.work or tmp)
-        slides, timings["slides_s"] = _timed(lambda: make_slides(work, n_slides, size))
-        data, timings["dataset_s"] = _timed(lambda: make_dataset(slides, work / "dataset"))
+        slides, timings["slides_s"] = timed(lambda: make_slides(work, n_slides, size))
+        data, timings["dataset_s"] = timed(lambda: make_dataset(slides, work / "dataset"))
         teacher = make_teacher(data, work / "teacher" / "checkpoint_epoch0001")
         print(f"dataset: {data} ({n_slides} synthetic slides, {MAGS} at {TILE_PX} px)", flush=True)
 
         def section(name: str, fn: Callable[[], list[dict[str, Any]]]) -> None:
             if name not in only:
                 return
-            out, timings[f"{name}_s"] = _timed(fn)
+            out, timings[f"{name}_s"] = timed(fn)
             rows.extend(out)
             print(f"[{name}] done in {timings[f'{name}_s']:.1f}s", flush=True)
 
@@ -366,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             if not targets:
                 from resdistill.train.targets import write_targets
 
-                out, secs = _timed(lambda: write_targets(
+                out, secs = timed(lambda: write_targets(
                     data, teacher, out=str(work / "targets"), splits=["train", "val"],
                     use_ray=False))  # fmt: skip
                 targets.append(out)
