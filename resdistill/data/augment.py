@@ -81,6 +81,11 @@ def colour_jitter(
     return x.clamp_(0.0, 1.0)
 
 
+def unit_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> a new float32 tensor ``x / 255`` in [0, 1]; float ones as they are."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
 def _uniform(n: int, half_width: float, generator: torch.Generator | None) -> torch.Tensor:
     """``(n,)`` draws of ``U(-half_width, half_width)``."""
     return half_width * (2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1)
@@ -192,8 +197,7 @@ class PairedAugment:
         single = bool(images) and images[0].dim() == 3
         batch = [(i[None] if single else i).clone() for i in images]
         batch, _ = self.geometry(batch, (), generator)
-        floats = [t.float().div_(255.0) if t.dtype == torch.uint8 else t for t in batch]
-        out = self.colour(floats, generator)
+        out = self.colour([unit_float(t) for t in batch], generator)
         return tuple(t[0] for t in out) if single else tuple(out)
 
     def __repr__(self) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .augment import PairedAugment
+from .augment import PairedAugment, unit_float
 from .stain_norm import normalizer
 
 MeanStd = tuple[Sequence[float], Sequence[float]]
@@ -77,7 +77,7 @@ class BatchPrep:
             tiles, moved = self.augment.geometry(tiles, [extras[i] for i in maps], self.generator)
             for i, m in zip(maps, moved, strict=True):
                 extras[i] = m
-        floats = [t.float().div_(255.0) if t.dtype == torch.uint8 else t for t in tiles]
+        floats = [unit_float(t) for t in tiles]
         if self.stain is not None:
             floats = [self.stain(t) for t in floats]
         if self.augment is not None:

@@ -180,12 +180,11 @@ class TileStream(IterableDataset):
             while found < task.samples:
                 try:
                     sample = next(samples, None)
-                    while sample is not None and len(sample) == 2:  # none of its members wanted
+                    # a sample with none of its members wanted carries only its key and url
+                    while sample is not None and sample.keys() <= {"__key__", "__url__"}:
                         sample = next(samples, None)
-                except (
-                    EOFError,
-                    ValueError,
-                ) as exc:  # TarFormatError is a ValueError; not network errors
+                # TarFormatError is a ValueError; network errors are not caught here
+                except (EOFError, ValueError) as exc:
                     detail = exc.args[0] if exc.args else type(exc).__name__
                     raise shard_error(url, f"corrupted tar ({detail})") from None
                 if sample is None:

@@ -96,7 +96,7 @@ def compute_shard(
     from resdistill.data import BatchPrep, TileStream
 
     stream = TileStream(info, {shard_rel: sorted(keys)}, [teacher_mag], repeat=False)
-    prep = BatchPrep(stream.norms())
+    prep = BatchPrep(stream.norms(), owns=True)  # each stacked batch is new: no copy needed
     read: list[str] = []
     logits: list[Any] = []
     feats: dict[str, list[Any]] = {m: [] for m in sizes}
