@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,12 +42,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_rows import row, timed  # noqa: E402
 
-#: stage -> (what the row calls it, whether it is distillation, whether it reads cached targets)
+
+class StageKind(NamedTuple):
+    """What a row calls a stage, whether it distils, and whether from cached targets."""
+
+    label: str
+    distils: bool
+    cached: bool
+
+
 STAGES = {
-    "teacher": ("teacher", False, False),
-    "student": ("student supervised", False, False),
-    "online": ("distilled, online teacher", True, False),
-    "cached": ("distilled, cached targets", True, True),
+    "teacher": StageKind("teacher", distils=False, cached=False),
+    "student": StageKind("student supervised", distils=False, cached=False),
+    "online": StageKind("distilled, online teacher", distils=True, cached=False),
+    "cached": StageKind("distilled, cached targets", distils=True, cached=True),
 }
 
 
@@ -70,26 +78,28 @@ def bare_rate(
     x = torch.randn(batch, 3, px, px)
     y = torch.randint(0, info.num_classes, (batch,))
     net = build_model("resnet18", info.num_classes)
-    if not STAGES[stage][1]:
+    kind = STAGES[stage]
+    if not kind.distils:
         ce = torch.nn.CrossEntropyLoss()
         opt = torch.optim.Adam(net.parameters(), 1e-3)
 
         def loss_of() -> Any:
             return ce(net(x)[0], y)
     else:
-        dstep = DistillStep(net, build_loss(LossConfig(), net.feature_channels, 512))
-        opt = torch.optim.Adam(dstep.parameters(), 1e-3)
         t_px = info.tile_px[info.highest]
         x_t = torch.randn(batch, 3, t_px, t_px)
         frozen = load_teacher(teacher)
         with torch.no_grad():
             t_logits, t_feat = frozen(x_t[:1])
+        loss = build_loss(LossConfig(), net.feature_channels, t_feat.shape[1])
+        dstep = DistillStep(net, loss)
+        opt = torch.optim.Adam(dstep.parameters(), 1e-3)
         s_hw = net(x[:1])[1].shape[-2:]
         cached_feat = torch.randn(batch, t_feat.shape[1], *s_hw)
         cached_logits = torch.randn(batch, t_logits.shape[1])
 
         def loss_of() -> Any:
-            if STAGES[stage][2]:
+            if kind.cached:
                 return dstep(x, cached_logits, cached_feat)[0]
             tl, tf = frozen(x_t)
             return dstep(x, tl, tf)[0]
@@ -180,7 +190,7 @@ def train_rows(
                          threads=cpus)  # fmt: skip
         log(f"  {stage}: loop {run['steady_rate']:.1f}/s, bare {bare:.1f}/s")
         rows.append(row(
-            f"train loop vs bare loop: {STAGES[stage][0]} at {display_mag(mag)}", "bare loop",
+            f"train loop vs bare loop: {STAGES[stage].label} at {display_mag(mag)}", "bare loop",
             bare, "training loop", run["steady_rate"], "samples/s", run["steady_rate"] / bare,
             ">= 0.8",
             f"{run['samples']} samples, batch {batch}, {cpus} threads, 1 loader process; first "

@@ -84,10 +84,9 @@ def profile(
         t2 = time.process_time()
         if i > 1:
             fb, op = fb + t1 - t0, op + t2 - t1
-    used = batch * len(ready)
-    out = {k: v / n * 1e6 for k, v in spent.items()}
-    out["collate"] = spent["collate"] / used * 1e6
-    out["prepare"] = spent["prepare"] / used * 1e6
+    used = batch * len(ready)  # samples in whole batches: what collation onwards saw
+    per = {"read": n, "decode": n, "collate": used, "prepare": used}
+    out = {k: v / per[k] * 1e6 for k, v in spent.items()}
     out["forward_backward"] = fb / used * 1e6
     out["optimiser"] = op / used * 1e6
     return out
