@@ -146,7 +146,7 @@ class ShardWriter:
             self._tmp = Path(tmp)
             self._tar = os.fdopen(fd, "wb", buffering=1 << 20)
             self._offset = 0
-            self._size = 2 * TAR_BLOCK * 10  # end-of-archive padding, counted up front
+            self._size = TAR_RECORD  # end-of-archive blocks and padding, a record counted up front
         parts: list[bytes] = []
         for ext, data in sample.members.items():
             parts += (member_header(f"{sample.key}.{ext}", len(data)), data)
