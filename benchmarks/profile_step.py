@@ -16,6 +16,14 @@ loader process runs beside the trainer's threads, so ``data / model`` is the sha
 machine the data path takes from the model.
 
     python benchmarks/profile_step.py --data DATASET --mags 2.5x
+
+``--loader-cpu`` measures instead the whole loader as a training stage builds it
+(``make_loader`` in training mode, read in this process, batches as the model gets them): CPU per
+sample. It uses only the loader's public API, so ``--code`` can point it at another checkout of
+the package (an older commit) for a before/after on the same dataset::
+
+    git worktree add /tmp/before <commit>
+    python benchmarks/profile_step.py --data DATASET --mags 1.25x --loader-cpu --code /tmp/before
 """
 
 from __future__ import annotations
@@ -92,6 +100,29 @@ def profile(
     return out
 
 
+def loader_cpu(
+    data: str, mags: Sequence[str], *, batch: int = 64, steps: int = 16,
+    jitter: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+) -> float:  # fmt: skip
+    """CPU microseconds per sample of a training loader (flips, ``jitter``, normalisation; read in
+    this process, one thread), the first batch (buffer fill, imports) not counted."""
+    import torch
+
+    from resdistill.data import DatasetInfo, PairedAugment, make_loader
+
+    torch.set_num_threads(1)
+    loader = make_loader(DatasetInfo.load(data), ["train"], list(mags), batch_size=batch,
+                         train=True, num_workers=0, augment=PairedAugment(tuple(jitter)),
+                         labelled_only=True, steps=steps)  # fmt: skip
+    batches = loader.epoch()
+    next(batches)
+    t0 = time.process_time()
+    n = sum(len(b) for b in batches)
+    spent = time.process_time() - t0
+    loader.close()
+    return spent / n * 1e6
+
+
 def profile_rows(
     data: str, *, row: Callable[..., dict[str, Any]], student_mag: str, batch: int,
     samples: int,
@@ -128,9 +159,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--jitter", default="0,0,0,0", help="colour jitter b,c,s,h on the batch")
+    ap.add_argument(
+        "--loader-cpu",
+        action="store_true",
+        help="measure the whole training loader's CPU per sample instead",
+    )
+    ap.add_argument("--code", help="with --loader-cpu: import resdistill from this checkout")
     args = ap.parse_args()
+    jitter = [float(v) for v in args.jitter.split(",")]
+    if args.loader_cpu:
+        if args.code:
+            sys.path.insert(0, str(Path(args.code).resolve()))
+        us = loader_cpu(args.data, args.mags.split(","), batch=args.batch, jitter=jitter)
+        import resdistill
+
+        print(f"loader {us:.0f} us CPU/sample ({args.mags}; resdistill from "
+              f"{Path(resdistill.__file__).parent.parent})")  # fmt: skip
+        return
     p = profile(args.data, args.mags.split(","), batch=args.batch, samples=args.samples,
-                jitter=[float(v) for v in args.jitter.split(",")])  # fmt: skip
+                jitter=jitter)  # fmt: skip
     for k, v in p.items():
         print(f"{k:18s} {v:8.0f} us/sample")
 
