@@ -40,7 +40,7 @@ def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     chroma = cmax - np.minimum(np.minimum(r, g), b)
     sat = np.divide(chroma, cmax, out=np.zeros_like(cmax), where=cmax > 0)
     safe = np.where(chroma > 0, chroma, 1.0)
-    # ``% 6`` and ``% 360`` by hand (numpy's float modulo took a third of this function's time):
+    # ``% 6`` and ``% 360`` by hand (numpy's float modulo is slow next to the rest of this function):
     # where r is the maximum (the only pixels whose value is kept), (g - b) / chroma lies in
     # [-1, 1], so ``% 6`` adds 6 to negatives; hue * 60 lies in [0, 360], 360 itself only by
     # rounding, which ``% 360`` makes 0; ``+ 0.0`` turns -0.0 into 0.0 as the modulo does. The
