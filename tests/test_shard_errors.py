@@ -109,3 +109,20 @@ def test_evaluate_prints_one_line_naming_the_shard(
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len([ln for ln in err if "error" in ln]) == 1 and bad in err[-1], err
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_close_after_a_damaged_read_stops_the_workers_at_once(tmp_path: Path, train: bool) -> None:
+    """An epoch that ends in a ShardError leaves no loader worker running after ``close()``
+    (left to the garbage collector, each would hold the process for torch's join timeout)."""
+    root = _dataset(tmp_path / "ds")
+    _garble_a_header(root / BAD)
+    loader = make_loader(DatasetInfo.load(str(root)), ["train"], ["10x", "5x"], batch_size=4,
+                         train=train, num_workers=2, shuffle_buffer=8)  # fmt: skip
+    with pytest.raises(ShardError):
+        for _ in range(3):
+            for _batch in loader.epoch():
+                pass
+    workers = list(loader.loader._iterator._workers)
+    loader.close()
+    assert workers and not any(w.is_alive() for w in workers)

@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-cached",
         dest="cached",
         action="store_false",
-        help="skip the student distilled from cached teacher targets (issue 6's comparison)",
+        help="skip the student distilled from cached teacher targets (stage 6)",
     )
     p.add_argument("--address", help="Ray cluster address; default starts a local Ray on 127.0.0.1")
 

@@ -129,11 +129,20 @@ class StreamLoader:
                 ) from None
 
     def close(self) -> None:
-        """Stop the loader workers."""
-        it, self._it = self._it, None
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        """Stop the loader workers, now.
+
+        Both the iterator training epochs share and the one the DataLoader keeps for its
+        persistent workers (evaluation epochs) are shut down here: left to the garbage collector,
+        torch's shutdown of an iterator whose epoch ended in an error waits its join timeout per
+        worker, as the queues it signals may already be gone.
+        """
+        iterators = [self._it, getattr(self.loader, "_iterator", None)]
+        self._it = None
+        self.loader._iterator = None
+        for it in {id(i): i for i in iterators if i is not None}.values():
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 def make_loader(

@@ -57,10 +57,11 @@ class BatchPrep:
         self.augment = augment
         self.generator = generator
         self.stain = normalizer(stain) if stain else None
+        # on the batches' device once, so no batch pays a host-to-device copy of them
         self._norms = [
             (
-                torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
-                torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
+                torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1),
+                torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1),
             )
             for mean, std in norms
         ]
