@@ -122,6 +122,21 @@ def test_gpu_settings_without_a_gpu(tmp_path: Path) -> None:
     assert not isinstance(cpu_env.autocast(), torch.autocast) and not cpu_env.distributed
 
 
+def test_controller_polls_at_our_interval_unless_the_user_set_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Train's controller reads its poll interval from the driver's environment: the trainer
+    sets ours by default (reports wait on the poll) and leaves a user's value alone."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    monkeypatch.delenv(runner.HEALTH_CHECK_ENV, raising=False)
+    runner.make_trainer(lambda config: None, {}, name="p", storage=str(tmp_path))
+    assert get_env_vars_to_propagate()[runner.HEALTH_CHECK_ENV] == runner.HEALTH_CHECK_S
+    monkeypatch.setenv(runner.HEALTH_CHECK_ENV, "3")
+    runner.make_trainer(lambda config: None, {}, name="p", storage=str(tmp_path))
+    assert get_env_vars_to_propagate()[runner.HEALTH_CHECK_ENV] == "3"
+
+
 def test_speed_options_run_on_the_cpu() -> None:
     """bf16 autocast, channels-last and torch.compile (the eager backend: no C++ toolchain
     needed) on the CPU, so these GPU-minded paths are exercised by every test run."""
