@@ -79,8 +79,15 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
         str(max(2, os.cpu_count() or 2)),
         "--num-gpus",
         "0",
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner polls to
+        # free the group of a controller that died without cleaning up (a trial Tune stopped):
+        # without it such groups hold their CPUs until the job ends. Local product runs start it too.
         "--include-dashboard",
-        "false",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(free_port()),
         "--temp-dir",
         str(tmp / "ray"),
         "--disable-usage-stats",

@@ -19,9 +19,10 @@ from resdistill.commands.tune import build_parser, main
 from resdistill.config import DEFAULT_JITTER, DEFAULT_TEMPERATURE, STUDENT_JITTER
 from resdistill.errors import UsageError
 from resdistill.tune.report import TrialRow, trial_id_of
-from resdistill.tune.run import check_args, tune_run
+from resdistill.tune.run import check_args, trial_options, tune_run
 from resdistill.tune.space import Domain, build_space, check_space, parse_domain, split_space_arg
 from resdistill.tune.stage import apply_hparams, base_config
+from resdistill.tune.trial import TRAINER_OPTIONS
 from tests.fixtures_ray import wait_for
 from tests.test_distill import trained_teacher  # noqa: F401 - module fixture: a tiny teacher
 
@@ -142,6 +143,9 @@ def test_trial_config_takes_the_hyperparameters(tiny_dataset: Path, trained_teac
     assert base_config(teacher_args).data.jitter == DEFAULT_JITTER
     with pytest.raises(ValueError, match="40x"):
         apply_hparams(base, {"student_mag": "40x"}, {"workers": 1})
+    # a trial's Train run never retries on its own (Tune restarts the trial), so a stopped
+    # trial's dying controller cannot reserve a new worker group
+    assert "max_failures" not in TRAINER_OPTIONS and "max_failures" not in trial_options(args, "t")
 
 
 def test_tunable_names_come_from_the_config(

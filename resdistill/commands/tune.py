@@ -109,7 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="trials running at once (default: what the cluster's CPUs/GPUs hold now)",
     )
     g.add_argument("--time-budget-s", type=float, default=None, help="stop tuning after this")
-    g.add_argument("--trial-retries", type=int, default=0, help="restarts of a failed trial")
+    g.add_argument(
+        "--trial-retries",
+        type=int,
+        default=0,
+        help="restarts of a failed trial on top of --max-failures (in a tuning run a worker "
+        "failure restarts its trial from the trial's latest checkpoint)",
+    )
     g.add_argument(
         "--keep-trial-checkpoints",
         type=int,

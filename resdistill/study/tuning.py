@@ -39,7 +39,7 @@ class TrialOptions:
         """The ``opts`` of :func:`resdistill.tune.trial.run_in_trial`."""
         return {"storage": self.storage, "experiment": experiment, "workers": 1,
                 "cpus_per_worker": self.cpus_per_worker, "gpu": self.gpu,
-                "max_failures": self.max_failures, "keep": 1, "metric": self.metric,
+                "keep": 1, "metric": self.metric,
                 "mode": self.mode}  # fmt: skip
 
     def concurrency(self) -> int:

@@ -53,7 +53,6 @@ def trial_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "workers": args.workers,
         "cpus_per_worker": args.cpus_per_worker,
         "gpu": bool(args.gpu),
-        "max_failures": args.max_failures,
         "keep": args.keep,
         "metric": args.metric,
         "mode": args.mode,
@@ -106,7 +105,8 @@ def make_tuner(
         name=name,
         storage_path=path,
         storage_filesystem=fs,
-        failure_config=tune.FailureConfig(max_failures=args.trial_retries),
+        # worker failures are recovered by restarting the trial (see resdistill.tune.trial)
+        failure_config=tune.FailureConfig(max_failures=args.max_failures + args.trial_retries),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=trial_checkpoints_kept(args)),
         verbose=args.verbose,
         callbacks=[FreePlacementGroups()],

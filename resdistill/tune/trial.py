@@ -25,6 +25,12 @@ cleanly or, through its detached cleaner, when the controller dies - which needs
 so rank 0 sends the group's id through the queue, every result carries it
 (:data:`PLACEMENT_GROUP_KEY`) and :class:`FreePlacementGroups` frees it when the trial
 restarts or ends.
+
+Failures: a trial's Train run never restarts its own worker group (``max_failures=0``); Tune
+restarts the trial from its latest checkpoint instead (the tuning run's ``FailureConfig``). A
+trial Tune stops ends its actor, and the Train controller it owns ends with it, but not at once:
+one allowed to retry could see its workers go (the freed group) and reserve a new group in that
+moment, which then holds its CPUs for the rest of the job and starves the next trials.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ RESUMED_FROM_KEY = "resumed_from"
 TRAIN_RUN_KEY = "train_run"
 PLACEMENT_GROUP_KEY = "placement_group"
 #: Keys of a trial's options passed to :func:`resdistill.train.runner.make_trainer`.
-TRAINER_OPTIONS = ("workers", "cpus_per_worker", "gpu", "max_failures", "keep", "metric", "mode")
+TRAINER_OPTIONS = ("workers", "cpus_per_worker", "gpu", "keep", "metric", "mode")
 
 
 class ForwardToTrial(TuneReportCallback):
@@ -146,6 +152,7 @@ def run_in_trial(cfg: TrainConfig, opts: dict[str, Any], start_url: str | None) 
         name=run_name,
         storage=train_storage,
         callbacks=[ForwardToTrial(items)],
+        max_failures=0,  # Tune restarts the trial instead: see the module docstring
         **{k: opts[k] for k in TRAINER_OPTIONS},
     )
     _, fs = storage_for(train_storage)
