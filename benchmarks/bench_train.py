@@ -178,7 +178,9 @@ def train_rows(
     from sharding.ray_cluster import ray_init
 
     info = DatasetInfo.load(data)
-    _, init_s = timed(lambda: ray_init(None, dashboard=False))
+    # with the dashboard, as the CLI starts it: Ray Train's placement-group cleaner polls its
+    # State API (without it the cleaner logs a failure every second)
+    _, init_s = timed(lambda: ray_init(None))
     runs: dict[str, dict[str, float]] = {}
     rows = []
     for stage in STAGES:
