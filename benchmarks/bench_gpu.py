@@ -60,13 +60,12 @@ from gpu_steps import (  # noqa: E402
     prepare,
     step_rate,
     supervised_step,
-    sync,
     worker_env,
 )
 from run_all import markdown_table, print_table  # noqa: E402
 
 from resdistill.data import Batch, DatasetInfo  # noqa: E402
-from resdistill.eval.compute import measure_throughput  # noqa: E402
+from resdistill.eval.compute import measure_throughput, sync_device  # noqa: E402
 from resdistill.models import build_model  # noqa: E402
 from resdistill.train.worker_env import WorkerEnv  # noqa: E402
 
@@ -130,7 +129,7 @@ def infer(spec: Spec, env: WorkerEnv, args: argparse.Namespace) -> dict[str, Any
     shape = (3, spec.px, spec.px)
     x = torch.rand(spec.batch, *shape, device=env.device)
     with torch.inference_mode():
-        _, first_s = timed(lambda: (net(x), sync(env.device)))
+        _, first_s = timed(lambda: (net(x), sync_device(env.device)))
     with GpuMonitor(env.device) as mon:
         rate = measure_throughput(net, shape, spec.batch, args.seconds, env.device, repeats=3,
                                   warmup=args.warmup)  # fmt: skip

@@ -29,6 +29,7 @@ from torch import nn
 
 from resdistill.config import LossConfig, SpeedConfig
 from resdistill.data import Batch, DatasetInfo, PairedAugment, make_loader
+from resdistill.eval.compute import sync_device
 from resdistill.models import build_model
 from resdistill.train.optim import make_optimizer
 from resdistill.train.teacher_net import DistillStep, FrozenTeacher, build_loss, distill_batch
@@ -39,11 +40,6 @@ VARIANTS = {
     "bf16_cl": SpeedConfig(amp="bf16", channels_last=True),
     "bf16_cl_compile": SpeedConfig(amp="bf16", channels_last=True, compile="inductor"),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class GpuMonitor:
@@ -159,10 +155,10 @@ def step_rate(step: Callable[[Batch], Any], batches: Iterator[Batch], device: to
     """Images/s of ``step`` over ``batches``: the first untimed (``first_s``: a loader's buffer,
     cuDNN's search, a compile), ``warm`` more untimed, then the rest, stopping early once
     ``seconds`` and ``min_steps`` have passed; synchronised before each clock reading."""
-    _, first_s = timed(lambda: (step(next(batches)), sync(device)))
+    _, first_s = timed(lambda: (step(next(batches)), sync_device(device)))
     for _ in range(warm):
         step(next(batches))
-    sync(device)
+    sync_device(device)
     with GpuMonitor(device) as mon:
         n = images = 0
         t0 = time.perf_counter()
@@ -171,7 +167,7 @@ def step_rate(step: Callable[[Batch], Any], batches: Iterator[Batch], device: to
             n, images = n + 1, images + len(b)
             if n >= min_steps and time.perf_counter() - t0 >= seconds:
                 break
-        sync(device)
+        sync_device(device)
         elapsed = time.perf_counter() - t0
     return {"images_per_s": images / elapsed, "steps": n, "seconds": elapsed,
             "first_s": first_s, **mon.summary()}  # fmt: skip

@@ -43,9 +43,8 @@ def decode_image(data: bytes) -> torch.Tensor:
     """JPEG or PNG bytes -> uint8 tensor ``(3, H, W)`` (RGB).
 
     JPEG through simplejpeg (libjpeg-turbo called with little per-image overhead: on 28-56 px
-    student tiles PIL's per-call cost exceeds the decode itself;
-    torchvision's decoders are deprecated since 0.29); anything else, and any JPEG simplejpeg
-    refuses, through PIL.
+    student tiles PIL's per-call cost exceeds the decode itself; torchvision's decoders are
+    deprecated since 0.29); anything else, and any JPEG simplejpeg refuses, through PIL.
     """
     import numpy as np
 

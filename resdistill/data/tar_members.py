@@ -1,8 +1,8 @@
 """Samples of a WebDataset tar shard, read with a hand-written header parser.
 
 Why not ``tarfile``: webdataset's ``tar_file_expander`` builds a full ``TarInfo`` for every member
-(more than decoding a small JPEG costs), and a sample holds one JPEG per magnification plus its ``json``, while a
-low-magnification student keeps only one small JPEG and the json. Here a header costs a few
+(more than decoding a small JPEG costs), and a sample holds one JPEG per magnification plus its
+``json``, while a low-magnification student keeps only one small JPEG and the json. Here a header costs a few
 slices and one checksum sum, and the bytes of unwanted members are skipped (``seek`` when the
 stream can, else read and dropped in chunks) without being kept.
 

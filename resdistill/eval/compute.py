@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["compute_table", "count_flops", "count_params", "measure_throughput"]
+__all__ = ["compute_table", "count_flops", "count_params", "measure_throughput", "sync_device"]
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -64,7 +64,8 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     return int(counter.get_total_flops())
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously), so a clock reads its end."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -103,14 +104,14 @@ def measure_throughput(
         with torch.inference_mode():
             for _ in range(warmup):
                 model(x)
-            _sync(dev)
+            sync_device(dev)
             for _ in range(repeats):
                 images = 0
                 start = time.perf_counter()
                 while True:
                     model(x)
                     images += batch
-                    _sync(dev)
+                    sync_device(dev)
                     elapsed = time.perf_counter() - start
                     if elapsed >= per_round:
                         break
