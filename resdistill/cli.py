@@ -1,7 +1,9 @@
 """The ``resdistill`` command: one subcommand per module, heavy imports inside each command.
 
-Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code:
-0 success, 1 finished with skipped input, 2 unusable input or options).
+Each subcommand module exposes ``SPEC`` (a :class:`~resdistill.commands.generate.CommandSpec`:
+its typed config and help; the options are generated from the config's fields) and
+``run(config) -> int`` (the exit code: 0 success, 1 finished with skipped input, 2 unusable
+input or options).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from resdistill.commands import generate
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -49,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="resdistill",
+        formatter_class=generate.HelpFormatter,
         description="Resolution distillation for histology: shard slides, train a teacher, "
         "distill a low-magnification student.",
     )
@@ -56,17 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
-        p.formatter_class = argparse.RawDescriptionHelpFormatter
-        mod.add_arguments(p)
-        p.set_defaults(_module=mod)
+        spec = getattr(mod, "SPEC", None)
+        p = sub.add_parser(name, help=help_text)
+        if spec is not None:
+            generate.add_arguments(p, spec)
+        else:
+            p.description = (mod.__doc__ or help_text).strip()
+            p.formatter_class = generate.HelpFormatter
+            mod.add_arguments(p)
+        p.set_defaults(_module=mod, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    mod = args._module
+    spec = getattr(mod, "SPEC", None)
+    if spec is not None:
+        cfg = generate.resolve(args._parser, spec, args)
+        if args.print_config:
+            generate.print_config(cfg)
+            return 0
+        args = cfg
     try:
-        return int(args._module.run(args) or 0)
+        return int(mod.run(args) or 0)
     except KeyboardInterrupt:
         print(
             "interrupted: published shards are kept; rerun the same command to resume",

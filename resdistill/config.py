@@ -11,7 +11,8 @@ Sections are frozen dataclasses of plain values, so ``to_dict()`` is JSON- and
 ``plan`` holds what the driver derived from the dataset (sample counts, steps per epoch, the
 labelled slides, a snapshot of ``dataset.json``), so workers never reread them.
 
-Tunable settings are marked where they are declared (``metadata={"tune": ...}``): ``"pbt"`` for
+Every field is declared once with :func:`resdistill.fields.opt` (default, help, flag); the
+CLI is generated from those declarations. Tunable settings are marked there (``tune=...``): ``"pbt"`` for
 the continuous ones Population Based Training may perturb in a running trial (a checkpoint stays
 meaningful), ``"yes"`` for the rest. :func:`tunable` lists them by name per stage and
 :meth:`TrainConfig.with_values` sets them by name, so Tune needs no second mapping.
@@ -19,10 +20,11 @@ meaningful), ``"yes"`` for the rest. :func:`tunable` lists them by name per stag
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
+
+from resdistill.fields import check, check_choice, from_plain, opt, to_plain
 
 #: Stages a TrainConfig can describe.
 STAGE_TEACHER = "teacher"  # supervised at the dataset's (high) magnification
@@ -57,9 +59,6 @@ ATTENTION_MIN_PX = 64
 STAIN_NORMS = ("reinhard", "macenko")
 DEFAULT_METRIC = "val_macro_f1"
 
-PBT = {"tune": "pbt"}  # tunable, and PBT may perturb it mid-trial
-TUNE = {"tune": "yes"}  # tunable between trials only
-
 
 def hed_pair(values: tuple[float, ...] | list[float]) -> tuple[float, float]:
     """``(sigma, bias)`` of ``--hed-jitter SIGMA[,BIAS]``: BIAS defaults to SIGMA (Tellez et
@@ -77,27 +76,94 @@ def hed_pair(values: tuple[float, ...] | list[float]) -> tuple[float, float]:
     return sigma, bias
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    """``"0.2,0.2,0.2,0.05"`` -> ``(0.2, 0.2, 0.2, 0.05)``."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _hed(text: str) -> tuple[float, float]:
+    return hed_pair(_floats(text))
+
+
+def _stain_norm(text: str) -> str:
+    return "" if text == "none" else text
+
+
+def _preset_text(key: str) -> str:
+    return "; ".join(f"{stage} {_shown(p[key])}" for stage, p in STAGE_PRESETS.items())
+
+
+def _shown(value: Any) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+
+
+#: What differs between the stages when a field is left unset (None): a config built in Python
+#: and the CLI's get the same values (:meth:`TrainConfig.__post_init__` fills them in).
+STAGE_PRESETS: dict[str, dict[str, tuple[Any, ...]]] = {
+    STAGE_TEACHER: {"train_splits": ("train",), "jitter": DEFAULT_JITTER},
+    STAGE_SUPERVISED: {"train_splits": ("train",), "jitter": STUDENT_JITTER},
+    STAGE_DISTILL: {"train_splits": ("train", "unlabeled"), "jitter": STUDENT_JITTER},
+}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """What the stage reads: the dataset, its splits, batching and augmentation."""
 
-    url: str  # dataset root: a folder (absolute) or s3://bucket/prefix
-    train_splits: tuple[str, ...] = ("train",)
-    val_split: str = "val"
-    label_fraction: float = 1.0  # share of training slides whose labels are used
-    # distillation: share of the unlabelled training slides (labels hidden or absent) it reads
-    unlabelled_share: float = 1.0
-    batch_size: int = field(default=64, metadata=TUNE)  # per worker
-    eval_batch_size: int | None = None  # None: batch_size
-    loader_workers: int = 2  # DataLoader processes per Ray Train worker
-    shuffle_buffer: int = 1000
-    jitter: tuple[float, ...] = DEFAULT_JITTER  # brightness, contrast, saturation, hue
-    flips: bool = True  # random flips and 90-degree rotations
-    hed_jitter: tuple[float, ...] = (0.0, 0.0)  # HED stain jitter (sigma, bias); zeros: off
-    stain_norm: str = ""  # stain normalisation method (STAIN_NORMS), "" for none
-    stain_reference: Mapping[str, Any] | None = None  # its reference, filled in by the planner
-    steps_per_epoch: int | None = None  # None: train samples // (workers x batch_size)
-    targets: str | None = None  # cached teacher targets root (distillation only)
+    url: str = opt(help="dataset root: a folder or s3://bucket/prefix", flag="--data",
+                   required=True)  # fmt: skip
+    train_splits: tuple[str, ...] | None = opt(
+        None, "comma list of splits to learn from; distillation uses every sample of them, "
+        f"labelled or not (default by stage: {_preset_text('train_splits')})")  # fmt: skip
+    val_split: str = opt("val", "labelled split scored after every epoch")
+    label_fraction: float = opt(
+        1.0, "use the labels of only this share of the training slides (at least one per "
+        "class; a label-scarce experiment); a distilled student counts the slides outside the "
+        "share as unlabelled")  # fmt: skip
+    unlabelled_share: float = opt(
+        1.0, "distillation: read every labelled training slide plus only this share of the "
+        "others (seeded; a smaller share is a subset of a larger one)")  # fmt: skip
+    batch_size: int = opt(64, "per-worker batch size", tune="yes")
+    eval_batch_size: int | None = opt(None, "evaluation batch size (default: --batch-size)")
+    loader_workers: int = opt(2, "DataLoader processes per Ray Train worker")
+    shuffle_buffer: int = opt(1000, "samples in the shuffle buffer")
+    jitter: tuple[float, ...] | None = opt(
+        None, "colour jitter brightness,contrast,saturation,hue, one draw for every "
+        "magnification of a sample (0 disables; the paper: 0.5,0.5,0.5,0.2; default by stage: "
+        f"{_preset_text('jitter')})", parse=_floats, metavar="B,C,S,H")  # fmt: skip
+    flips: bool = opt(True, "random flips and 90-degree rotations")
+    hed_jitter: tuple[float, ...] = opt(
+        (0.0, 0.0), "stain jitter in haematoxylin-eosin-DAB space: each stain's amount C "
+        "becomes C * U(1-SIGMA, 1+SIGMA) + U(-BIAS, BIAS), one draw per sample (BIAS defaults "
+        "to SIGMA; 0 disables; Tellez et al. 2019: 0.05 light, 0.2 strong)",
+        parse=_hed, metavar="SIGMA[,BIAS]")  # fmt: skip
+    stain_norm: str = opt(
+        "", "map every tile's colours onto a reference estimated from the training tiles at "
+        "the top magnification: reinhard (LAB mean/std), macenko (stain vectors); a student "
+        "inherits its teacher's (default: none)", choices=("", *STAIN_NORMS),
+        parse=_stain_norm, metavar="{none,reinhard,macenko}")  # fmt: skip
+    stain_reference: Mapping[str, Any] | None = opt(None, "filled in by the planner", cli=False)
+    steps_per_epoch: int | None = opt(
+        None, "batches per worker per epoch (default: train samples // (workers x batch))"
+    )
+    targets: str | None = opt(
+        None, "cached teacher targets (a root written by `resdistill teacher-targets`): the "
+        "student learns from the stored teacher outputs instead of running the teacher; flips "
+        "and rotations stay, colour jitter is refused")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.label_fraction <= 1.0, "--label-fraction", "must be in (0, 1]")
+        check(0.0 <= self.unlabelled_share <= 1.0, "--unlabelled-share", "must be in [0, 1]")
+        check(self.batch_size >= 1, "--batch-size", "must be at least 1")
+        check((self.eval_batch_size or 1) >= 1, "--eval-batch-size", "must be at least 1")
+        check(self.loader_workers >= 0, "--loader-workers", "must be 0 or more")
+        check((self.steps_per_epoch or 1) >= 1, "--steps-per-epoch", "must be at least 1")
+        check(self.jitter is None or len(self.jitter) == 4, "--jitter",
+              "takes four numbers: brightness,contrast,saturation,hue")  # fmt: skip
+        check_choice(DataConfig, self, "stain_norm")
 
     @property
     def eval_batch(self) -> int:
@@ -108,79 +174,126 @@ class DataConfig:
 class ModelConfig:
     """The network that learns and the magnification it reads."""
 
-    arch: str = "resnet18"
-    mag: str = field(default="", metadata=TUNE)  # dataset name of the magnification, e.g. 2p5x
+    arch: str = opt("", "torchvision ResNet, random init (default: a student takes its "
+                    "teacher's; resnet18 otherwise)", choices=("", *ARCH_CHOICES),
+                    metavar="{" + ",".join(ARCH_CHOICES) + "}")  # fmt: skip
+    mag: str = opt("", "magnification to train at (default: the dataset's highest)", tune="yes")
+
+    def __post_init__(self) -> None:
+        check_choice(ModelConfig, self, "arch")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and learning-rate schedule (see :mod:`resdistill.train.optim`)."""
 
-    epochs: int = DEFAULT_EPOCHS
-    lr: float = field(default=1e-3, metadata=PBT)
-    weight_decay: float = field(default=1e-4, metadata=TUNE)
-    optimizer: str = field(default="adam", metadata=TUNE)
-    schedule: str = "cosine"
-    warmup_epochs: float = field(default=0.0, metadata=TUNE)
-    seed: int = 0
+    epochs: int = opt(DEFAULT_EPOCHS, "total epochs of the run")
+    lr: float = opt(1e-3, "peak learning rate", tune="pbt")
+    weight_decay: float = opt(1e-4, "L2 weight decay", tune="yes")
+    optimizer: str = opt("adam", "sgd: Nesterov 0.9", choices=OPTIMIZERS, tune="yes")
+    schedule: str = opt("cosine", "learning-rate decay over all steps of --epochs",
+                        choices=SCHEDULES)  # fmt: skip
+    warmup_epochs: float = opt(0.0, "linear warm-up length", tune="yes")
+    seed: int = opt(0, "model init, shuffling and augmentation")
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "--epochs", "must be at least 1")
+        check(self.lr > 0, "--lr", "must be positive")
+        check(self.weight_decay >= 0, "--weight-decay", "must be 0 or more")
+        check(self.warmup_epochs >= 0, "--warmup-epochs", "must be 0 or more")
+        check_choice(OptimConfig, self, "optimizer")
+        check_choice(OptimConfig, self, "schedule")
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """Loss settings: KD + feature terms when distilling, label smoothing when supervised."""
 
-    temperature: float = field(default=DEFAULT_TEMPERATURE, metadata=PBT)
-    kd_weight: float = field(default=1.0, metadata=PBT)
-    feature_weight: float = field(default=1.0, metadata=PBT)
-    feature_loss: str = "mse"
-    feature_resize: str = "maxpool"
-    attention_weight: float = field(default=0.0, metadata=PBT)
-    label_smoothing: float = field(default=0.0, metadata=PBT)
+    temperature: float = opt(DEFAULT_TEMPERATURE, "KD temperature T (the paper: 1)", tune="pbt")
+    kd_weight: float = opt(1.0, "weight of the KD term", tune="pbt")
+    feature_weight: float = opt(1.0, "weight of the feature term", tune="pbt")
+    feature_loss: str = opt("mse", "distance of the feature maps", choices=FEATURE_LOSSES)
+    feature_resize: str = opt("maxpool", "how the teacher's feature map is brought to the "
+                              "student's size", choices=FEATURE_RESIZES)  # fmt: skip
+    attention_weight: float = opt(
+        0.0, "weight of inter-resolution attention transfer (del Amor et al. 2024): the "
+        "student's class attention map (Grad-CAM of the teacher's class) matched to the "
+        f"teacher's; needs student tiles of {ATTENTION_MIN_PX} px or more (0: off)",
+        tune="pbt")  # fmt: skip
+    label_smoothing: float = opt(0.0, "cross-entropy label smoothing (teacher, --supervised)",
+                                 tune="pbt")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check(self.temperature > 0, "--temperature", "must be positive")
+        for name in ("kd_weight", "feature_weight", "attention_weight"):
+            check(getattr(self, name) >= 0, "--" + name.replace("_", "-"), "must be 0 or more")
+        check(0.0 <= self.label_smoothing < 1.0, "--label-smoothing", "must be in [0, 1)")
+        check_choice(LossConfig, self, "feature_loss")
+        check_choice(LossConfig, self, "feature_resize")
 
 
 @dataclass(frozen=True)
 class SpeedConfig:
     """How the worker runs the model; none of it changes what is learnt."""
 
-    amp: str = "auto"  # bf16 autocast: auto (on CUDA), bf16, off
-    channels_last: bool = False
-    compile: str = ""  # torch.compile backend, "" for eager
+    amp: str = opt("auto", "bf16 autocast: auto (on GPU only), bf16 (also on CPU), off",
+                   choices=AMP_MODES)  # fmt: skip
+    channels_last: bool = opt(False, "NHWC weights and inputs (GPUs, oneDNN)")
+    compile: str = opt("", "torch.compile the model (inductor unless a backend is named; "
+                       "default: off)", const="inductor", metavar="BACKEND")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check_choice(SpeedConfig, self, "amp")
 
 
 @dataclass(frozen=True)
 class RunOptions:
     """Where and how the Ray Train run executes."""
 
-    name: str = ""
-    storage: str = "runs"  # folder or s3://bucket/prefix; the run lives in <storage>/<name>
-    workers: int = 2  # Ray Train workers (DDP ranks)
-    cpus_per_worker: float = 1.0
-    gpu: bool = False
-    max_failures: int = 2
-    keep: int = 1  # best checkpoints kept, plus the latest
-    address: str | None = None
-    metric: str = DEFAULT_METRIC
-    mode: str = "max"
-    log_every: int = 0
-    trace_dir: str | None = None
+    name: str = opt("", "run name; rerun with the same name to resume (default: a new one)")
+    storage: str = opt("runs", "run storage: a folder or s3://bucket/prefix; the run lives in "
+                       "<storage>/<name>")  # fmt: skip
+    workers: int = opt(2, "Ray Train workers (DDP ranks)")
+    cpus_per_worker: float = opt(1.0, "Ray CPUs per worker")
+    gpu: bool = opt(False, "one GPU per worker, NCCL, bf16 autocast")
+    max_failures: int = opt(2, "worker failures to recover from")
+    keep: int = opt(1, "best checkpoints kept (plus the latest)")
+    address: str | None = opt(None, "Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    metric: str = opt(DEFAULT_METRIC, "validation metric that picks the best checkpoint")
+    mode: str = opt("max", "whether --metric is better high or low", choices=("max", "min"))
+    log_every: int = opt(0, "print every N steps (0: once per epoch)")
+    trace_dir: str | None = opt(None, "local folder for a JSON-lines trace of worker starts and "
+                                "epochs (debugging)")  # fmt: skip
+    summary_json: str | None = opt(None, "also write the final summary to this JSON file")
+
+    def __post_init__(self) -> None:
+        check(self.workers >= 1, "--workers", "must be at least 1")
+        check(self.cpus_per_worker > 0, "--cpus-per-worker", "must be positive")
+        check(self.max_failures >= 0, "--max-failures", "must be 0 or more")
+        check(self.keep >= 1, "--keep", "must be at least 1")
+        check_choice(RunOptions, self, "mode")
 
 
 @dataclass(frozen=True)
 class TeacherRef:
     """The frozen teacher of a distillation run.
 
-    From the command line only ``checkpoint``, ``mag`` (``--teacher-mag``, "" for the one it
-    was trained at) and ``evaluate`` are known; :func:`resdistill.train.plan.prepare` reads the
-    checkpoint and fills the rest.
+    From the command line only ``checkpoint``, ``mag`` and ``evaluate`` are known;
+    :func:`resdistill.train.plan.prepare` reads the checkpoint and fills the rest.
     """
 
-    checkpoint: str  # checkpoint folder URL (absolute once planned)
-    arch: str = ""
-    mag: str = ""  # magnification fed to the teacher
-    classes: tuple[str, ...] = ()
-    feature_channels: int = 0
-    normalization: Mapping[str, Any] | None = None  # {"mean": [...], "std": [...]} it trained with
-    evaluate: bool = True  # score the teacher once on the val split (teacher_val_*)
+    checkpoint: str = opt(
+        help="teacher checkpoint folder (local or s3://), as printed by `resdistill teacher`; "
+        "required unless --supervised (then only its architecture is used, as --arch's "
+        "default)", flag="--teacher")  # fmt: skip
+    arch: str = opt("", cli=False)
+    mag: str = opt("", "magnification fed to the teacher (default: the one it was trained at)",
+                   flag="--teacher-mag")  # fmt: skip
+    classes: tuple[str, ...] = opt((), cli=False)
+    feature_channels: int = opt(0, cli=False)
+    normalization: Mapping[str, Any] | None = opt(None, cli=False)  # {"mean": [...], "std": [...]}
+    evaluate: bool = opt(True, "score the teacher once on --val-split (reported as "
+                         "teacher_val_*)", flag="--teacher-eval")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -200,17 +313,30 @@ class DataPlan:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run, every section typed; see the module docstring."""
+    """One training run, every section typed; see the module docstring.
 
-    stage: str
-    data: DataConfig
-    model: ModelConfig = ModelConfig()
-    optim: OptimConfig = OptimConfig()
-    loss: LossConfig = LossConfig()
-    speed: SpeedConfig = SpeedConfig()
-    run: RunOptions = RunOptions()
-    teacher: TeacherRef | None = None
-    plan: DataPlan | None = None
+    Fields left None take the stage's preset (:data:`STAGE_PRESETS`); a baseline
+    (``supervised``) never scores a teacher.
+    """
+
+    stage: str = opt(choices=STAGES, cli=False)
+    data: DataConfig = opt()
+    model: ModelConfig = opt(ModelConfig())
+    optim: OptimConfig = opt(OptimConfig())
+    loss: LossConfig = opt(LossConfig())
+    speed: SpeedConfig = opt(SpeedConfig())
+    run: RunOptions = opt(RunOptions())
+    teacher: TeacherRef | None = opt(None)
+    plan: DataPlan | None = opt(None, cli=False)
+
+    def __post_init__(self) -> None:
+        check_choice(TrainConfig, self, "stage")
+        preset = STAGE_PRESETS[self.stage]
+        filled = {k: v for k, v in preset.items() if getattr(self.data, k) is None}
+        if filled:
+            object.__setattr__(self, "data", replace(self.data, **filled))
+        if self.stage == STAGE_SUPERVISED and self.teacher is not None and self.teacher.evaluate:
+            object.__setattr__(self, "teacher", replace(self.teacher, evaluate=False))
 
     @property
     def supervised(self) -> bool:
@@ -219,12 +345,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts/lists/scalars (tuples become lists)."""
-        return _plain(dataclasses.asdict(self))
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones take defaults."""
-        return _build(cls, doc)
+        return from_plain(cls, doc)
 
     def with_values(self, values: Mapping[str, Any]) -> TrainConfig:
         """A copy with tunable settings set by name (see :func:`tunable`), values cast to the
@@ -273,54 +399,4 @@ def tunable(stage: str) -> dict[str, Tunable]:
             if stage != STAGE_DISTILL and f.name in _DISTILL_ONLY:
                 continue
             out[f.name] = Tunable(section, kind == "pbt")
-    return out
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _build(cls: type, doc: Mapping[str, Any] | None) -> Any:
-    """``cls(**doc)`` recursively for dataclass-typed fields; lists become tuples where the
-    field's default or annotation is a tuple."""
-    if doc is None:
-        return None
-    kwargs: dict[str, Any] = {}
-    hints = _field_types(cls)
-    for f in fields(cls):
-        if f.name not in doc:
-            continue
-        value = doc[f.name]
-        sub = hints.get(f.name)
-        if sub is not None and is_dataclass(sub):
-            value = _build(sub, value)
-        elif isinstance(value, list) and "tuple" in str(f.type):
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-def _field_types(cls: type) -> dict[str, type | None]:
-    """Dataclass types of ``cls``'s fields (by annotation name; ``X | None`` counts as X)."""
-    known = {
-        c.__name__: c
-        for c in (
-            DataConfig,
-            ModelConfig,
-            OptimConfig,
-            LossConfig,
-            SpeedConfig,
-            RunOptions,
-            TeacherRef,
-            DataPlan,
-        )
-    }
-    out: dict[str, type | None] = {}
-    for f in fields(cls):
-        head = str(f.type).split("|")[0].strip()
-        out[f.name] = known.get(head)
     return out

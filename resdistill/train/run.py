@@ -12,6 +12,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from resdistill.config import STAGE_DISTILL, STAGE_SUPERVISED, STAGE_TEACHER, TrainConfig
+from resdistill.run_config import write_run_config
 from resdistill.train.runner import RunSummary, launch, print_summary, run_url, summarize
 from sharding.magnification import display_mag
 
@@ -21,6 +22,10 @@ TITLES = {
     STAGE_SUPERVISED: "supervised baseline",
     STAGE_DISTILL: "distilled student",
 }
+
+
+#: the command that runs each stage (recorded in the run's config.yaml)
+COMMANDS = {STAGE_TEACHER: "teacher", STAGE_SUPERVISED: "distill", STAGE_DISTILL: "distill"}
 
 
 def default_name(cfg: TrainConfig) -> str:
@@ -58,7 +63,7 @@ def describe(cfg: TrainConfig) -> str:
         f"loss = {lo.kd_weight:g} x KD(T={lo.temperature:g}) + {lo.feature_weight:g} x "
         f"{lo.feature_loss}({lo.feature_resize})"
         + (f" + {lo.attention_weight:g} x attention" if lo.attention_weight else "")
-        + "; labels used for validation only; {shape}"
+        + f"; labels used for validation only; {shape}"
     )
 
 
@@ -80,11 +85,14 @@ def shard_error_of(exc: BaseException) -> Exception | None:
     return None
 
 
-def train(cfg: TrainConfig, *, console: Any = None, summary_json: str | None = None) -> RunSummary:
+def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
     """Run ``cfg`` (planned here: see :func:`resdistill.train.plan.prepare`) on Ray Train; print
     its header, per-epoch progress and a summary table; return the :class:`RunSummary`.
 
     A rerun with the same ``run.name`` and ``run.storage`` resumes after its latest checkpoint.
+    The run's options (as given, with its name) are written to ``<storage>/<name>/config.yaml``
+    with the resdistill version, the git commit and the dataset's fingerprint
+    (:mod:`resdistill.run_config`), so ``--config`` on that file repeats the run.
     Raises :class:`~resdistill.errors.UsageError` (options, dataset, teacher, targets) before
     any Ray work, :class:`~resdistill.data.ShardError` (one line naming the shard) when a worker
     met an unreadable shard, and Ray's ``TrainingFailedError`` when workers fail beyond
@@ -98,10 +106,15 @@ def train(cfg: TrainConfig, *, console: Any = None, summary_json: str | None = N
 
     console = console or Console(highlight=False)
     notes: list[str] = []
+    given = cfg
     cfg = prepare(cfg, notes=notes)
     name = cfg.run.name or default_name(cfg)
     cfg = replace(cfg, run=replace(cfg.run, name=name))
     run = cfg.run
+    assert cfg.plan is not None
+    given = replace(given, data=replace(given.data, url=cfg.data.url), run=cfg.run, plan=None)
+    write_run_config(run_url(run.storage, name), COMMANDS[cfg.stage], given.to_dict(),
+                     dataset=(cfg.data.url, cfg.plan.dataset))  # fmt: skip
     console.print(describe(cfg), soft_wrap=True)
     console.print(f"run {name!r} -> {run_url(run.storage, name)}")
     for text in notes:
@@ -121,7 +134,7 @@ def train(cfg: TrainConfig, *, console: Any = None, summary_json: str | None = N
     summary = summarize(result, name=name, storage=run.storage, metric=run.metric, mode=run.mode,
                         elapsed_s=time.perf_counter() - t0)  # fmt: skip
     print_summary(summary, title=f"{TITLES[cfg.stage]} {name}", console=console)
-    if summary_json:
-        with open(summary_json, "w") as fh:
+    if run.summary_json:
+        with open(run.summary_json, "w") as fh:
             json.dump({**asdict(summary), "stage": cfg.stage}, fh, indent=1, default=str)
     return summary
