@@ -65,7 +65,7 @@ from gpu_steps import (  # noqa: E402
 from run_all import markdown_table, print_table  # noqa: E402
 
 from resdistill.data import Batch, DatasetInfo  # noqa: E402
-from resdistill.eval.compute import measure_throughput, sync_device  # noqa: E402
+from resdistill.measures.compute import measure_throughput, sync_device  # noqa: E402
 from resdistill.models import build_model  # noqa: E402
 from resdistill.train.worker_env import WorkerEnv  # noqa: E402
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from resdistill.config import LossConfig, SpeedConfig
 from resdistill.data import Batch, DatasetInfo, PairedAugment, make_loader
-from resdistill.eval.compute import sync_device
+from resdistill.measures.compute import sync_device
 from resdistill.models import build_model
 from resdistill.train.optim import make_optimizer
 from resdistill.train.teacher_net import DistillStep, FrozenTeacher, build_loss, distill_batch

@@ -15,7 +15,7 @@ Rows (``--only`` names in brackets):
   (``bench_loader.loader_rate`` / ``train_rates``), at the teacher's tile and the pair.
 * [s3] the same loader from an S3 endpoint (a local ``moto_server``) vs the local folder.
 * [compute] FLOPs and measured inference images/s of the student at each magnification vs the
-  teacher at the highest (:func:`resdistill.eval.compute.compute_table`; paper: 4x/16x/64x FLOPs).
+  teacher at the highest (:func:`resdistill.measures.compute.compute_table`; paper: 4x/16x/64x FLOPs).
 * [train] each stage's training loop (Ray Train, as the CLI runs it) vs a bare loop over
   in-memory tensors with the same model, batch and threads (``bench_train``; target >= 0.8):
   teacher at 10x, student at 2.5x supervised, distilled online and from cached targets; the
@@ -162,7 +162,7 @@ def bench_loader_rows(
 
 def bench_compute_rows(data: str, *, seconds: float, batch: int) -> list[dict[str, Any]]:
     from resdistill.data import DatasetInfo
-    from resdistill.eval.compute import compute_table
+    from resdistill.measures.compute import compute_table
     from resdistill.models import build_model
 
     info = DatasetInfo.load(data)

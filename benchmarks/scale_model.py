@@ -67,7 +67,7 @@ def find(rows: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
 
 def gflops(px: int) -> float:
     """Forward GFLOPs of resnet18 (2 classes) on a ``px`` tile (2 FLOPs per MAC)."""
-    from resdistill.eval.compute import count_flops
+    from resdistill.measures.compute import count_flops
     from resdistill.models import build_model
 
     return count_flops(build_model("resnet18", 2), (3, px, px)) / 1e9

@@ -167,7 +167,7 @@ def test_curve_endpoints_and_points(hand_made: tuple[TilePredictions, TilePredic
 def test_curve_tile_interval_is_the_slide_bootstrap_of_evaluate(
     hand_made: tuple[TilePredictions, TilePredictions],
 ) -> None:
-    from resdistill.eval.bootstrap import evaluate_predictions
+    from resdistill.measures.bootstrap import evaluate_predictions
 
     student, _ = hand_made
     rng = np.random.default_rng(1)

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from resdistill.eval.compute import compute_table, count_flops, count_params, measure_throughput
+from resdistill.measures.compute import compute_table, count_flops, count_params, measure_throughput
 
 
 @pytest.fixture(scope="module")

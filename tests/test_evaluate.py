@@ -4,7 +4,7 @@ Checkpoints are written in the teacher's ``model.pt`` format (see ``resdistill.t
 ``model_payload``) from small ResNets whose heads are fitted here to a contract-conforming
 dataset (``tests.fixtures_data.write_dataset``), so that the metrics are far from chance and a
 label or key mix-up would show. Predictions are checked against an independent pass that reads
-the tar shards with ``tarfile`` and PIL, the metrics against ``resdistill.eval.bootstrap`` and
+the tar shards with ``tarfile`` and PIL, the metrics against ``resdistill.measures.bootstrap`` and
 scikit-learn on those predictions, the FLOPs against ``count_flops``, and ``predict`` against the
 sharding planner's functions on the real Aperio slide.
 """
@@ -256,8 +256,8 @@ def test_evaluate_metrics_match_resdistill_metrics_and_sklearn(
 ) -> None:
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-    from resdistill.eval.bootstrap import evaluate_predictions
-    from resdistill.eval.metrics import aggregate_slides
+    from resdistill.measures.bootstrap import evaluate_predictions
+    from resdistill.measures.metrics import aggregate_slides
 
     report = json.loads((evaluated[1] / "evaluation.json").read_text())
     for m in report["models"]:
@@ -305,7 +305,7 @@ def test_evaluate_metrics_match_resdistill_metrics_and_sklearn(
 def test_evaluate_compute_table_counts_flops(
     evaluated: tuple[int, Path, str], checkpoints: dict[str, Path]
 ) -> None:
-    from resdistill.eval.compute import count_flops, count_params
+    from resdistill.measures.compute import count_flops, count_params
 
     rc, out, stdout = evaluated
     report = json.loads((out / "evaluation.json").read_text())

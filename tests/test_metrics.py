@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from resdistill.eval.bootstrap import bootstrap_ci, evaluate_predictions
-from resdistill.eval.metrics import (
+from resdistill.measures.bootstrap import bootstrap_ci, evaluate_predictions
+from resdistill.measures.metrics import (
     accuracy,
     aggregate_slides,
     binary_roc_auc,

@@ -200,7 +200,7 @@ def test_cascade_escalates_exactly_the_unsure_tiles(
     )
 
     from resdistill.checkpoint import load_model
-    from resdistill.eval.compute import count_flops
+    from resdistill.measures.compute import count_flops
 
     f_s = count_flops(load_model(setup / "student").model, (3, 16, 16))
     f_t = count_flops(load_model(setup / "teacher").model, (3, 32, 32))

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from resdistill.eval.bootstrap import evaluate_predictions
+from resdistill.measures.bootstrap import evaluate_predictions
 from resdistill.eval.results import TilePredictions
 
 CLASSES = ["benign", "tumor"]

@@ -23,7 +23,7 @@ import torch
 
 from resdistill import checkpoint as C
 from resdistill.commands import teacher
-from resdistill.eval.metrics import confusion_scores
+from resdistill.measures.metrics import confusion_scores
 from resdistill.models import build_model
 from resdistill.train import runner
 from resdistill.train.optim import lr_at

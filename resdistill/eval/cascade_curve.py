@@ -7,7 +7,7 @@ to those scores. Per point (:func:`cascade_curve`):
 
 * ``share = e / n``, the fraction of the ``n`` tiles escalated (student top probability ``< t``);
 * tile accuracy of the combined probabilities, its interval from the slide (cluster) bootstrap of
-  :func:`resdistill.eval.bootstrap.bootstrap_ci` with the draws ``evaluate`` uses, so the ``t = 0``
+  :func:`resdistill.measures.bootstrap.bootstrap_ci` with the draws ``evaluate`` uses, so the ``t = 0``
   point repeats the student's own tile accuracy and interval;
 * slide accuracy of ``P(slide) = mean of its tiles' combined probabilities``, slides resampled;
 * ``flops_per_tile = cascade_flops(n, e, F_s, F_t) / n = F_s + share * F_t`` (counted FLOPs) and
@@ -101,10 +101,10 @@ def slide_bootstrap_accuracy(
     """Tile accuracy ``mean(correct)`` with the slide (cluster) bootstrap interval.
 
     Each slide is reduced to ``(tiles right, tiles)`` in sorted order of id and those rows are
-    resampled by :func:`~resdistill.eval.bootstrap.bootstrap_ci`: the same draws, and so the same
+    resampled by :func:`~resdistill.measures.bootstrap.bootstrap_ci`: the same draws, and so the same
     interval, as resampling slides with all their tiles (``groups=slides``), in O(slides) per
     resample instead of O(tiles)."""
-    from resdistill.eval.bootstrap import bootstrap_ci
+    from resdistill.measures.bootstrap import bootstrap_ci
 
     _, inv = np.unique(np.asarray(slides), return_inverse=True)
     inv = inv.reshape(-1)
@@ -128,8 +128,8 @@ def _slide_accuracy(
     slides: np.ndarray, probs: np.ndarray, labels: np.ndarray, mixed: bool, kw: dict[str, Any]
 ) -> dict[str, float | None]:
     """Accuracy of the slides' mean tile probabilities, slides resampled (as ``evaluate``)."""
-    from resdistill.eval.bootstrap import bootstrap_ci
-    from resdistill.eval.metrics import accuracy, aggregate_slides
+    from resdistill.measures.bootstrap import bootstrap_ci
+    from resdistill.measures.metrics import accuracy, aggregate_slides
 
     agg = aggregate_slides(slides, probs, labels, mixed_labels=mixed)
     return _ci(*bootstrap_ci(lambda t, p: accuracy(t, p.argmax(1)), agg.y_true, agg.y_prob, **kw))

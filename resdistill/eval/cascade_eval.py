@@ -108,7 +108,7 @@ def evaluate_cascade(
     Returns the evaluation report and the ``cascade.json`` document; with ``out`` both are written
     there (and ``report.files`` gains ``cascade`` and ``cascade_plot``)."""
     from resdistill.data import DatasetInfo, read_manifest
-    from resdistill.eval.compute import count_flops
+    from resdistill.measures.compute import count_flops
 
     say = log or (lambda _msg: None)
     teacher, models = prepare_cascade(teacher_spec, specs, data)
@@ -240,7 +240,7 @@ def format_cascade_tables(doc: dict[str, Any]) -> list[Any]:
     from rich.table import Table
     from rich.text import Text
 
-    from resdistill.eval.report import human_flops
+    from resdistill.measures.compute import human_flops
     from sharding.magnification import display_mag
 
     pct = int(round(100 * (1 - doc["alpha"])))

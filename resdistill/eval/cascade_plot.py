@@ -52,7 +52,7 @@ def plot_cascade(doc: dict[str, Any]) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    from resdistill.eval.report import human_flops
+    from resdistill.measures.compute import human_flops
     from sharding.magnification import display_mag
 
     teacher = doc["teacher"]

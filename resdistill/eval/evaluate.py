@@ -11,18 +11,18 @@ Pipeline for each model (a checkpoint folder, its ``model.pt``, or a tune result
     evaluate_models(...)                  metrics, compute table, then
                                           :func:`resdistill.eval.report.write_report`
 
-Metrics (:func:`score_predictions` with :func:`resdistill.eval.bootstrap.evaluate_predictions`,
+Metrics (:func:`score_predictions` with :func:`resdistill.measures.bootstrap.evaluate_predictions`,
 95% percentile bootstrap intervals by default): accuracy, macro F1, macro precision, macro recall,
 per-class one-vs-rest AUC and their mean, confusion matrix, ROC points.
 
 * Tile level: one sample per tile, ``y_prob`` the model's softmax output; the bootstrap resamples
   slides (each with all its tiles), since tiles of one slide are not independent.
 * Slide level: ``P(slide) = mean over the slide's tiles of P(tile)``
-  (:func:`resdistill.eval.metrics.aggregate_slides`), the slide's label its tiles' predominant
+  (:func:`resdistill.measures.metrics.aggregate_slides`), the slide's label its tiles' predominant
   label (region labels from annotations may mix classes on a slide); the
   bootstrap resamples slides.
 
-Compute (:func:`resdistill.eval.compute.compute_table`): parameters, FLOPs of one tile at the
+Compute (:func:`resdistill.measures.compute.compute_table`): parameters, FLOPs of one tile at the
 model's input size ``(3, tile_px, tile_px)`` counted with ``FlopCounterMode`` (2 FLOPs per
 multiply-accumulate), and measured inference images/s on this machine.
 
@@ -233,7 +233,7 @@ def evaluate_models(
     report is written by :func:`write_report`.
     """
     from resdistill.data import DatasetInfo, read_manifest
-    from resdistill.eval.compute import compute_table
+    from resdistill.measures.compute import compute_table
 
     if not specs:
         raise EvaluationError("no model given: pass one or more checkpoints")
@@ -302,8 +302,8 @@ def score_predictions(
     ``"resample": "slide"`` and ``"n_slides"``; the slide report also lists ``slides``,
     ``tiles_per_slide`` and ``prob``. ROC points of the tile report are thinned for the JSON.
     """
-    from resdistill.eval.bootstrap import evaluate_predictions
-    from resdistill.eval.metrics import aggregate_slides
+    from resdistill.measures.bootstrap import evaluate_predictions
+    from resdistill.measures.metrics import aggregate_slides
 
     kw = {"n_boot": n_boot, "alpha": alpha, "seed": seed, "unit": "slide"}
     tile = evaluate_predictions(preds.labels, preds.probs, classes, groups=preds.slides, **kw)

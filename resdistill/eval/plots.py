@@ -76,7 +76,7 @@ def roc_figure(report: EvaluationReport) -> Any:
     """One panel per class; per model its one-vs-rest ROC (tile level solid, slide dashed)."""
     from matplotlib.figure import Figure
 
-    from resdistill.eval.metrics import roc_curve
+    from resdistill.measures.metrics import roc_curve
 
     classes = report.models[0].model.classes
     k = len(classes)

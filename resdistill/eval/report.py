@@ -15,9 +15,10 @@ from typing import Any
 
 from resdistill.eval.plots import plot_accuracy_vs_flops, plot_roc
 from resdistill.eval.results import EvaluationReport
+from resdistill.measures.compute import human_flops
 from sharding.magnification import display_mag
 
-__all__ = ["format_table", "human_flops", "safe_name", "write_report"]
+__all__ = ["format_table", "safe_name", "write_report"]
 
 REPORT_JSON = "evaluation.json"
 ROC_PNG = "roc.png"
@@ -63,14 +64,6 @@ def _ci(d: Mapping[str, Any], digits: int = 3) -> str:
     if lo is None or hi is None:
         return f"{v:.{digits}f}"
     return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-
-
-def human_flops(flops: float) -> str:
-    """``3.63 G``, ``227 M``, ``14.2 k``: three significant digits with an SI prefix."""
-    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if flops >= div:
-            return f"{flops / div:.3g} {unit}"
-    return f"{flops:.3g}"
 
 
 def format_table(report: EvaluationReport) -> Any:

@@ -45,7 +45,7 @@ class Setup:
 
 
 def _flops(model: Any, px: int) -> int:
-    from resdistill.eval.compute import count_flops
+    from resdistill.measures.compute import count_flops
 
     return int(count_flops(model.model, (3, px, px)))
 

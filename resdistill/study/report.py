@@ -3,7 +3,7 @@ report folder: ``study.csv`` and ``study.parquet``, ``summary.md``, the two figu
 
 Pooling seeds. A row's accuracy is the mean over seeds of each seed's test-tile accuracy, its
 spread the standard deviation over seeds, and its 95% interval the slide-clustered bootstrap
-(:func:`resdistill.eval.bootstrap.bootstrap_ci`, 1000 resamples of the test slides, each drawn
+(:func:`resdistill.measures.bootstrap.bootstrap_ci`, 1000 resamples of the test slides, each drawn
 slide bringing all its tiles) of that mean: every seed scores the same tiles, so a resample is
 applied to all seeds at once. A difference of two rows (claim 2) is bootstrapped the same way,
 paired on the slides.
@@ -57,7 +57,7 @@ def _correct(records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarr
 
 def pooled_ci(per_tile: np.ndarray, slides: np.ndarray, seed: int = 0) -> tuple[float, float]:
     """95% slide-bootstrap interval of ``mean(per_tile)`` (one value per test tile)."""
-    from resdistill.eval.bootstrap import bootstrap_ci
+    from resdistill.measures.bootstrap import bootstrap_ci
 
     _, low, high = bootstrap_ci(
         lambda t, _p: float(np.mean(t)), per_tile, per_tile, n=N_BOOT, seed=seed, groups=slides

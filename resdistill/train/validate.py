@@ -1,7 +1,7 @@
 """Validation over all ranks: rank 0's buffers (BatchNorm statistics) are broadcast first, so every
 rank scores the model rank 0 checkpoints; each rank scores its own samples, the confusion matrices
 and loss sums are added with one ``all_reduce``, and the totals are scored by
-:func:`resdistill.eval.metrics.confusion_scores` (the same metrics evaluation reports)."""
+:func:`resdistill.measures.metrics.confusion_scores` (the same metrics evaluation reports)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from resdistill.eval.metrics import confusion_scores
+from resdistill.measures.metrics import confusion_scores
 from resdistill.train.worker_env import WorkerEnv, all_reduce_sum, broadcast_buffers, unwrap
 
 

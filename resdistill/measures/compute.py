@@ -5,7 +5,8 @@ never estimated by hand. FlopCounterMode counts **2 FLOPs per multiply-accumulat
 convolutions and matrix products (conv, linear/addmm, mm, bmm, attention) and nothing for
 element-wise operations (batch norm, ReLU, pooling, residual adds). So ``flops = 2 * macs``; e.g.
 torchvision's resnet18 at 224x224 has 1.81e9 MACs = 3.63e9 FLOPs. The paper's compute ratios
-(4x per halving of magnification) are ratios of this number.
+(4x per halving of magnification) are ratios of this number; :func:`human_flops` writes it for
+people (``3.63 G``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,20 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+if TYPE_CHECKING:  # torch is imported where it is used: human_flops needs none of it
+    import torch
+    from torch import nn
 
-__all__ = ["compute_table", "count_flops", "count_params", "measure_throughput", "sync_device"]
+__all__ = [
+    "compute_table",
+    "count_flops",
+    "count_params",
+    "human_flops",
+    "measure_throughput",
+    "sync_device",
+]
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -39,6 +47,8 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _param_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    import torch
+
     for p in model.parameters():
         return p.device, p.dtype if p.dtype.is_floating_point else torch.float32
     return torch.device("cpu"), torch.float32
@@ -51,6 +61,9 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     ``(1, C, H, W)`` on the model's device and dtype, counting with ``FlopCounterMode``; the
     model's training flag is restored afterwards. Divide by 2 for multiply-accumulates.
     """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     shape = _check_shape(input_shape)
     device, dtype = _param_device_dtype(model)
     was_training = model.training
@@ -64,8 +77,18 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     return int(counter.get_total_flops())
 
 
+def human_flops(flops: float) -> str:
+    """``3.63 G``, ``227 M``, ``14.2 k``: three significant digits with an SI prefix."""
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if flops >= div:
+            return f"{flops / div:.3g} {unit}"
+    return f"{flops:.3g}"
+
+
 def sync_device(device: torch.device) -> None:
     """Wait for ``device``'s queued work (CUDA runs asynchronously), so a clock reads its end."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -89,6 +112,8 @@ def measure_throughput(
     ``images / elapsed``; the median round is returned. CUDA work is synchronised before each
     clock reading. The number depends on the machine, its load and ``torch.get_num_threads()``.
     """
+    import torch
+
     shape = _check_shape(input_shape)
     if batch < 1 or repeats < 1 or warmup < 0 or seconds < 0:
         raise ValueError("batch and repeats must be >= 1, warmup and seconds >= 0")
@@ -138,6 +163,8 @@ def compute_table(
 
     ``threads`` is ``torch.get_num_threads()`` at measurement time (it matters on CPU).
     """
+    import torch
+
     rows: list[dict[str, Any]] = []
     for name, (model, input_shape) in models.items():
         shape = _check_shape(input_shape)

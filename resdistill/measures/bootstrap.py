@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals of the metrics in :mod:`resdistill.eval.metrics`, and the
+"""Bootstrap confidence intervals of the metrics in :mod:`resdistill.measures.metrics`, and the
 all-metrics report an evaluation stores (:func:`evaluate_predictions`).
 
 Intervals are percentile bootstrap intervals over resampling units: ``n`` resamples of the units
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from resdistill.eval.metrics import (
+from resdistill.measures.metrics import (
     MetricFn,
     confusion_matrix,
     labels_1d,

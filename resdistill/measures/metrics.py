@@ -1,10 +1,10 @@
 """Classification metrics, tile- and slide-level (numpy only); their bootstrap intervals are in
-:mod:`resdistill.eval.bootstrap`.
+:mod:`resdistill.measures.bootstrap`.
 
-Conventions (shared by ``evaluate``, :mod:`~resdistill.eval.bootstrap` and the plots):
+Conventions (shared by ``evaluate``, :mod:`~resdistill.measures.bootstrap` and the plots):
 
 * ``y_true``: shape ``(N,)``, integer class indices ``0..K-1`` (or class names when ``classes`` is
-  given to :func:`~resdistill.eval.bootstrap.evaluate_predictions`). ``y_prob``: shape
+  given to :func:`~resdistill.measures.bootstrap.evaluate_predictions`). ``y_prob``: shape
   ``(N, K)``, one score per class (softmax probabilities; any score where higher means "more
   likely" works for AUC).
 * The predicted class is ``argmax(y_prob, axis=1)`` (ties -> lowest index).
@@ -151,7 +151,7 @@ def confusion_scores(cm: Any) -> dict[str, float]:
     ``accuracy = trace(cm) / sum(cm)``; macro F1 as :func:`macro_f1` (over the classes that occur
     among the labels or the predictions). NaN for an empty matrix. Training validation sums the
     ranks' matrices and scores the total here, so it agrees with
-    :func:`resdistill.eval.bootstrap.evaluate_predictions`.
+    :func:`resdistill.measures.bootstrap.evaluate_predictions`.
     """
     cm = np.asarray(cm, dtype=np.float64)
     total = float(cm.sum())
