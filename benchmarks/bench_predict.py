@@ -3,10 +3,10 @@
 :func:`profile_rows` predicts the same slides, one after another in this process, with a model per
 magnification (random weights: only speed is measured) and splits each slide's time into
 
-* ``plan``: open the slide, detect tissue, lay the region grid (:func:`resdistill.eval.tiling.plan_tiles`);
+* ``plan``: open the slide, detect tissue, lay the region grid (:func:`resdistill.read_chain.plan_tiles`);
 * ``read``: the pyramid reads alone (``read_region`` at the level the read mode uses, which
   includes OpenSlide's decode of the slide's own JPEG tiles);
-* ``replay``: the rest of :func:`resdistill.eval.tiling.read_tiles` (reduction to the model's
+* ``replay``: the rest of :func:`resdistill.read_chain.read_tiles` (reduction to the model's
   size and, for an encoded read chain, the dataset's JPEG encode and the loader's decode);
 * ``model``: the forward pass and softmax of every tile, in batches.
 
@@ -62,7 +62,7 @@ def profile_one(ckpt: str, slides: list[Path], read: str, batch: int) -> dict[st
     import torch
 
     from resdistill.checkpoint import load_model
-    from resdistill.eval.tiling import chain_of, plan_tiles, read_tiles
+    from resdistill.read_chain import chain_of, plan_tiles, read_tiles
     from sharding.slide import open_slide, read_region_at
 
     model = load_model(ckpt)

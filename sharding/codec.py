@@ -2,7 +2,7 @@
 the manifest keeps (the dataset's normalisation comes from them).
 
 One encoder for sharding and for prediction's ``as-trained`` reads
-(:func:`resdistill.eval.tiling.read_tiles`), so a predicted tile is byte-identical to the shard's.
+(:func:`resdistill.read_chain.read_tiles`), so a predicted tile is byte-identical to the shard's.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The tiling plan of a slide: its region grid and which regions hold enough tissue.
 
 One definition, used by sharding (:func:`sharding.extract.plan_slide`) and by prediction
-(:mod:`resdistill.eval.tiling`), so a slide is predicted on exactly the regions sharding cuts:
+(:mod:`resdistill.read_chain`), so a slide is predicted on exactly the regions sharding cuts:
 
 1. base microns per pixel from the slide (or the ``--mpp`` override), refused when the top
    magnification ``opts.mags[0]`` would need upsampling;

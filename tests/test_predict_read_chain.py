@@ -112,7 +112,7 @@ def test_predict_probabilities_match_evaluate_on_the_shard_tiles(
 def test_predict_classifies_the_shard_tile(sharded: dict[str, Path]) -> None:
     """The tile predict feeds the model is the shard's, decoded the same way: equal pixels."""
     from resdistill.data import decode_image
-    from resdistill.eval.tiling import chain_of, plan_tiles, read_tiles
+    from resdistill.read_chain import chain_of, plan_tiles, read_tiles
     from sharding.slide import open_slide
 
     model = load_model(sharded["ckpt"])

@@ -78,7 +78,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _read(slide_path: Path, model: LoadedModel, read: str) -> tuple[dict[str, np.ndarray], object]:
     """key -> the tile ``read_tiles`` gives with ``read``, for every kept cell; and the chain."""
-    from resdistill.eval.tiling import chain_of, plan_tiles, read_tiles
+    from resdistill.read_chain import chain_of, plan_tiles, read_tiles
     from sharding.slide import open_slide
 
     chain = chain_of(model, read=read)
@@ -96,7 +96,7 @@ def _read(slide_path: Path, model: LoadedModel, read: str) -> tuple[dict[str, np
 
 def _native_jpegs(slide_path: Path, keys: list[str], model: LoadedModel) -> dict[str, bytes]:
     """key -> the JPEG of ``read_region_at`` at 2.5x (16 px) of that region, as sharding encodes."""
-    from resdistill.eval.tiling import chain_of
+    from resdistill.read_chain import chain_of
     from sharding.extract import encode
     from sharding.slide import open_slide, read_region_at, slide_info
 

@@ -68,7 +68,7 @@ def metadata(model: LoadedModel) -> dict[str, Any]:
     ``read_chain`` is the checkpoint's record of its dataset (dataset.json's read-chain keys, as
     training stored it; ``{}`` for checkpoints written before they recorded one); ``tile_read``
     is how ``resdistill predict`` makes this model's input tiles from a slide with it
-    (:meth:`resdistill.eval.tiling.ReadChain.to_json`: source, magnifications, tile sizes,
+    (:meth:`resdistill.read_chain.ReadChain.to_json`: source, magnifications, tile sizes,
     ``min_tissue``, image format and quality). :class:`CheckpointError` for a checkpoint without
     ``tile_px`` or normalisation, or with a read chain that cannot make its tiles.
     """
@@ -76,7 +76,7 @@ def metadata(model: LoadedModel) -> dict[str, Any]:
 
     from resdistill import __version__
     from resdistill.checkpoint import absolute_url
-    from resdistill.eval.tiling import chain_of
+    from resdistill.read_chain import chain_of
     from sharding.magnification import display_mag
 
     mean, std = normalization_of(model)

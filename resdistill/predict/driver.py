@@ -56,7 +56,7 @@ def settle(args: argparse.Namespace) -> Setup:
     import matplotlib
 
     from resdistill.checkpoint import load_model
-    from resdistill.eval.tiling import chain_of
+    from resdistill.read_chain import chain_of
     from resdistill.predict.cascade import DEFAULT_ESCALATE, check_threshold
     from resdistill.predict.outputs import heatmap_classes
 

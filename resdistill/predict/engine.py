@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from resdistill.eval.tiling import ReadChain
+from resdistill.read_chain import ReadChain
 from resdistill.predict.plan import PlanFailure, SlidePlan, plan_slide
 from resdistill.predict.stages import Scorer, read_chunks, read_escalated
 

@@ -3,14 +3,14 @@ the heatmaps are drawn on.
 
 :func:`plan_slide` opens a slide (an ``s3://`` slide through the node's cached local copy,
 :func:`sharding.remote_slides.local_copy`), runs the sharding planner through
-:func:`resdistill.eval.tiling.plan_tiles` (the grid of regions at the read chain's top
+:func:`resdistill.read_chain.plan_tiles` (the grid of regions at the read chain's top
 magnification, the regions with enough tissue kept) and reads a background image of the whole
 slide with its long side ``heatmap_px`` pixels (``slide.get_thumbnail``). It never raises: a slide
 that cannot be planned (unreadable, truncated, without tissue) gives a :class:`PlanFailure` with
 the one line the user reads, so one bad slide never ends a run of ten thousand.
 
 A :class:`SlidePlan` holds only the kept regions; :meth:`SlidePlan.grid` hands any run of them to
-:func:`resdistill.eval.tiling.read_tiles`, the one place tiles are read.
+:func:`resdistill.read_chain.read_tiles`, the one place tiles are read.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from resdistill.eval.tiling import ReadChain
+    from resdistill.read_chain import ReadChain
     from sharding.regions import RegionGrid
     from sharding.slide import SlideInfo
 
@@ -57,7 +57,7 @@ class SlidePlan:
     def grid(self, positions: np.ndarray) -> RegionGrid:
         """The regions at ``positions`` (indices into the kept regions) as a region grid whose
         cells ``0..len(positions)-1`` are those regions, for
-        :func:`resdistill.eval.tiling.read_tiles`."""
+        :func:`resdistill.read_chain.read_tiles`."""
         from sharding.regions import RegionGrid
 
         pos = np.asarray(positions, dtype=np.int64)
@@ -91,7 +91,7 @@ def open_slide_at(path: str) -> Any:
 
 def plan_slide(sid: str, path: str, chain: ReadChain, heatmap_px: int) -> SlidePlan | PlanFailure:
     """Plan ``path`` for ``chain`` (module docstring); never raises for a bad slide."""
-    from resdistill.eval.tiling import plan_tiles
+    from resdistill.read_chain import plan_tiles
     from sharding.slide import SlideError
 
     t0 = time.perf_counter()

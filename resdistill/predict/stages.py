@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from resdistill.eval.tiling import ReadChain
+    from resdistill.read_chain import ReadChain
     from resdistill.predict.plan import SlidePlan
 
 Batch = dict[str, np.ndarray]
@@ -34,7 +34,7 @@ __all__ = ["Scorer", "read_chunks", "read_escalated"]
 
 def _read(plan: SlidePlan, chain: ReadChain, positions: np.ndarray) -> np.ndarray:
     """Tiles of the kept regions ``positions`` of ``plan`` read through ``chain``."""
-    from resdistill.eval.tiling import read_tiles
+    from resdistill.read_chain import read_tiles
     from resdistill.predict.plan import open_slide_at
 
     slide = open_slide_at(plan.path)

@@ -1,5 +1,6 @@
-"""How ``predict`` turns a slide into a model's input tiles: the read chain of the dataset the model
-was trained on, replayed with the sharding code itself, or the cheap native read.
+"""How ``predict`` turns a slide into a model's input tiles (and what ``export`` records of it): the
+read chain of the dataset the model was trained on, replayed with the sharding code itself, or the
+cheap native read.
 
 A checkpoint's ``read_chain`` (:data:`resdistill.checkpoint.READ_CHAIN_KEYS` of its dataset.json:
 magnifications, tile sizes, how lower magnifications were cut (``low_mags_from``), image format,
