@@ -126,9 +126,9 @@ def build_parser(spec: CommandSpec, prog: str | None = None) -> argparse.Argumen
 def add_arguments(parser: argparse.ArgumentParser, spec: CommandSpec) -> argparse.ArgumentParser:
     """Add ``spec``'s options, ``--config`` and ``--print-config`` to ``parser``."""
     parser.formatter_class = HelpFormatter
-    parser.usage = "%(prog)s [options]" + (" " + " ".join(
-        leaf.field.name.upper() + " ..." for leaf in leaves(spec)
-        if leaf.field.metadata.get("positional")) or "")  # fmt: skip
+    parser.usage = "%(prog)s [options]" + "".join(
+        " " + _positional_metavar(leaf) + (" ..." if _is_list(leaf.type) else "")
+        for leaf in leaves(spec) if leaf.field.metadata.get("positional"))  # fmt: skip
     parser.description = spec.summary + (f"\n\n{spec.description.strip()}" if spec.description
                                          else "")  # fmt: skip
     if spec.examples:
@@ -172,9 +172,11 @@ def _add(group: Any, leaf: Leaf, shown: Any) -> None:
     kw["type"] = _converter(leaf, kind)
     if "const" in meta:
         kw.update(nargs="?", const=meta["const"])
-    if meta.get("positional"):
+    if meta.get("positional"):  # optional here: a --config file may give it (resolve checks)
+        if _is_list(kind):  # one command-line word per item, never split at commas
+            kw["type"] = _converter(leaf, _item_type(kind), parse=_item_type(kind))
         kw.pop("dest")
-        kw.update(nargs="*", metavar=f.name.upper())
+        kw.update(nargs="*" if _is_list(kind) else "?", metavar=_positional_metavar(leaf))
         group.add_argument(_DEST + leaf.path, **kw)
         return
     group.add_argument(leaf.flag, **kw)
@@ -183,10 +185,23 @@ def _add(group: Any, leaf: Leaf, shown: Any) -> None:
 _METAVARS = {int: "N", float: "X"}
 
 
-def _converter(leaf: Leaf, kind: Any) -> Callable[[str], Any]:
-    parse = leaf.field.metadata.get("parse")
+def _is_list(kind: Any) -> bool:
+    return "tuple" in str(kind)
+
+
+def _item_type(kind: Any) -> type:
+    return float if "float" in str(kind) else int if "int" in str(kind) else str
+
+
+def _positional_metavar(leaf: Leaf) -> str:
+    return leaf.field.metadata.get("metavar") or leaf.field.name.upper()
+
+
+def _converter(leaf: Leaf, kind: Any, parse: Callable[[str], Any] | None = None
+               ) -> Callable[[str], Any]:  # fmt: skip
+    parse = parse or leaf.field.metadata.get("parse")
     if parse is None:
-        parse = _list_parser(kind) if "tuple" in str(kind) else kind
+        parse = _list_parser(kind) if _is_list(kind) else kind
 
     def convert(text: str) -> Any:
         try:
@@ -199,7 +214,7 @@ def _converter(leaf: Leaf, kind: Any) -> Callable[[str], Any]:
 
 
 def _list_parser(kind: Any) -> Callable[[str], tuple[Any, ...]]:
-    item = float if "float" in str(kind) else int if "int" in str(kind) else str
+    item = _item_type(kind)
     return lambda text: tuple(item(v.strip()) for v in text.split(",") if v.strip())
 
 
@@ -241,7 +256,10 @@ def resolve(parser: argparse.ArgumentParser, spec: CommandSpec, args: argparse.N
             _set(doc, key, value)
     for path, value in spec.fixed.items():
         _set(doc, path, value)
-    missing = [leaf.flag for leaf in leaves(spec) if leaf.required and _get(doc, leaf.path) is None]
+    missing = [
+        _positional_metavar(leaf) if leaf.field.metadata.get("positional") else leaf.flag
+        for leaf in leaves(spec) if leaf.required and _get(doc, leaf.path) in (None, (), [])
+    ]  # fmt: skip
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     try:
