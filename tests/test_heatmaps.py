@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resdistill.eval.plots import CLASS_COLOURS, draw_outlines
 from resdistill.predict import heatmaps
 from resdistill.predict.heatmaps import (
     DEFAULT_HEATMAP_PX,
@@ -24,6 +23,7 @@ from resdistill.predict.heatmaps import (
     TOP_PX,
     heatmap_pngs,
 )
+from resdistill.predict.outlines import CLASS_COLOURS, draw_outlines
 from sharding.annotations import Outline
 
 CLASSES = ["Normal", "Tumor", "Stroma"]

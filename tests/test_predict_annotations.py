@@ -21,9 +21,9 @@ import shapely
 from PIL import Image
 
 from resdistill.commands import predict as predict_cmd
-from resdistill.eval.plots import CLASS_COLOURS, IGNORE_COLOUR, ROI_COLOUR
 from resdistill.models import build_model
 from resdistill.predict.heatmaps import LEFT_PX, TOP_PX
+from resdistill.predict.outlines import CLASS_COLOURS, IGNORE_COLOUR, ROI_COLOUR
 from sharding.storage import open_storage
 from tests.annotation_factory import collection, feature, ring
 from tests.slide_factory import blob_image, write_slide

@@ -15,8 +15,8 @@ import math
 import numpy as np
 import pytest
 
-from resdistill.measures.bootstrap import evaluate_predictions
 from resdistill.eval.results import TilePredictions
+from resdistill.measures.bootstrap import evaluate_predictions
 
 CLASSES = ["benign", "tumor"]
 SLIDES, TILES, WRONG = 24, 40, 6

@@ -56,9 +56,9 @@ def settle(args: argparse.Namespace) -> Setup:
     import matplotlib
 
     from resdistill.checkpoint import load_model
-    from resdistill.read_chain import chain_of
     from resdistill.predict.cascade import DEFAULT_ESCALATE, check_threshold
     from resdistill.predict.outputs import heatmap_classes
+    from resdistill.read_chain import chain_of
 
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -118,7 +118,7 @@ def predict_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from resdistill.eval.annotation_overlay import AnnotationOverlays
+    from resdistill.predict.annotation_overlay import AnnotationOverlays
     from resdistill.predict.outputs import done_slides
     from sharding.annotation_set import AnnotationSetError
     from sharding.pipeline import find_slides

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from resdistill.read_chain import ReadChain
 from resdistill.predict.plan import PlanFailure, SlidePlan, plan_slide
 from resdistill.predict.stages import Scorer, read_chunks, read_escalated
+from resdistill.read_chain import ReadChain
 
 __all__ = ["CHUNK_TILES", "WAVE_SLIDES", "Cascade", "EngineConfig", "SlideResult", "run_engine"]
 

@@ -7,18 +7,19 @@ above it, a column on its right for the colorbar and the legend, :data:`MARGIN_P
 figure grows downwards when a long legend needs more room than the image's height).
 
 * ``<class>``: each tissue tile's ``P(class)`` through ``cmap`` over the fixed range 0..1, blended
-  at ``alpha`` (:func:`resdistill.eval.tile_paint.blend`), with a colorbar ``P(<class>)``;
-* ``classes``: each tile in its argmax class's colour (:func:`resdistill.eval.plots.outline_colour`,
-  the same colour on every slide, the one its annotation outlines have), with a legend.
+  at ``alpha`` (:func:`resdistill.predict.tile_paint.blend`), with a colorbar ``P(<class>)``;
+* ``classes``: each tile in its argmax class's colour
+  (:func:`resdistill.predict.outlines.outline_colour`, the same colour on every slide, the one its
+  annotation outlines have), with a legend.
 
 On every picture (:func:`paint`): one-pixel light lines between tiles when tiles are at least
 :data:`EDGE_MIN_PX` pixels wide, dark diagonal hatching over tiles the cascade escalated to the
 teacher (named in the legend), the slide's annotation outlines
-(:func:`resdistill.eval.plots.draw_outlines`, named in the legend), and a scale bar under the
-image when the level-0 microns per pixel are known. Painting is numpy over the whole image (one
-owner map per slide, :mod:`resdistill.eval.tile_paint`), so thousands of tiles cost milliseconds;
-matplotlib only adds the text, colorbar and legend, on a bare ``Figure`` (no pyplot), and the
-image is pasted into the drawn figure unresampled.
+(:func:`resdistill.predict.outlines.draw_outlines`, named in the legend), and a scale bar under
+the image when the level-0 microns per pixel are known. Painting is numpy over the whole image
+(one owner map per slide, :mod:`resdistill.predict.tile_paint`), so thousands of tiles cost
+milliseconds; matplotlib only adds the text, colorbar and legend, on a bare ``Figure`` (no
+pyplot), and the image is pasted into the drawn figure unresampled.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def heatmap_pngs(
     """
     import matplotlib
 
-    from resdistill.eval.plots import outline_colour
-    from resdistill.eval.tile_paint import edge_mask, hatch_mask, owner_map, tile_boxes
+    from resdistill.predict.outlines import outline_colour
+    from resdistill.predict.tile_paint import edge_mask, hatch_mask, owner_map, tile_boxes
     from sharding.magnification import display_mag
 
     classes = list(classes)
@@ -190,14 +191,14 @@ def paint(
 ) -> np.ndarray:
     """One picture's ``(h, w, 3)`` uint8 image, before the title, colorbar and legend.
 
-    Tile ``i``'s pixels (``owner == i``, :func:`resdistill.eval.tile_paint.owner_map`) are
-    ``(1 - a_i) * background + a_i * colours[i]`` (:func:`resdistill.eval.tile_paint.blend`);
+    Tile ``i``'s pixels (``owner == i``, :func:`resdistill.predict.tile_paint.owner_map`) are
+    ``(1 - a_i) * background + a_i * colours[i]`` (:func:`resdistill.predict.tile_paint.blend`);
     then each edge pixel ``c`` becomes ``c + EDGE_LIGHTEN * (255 - c)``, each hatch pixel
     ``HATCH_KEEP * c``, and the outlines are drawn over it
-    (:func:`resdistill.eval.plots.draw_outlines`).
+    (:func:`resdistill.predict.outlines.draw_outlines`).
     """
-    from resdistill.eval.plots import draw_outlines
-    from resdistill.eval.tile_paint import blend
+    from resdistill.predict.outlines import draw_outlines
+    from resdistill.predict.tile_paint import blend
 
     img = blend(background, owner, colours, alpha)
     if marks.edges is not None:
@@ -213,7 +214,7 @@ def paint(
 def _class_handles(classes: Sequence[str]) -> list[Any]:
     from matplotlib.patches import Patch
 
-    from resdistill.eval.plots import outline_colour
+    from resdistill.predict.outlines import outline_colour
 
     return [
         Patch(facecolor=np.array(outline_colour(c, "class", classes)) / 255, label=c)
@@ -227,7 +228,7 @@ def _overlay_handles(classes: Sequence[str], n_escalated: int, outlines: Sequenc
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from resdistill.eval.plots import DASHES, outline_colour
+    from resdistill.predict.outlines import DASHES, outline_colour
 
     handles: list[Any] = []
     if n_escalated:

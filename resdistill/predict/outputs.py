@@ -33,7 +33,7 @@ import numpy as np
 from resdistill.errors import UsageError
 
 if TYPE_CHECKING:
-    from resdistill.eval.annotation_overlay import SlideOverlay
+    from resdistill.predict.annotation_overlay import SlideOverlay
     from resdistill.predict.engine import SlideResult
     from sharding.storage.base import Storage
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from resdistill.read_chain import ReadChain
     from resdistill.predict.plan import SlidePlan
+    from resdistill.read_chain import ReadChain
 
 Batch = dict[str, np.ndarray]
 
@@ -34,8 +34,8 @@ __all__ = ["Scorer", "read_chunks", "read_escalated"]
 
 def _read(plan: SlidePlan, chain: ReadChain, positions: np.ndarray) -> np.ndarray:
     """Tiles of the kept regions ``positions`` of ``plan`` read through ``chain``."""
-    from resdistill.read_chain import read_tiles
     from resdistill.predict.plan import open_slide_at
+    from resdistill.read_chain import read_tiles
 
     slide = open_slide_at(plan.path)
     try:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from resdistill.eval.plots import DASHES, outline_colour
+from resdistill.predict.outlines import DASHES, outline_colour
 from sharding.annotation_set import SUFFIX, load_annotations, read_annotation_set
 from sharding.annotations import AnnotationError, Outline, annotation_outlines
 from sharding.options import AnnotationOptions
