@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resdistill.commands import evaluate as eval_cmd
-from resdistill.eval.cascade_curve import (
+from resdistill.cascade.curve import (
     DEFAULT_THRESHOLDS,
     best_point,
     cascade_curve,
     parse_thresholds,
     slide_bootstrap_accuracy,
 )
+from resdistill.cascade.rules import cascade_flops, check_threshold, combine, escalate
+from resdistill.commands import evaluate as eval_cmd
 from resdistill.eval.results import TilePredictions
-from resdistill.predict.cascade import cascade_flops, check_threshold, combine, escalate
 from tests.test_evaluate import (  # noqa: F401 (fixtures)
     CLASSES,
     TEST_SAMPLES,

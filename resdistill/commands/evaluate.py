@@ -92,8 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from resdistill.cascade.curve import DEFAULT_THRESHOLDS, parse_thresholds
     from resdistill.errors import UsageError
-    from resdistill.eval.cascade_curve import DEFAULT_THRESHOLDS, parse_thresholds
     from resdistill.eval.cascade_eval import evaluate_cascade, format_cascade_tables
     from resdistill.eval.evaluate import evaluate_models
     from resdistill.eval.report import format_table

@@ -33,7 +33,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from resdistill.predict.cascade import DEFAULT_ESCALATE
+    from resdistill.cascade.rules import DEFAULT_ESCALATE
     from resdistill.predict.heatmaps import DEFAULT_HEATMAP_PX
 
     p.add_argument(

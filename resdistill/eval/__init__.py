@@ -1,8 +1,7 @@
-"""Scoring models: metrics with confidence intervals, compute cost, evaluation, slide tiling.
+"""Scoring models against a dataset split: evaluation, its records, files, table and figures.
 
-``metrics`` (point metrics, ROC/AUC, slide aggregation) and ``bootstrap`` (their intervals and
-the report of one prediction set); ``compute`` (parameters, FLOPs, images/s); ``evaluate``
-(models against a dataset split) -> ``results`` (the records) -> ``report`` (files, table) and
-``plots``; ``tiling`` (a checkpoint's read chain replayed on a slide), which whole-slide
-prediction (:mod:`resdistill.predict`) reads slides with.
+``evaluate`` (models against a dataset split) -> ``results`` (the records) -> ``report`` (files,
+table) and ``plots``; ``cascade_eval`` (``evaluate --cascade``: each student's cascade curve,
+:mod:`resdistill.cascade`, beside its evaluation). The metrics, their bootstrap intervals and the
+compute cost are :mod:`resdistill.measures`, which training's validation and prediction share.
 """

@@ -8,8 +8,8 @@ Pipeline (:func:`evaluate_cascade`)::
     predict_split(teacher)     the teacher's tile probabilities at its magnification (reused when
                                the teacher is one of the CKPTs)
     cascade_curve(...)         per student, the points over the thresholds
-                               (:mod:`resdistill.eval.cascade_curve`)
-    write_cascade(...)         cascade.json and cascade.png (:mod:`resdistill.eval.cascade_plot`)
+                               (:mod:`resdistill.cascade.curve`)
+    write_cascade(...)         cascade.json and cascade.png (:mod:`resdistill.cascade.plot`)
 
 :func:`format_cascade_tables` gives the terminal summary: one table per student and a line naming
 the cheapest threshold within 1 point of the teacher's tile accuracy, or saying none is.
@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from resdistill.cascade.curve import DEFAULT_THRESHOLDS, WITHIN, cascade_curve
 from resdistill.checkpoint import CheckpointError, LoadedModel, load_model
-from resdistill.eval.cascade_curve import DEFAULT_THRESHOLDS, WITHIN, cascade_curve
 from resdistill.eval.evaluate import (
     EvaluationError,
     MismatchError,
@@ -193,7 +193,7 @@ def write_cascade(doc: dict[str, Any], out: str, *, plots: bool = True) -> dict[
     store = open_storage(out)
     files: dict[str, str] = {}
     if plots:
-        from resdistill.eval.cascade_plot import plot_cascade
+        from resdistill.cascade.plot import plot_cascade
 
         store.write_bytes(CASCADE_PNG, plot_cascade(doc))
         files["cascade_plot"] = store.child_url(CASCADE_PNG)

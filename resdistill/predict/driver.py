@@ -55,8 +55,8 @@ def settle(args: argparse.Namespace) -> Setup:
     anything that cannot work."""
     import matplotlib
 
+    from resdistill.cascade.rules import DEFAULT_ESCALATE, check_threshold
     from resdistill.checkpoint import load_model
-    from resdistill.predict.cascade import DEFAULT_ESCALATE, check_threshold
     from resdistill.predict.outputs import heatmap_classes
     from resdistill.read_chain import chain_of
 

@@ -13,7 +13,7 @@ the driver holds a bounded number of plans and heatmap backgrounds whatever the 
 3. the driver streams the rows back (``iter_batches``), fills each slide's tile probabilities and
    hands a slide to ``on_slide`` as soon as all its regions are in.
 
-The slide's probabilities are the mean of its tiles' (:func:`resdistill.predict.cascade.combine`
+The slide's probabilities are the mean of its tiles' (:func:`resdistill.cascade.rules.combine`
 first with the cascade), its class their argmax.
 """
 
@@ -42,7 +42,7 @@ WAVE_SLIDES = 128
 
 @dataclass(frozen=True)
 class Cascade:
-    """The teacher's side of the cascade (:mod:`resdistill.predict.cascade`)."""
+    """The teacher's side of the cascade (:mod:`resdistill.cascade.rules`)."""
 
     checkpoint: str
     chain: ReadChain
@@ -231,7 +231,7 @@ def _fill(s: _Slide, rows: Mapping[str, np.ndarray], *, cascade: bool) -> None:
 
 
 def _result(s: _Slide, cfg: EngineConfig) -> SlideResult:
-    from resdistill.predict.cascade import combine
+    from resdistill.cascade.rules import combine
 
     p = s.plan
     if s.errors:

@@ -134,7 +134,7 @@ def write_slide(
     the record written (``record`` plus the slide's fields). ``flops`` are the counted FLOPs of
     one tile through the student and, with the cascade, the teacher. ``pictures=False``
     (``--heatmap none``) writes no PNG: the tables and the ``.npy`` heatmap only."""
-    from resdistill.predict.cascade import cascade_flops
+    from resdistill.cascade.rules import cascade_flops
     from resdistill.predict.heatmaps import CLASS_MAP, heatmap_pngs
 
     p = result.plan

@@ -80,9 +80,9 @@ def read_escalated(
     batch: Batch, *, plans: Mapping[str, SlidePlan], chain: ReadChain, threshold: float
 ) -> Batch:
     """Marks the rows the cascade escalates (``esc``: the student's top probability under
-    ``threshold``, :func:`resdistill.predict.cascade.escalate`) and reads their regions through the
+    ``threshold``, :func:`resdistill.cascade.rules.escalate`) and reads their regions through the
     teacher's ``chain`` into ``ttile`` (zeros for the other rows)."""
-    from resdistill.predict.cascade import escalate
+    from resdistill.cascade.rules import escalate
 
     n = len(batch["slide"])
     ok = batch["error"] == ""

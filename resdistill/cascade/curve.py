@@ -2,13 +2,13 @@
 
 The dataset holds every sample at every magnification, so the cascade is computed offline: the
 student and the teacher each score every tile of the split once, and each threshold ``t`` of the
-grid applies :func:`resdistill.predict.cascade.escalate` / :func:`~resdistill.predict.cascade.combine`
+grid applies :func:`resdistill.cascade.rules.escalate` / :func:`~resdistill.cascade.rules.combine`
 to those scores. Per point (:func:`cascade_curve`):
 
 * ``share = e / n``, the fraction of the ``n`` tiles escalated (student top probability ``< t``);
 * tile accuracy of the combined probabilities, its interval from the slide (cluster) bootstrap of
-  :func:`resdistill.measures.bootstrap.bootstrap_ci` with the draws ``evaluate`` uses, so the ``t = 0``
-  point repeats the student's own tile accuracy and interval;
+  :func:`resdistill.measures.bootstrap.bootstrap_ci` with the draws ``evaluate`` uses, so the
+  ``t = 0`` point repeats the student's own tile accuracy and interval;
 * slide accuracy of ``P(slide) = mean of its tiles' combined probabilities``, slides resampled;
 * ``flops_per_tile = cascade_flops(n, e, F_s, F_t) / n = F_s + share * F_t`` (counted FLOPs) and
   ``compute_ratio = flops_per_tile / F_t``, the cost relative to running the teacher alone.
@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from resdistill.eval.results import TilePredictions
-from resdistill.predict.cascade import cascade_flops, check_threshold, combine, escalate
+from resdistill.cascade.rules import cascade_flops, check_threshold, combine, escalate
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "TileScores",
     "WITHIN",
     "align_teacher",
     "best_point",
@@ -39,6 +39,18 @@ __all__ = [
     "parse_thresholds",
     "slide_bootstrap_accuracy",
 ]
+
+
+class TileScores(Protocol):
+    """One model's scores of the labelled tiles of a split, as evaluation records them
+    (:class:`resdistill.eval.results.TilePredictions`): sample keys, and per tile its slide id,
+    class index and ``(K,)`` probabilities."""
+
+    keys: list[str]
+    slides: np.ndarray
+    labels: np.ndarray
+    probs: np.ndarray
+
 
 #: Thresholds on the student's top probability drawn by default (the every-tile point is added).
 DEFAULT_THRESHOLDS: tuple[float, ...] = (
@@ -54,7 +66,7 @@ def parse_thresholds(text: str) -> list[float]:
     """A comma list of thresholds in ``[0, 1]`` -> sorted, without duplicates.
 
     Raises ``ValueError`` (one line) for a value that is not a number or lies outside ``[0, 1]``
-    (:func:`~resdistill.predict.cascade.check_threshold`); the every-tile point (``>1``) is
+    (:func:`~resdistill.cascade.rules.check_threshold`); the every-tile point (``>1``) is
     always on the curve without being asked for.
     """
     values: list[float] = []
@@ -71,7 +83,7 @@ def parse_thresholds(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def align_teacher(student: TilePredictions, teacher: TilePredictions) -> np.ndarray:
+def align_teacher(student: TileScores, teacher: TileScores) -> np.ndarray:
     """The teacher's ``(n, K)`` probabilities in the student's tile order, matched by sample key.
 
     Raises ``ValueError`` when the two did not score the same tiles (another split or dataset)."""
@@ -136,8 +148,8 @@ def _slide_accuracy(
 
 
 def cascade_curve(
-    student: TilePredictions,
-    teacher: TilePredictions,
+    student: TileScores,
+    teacher: TileScores,
     student_flops: int,
     teacher_flops: int,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
