@@ -159,7 +159,7 @@ def _add(group: Any, leaf: Leaf, shown: Any) -> None:
     kind, _ = unwrap_optional(leaf.type)
     text = leaf.help
     if shown not in (None, "", (), MISSING) and "(default" not in text:
-        text += f" (default: {_text(shown)})"
+        text += f" (default: {show_value(shown)})"
     kw: dict[str, Any] = {"dest": _DEST + leaf.path, "default": argparse.SUPPRESS, "help": text}
     choices = [c for c in meta.get("choices", ()) if c != ""]
     kw["metavar"] = meta.get("metavar") or (
@@ -225,7 +225,8 @@ def _default_shown(spec: CommandSpec, leaf: Leaf) -> Any:
     return leaf.field.default
 
 
-def _text(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A default as ``--help`` shows it (lists comma-joined, numbers short, on/off)."""
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, tuple | list):
@@ -323,6 +324,10 @@ def main(spec: CommandSpec, run: Callable[[Any], int], argv: list[str] | None = 
     """``python -m resdistill.<command>``: parse ``argv`` into a config, ``run`` it; 130 on
     Ctrl-C."""
     try:
-        return int(run(parse(spec, argv, prog)) or 0)
+        cfg = parse(spec, argv, prog)
+    except SystemExit as exc:  # --help, --print-config, or an option error (printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return int(run(cfg) or 0)
     except KeyboardInterrupt:
         return 130
