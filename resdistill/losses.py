@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resdistill.config import ATTENTION_MIN_PX
+from resdistill.config import ATTENTION_MIN_PX, LossConfig
+
+_DEFAULT = LossConfig()  # the loss's defaults are the config's: declared once
 
 __all__ = [
     "AttentionLoss",
@@ -56,7 +58,7 @@ class KDLoss(nn.Module):
     precomputed teacher logits stored in float16/bfloat16 are accepted.
     """
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: float = _DEFAULT.temperature) -> None:
         super().__init__()
         if not (temperature > 0):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -292,15 +294,15 @@ class DistillLoss(nn.Module):
 
     def __init__(
         self,
-        kd_weight: float = 1.0,
-        feature_weight: float = 1.0,
-        temperature: float = 1.0,
-        feature_mode: FeatureMode = "mse",
-        resize: ResizeMode = "maxpool",
+        kd_weight: float = _DEFAULT.kd_weight,
+        feature_weight: float = _DEFAULT.feature_weight,
+        temperature: float = _DEFAULT.temperature,
+        feature_mode: FeatureMode = _DEFAULT.feature_loss,  # type: ignore[assignment]
+        resize: ResizeMode = _DEFAULT.feature_resize,  # type: ignore[assignment]
         student_channels: int | None = None,
         teacher_channels: int | None = None,
         antialias: bool = True,
-        attention_weight: float = 0.0,
+        attention_weight: float = _DEFAULT.attention_weight,
         teacher_head: torch.Tensor | None = None,
     ) -> None:
         super().__init__()

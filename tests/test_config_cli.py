@@ -157,3 +157,14 @@ def test_config_yaml_reproduces_a_teacher_run(
     assert read_config_file(str(written))["run"]["name"] == "a"
     again = train(again_cfg)
     assert again.last_metrics["train_loss"] == pytest.approx(first.last_metrics["train_loss"])
+
+
+def test_the_losses_take_the_configs_defaults() -> None:
+    """The KD temperature (and every loss weight) defaults to the config's, not a second 1."""
+    from resdistill.losses import DistillLoss, KDLoss
+
+    cfg = LossConfig()
+    assert KDLoss().temperature == cfg.temperature
+    loss = DistillLoss()
+    assert (loss.kd.temperature, loss.kd_weight, loss.feature_weight) == (
+        cfg.temperature, cfg.kd_weight, cfg.feature_weight)  # fmt: skip
