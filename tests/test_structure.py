@@ -120,3 +120,20 @@ def test_every_subcommand_is_listed() -> None:
     lines = [line.split() for line in build_parser().format_help().splitlines()]
     listed = {words[0] for words in lines if words and words[0] in COMMANDS}
     assert listed == set(COMMANDS)
+
+
+def test_layers_contract_holds() -> None:
+    """The import-linter contracts of pyproject.toml: the layers (package level, imports inside
+    functions included), argparse only in the command-line layer, no torch in sharding."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    out = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "BROKEN" not in out.stdout and "KEPT" in out.stdout
+
+
+def test_no_argparse_outside_the_cli_layer() -> None:
+    """Library code takes typed configs: no module outside commands/ and cli.py names argparse."""
+    cli_layer = {ROOT / "resdistill" / "cli.py", *(ROOT / "resdistill" / "commands").glob("*.py")}
+    found = [str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+             if p not in cli_layer and "argparse" in p.read_text()]  # fmt: skip
+    assert found == []

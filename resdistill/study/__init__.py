@@ -1,0 +1,1 @@
+"""`resdistill study`: the paper's claims as a grid of runs (see resdistill.study.run)."""
