@@ -17,6 +17,8 @@ Field metadata (all optional):
 * ``parse``: ``str -> value`` for a command-line text (ValueError's message is shown with the
   flag); lists of numbers or names default to comma-separated text.
 * ``metavar``, ``const`` (with ``nargs="?"``), ``positional``, ``required``.
+* ``repeat``: a tuple field whose flag may be given several times, one item each (``--space A
+  --space B``), never split at commas.
 * ``cli``: False for values the program fills in (never a flag, still in the YAML).
 * ``tune``: ``"pbt"`` or ``"yes"``: Ray Tune may vary it (see :func:`resdistill.config.tunable`).
 """
@@ -48,6 +50,7 @@ def opt(
     const: Any = MISSING,
     positional: bool = False,
     required: bool = False,
+    repeat: bool = False,
     cli: bool = True,
     tune: str | None = None,
 ) -> Any:
@@ -63,6 +66,8 @@ def opt(
         meta["positional"] = True
     if required:
         meta["required"] = True
+    if repeat:
+        meta["repeat"] = True
     if isinstance(default, list | dict | set):
         raise TypeError("use a tuple or a Mapping default, not a mutable one")
     return dataclasses.field(default=default, metadata=meta)

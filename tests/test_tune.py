@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from resdistill.checkpoint import TRAINER_FILE, load_checkpoint
-from resdistill.commands.tune import build_parser, main
+from resdistill.commands.generate import parse
+from resdistill.commands.tune import SPEC, main
 from resdistill.config import DEFAULT_JITTER, DEFAULT_TEMPERATURE, STUDENT_JITTER
 from resdistill.errors import UsageError
+from resdistill.tune.config import TuneConfig
 from resdistill.tune.report import TrialRow, trial_id_of
-from resdistill.tune.run import check_args, trial_options, tune_run
+from resdistill.tune.run import trial_options, tune_run
 from resdistill.tune.space import Domain, build_space, check_space, parse_domain, split_space_arg
 from resdistill.tune.stage import apply_hparams, base_config
 from resdistill.tune.trial import TRAINER_OPTIONS
@@ -29,6 +32,11 @@ from tests.test_distill import trained_teacher  # noqa: F401 - module fixture: a
 pytestmark = pytest.mark.timeout(600)
 
 GOOD, WEAK = 1.5e-3, 1e-7
+
+
+def _config(argv: list[str]) -> TuneConfig:
+    """The config ``resdistill tune`` resolves from ``argv``."""
+    return parse(SPEC, argv)
 
 
 def _argv(data: str, teacher: str, storage: Path, name: str, *extra: str) -> list[str]:
@@ -84,21 +92,88 @@ def test_space_from_command_line_and_file(tmp_path: Path) -> None:
         "space:\n  lr: loguniform:1e-5:1e-3\n  batch_size: [8, 16]\n"
     )
     (tmp_path / "space.json").write_text(json.dumps({"temperature": "choice:2,4"}))
-    parser = build_parser()
-    base = ["--data", "d", "--teacher", "t"]
-    args = parser.parse_args([*base, "--space-file", str(tmp_path / "space.yaml"),
-                              "--space", "lr=uniform:1e-3:2e-3,temperature=choice:1,3"])  # fmt: skip
+    base = ["--data", "d", "--teacher", "t", "--student-mag", "5x"]
+    args = _config([*base, "--space-file", str(tmp_path / "space.yaml"),
+                    "--space", "lr=uniform:1e-3:2e-3,temperature=choice:1,3"])  # fmt: skip
     space = build_space(args, "distill")
     assert space["lr"] == Domain("uniform", (1e-3, 2e-3))  # --space wins over the file
     assert space["batch_size"] == Domain("choice", (8, 16))
     assert space["temperature"] == Domain("choice", (1, 3))
     assert set(space) >= {"weight_decay", "kd_weight", "feature_weight"}  # the default space
-    args = parser.parse_args(
-        [*base, "--no-default-space", "--space-file", str(tmp_path / "space.json")]
-    )
+    args = _config([*base, "--no-default-space", "--space-file", str(tmp_path / "space.json")])
     assert build_space(args, "distill") == {"temperature": Domain("choice", (2, 4))}
     with pytest.raises(UsageError, match="cannot tune 'temperature' for the teacher"):
         build_space(args, "teacher")
+
+
+def test_config_file_with_flag_overrides(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``resdistill tune --config FILE.yaml`` plus flags: defaults < file < flags, the trials'
+    training options nested under ``train``, equal to the config built in Python."""
+    from resdistill.cli import main as cli_main
+    from resdistill.config import DataConfig, LossConfig, ModelConfig, TeacherRef, TrainConfig
+
+    file = tmp_path / "tune.yaml"
+    file.write_text(yaml.safe_dump({
+        "train": {"data": {"url": "/ds", "batch_size": 16}, "model": {"mag": "2.5x"},
+                  "loss": {"temperature": 2}, "teacher": {"checkpoint": "/t1"}},
+        "scheduler": "pbt", "num_samples": 4, "space": ["lr=loguniform:1e-4:1e-2"],
+    }))  # fmt: skip
+    argv = ["--config", str(file), "--num-samples", "6", "--temperature", "3",
+            "--space", "kd_weight=uniform:0:1", "--space", "lr=uniform:1e-3:2e-3"]  # fmt: skip
+    cfg = _config(argv)
+    assert cfg == TuneConfig(
+        TrainConfig("distill", DataConfig(url="/ds", batch_size=16), model=ModelConfig(mag="2.5x"),
+                    loss=LossConfig(temperature=3.0), teacher=TeacherRef(checkpoint="/t1")),
+        space=("kd_weight=uniform:0:1", "lr=uniform:1e-3:2e-3"), scheduler="pbt", num_samples=6,
+    )  # fmt: skip
+    assert cfg.train.data.jitter == STUDENT_JITTER and cfg.train.run.metric == "val_macro_f1"
+    assert build_space(cfg)["lr"] == Domain("uniform", (1e-3, 2e-3))  # the flags' space
+    # the file may set the trials' stage; its presets follow
+    (tmp_path / "teacher.yaml").write_text(
+        yaml.safe_dump({"train": {"stage": "teacher", "data": {"url": "/ds"}}, "mag": "5x"})
+    )
+    teacher = _config(["--config", str(tmp_path / "teacher.yaml"), "--metric", "val_acc"])
+    assert teacher.stage == "teacher" and teacher.train.data.jitter == DEFAULT_JITTER
+    assert teacher.trial_config().model.mag == "5x" and teacher.train.run.metric == "val_acc"
+    # the whole command line: --print-config shows what the flags resolved to
+    assert cli_main(["tune", *argv, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["num_samples"] == 6 and printed["train"]["loss"]["temperature"] == 3.0
+    assert _config(["--config", str(_write(tmp_path / "printed.yaml", printed))]) == cfg
+
+
+def _write(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_bad_tuning_options_name_the_flag(capsys: pytest.CaptureFixture) -> None:
+    base = ["--data", "/ds", "--teacher", "/t1", "--student-mag", "5x"]
+    cases = [
+        (["--reduction-factor", "1"], "--reduction-factor must be above 1"),
+        (["--pbt-quantile", "0.9"], "--pbt-quantile must be in (0, 0.5]"),
+        (["--num-samples", "0"], "--num-samples must be at least 1"),
+        (["--trial-cpus", "0"], "--trial-cpus must be above 0"),
+        (["--max-concurrent", "0"], "--max-concurrent must be at least 1"),
+        (["--resume"], "--resume needs the --name"),
+        (["--mag", "10x"], "--mag is the teacher's magnification"),
+        (["--verbose", "3"], "--verbose must be one of 0, 1, 2"),
+        (["--scheduler", "hyperband"], "--scheduler"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err.strip().splitlines()[-1], extra
+    assert main(["--data", "/ds", "--teacher", "/t1"]) == 2
+    assert "--student-mag is required" in capsys.readouterr().err
+    assert main(["--data", "/ds", "--teacher-mode", "--student-mag", "5x"]) == 2
+    assert "--student-mag is a student's" in capsys.readouterr().err
+    from resdistill.config import DataConfig, ModelConfig, TrainConfig
+
+    with pytest.raises(UsageError, match="--student-mag is required"):  # a config in Python too
+        TuneConfig(TrainConfig("distill", DataConfig(url="/ds")))
+    with pytest.raises(UsageError, match="--mag is the teacher's"):
+        TuneConfig(TrainConfig("distill", DataConfig(url="/ds"), model=ModelConfig(mag="5x")),
+                   mag="10x")  # fmt: skip
 
 
 def test_bad_space_against_the_dataset_exits_2(
@@ -125,7 +200,7 @@ def test_bad_space_against_the_dataset_exits_2(
 
 
 def test_trial_config_takes_the_hyperparameters(tiny_dataset: Path, trained_teacher: str) -> None:  # noqa: F811
-    args = build_parser().parse_args(
+    args = _config(
         ["--data", str(tiny_dataset), "--teacher", trained_teacher, "--student-mag", "5x",
          "--batch-size", "8", "--workers", "1"])  # fmt: skip
     base = base_config(args)
@@ -138,8 +213,8 @@ def test_trial_config_takes_the_hyperparameters(tiny_dataset: Path, trained_teac
     assert base.loss.temperature == DEFAULT_TEMPERATURE  # the base config is left alone
     # options whose default differs by stage take the trials' stage's own
     assert base.data.jitter == STUDENT_JITTER
-    teacher_args = build_parser().parse_args(["--data", str(tiny_dataset), "--teacher-mode",
-                                              "--batch-size", "8", "--workers", "1"])  # fmt: skip
+    teacher_args = _config(["--data", str(tiny_dataset), "--teacher-mode",
+                            "--batch-size", "8", "--workers", "1"])  # fmt: skip
     assert base_config(teacher_args).data.jitter == DEFAULT_JITTER
     with pytest.raises(ValueError, match="40x"):
         apply_hparams(base, {"student_mag": "40x"}, {"workers": 1})
@@ -168,16 +243,16 @@ def test_tunable_names_come_from_the_config(
     assert pbt_mutable("teacher") == pbt_mutable("supervised") == ("lr", "label_smoothing")
     argv = ["--data", str(tiny_dataset), "--teacher", trained_teacher, "--student-mag", "5x",
             "--batch-size", "8", "--workers", "1"]  # fmt: skip
-    args = build_parser().parse_args([*argv, "--space", "mag=choice:5x,10x"])
+    args = _config([*argv, "--space", "mag=choice:5x,10x"])
     base = base_config(args)
     assert apply_hparams(base, {"mag": "10x"}, {"workers": 1}).model.mag == "10x"
     assert apply_hparams(base, {"student_mag": "10x"}, {"workers": 1}).model.mag == "10x"
     with pytest.raises(ValueError, match="cannot tune 'label_smoothing' for the distill"):
         apply_hparams(base, {"label_smoothing": 0.1}, {"workers": 1})
-    args = build_parser().parse_args([*argv, "--space", "mag=5x,student_mag=choice:5x,10x"])
+    args = _config([*argv, "--space", "mag=5x,student_mag=choice:5x,10x"])
     with pytest.raises(UsageError, match="name the same setting"):
         build_space(args, "distill")
-    args = build_parser().parse_args([*argv, "--supervised"])
+    args = _config([*argv, "--supervised"])
     assert set(build_space(args, "supervised")) == {"lr", "weight_decay", "label_smoothing"}
     supervised = apply_hparams(base_config(args), {"label_smoothing": 0.1}, {"workers": 1})
     assert supervised.loss.label_smoothing == 0.1
@@ -208,7 +283,7 @@ def test_asha_stops_weak_trials_and_best_json_loads(
                  "--metric", "train_loss", "--mode", "min", "--num-samples", "1",
                  "--space", f"lr=grid:{GOOD},{GOOD * 0.5},{WEAK},{WEAK}",
                  "--best-json", str(best_json), "--steps-per-epoch", "7")  # fmt: skip
-    summary = tune_run(build_parser().parse_args(argv))
+    summary = tune_run(_config(argv))
     assert len(summary.trials) == 4
     by_lr: dict[float, list[TrialRow]] = {}
     for row in summary.trials:
@@ -247,7 +322,7 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(
                  "--max-concurrent", "2", "--metric", "lr", "--mode", "max", "--num-samples", "1",
                  "--tune-seed", "0", "--keep-trial-checkpoints", "8",
                  "--space", f"lr=grid:{GOOD},{WEAK}", "--space", "temperature=choice:1,2,4")  # fmt: skip
-    summary = tune_run(build_parser().parse_args(argv))
+    summary = tune_run(_config(argv))
     assert len(summary.trials) == 2 and all(r.epochs == 4 for r in summary.trials)
     # the table names each trial once, by its own id (not the donor's it ended as a copy of)
     assert len({r.trial for r in summary.trials}) == 2
@@ -338,7 +413,7 @@ def test_tuner_restore_continues_an_interrupted_run(
     done_before = {done_id: len(done_rows)}
     train_runs_before = sorted(p.name for p in (exp / "_train").iterdir())
 
-    args = build_parser().parse_args([*argv, "--resume", "--address", ray_cluster])
+    args = _config([*argv, "--resume", "--address", ray_cluster])
     summary = tune_run(args)
     assert summary.resumed
     assert len(summary.trials) == 2 and all(
@@ -355,10 +430,9 @@ def test_tuner_restore_continues_an_interrupted_run(
 
 
 def test_teacher_mode_tunes_the_teachers_config(tiny_dataset: Path) -> None:
-    args = build_parser().parse_args(
+    args = _config(
         ["--data", str(tiny_dataset), "--teacher-mode", "--batch-size", "8", "--workers", "1",
          "--space", "label_smoothing=choice:0,0.1,mag=choice:10x,5x"])  # fmt: skip
-    check_args(args)
     base = base_config(args)
     assert base.stage == "teacher" and base.model.mag == "10x"
     space = build_space(args, "teacher")

@@ -63,11 +63,3 @@ def main(argv: list[str] | None = None) -> int:
 
     return generated_main(SPEC, run, argv)
 
-
-def add_arguments(parser):  # noqa: ANN001, ANN201 - TEMPORARY: resdistill.tune until it has a SPEC
-    import dataclasses
-
-    from resdistill.commands.generate import add_arguments as generated
-
-    spec = dataclasses.replace(SPEC, name="tune-legacy", hidden=SPEC.hidden | {"run.metric", "run.mode"})
-    return generated(parser, spec)

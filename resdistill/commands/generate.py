@@ -140,8 +140,6 @@ def add_arguments(parser: argparse.ArgumentParser, spec: CommandSpec) -> argpars
             title = spec.titles.get(section, section.replace(".", " ") or "options")
             groups[section] = parser if not section else parser.add_argument_group(title)
         _add(groups[section], leaf, _default_shown(spec, leaf))
-    if spec.name == "tune-legacy":  # TEMPORARY (see resdistill.commands.distill.add_arguments)
-        return parser
     g = parser.add_argument_group("configuration")
     for sw in spec.switches:
         g.add_argument(sw.flag, dest=_DEST + "switch:" + sw.flag, action="store_true",
@@ -170,6 +168,8 @@ def _add(group: Any, leaf: Leaf, shown: Any) -> None:
         group.add_argument(leaf.flag, action=argparse.BooleanOptionalAction, **kw)
         return
     kw["type"] = _converter(leaf, kind)
+    if meta.get("repeat"):  # each use adds one item (--space A --space B), never split at commas
+        kw.update(action="append", type=_converter(leaf, _item_type(kind)))
     if "const" in meta:
         kw.update(nargs="?", const=meta["const"])
     if meta.get("positional"):  # optional here: a --config file may give it (resolve checks)

@@ -6,7 +6,6 @@ The best-json (``--best-json``) is ``{"checkpoint": url, "config": {...}, "metri
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -18,8 +17,9 @@ from typing import Any
 
 from resdistill.checkpoint import checkpoint_url
 from resdistill.train.runner import run_url
+from resdistill.tune.config import TuneConfig
 from resdistill.tune.space import Domain
-from resdistill.tune.stage import canonical, stage_of
+from resdistill.tune.stage import canonical
 from sharding.magnification import display_mag
 
 
@@ -85,26 +85,29 @@ def _best_of(df: Any, metric: str, sign: float) -> tuple[float | None, int | Non
     return float(vals[idx]), (int(df["epoch"][idx]) if "epoch" in df else None)
 
 
-def summarize(grid: Any, args: argparse.Namespace, name: str, space: Mapping[str, Domain],
+def summarize(grid: Any, cfg: TuneConfig, name: str, space: Mapping[str, Domain],
               *, resumed: bool, elapsed_s: float) -> TuneSummary:  # fmt: skip
-    """Rows per trial (best by ``--metric`` over every reported epoch) and the best trial's best
-    kept Tune checkpoint (a full copy of the Train checkpoint: ``model.pt``, ``trainer.pt``)."""
-    sign = 1.0 if args.mode == "max" else -1.0
+    """Rows per trial (best by the run's metric over every reported epoch) and the best trial's
+    best kept Tune checkpoint (a full copy of the Train checkpoint: ``model.pt``,
+    ``trainer.pt``)."""
+    metric, mode, storage = cfg.train.run.metric, cfg.train.run.mode, cfg.train.run.storage
+    sign = 1.0 if mode == "max" else -1.0
     rows: list[TrialRow] = []
     best: dict[str, Any] | None = None
     best_key: float | None = None
     for result in grid:
         metrics = result.metrics or {}
         trial = trial_id_of(result.path)
-        best_val, best_epoch = _best_of(result.metrics_dataframe, args.metric, sign)
+        best_val, best_epoch = _best_of(result.metrics_dataframe, metric, sign)
         ckpt = None
         with contextlib.suppress(Exception):  # no checkpoint kept
-            ckpt = result.get_best_checkpoint(args.metric, args.mode)
+            ckpt = result.get_best_checkpoint(metric, mode)
         ckpt = ckpt or result.checkpoint
         epochs = int(metrics.get("epoch", 0) or 0)
-        status = "error" if result.error else ("done" if epochs >= args.epochs else "stopped")
+        done = epochs >= cfg.train.optim.epochs
+        status = "error" if result.error else ("done" if done else "stopped")
         config = {k: result.config.get(k) for k in space if k in (result.config or {})}
-        row = TrialRow(trial, status, config, epochs, _num(metrics.get(args.metric)), best_val,
+        row = TrialRow(trial, status, config, epochs, _num(metrics.get(metric)), best_val,
                        best_epoch, checkpoint_url(ckpt))  # fmt: skip
         rows.append(row)
         if (
@@ -117,17 +120,17 @@ def summarize(grid: Any, args: argparse.Namespace, name: str, space: Mapping[str
             best = {
                 "checkpoint": row.checkpoint,
                 "config": dict(result.config or {}),
-                "metric": args.metric,
-                "mode": args.mode,
-                "value": _num(ckpt_metrics.get(args.metric, best_val)),
+                "metric": metric,
+                "mode": mode,
+                "value": _num(ckpt_metrics.get(metric, best_val)),
                 "epoch": ckpt_metrics.get("epoch", best_epoch),
                 "trial": trial,
                 "best_value": best_val,
-                "stage": stage_of(args),
-                "run": run_url(args.storage, name),
+                "stage": cfg.stage,
+                "run": run_url(storage, name),
             }
     rows.sort(key=lambda r: (r.best is None, -sign * (r.best or 0.0)))
-    return TuneSummary(name, run_url(args.storage, name), args.metric, args.mode, rows, best,
+    return TuneSummary(name, run_url(storage, name), metric, mode, rows, best,
                        resumed, elapsed_s)  # fmt: skip
 
 

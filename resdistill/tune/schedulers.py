@@ -11,15 +11,14 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping
 from typing import Any
 
 from resdistill.errors import UsageError
+from resdistill.tune.config import TuneConfig
 from resdistill.tune.space import Domain
-from resdistill.tune.stage import settings, stage_of
+from resdistill.tune.stage import settings
 
-SCHEDULERS = ("asha", "pbt", "fifo")
 #: Domains PBT can resample from when it perturbs a setting.
 _PBT_KINDS = ("loguniform", "uniform", "choice")
 
@@ -29,21 +28,22 @@ def pbt_mutable(stage: str) -> tuple[str, ...]:
     return tuple(name for name, s in settings(stage).items() if s.pbt)
 
 
-def make_scheduler(args: argparse.Namespace, space: Mapping[str, Domain]) -> Any:
-    """ASHA (``time_attr="epoch"``, ``max_t=--epochs``), PBT (``time_attr="epoch"``, mutations
+def make_scheduler(cfg: TuneConfig, space: Mapping[str, Domain]) -> Any:
+    """ASHA (``time_attr="epoch"``, ``max_t`` the trials' epochs), PBT (``time_attr="epoch"``, mutations
     of the space's non-fixed :func:`pbt_mutable` entries) or FIFO. Raises :class:`UsageError`
     when PBT would have nothing to perturb."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-    if args.scheduler == "asha":
+    epochs = cfg.train.optim.epochs
+    if cfg.scheduler == "asha":
         return ASHAScheduler(
             time_attr="epoch",
-            max_t=args.epochs,
-            grace_period=min(args.grace_period, args.epochs),
-            reduction_factor=args.reduction_factor,
+            max_t=epochs,
+            grace_period=min(cfg.grace_period, epochs),
+            reduction_factor=cfg.reduction_factor,
         )
-    if args.scheduler == "pbt":
-        mutable = pbt_mutable(stage_of(args))
+    if cfg.scheduler == "pbt":
+        mutable = pbt_mutable(cfg.stage)
         mutations = {
             k: d.to_tune() for k, d in space.items() if k in mutable and d.kind in _PBT_KINDS
         }
@@ -53,33 +53,34 @@ def make_scheduler(args: argparse.Namespace, space: Mapping[str, Domain]) -> Any
             )
         return PopulationBasedTraining(
             time_attr="epoch",
-            perturbation_interval=args.perturbation_interval,
+            perturbation_interval=cfg.perturbation_interval,
             hyperparam_mutations=mutations,
-            quantile_fraction=args.pbt_quantile,
-            synch=args.pbt_synch,
+            quantile_fraction=cfg.pbt_quantile,
+            synch=cfg.pbt_synch,
         )
     return FIFOScheduler()
 
 
-def default_concurrency(args: argparse.Namespace) -> int:
+def default_concurrency(cfg: TuneConfig) -> int:
     """Trials the cluster's current CPUs (and GPUs) hold: ``floor(CPU / (trial_cpus + workers x
     cpus_per_worker))``, and ``floor(GPU / workers)`` with ``--gpu``; at least 1."""
     import ray
 
+    run = cfg.train.run
     res = ray.cluster_resources()
-    per_trial = args.trial_cpus + args.workers * args.cpus_per_worker
-    n = int(res.get("CPU", 1) // per_trial) if per_trial > 0 else args.num_samples
-    if args.gpu:
-        n = min(n, int(res.get("GPU", 0) // args.workers))
+    per_trial = cfg.trial_cpus + run.workers * run.cpus_per_worker
+    n = int(res.get("CPU", 1) // per_trial) if per_trial > 0 else cfg.num_samples
+    if run.gpu:
+        n = min(n, int(res.get("GPU", 0) // run.workers))
     return max(1, n)
 
 
-def trial_checkpoints_kept(args: argparse.Namespace) -> int:
+def trial_checkpoints_kept(cfg: TuneConfig) -> int:
     """``--keep-trial-checkpoints``, by default 2, or ``2 x interval + 2`` with PBT (so a
     donor's checkpoint outlives the exploit that copies it)."""
-    if args.keep_trial_checkpoints is not None:
-        return max(1, args.keep_trial_checkpoints)
-    return 2 * args.perturbation_interval + 2 if args.scheduler == "pbt" else 2
+    if cfg.keep_trial_checkpoints is not None:
+        return max(1, cfg.keep_trial_checkpoints)
+    return 2 * cfg.perturbation_interval + 2 if cfg.scheduler == "pbt" else 2
 
 
 def seeded_search(seed: int | None) -> Any:

@@ -4,12 +4,12 @@ A domain is written ``loguniform:LOW:HIGH``, ``uniform:LOW:HIGH``, ``randint:LOW
 exclusive), ``choice:A,B,C``, ``grid:A,B,C`` (every value, times ``--num-samples``) or a plain
 value (fixed). A space is the stage's :data:`DEFAULT_SPACE` (unless ``--no-default-space``), then
 ``--space-file`` (JSON or YAML ``{name: domain}`` or ``{"space": {...}}``), then ``--space``
-entries; the names are those :func:`resdistill.tune.stage.settings` lists for the stage.
+entries (:class:`~resdistill.tune.config.TuneConfig`'s ``default_space``, ``space_file``,
+``space``); the names are those :func:`resdistill.tune.stage.settings` lists for the stage.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Mapping
@@ -18,6 +18,7 @@ from typing import Any
 
 from resdistill.config import STAGE_DISTILL, STAGE_SUPERVISED, STAGE_TEACHER, TrainConfig
 from resdistill.errors import UsageError
+from resdistill.tune.config import TuneConfig
 from resdistill.tune.stage import apply_hparams, canonical, settings
 
 _SUPERVISED_SPACE = {
@@ -190,16 +191,17 @@ def load_space_file(path: str) -> dict[str, Any]:
     return dict(doc)
 
 
-def build_space(args: argparse.Namespace, stage: str) -> dict[str, Domain]:
-    """The search space: the stage's default (unless ``--no-default-space``), then
-    ``--space-file``, then ``--space``; each later entry replaces an earlier one of its name.
-    Raises :class:`UsageError` for a name the stage cannot tune, a malformed domain, two names of
-    one setting (``mag`` and ``student_mag``) or an empty space."""
+def build_space(cfg: TuneConfig, stage: str | None = None) -> dict[str, Domain]:
+    """The search space for ``stage`` (default: the trials'): its default space (unless
+    ``--no-default-space``), then ``--space-file``, then ``--space``; each later entry replaces an
+    earlier one of its name. Raises :class:`UsageError` for a name the stage cannot tune, a
+    malformed domain, two names of one setting (``mag`` and ``student_mag``) or an empty space."""
+    stage = stage or cfg.stage
     allowed = settings(stage)
-    raw: dict[str, Any] = {} if args.no_default_space else dict(DEFAULT_SPACE[stage])
-    if args.space_file:
-        raw.update(load_space_file(args.space_file))
-    for text in args.space or []:
+    raw: dict[str, Any] = dict(DEFAULT_SPACE[stage]) if cfg.default_space else {}
+    if cfg.space_file:
+        raw.update(load_space_file(cfg.space_file))
+    for text in cfg.space:
         raw.update(dict(split_space_arg(text)))
     space: dict[str, Domain] = {}
     for name, spec in raw.items():
@@ -218,11 +220,12 @@ def build_space(args: argparse.Namespace, stage: str) -> dict[str, Domain]:
     return space
 
 
-def check_space(space: Mapping[str, Domain], base: TrainConfig, args: argparse.Namespace) -> None:
+def check_space(space: Mapping[str, Domain], base: TrainConfig, cfg: TuneConfig) -> None:
     """Every value a domain can take must give a trial the dataset can serve: each candidate
     (:meth:`Domain.candidates`) is set on ``base`` as a trial sets it
     (:func:`resdistill.tune.stage.apply_hparams`). Raises :class:`UsageError` naming the entry."""
-    opts = {"workers": args.workers, "fixed_steps": args.steps_per_epoch is not None}
+    opts = {"workers": cfg.train.run.workers,
+            "fixed_steps": cfg.train.data.steps_per_epoch is not None}  # fmt: skip
     for name, dom in space.items():
         if canonical(name) == "mag" and dom.kind not in ("choice", "grid", "fixed"):
             raise UsageError(f"search space {name!r}: use choice/grid of magnifications")

@@ -1,10 +1,9 @@
 """Every place tuning touches the training side, in one module.
 
-A tuning run needs five things from the training stages, and only this module provides them:
+A tuning run needs four things from the training stages, and only this module provides them:
 
-* :func:`add_training_arguments` - the training options (the fixed part of every trial);
-* :func:`base_config` - the planned :class:`~resdistill.config.TrainConfig` built from them and
-  checked against the dataset (:func:`resdistill.train.plan.prepare`);
+* :func:`base_config` - the planned :class:`~resdistill.config.TrainConfig` every trial starts
+  from, checked against the dataset (:func:`resdistill.train.plan.prepare`);
 * :func:`apply_hparams` - one trial's config: the base with the tuned settings set by name
   (:meth:`~resdistill.config.TrainConfig.with_values`);
 * :func:`loop_config` - what the trial's Ray Train workers receive (config + start checkpoint);
@@ -17,37 +16,16 @@ Which settings are tunable, and which of them PBT may perturb, comes from
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from resdistill.config import (
-    STAGE_DISTILL,
-    STAGE_SUPERVISED,
-    STAGE_TEACHER,
-    TrainConfig,
-    Tunable,
-    tunable,
-)
-from resdistill.errors import UsageError
+from resdistill.config import STAGE_DISTILL, STAGE_TEACHER, TrainConfig, Tunable, tunable
+from resdistill.tune.config import TuneConfig
 
 #: Names a tuning run accepts besides :func:`resdistill.config.tunable`'s: a student's
 #: magnification keeps its command-line name (``--student-mag``).
 ALIASES = {"student_mag": "mag"}
-#: Options only some stages need: optional in the tune parser, required by :func:`base_config`.
-PER_STAGE_OPTIONS = frozenset({"--student-mag", "--teacher"})
-#: Options whose default differs between ``resdistill teacher`` and ``distill``: unset (None) in
-#: the tune parser, then the trials' stage's own default (:func:`base_config`).
-STAGE_DEFAULTS = frozenset({"--jitter", "--hed-jitter"})
-
-
-def stage_of(args: argparse.Namespace) -> str:
-    """The stage a tuning run's trials train: ``teacher`` (``--teacher-mode``), ``supervised``
-    (the low-magnification baseline, ``--supervised``) or ``distill``."""
-    if args.teacher_mode:
-        return STAGE_TEACHER
-    return STAGE_SUPERVISED if args.supervised else STAGE_DISTILL
 
 
 def settings(stage: str) -> dict[str, Tunable]:
@@ -64,65 +42,12 @@ def canonical(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-class _OptionalFlags:
-    """An argparse parser or group whose ``add_argument`` leaves ``flags`` optional."""
-
-    def __init__(self, target: Any, flags: Iterable[str]) -> None:
-        self._target, self._flags = target, frozenset(flags)
-
-    def __getattr__(self, name: str) -> Any:  # anything else: the wrapped parser's own
-        return getattr(self._target, name)
-
-    def add_argument_group(self, *args: Any, **kwargs: Any) -> _OptionalFlags:
-        return _OptionalFlags(self._target.add_argument_group(*args, **kwargs), self._flags)
-
-    def add_argument(self, *names: str, **kwargs: Any) -> Any:
-        if self._flags.intersection(names):
-            kwargs["required"] = False
-        if STAGE_DEFAULTS.intersection(names):
-            kwargs["default"] = None
-            kwargs["help"] = kwargs.get("help", "") + " (default: the stage's own)"
-        return self._target.add_argument(*names, **kwargs)
-
-
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """``resdistill distill``'s options, with :data:`PER_STAGE_OPTIONS` optional (teacher mode
-    needs neither; :func:`base_config` asks for them when distilling)."""
-    from resdistill.commands import distill
-
-    distill.add_arguments(_OptionalFlags(parser, PER_STAGE_OPTIONS))  # type: ignore[arg-type]
-
-
-def base_config(args: argparse.Namespace) -> TrainConfig:
-    """The planned config every trial starts from: ``resdistill teacher``'s with
-    ``--teacher-mode``, else ``resdistill distill``'s (their checks, their one-line errors)."""
-    from resdistill.commands import distill, teacher
+def base_config(cfg: TuneConfig) -> TrainConfig:
+    """The planned config every trial starts from (:meth:`TuneConfig.trial_config` through
+    :func:`resdistill.train.plan.prepare`: the training commands' checks and one-line errors)."""
     from resdistill.train.plan import prepare
 
-    if args.teacher_mode:
-        return prepare(teacher.build_config(_with_defaults(args, teacher.build_parser(), [])))
-    if not args.student_mag:
-        raise UsageError(
-            "--student-mag is required (the trials' default; --space student_mag=... tunes it)"
-        )
-    return prepare(
-        distill.build_config(_with_defaults(args, distill.build_parser(), ["--student-mag", "x"]))
-    )
-
-
-def _with_defaults(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, required: list[str]
-) -> argparse.Namespace:
-    """A copy of ``args`` whose unset (None) options take the stage command's defaults, parsed
-    (so typed) by ``parser`` from ``--data`` plus its other ``required`` options: e.g. the
-    teacher's ``--arch`` and ``--train-splits`` (None for distillation) and each stage's
-    :data:`STAGE_DEFAULTS`."""
-    defaults = vars(parser.parse_args(["--data", args.data, *required]))
-    out = argparse.Namespace(**vars(args))
-    for key, value in vars(args).items():
-        if value is None and key in defaults:
-            setattr(out, key, defaults[key])
-    return out
+    return prepare(cfg.trial_config())
 
 
 def data_url(config: TrainConfig) -> str:
