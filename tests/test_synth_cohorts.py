@@ -19,6 +19,8 @@ import openslide
 import pytest
 
 from resdistill.cli import main
+from resdistill.fields import from_plain
+from resdistill.run_config import read_config_file
 from sharding.synthetic import (
     CLASSES,
     COHORTS,
@@ -26,6 +28,7 @@ from sharding.synthetic import (
     REFERENCE,
     SITE_COLUMN,
     TRUTH_CSV,
+    SynthConfig,
     box_downsample,
     cohort_named,
     make_scene,
@@ -255,13 +258,17 @@ def test_unlabeled_cohort_from_the_command(tmp_path, capsys):
     assert len(labels) == 6 == round(COHORTS["unlabeled"].labeled_fraction * 24)
     assert {r["label"] for r in labels} == set(CLASSES)
     assert labels == truth[:6]
+    written = from_plain(SynthConfig, read_config_file(str(out / "config.yaml")))
+    assert written == SynthConfig(str(out), cohort="unlabeled", size_um=(160.0, 128.0), workers=1)
     # explicit options win over the cohort's defaults
     out2 = tmp_path / "u2"
     options = ["--slides", "8", "--labeled-fraction", "0.5", *tiny]
     assert main(["synth", str(out2), "--cohort", "unlabeled", *options]) == 0
     assert (len(_read_csv(out2 / TRUTH_CSV)), len(_read_csv(out2 / LABELS_CSV))) == (8, 4)
     assert "cohort unlabeled" in capsys.readouterr().err  # the console writes to stderr
-    assert main(["synth", str(tmp_path / "x"), "--cohort", "scanner"]) == 2
+    with pytest.raises(SystemExit) as bad:  # an option error: argparse's exit status 2
+        main(["synth", str(tmp_path / "x"), "--cohort", "scanner"])
+    assert bad.value.code == 2
     assert not (tmp_path / "x").exists()
 
 

@@ -9,11 +9,14 @@ Layers, each importing only those above it:
 * :mod:`~sharding.synthetic.nuclei`: where nuclei are and how one is drawn.
 * :mod:`~sharding.synthetic.staining`: the colour model (a lab's stain vectors, strengths, glass).
 * :mod:`~sharding.synthetic.cohorts`: named cohorts (scanning sites, subtle cues, unlabelled).
+* :mod:`~sharding.synthetic.config`: the options of ``resdistill synth`` (:class:`SynthConfig`).
 * :mod:`~sharding.synthetic.scene`: the classes and the renderer of a scene.
-* :mod:`~sharding.synthetic.slides`: slide sets on disk with ``labels.csv`` / ``truth.csv``.
+* :mod:`~sharding.synthetic.slides`: slide sets on disk with ``labels.csv`` / ``truth.csv``
+  (:func:`synthesize` takes a :class:`SynthConfig`).
 """
 
 from sharding.synthetic.cohorts import COHORTS, Cohort, cohort_named
+from sharding.synthetic.config import SynthConfig
 from sharding.synthetic.layout import Island, TissueLayout
 from sharding.synthetic.nuclei import NuclearCues
 from sharding.synthetic.pyramid import (
@@ -36,6 +39,7 @@ from sharding.synthetic.slides import (
     SynthSlide,
     site_name,
     slide_plan,
+    synthesize,
     write_slide,
     write_synthetic_slides,
 )
@@ -58,6 +62,7 @@ __all__ = [
     "PyramidInfo",
     "SlideScene",
     "Staining",
+    "SynthConfig",
     "SynthSlide",
     "TileReader",
     "TissueLayout",
@@ -69,6 +74,7 @@ __all__ = [
     "require_jpeg_codec",
     "site_name",
     "slide_plan",
+    "synthesize",
     "write_pyramid",
     "write_slide",
     "write_synthetic_slides",

@@ -15,6 +15,7 @@ Slide ``i`` of a set gets class ``CLASSES[i % len(CLASSES)]`` (round robin), for
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 
 from sharding.magnification import Magnification
 from sharding.synthetic.cohorts import COHORTS, Cohort, cohort_named
+from sharding.synthetic.config import SynthConfig
 from sharding.synthetic.pyramid import write_pyramid
 from sharding.synthetic.scene import CLASSES, SlideScene, make_scene
 
@@ -221,6 +223,20 @@ def write_synthetic_slides(
     _write_csv(out / LABELS_CSV, [s for s in slides if s.labeled])
     _write_csv(out / TRUTH_CSV, slides, with_site=kind.sites > 1)
     return slides
+
+
+def synthesize(cfg: SynthConfig, progress: Callable[[SynthSlide], None] | None = None
+               ) -> list[SynthSlide]:  # fmt: skip
+    """The slide set ``cfg`` describes (``resdistill synth``), written with
+    :func:`write_synthetic_slides`: the cohort's slide count and labelled share apply where
+    ``cfg`` leaves them unset; ``workers=0`` is one process per core."""
+    kind = cfg.cohort_kind()
+    size = {"size_um": tuple(cfg.size_um)} if cfg.size_um is not None else {}
+    return write_synthetic_slides(
+        cfg.out, kind.slides if cfg.slides is None else cfg.slides, seed=cfg.seed,
+        labeled_fraction=cfg.labeled_fraction, workers=cfg.workers or os.cpu_count() or 1,
+        cohort=kind, progress=progress, **size,
+    )  # fmt: skip
 
 
 def _write_one(entry: dict, common: dict) -> SynthSlide:
