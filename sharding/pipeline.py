@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
-from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .annotation_set import AnnotationSet, AnnotationSetError, read_annotation_set
 from .executors import make_executor
@@ -39,7 +41,7 @@ from .labels import Labels, LabelsError, assign_splits, patient_splits, read_lab
 from .layout import DATASET_JSON, MANIFEST, SPLITS
 from .lease import Lease, LeaseHeld, LeaseLost
 from .manifest import combine, dataset_description, manifest_bytes
-from .options import AnnotationOptions, ShardOptions, parse_size
+from .options import ShardConfig, parse_size
 from .report import ShardReport, SplitCount
 from .scheduler import drive
 from .shardwriter import ShardWriter
@@ -57,7 +59,15 @@ from .state import (
 )
 from .storage import open_storage
 
-__all__ = ["SCRATCH_PREFIX", "ShardError", "ShardReport", "find_slides", "run_shard"]
+__all__ = [
+    "SCRATCH_PREFIX",
+    "ShardConfig",
+    "ShardError",
+    "ShardReport",
+    "find_slides",
+    "run_shard",
+    "shard_slides",
+]
 
 TOOL = "resdistill 0.1.0"
 CHUNK_REGIONS = 32
@@ -70,50 +80,27 @@ class ShardError(Exception):
 # --------------------------------------------------------------------------- the run
 
 
-def run_shard(
-    slides: list[str | Path],
-    out: str,
-    *,
-    mags: str = "10,5,2.5,1.25",
-    tile_px: int = 224,
-    labels: str | Path | None = None,
-    classes: list[str] | None = None,
-    annotations: AnnotationOptions | None = None,
-    splits: tuple[float, float, float] = (0.7, 0.15, 0.15),
-    mpp: float | None = None,
-    min_tissue: float = 0.5,
-    shard_size: str | int = "256MB",
-    fmt: str = "jpeg",
-    quality: int = 90,
-    address: str | None = None,
-    workers: int | None = None,
-    resources: dict | None = None,
-    overwrite: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-    chunk_regions: int = CHUNK_REGIONS,
-    low_mags_from: str = "top",
-) -> ShardReport:
-    """Shard ``slides`` into ``out``; see the module docstring. ``workers=0`` runs without Ray.
+def run_shard(slides: Sequence[str | Path], out: str | Path, **settings: Any) -> ShardReport:
+    """:func:`shard_slides` of ``ShardConfig(slides, out, **settings)``: the keyword form that
+    scripts and tests use (settings are :class:`~sharding.options.ShardConfig`'s fields; a bad
+    value raises its ConfigError)."""
+    return shard_slides(ShardConfig(slides=tuple(slides), out=out, **settings))
 
-    ``annotations`` (region labels and regions of interest, see :mod:`sharding.region_labels`)
-    take ``classes`` from this call. ``low_mags_from`` (:data:`sharding.options.LOW_MAGS_FROM`)
-    says how lower magnifications are cut (:func:`sharding.extract.region_images`).
-    """
-    try:
-        opts = ShardOptions.make(mags, tile_px, fmt, quality, min_tissue, mpp, low_mags_from)
-        target = parse_size(shard_size)
-    except ValueError as exc:
-        raise ShardError(str(exc)) from None
-    if len(splits) != 3 or any(r < 0 for r in splits) or sum(splits) <= 0:
-        raise ShardError(f"--splits needs three non-negative ratios train,val,test; got {splits}")
-    store = open_storage(out)
+
+def shard_slides(cfg: ShardConfig) -> ShardReport:
+    """Shard ``cfg.slides`` into ``cfg.out``; see the module docstring. ``workers=0`` runs
+    without Ray; the settings a resumed run must share are kept in ``_state/config.json``.
+    :class:`ShardError` when the run as a whole cannot proceed."""
+    opts = cfg.shard_options()
+    target = parse_size(cfg.shard_size)
+    annotations, classes, splits, seed = cfg.annotation_options(), cfg.classes, cfg.splits, cfg.seed
+    store = open_storage(cfg.out)
     if hasattr(store, "check"):
         store.check()
     report = ShardReport(url=store.url)
     started = time.monotonic()
 
-    found, name_problems = find_slides(slides)
+    found, name_problems = find_slides(cfg.slides)
     report.problems.extend(name_problems)
     for line in name_problems:
         report.skipped[line.split(":", 1)[0]] = line.split(": ", 1)[1]
@@ -121,15 +108,14 @@ def run_shard(
         raise ShardError("no slides found in the inputs: give slide files or folders holding them")
 
     parsed = Labels()
-    if labels is not None:
+    if cfg.labels is not None:
         try:
-            parsed = read_labels(labels, set(found), classes)
+            parsed = read_labels(cfg.labels, set(found), list(classes) if classes else None)
         except LabelsError as exc:
             raise ShardError(str(exc)) from None
         report.drop(found, parsed.problems, parsed.skip)
     ann_set = None
     if annotations is not None:
-        annotations = replace(annotations, classes=tuple(classes) if classes else None)
         try:
             ann_set = read_annotation_set(annotations, found)
         except AnnotationSetError as exc:
@@ -147,7 +133,7 @@ def run_shard(
     with lease:
         if note:
             report.notes.append(note)
-        if overwrite:
+        if cfg.overwrite:
             clear_output(store)
         config = resume_identity(opts, splits, seed, annotations)
         previous = read_json(store, CONFIG)
@@ -175,12 +161,12 @@ def run_shard(
             s: ShardWriter(store, s, next_index[s], target, mag_names, scratch=scratch, seed=seed)
             for s in SPLITS
         }
-        executor = make_executor(address, workers, resources)
+        executor = make_executor(cfg.address, cfg.workers, cfg.resources)
         finished = False
         try:
             drive(
-                jobs, (opts, annotations), executor, writers, store, published, report, progress,
-                chunk_regions, lease.check,
+                jobs, (opts, annotations), executor, writers, store, published, report,
+                cfg.progress and sys.stderr.isatty(), CHUNK_REGIONS, lease.check,
             )  # fmt: skip
             for w in writers.values():
                 w.close()
@@ -209,7 +195,7 @@ def run_shard(
             classes=class_names,
             splits=dict(zip(("train", "val", "test"), splits, strict=True)),
             seed=seed,
-            min_tissue=min_tissue,
+            min_tissue=opts.min_tissue,
             tool=TOOL,
             annotations=ann_set.describe(annotations) if ann_set else None,
         )

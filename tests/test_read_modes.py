@@ -17,7 +17,6 @@ dataset's read chain.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -29,7 +28,8 @@ import pytest
 import torch
 
 from resdistill.checkpoint import LoadedModel, load_model, read_chain
-from resdistill.commands import shard as shard_cmd
+from resdistill.cli import main as cli_main
+from resdistill.fields import ConfigError
 from resdistill.models import build_model
 from tests.slide_factory import blob_image, write_slide
 from tests.test_evaluate import save_checkpoint
@@ -63,10 +63,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "labels.csv").write_text("slide,label\na,tumor\n")
     labels = root / "labels.csv"
     assert run_shard([slide], str(root / "top"), labels=labels, workers=0, progress=False, **SHARD)
-    parser = argparse.ArgumentParser()
-    shard_cmd.add_arguments(parser)
     argv = [str(slide), "--out", str(root / "native"), "--labels", str(labels), *SHARD_ARGV]
-    assert shard_cmd.run(parser.parse_args([*argv, "--low-mags-from", "native"])) == 0
+    assert cli_main(["shard", *argv, "--low-mags-from", "native"]) == 0
     return {
         "slide": slide,
         "top": root / "top",
@@ -192,9 +190,9 @@ def test_resume_with_another_low_mags_from_is_refused(data: dict[str, Path]) -> 
 
 
 def test_bad_low_mags_from_is_a_usage_error(tmp_path: Path) -> None:
-    from sharding.pipeline import ShardError, run_shard
+    from sharding.pipeline import run_shard
 
-    with pytest.raises(ShardError, match="--low-mags-from must be one of top, native"):
+    with pytest.raises(ConfigError, match="--low-mags-from must be one of top, native"):
         run_shard([tmp_path], str(tmp_path / "o"), low_mags_from="level", workers=0)
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from sharding.options import AnnotationOptions
 from sharding.pipeline import run_shard
 from sharding.storage import open_storage
 from tests.annotation_factory import (
@@ -120,7 +119,7 @@ def test_region_labels_local_resume_and_changed_file(cohort, tmp_path, ray_clust
     try:
         again = run_shard(
             [cohort / "slides"], str(out), mags="20,10", tile_px=128, min_tissue=0,
-            labels=cohort / "labels.csv", annotations=AnnotationOptions(str(cohort / "ann")),
+            labels=cohort / "labels.csv", annotations=str(cohort / "ann"),
             workers=0, progress=False,
         )  # fmt: skip
     finally:
