@@ -47,7 +47,7 @@ def profile(
     import torch
 
     from resdistill.data import BatchPrep, DatasetInfo, PairedAugment, collate, read_manifest
-    from resdistill.data.plan import shard_keys, slot_tasks
+    from resdistill.data.sample_plan import shard_keys, slot_tasks
     from resdistill.data.stream import TileStream
     from resdistill.models import build_model
 

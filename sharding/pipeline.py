@@ -42,8 +42,8 @@ from .layout import DATASET_JSON, MANIFEST, SPLITS
 from .lease import Lease, LeaseHeld, LeaseLost
 from .manifest import combine, dataset_description, manifest_bytes
 from .options import ShardConfig, parse_size
-from .report import ShardReport, SplitCount
 from .scheduler import drive
+from .shard_report import ShardReport, SplitCount
 from .shardwriter import ShardWriter
 from .state import (
     CONFIG,

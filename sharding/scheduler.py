@@ -12,7 +12,7 @@ from .executors import cluster_cpus
 from .extract import SlideJob, SlidePlan, extract_chunk, plan_slide
 from .options import AnnotationOptions, ShardOptions
 from .qc import write_qc
-from .report import ShardReport
+from .shard_report import ShardReport
 from .shardwriter import ShardWriter
 from .slide import SlideError
 from .state import record_plan

@@ -273,7 +273,7 @@ def test_evaluation_table_and_plots_say_2_5x() -> None:
     from rich.console import Console
 
     from resdistill.eval.plots import accuracy_vs_flops_figure, roc_figure
-    from resdistill.eval.report import format_table
+    from resdistill.eval.report_files import format_table
 
     report = two_model_report()
     console = Console(record=True, width=250)
@@ -296,8 +296,8 @@ def test_evaluation_table_and_plots_say_2_5x() -> None:
 def test_tune_table_says_2_5x() -> None:
     from rich.console import Console
 
-    from resdistill.tune.report import TrialRow, TuneSummary, print_summary
     from resdistill.tune.space import Domain
+    from resdistill.tune.trials_table import TrialRow, TuneSummary, print_summary
 
     space = {"student_mag": Domain("choice", ("5x", "2p5x")),
              "lr": Domain("loguniform", (1e-4, 1e-2))}  # fmt: skip

@@ -21,11 +21,11 @@ from resdistill.commands.tune import SPEC, main
 from resdistill.config import DEFAULT_JITTER, DEFAULT_TEMPERATURE, STUDENT_JITTER
 from resdistill.errors import UsageError
 from resdistill.tune.config import TuneConfig
-from resdistill.tune.report import TrialRow, trial_id_of
 from resdistill.tune.run import trial_options, tune_run
 from resdistill.tune.space import Domain, build_space, check_space, parse_domain, split_space_arg
 from resdistill.tune.stage import apply_hparams, base_config
 from resdistill.tune.trial import TRAINER_OPTIONS
+from resdistill.tune.trials_table import TrialRow, trial_id_of
 from tests.fixtures_ray import wait_for
 from tests.test_distill import trained_teacher  # noqa: F401 - module fixture: a tiny teacher
 

@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         models[f"distilled-{pct}"] = train_student(f"distilled-{pct}", student)
 
     from resdistill.eval.evaluate import evaluate_models
-    from resdistill.eval.report import format_table
+    from resdistill.eval.report_files import format_table
 
     stage("evaluate")
     report = evaluate_models(

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from resdistill.errors import UsageError
     from resdistill.eval.cascade_eval import evaluate_cascade, format_cascade_tables
     from resdistill.eval.evaluate import evaluate_models
-    from resdistill.eval.report import format_table
+    from resdistill.eval.report_files import format_table
     from sharding.storage import StorageError
 
     console = Console(highlight=False)

@@ -4,9 +4,9 @@ One place for everything a training stage reads (teacher, distillation, evaluati
 
 * :mod:`~resdistill.data.info` - :class:`DatasetInfo` (``dataset.json``), :class:`Dataset` (a
   dataset opened once: storage, info, manifest) and :func:`read_manifest`.
-* :mod:`~resdistill.data.plan` - which samples each (rank, loader worker) slot reads in each pass,
-  a uniform draw per training pass, taken from ``manifest.parquet`` (never by listing a folder),
-  and the equal steps per epoch.
+* :mod:`~resdistill.data.sample_plan` - which samples each (rank, loader worker) slot reads in
+  each pass, a uniform draw per training pass, taken from ``manifest.parquet`` (never by listing
+  a folder), and the equal steps per epoch.
 * :mod:`~resdistill.data.augment` - paired augmentation of batches (one draw per sample, shared
   by every image of that sample).
 * :mod:`~resdistill.data.stream` - :class:`TileStream`, an ``IterableDataset`` over webdataset tar
@@ -32,7 +32,8 @@ from .augment import (
 from .errors import ShardError
 from .info import READ_COLUMNS, Dataset, DatasetInfo, read_manifest
 from .loader import Batch, Source, StreamLoader, collate, make_loader
-from .plan import (
+from .prepare import BatchPrep
+from .sample_plan import (
     ShardTask,
     hash_seed,
     select_labelled_slides,
@@ -43,7 +44,6 @@ from .plan import (
     steps_per_epoch,
     workers_per_rank,
 )
-from .prepare import BatchPrep
 from .stream import TileStream, decode_image
 
 __all__ = [

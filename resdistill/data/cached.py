@@ -23,7 +23,7 @@ from resdistill.data.targets import StaleTargetsError, TargetsIndex
 from .augment import GeometricAugment
 from .info import Dataset, DatasetInfo
 from .loader import StreamLoader, make_loader
-from .plan import ShardTask
+from .sample_plan import ShardTask
 from .stream import TileStream
 
 __all__ = ["CachedTargetStream", "GeometricAugment", "make_cached_loader"]

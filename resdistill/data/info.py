@@ -28,7 +28,7 @@ from sharding.magnification import Magnification
 if TYPE_CHECKING:
     from sharding.storage import Storage
 
-#: Manifest columns a reader plans with (see :func:`resdistill.data.plan.shard_keys`).
+#: Manifest columns a reader plans with (see :func:`resdistill.data.sample_plan.shard_keys`).
 READ_COLUMNS = ("key", "slide", "split", "label", "shard")
 
 

@@ -1,10 +1,10 @@
 """Batches of one rank, in training or evaluation mode: the loader every stage reads through.
 
 Equal steps. In training mode (``train=True``) every rank yields exactly ``steps`` batches per
-epoch (default :func:`resdistill.data.plan.steps_per_epoch` of the manifest's total over all
+epoch (default :func:`resdistill.data.sample_plan.steps_per_epoch` of the manifest's total over all
 ranks), whatever the shard sizes, so DDP never hangs: each loader worker reads an endless series
-of passes, each a fresh uniform draw of equal size per worker (:mod:`resdistill.data.plan`), so
-every sample is drawn equally often. Evaluation (``train=False``) reads each sample exactly once
+of passes, each a fresh uniform draw of equal size per worker
+(:mod:`resdistill.data.sample_plan`), so every sample is drawn equally often. Evaluation (``train=False``) reads each sample exactly once
 over all ranks and workers, in shard order, without augmentation, and may give ranks different
 batch counts: do not run collectives per batch there.
 
@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 
 from .augment import PairedAugment
 from .info import Dataset, DatasetInfo, read_manifest
-from .plan import hash_seed, shard_keys, steps_per_epoch, workers_per_rank
 from .prepare import BatchPrep
+from .sample_plan import hash_seed, shard_keys, steps_per_epoch, workers_per_rank
 from .stream import TileStream
 
 #: Builds a rank's stream: ``source(info, shards, mags, *, repeat, rank, world_size, workers, epoch,
@@ -171,7 +171,7 @@ def make_loader(
 ) -> StreamLoader:
     """Batches of ``splits`` for ``rank`` of ``world_size`` (see the module docstring); only
     the samples of ``slides`` when given (distillation reading a share of the unlabelled data,
-    :func:`~resdistill.data.plan.select_train_slides`).
+    :func:`~resdistill.data.sample_plan.select_train_slides`).
 
     ``train=True``: shuffled (buffer ``shuffle_buffer``), augmented when ``augment`` is given,
     endless source cut into ``steps`` batches per epoch (default :func:`steps_per_epoch` of the

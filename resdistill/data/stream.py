@@ -8,10 +8,10 @@ label-scarce run); ``key`` the sample key. :meth:`TileStream.norms` gives the ``
 each tile's magnification.
 
 Reading. Loader worker ``w`` of rank ``r`` is slot ``r * W + w`` and reads, in each pass, the
-keys :func:`resdistill.data.plan.slot_tasks` gives that slot: a fresh uniform draw every pass in
-training (``repeat=True``, endless), every sample once over all slots in evaluation. Only the
-members of the requested magnifications and the ``json`` member are kept from each tar, and a
-sample's label is read before any image is decoded, so samples a run drops are never decoded.
+keys :func:`resdistill.data.sample_plan.slot_tasks` gives that slot: a fresh uniform draw every
+pass in training (``repeat=True``, endless), every sample once over all slots in evaluation.
+Only the members of the requested magnifications and the ``json`` member are kept from each tar,
+and a sample's label is read before any image is decoded, so samples a run drops are never decoded.
 
 Failures. A shard that cannot be opened, whose tar is corrupt, that lacks samples the manifest
 lists for it, or whose member does not decode raises :class:`~resdistill.data.errors.ShardError`
@@ -35,7 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import shard_error
 from .info import DatasetInfo
-from .plan import ShardTask, hash_seed, slot_samples, slot_tasks
+from .sample_plan import ShardTask, hash_seed, slot_samples, slot_tasks
 from .tar_members import iter_samples
 
 
@@ -87,7 +87,7 @@ class TileStream(IterableDataset):
     """The samples of rank ``rank`` of ``world_size``; each of its ``workers`` loader workers (1:
     read in the rank's own process) is one slot of the plan (see the module docstring).
 
-    ``shards`` maps each shard of the read to its kept keys (:func:`~resdistill.data.plan.
+    ``shards`` maps each shard of the read to its kept keys (:func:`~resdistill.data.sample_plan.
     shard_keys`), the same on every rank. ``repeat=True``: endless passes, a new draw each
     (training); ``False``: one pass, each sample of the rank once (evaluation). ``epoch`` is the
     epoch the stream starts at (its first pass's draw).

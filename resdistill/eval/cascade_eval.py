@@ -177,7 +177,7 @@ def evaluate_cascade(
 def _add_files(report: EvaluationReport, files: dict[str, str], out: str) -> None:
     """List the cascade's files in ``report.files`` and in the ``evaluation.json`` already
     written to ``out``, so that one index names every file of the run."""
-    from resdistill.eval.report import REPORT_JSON
+    from resdistill.eval.report_files import REPORT_JSON
     from sharding.storage import open_storage
 
     report.files.update(files)

@@ -9,7 +9,7 @@ Pipeline for each model (a checkpoint folder, its ``model.pt``, or a tune result
                                           magnification, eval mode, no augmentation, the
                                           checkpoint's normalization -> softmax probabilities
     evaluate_models(...)                  metrics, compute table, then
-                                          :func:`resdistill.eval.report.write_report`
+                                          :func:`resdistill.eval.report_files.write_report`
 
 Metrics (:func:`score_predictions` with :func:`resdistill.measures.bootstrap.evaluate_predictions`,
 95% percentile bootstrap intervals by default): accuracy, macro F1, macro precision, macro recall,
@@ -44,7 +44,7 @@ import numpy as np
 
 from resdistill.checkpoint import LoadedModel, load_model
 from resdistill.errors import UsageError
-from resdistill.eval.report import write_report
+from resdistill.eval.report_files import write_report
 from resdistill.eval.results import EvaluationReport, ModelEvaluation, TilePredictions
 from sharding.magnification import display_mag
 

@@ -1,8 +1,8 @@
 """What an evaluation produces: per-model tile predictions and metrics, the report of a run, and
 their plain JSON / CSV forms.
 
-Produced by :mod:`resdistill.eval.evaluate`; written by :mod:`resdistill.eval.report` and drawn
-by :mod:`resdistill.eval.plots`, which both read these records and nothing else.
+Produced by :mod:`resdistill.eval.evaluate`; written by :mod:`resdistill.eval.report_files` and
+drawn by :mod:`resdistill.eval.plots`, which both read these records and nothing else.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 For each wave of at most :data:`WAVE_SLIDES` slides (the next wave is planned while one runs, so
 the driver holds a bounded number of plans and heatmap backgrounds whatever the slide count):
 
-1. plan every slide as a Ray task (:func:`resdistill.predict.plan.plan_slide`); a slide that cannot
-   be planned is reported at once;
+1. plan every slide as a Ray task (:func:`resdistill.predict.slide_plan.plan_slide`); a slide
+   that cannot be planned is reported at once;
 2. one Ray Data dataset over chunks of :data:`CHUNK_TILES` kept regions
    (``from_items`` -> ``map_batches(read_chunks)`` on CPU tasks -> ``map_batches(Scorer)`` in an
    actor pool of ``actors`` actors, one GPU each on cuda), with the cascade two more stages
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from resdistill.predict.plan import PlanFailure, SlidePlan, plan_slide
+from resdistill.predict.slide_plan import PlanFailure, SlidePlan, plan_slide
 from resdistill.predict.stages import Scorer, read_chunks, read_escalated
 from resdistill.read_chain import ReadChain
 

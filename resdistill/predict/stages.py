@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from resdistill.predict.plan import SlidePlan
+    from resdistill.predict.slide_plan import SlidePlan
     from resdistill.read_chain import ReadChain
 
 Batch = dict[str, np.ndarray]
@@ -34,7 +34,7 @@ __all__ = ["Scorer", "read_chunks", "read_escalated"]
 
 def _read(plan: SlidePlan, chain: ReadChain, positions: np.ndarray) -> np.ndarray:
     """Tiles of the kept regions ``positions`` of ``plan`` read through ``chain``."""
-    from resdistill.predict.plan import open_slide_at
+    from resdistill.predict.slide_plan import open_slide_at
     from resdistill.read_chain import read_tiles
 
     slide = open_slide_at(plan.path)

@@ -1,4 +1,4 @@
-"""The study's two figures, from the report's rows (:class:`resdistill.study.report.Row`).
+"""The study's two figures, from the report's rows (:class:`resdistill.study.results_table.Row`).
 
 * ``accuracy_vs_flops.png``: test accuracy against FLOPs per tile (log axis), one panel per
   label fraction: the teacher, and per student magnification the baseline and the distilled

@@ -135,7 +135,7 @@ def run_study(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     from resdistill.data import DatasetInfo
     from resdistill.study.cells import CellOptions, cell_config, split_samples
     from resdistill.study.records import load_records
-    from resdistill.study.report import write_report
+    from resdistill.study.results_table import write_report
     from resdistill.study.tuning import TrialOptions, run_cells
     from resdistill.train.runner import run_url
     from sharding.magnification import display_mag

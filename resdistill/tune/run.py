@@ -19,7 +19,6 @@ from resdistill.fields import to_plain
 from resdistill.run_config import write_run_config
 from resdistill.train.runner import run_url, storage_for
 from resdistill.tune.config import TuneConfig
-from resdistill.tune.report import TuneSummary, print_summary, summarize, write_best_json
 from resdistill.tune.schedulers import (
     default_concurrency,
     make_scheduler,
@@ -28,6 +27,7 @@ from resdistill.tune.schedulers import (
 )
 from resdistill.tune.space import Domain, build_space, check_space
 from resdistill.tune.stage import base_config, data_url
+from resdistill.tune.trials_table import TuneSummary, print_summary, summarize, write_best_json
 
 
 def trial_options(cfg: TuneConfig, name: str) -> dict[str, Any]:
