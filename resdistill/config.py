@@ -279,7 +279,7 @@ class TeacherRef:
     """The frozen teacher of a distillation run.
 
     From the command line only ``checkpoint``, ``mag`` and ``evaluate`` are known;
-    :func:`resdistill.train.plan.prepare` reads the checkpoint and fills the rest.
+    :func:`resdistill.train.preflight.prepare` reads the checkpoint and fills the rest.
     """
 
     checkpoint: str = opt(

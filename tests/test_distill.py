@@ -21,7 +21,7 @@ from resdistill.commands import distill
 from resdistill.config import TrainConfig
 from resdistill.losses import DistillLoss
 from resdistill.models import build_model
-from resdistill.train.plan import prepare
+from resdistill.train.preflight import prepare
 from resdistill.train.teacher_net import (
     DistillStep,
     FrozenTeacher,

@@ -242,7 +242,7 @@ def test_stain_normalisation_is_planned_recorded_and_applied(tiny_dataset, tmp_p
     from resdistill.eval.evaluate import predict_split
     from resdistill.models import build_model
     from resdistill.predict.stages import Scorer
-    from resdistill.train.plan import prepare
+    from resdistill.train.preflight import prepare
     from resdistill.train.worker import model_card
     from tests.test_distill import save_checkpoint, teacher_payload
 

@@ -18,7 +18,7 @@ from resdistill.commands import distill
 from resdistill.data.cached import GeometricAugment, make_cached_loader
 from resdistill.data.targets import StaleTargetsError, TargetsIndex, check_for_distill
 from resdistill.models import build_model
-from resdistill.train.plan import check, prepare
+from resdistill.train.preflight import check, prepare
 from resdistill.train.targets import feature_size, write_targets
 from resdistill.train.teacher_net import (
     DistillStep,

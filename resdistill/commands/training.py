@@ -30,8 +30,8 @@ KD_FIELDS = (
 
 
 def train(cfg: TrainConfig) -> object:
-    """Run ``cfg`` (see :func:`resdistill.train.run.train`): the RunSummary."""
-    from resdistill.train.run import train as run_train
+    """Run ``cfg`` (see :func:`resdistill.train.driver.train`): the RunSummary."""
+    from resdistill.train.driver import train as run_train
 
     return run_train(cfg)
 

@@ -46,10 +46,10 @@ def _parse(module: object, argv: list[str]) -> argparse.Namespace:
 def cell_config(
     cell: Cell, opts: CellOptions, experiment: str, teacher_checkpoint: str | None = None
 ) -> TrainConfig:
-    """The planned config of ``cell`` (:func:`resdistill.train.plan.prepare`); distilled cells
+    """The planned config of ``cell`` (:func:`resdistill.train.preflight.prepare`); distilled cells
     need their teacher's checkpoint. Raises the commands' :class:`UsageError` on bad options."""
     from resdistill.commands import distill, teacher
-    from resdistill.train.plan import prepare
+    from resdistill.train.preflight import prepare
 
     common = ["--data", opts.data, "--storage", opts.storage, "--name", f"{experiment}-{cell.id}",
               "--arch", opts.arch, "--batch-size", str(opts.batch_size), "--workers", "1",

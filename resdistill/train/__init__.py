@@ -1,7 +1,7 @@
 """Training on Ray Train: one worker for every stage, stages behind a small protocol.
 
-Driver side: :mod:`~resdistill.train.plan` (check a :class:`~resdistill.config.TrainConfig`
-against dataset, teacher and targets; fill its ``plan``), :mod:`~resdistill.train.run`
+Driver side: :mod:`~resdistill.train.preflight` (check a :class:`~resdistill.config.TrainConfig`
+against dataset, teacher and targets; fill its ``plan``), :mod:`~resdistill.train.driver`
 (``train(cfg) -> RunSummary``), :mod:`~resdistill.train.runner` (the ``TorchTrainer``, summary).
 Worker side: :mod:`~resdistill.train.worker` (THE Ray Train function),
 :mod:`~resdistill.train.stages` (supervised, distillation), :mod:`~resdistill.train.loop` (epochs,

@@ -192,7 +192,7 @@ def write_targets(
     one Ray task per shard (``use_ray``) or in this process. Returns the written index."""
     from resdistill.checkpoint import absolute_url
     from resdistill.data import Dataset, shard_keys
-    from resdistill.train.plan import teacher_ref
+    from resdistill.train.preflight import teacher_ref
     from sharding.magnification import Magnification
     from sharding.storage import open_storage
 

@@ -64,7 +64,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """One DDP rank of a training run (see the module docstring)."""
     entered = time.time()
     cfg = TrainConfig.from_dict(loop_config["config"])
-    assert cfg.plan is not None, "plan the config first (resdistill.train.plan.prepare)"
+    assert cfg.plan is not None, "plan the config first (resdistill.train.preflight.prepare)"
     env = worker_env(cfg.speed)
     if env.use_cuda:
         torch.backends.cudnn.benchmark = True  # fixed tile sizes: let cuDNN pick its kernels

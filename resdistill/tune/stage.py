@@ -3,7 +3,7 @@
 A tuning run needs four things from the training stages, and only this module provides them:
 
 * :func:`base_config` - the planned :class:`~resdistill.config.TrainConfig` every trial starts
-  from, checked against the dataset (:func:`resdistill.train.plan.prepare`);
+  from, checked against the dataset (:func:`resdistill.train.preflight.prepare`);
 * :func:`apply_hparams` - one trial's config: the base with the tuned settings set by name
   (:meth:`~resdistill.config.TrainConfig.with_values`);
 * :func:`loop_config` - what the trial's Ray Train workers receive (config + start checkpoint);
@@ -44,8 +44,9 @@ def canonical(name: str) -> str:
 
 def base_config(cfg: TuneConfig) -> TrainConfig:
     """The planned config every trial starts from (:meth:`TuneConfig.trial_config` through
-    :func:`resdistill.train.plan.prepare`: the training commands' checks and one-line errors)."""
-    from resdistill.train.plan import prepare
+    :func:`resdistill.train.preflight.prepare`: the training commands' checks and one-line
+    errors)."""
+    from resdistill.train.preflight import prepare
 
     return prepare(cfg.trial_config())
 

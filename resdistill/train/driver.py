@@ -86,8 +86,8 @@ def shard_error_of(exc: BaseException) -> Exception | None:
 
 
 def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
-    """Run ``cfg`` (planned here: see :func:`resdistill.train.plan.prepare`) on Ray Train; print
-    its header, per-epoch progress and a summary table; return the :class:`RunSummary`.
+    """Run ``cfg`` (planned here: see :func:`resdistill.train.preflight.prepare`) on Ray Train;
+    print its header, per-epoch progress and a summary table; return the :class:`RunSummary`.
 
     A rerun with the same ``run.name`` and ``run.storage`` resumes after its latest checkpoint.
     The run's options (as given, with its name) are written to ``<storage>/<name>/config.yaml``
@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
     """
     from rich.console import Console
 
-    from resdistill.train.plan import prepare
+    from resdistill.train.preflight import prepare
     from resdistill.train.worker import loop_config, train_worker
     from sharding.ray_cluster import ray_init
 
