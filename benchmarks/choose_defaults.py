@@ -44,15 +44,16 @@ COHORTS = ("sites", "subtle", "default")
 
 
 def study_fractions(argv: list[str]) -> tuple[float, ...]:
-    """The label fractions ``resdistill study`` runs with the options ``argv`` (its own default
-    when they name none), parsed by the study command's own parser."""
-    from resdistill.commands import study
-    from resdistill.study.grid import parse_fractions
+    """The label fractions ``resdistill study`` runs with the options ``argv``: their
+    ``--label-fractions``, else the study's default (:class:`StudyConfig`'s)."""
+    from resdistill.study.config import StudyConfig
 
-    parser = argparse.ArgumentParser(add_help=False)
-    study.add_arguments(parser)
-    given = parser.parse_known_args(argv)[0].label_fractions
-    return parse_fractions(given, zero_ok=False, what="--label-fractions")
+    if "--label-fractions" not in argv:
+        return StudyConfig().label_fractions
+    text = argv[argv.index("--label-fractions") + 1]
+    return StudyConfig(
+        label_fractions=tuple(float(v) for v in text.split(",") if v)
+    ).label_fractions
 
 
 def run_one(out: Path, cohort: str, recipe: str, epochs: int, extra: list[str]) -> int:

@@ -4,16 +4,25 @@ choice, and a two-cell study through Ray Tune on a local cluster, resumed withou
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import yaml
 
 from resdistill.checkpoint import TRAINER_FILE, load_checkpoint
 from resdistill.cli import main as cli_main
+from resdistill.commands import distill, study, teacher
+from resdistill.commands.generate import parse
 from resdistill.data import read_manifest, select_train_slides
+from resdistill.fields import ConfigError
+from resdistill.study.cells import CellOptions, cell_config
 from resdistill.study.claims import approach, beats, judge, rises
+from resdistill.study.config import StudyConfig
 from resdistill.study.grid import Cell, Grid
+from resdistill.study.overrides import train_options
+from resdistill.train.preflight import prepare
 from tests.test_distill import trained_teacher  # noqa: F401 - module fixture: a tiny teacher
 
 pytestmark = pytest.mark.timeout(600)
@@ -69,6 +78,76 @@ def test_unlabelled_share_keeps_the_labelled_slides_and_nests() -> None:
         prev = got
 
 
+def test_study_options_from_flags_yaml_and_python(tmp_path: Path) -> None:
+    """The flags, a --config file and StudyConfig agree; the training overrides are the
+    training commands' flags, nested as the TrainConfig."""
+    argv = ["--teacher", "ckpt1", "--teacher", "0.1=ckpt0.1", "--label-fractions", "1,0.5",
+            "--student-args", "--temperature 2 --no-flips --jitter 0.1,0.1,0.1,0"]  # fmt: skip
+    from_cli = parse(study.SPEC, argv)
+    expected = StudyConfig(
+        teacher=("ckpt1", "0.1=ckpt0.1"), label_fractions=(1.0, 0.5),
+        student_args={"loss": {"temperature": 2.0},
+                      "data": {"flips": False, "jitter": (0.1, 0.1, 0.1, 0.0)}},
+    )  # fmt: skip
+    assert from_cli == expected
+    file = tmp_path / "study.yaml"
+    file.write_text(yaml.safe_dump({"teacher": ["ckpt1", "0.1=ckpt0.1"], "label_fractions": [1, 0.5],
+                                    "student_args": "--temperature 3", "quick": True}))  # fmt: skip
+    from_yaml = parse(study.SPEC, ["--config", str(file), "--student-args", "--temperature 2"])
+    assert from_yaml.student_args == {"loss": {"temperature": 2.0}}  # the flag wins
+    assert from_yaml.teacher == expected.teacher and from_yaml.quick
+    assert (from_yaml.grid_seeds, from_yaml.shares) == (1, (0.0, 1.0))  # --quick's
+    assert parse(study.SPEC, ["--config", str(file)]).student_args == {"loss": {"temperature": 3.0}}
+    assert (StudyConfig().grid_seeds, StudyConfig().shares) == (3, (0.0, 0.25, 0.5, 1.0))
+    for bad, words in (({"label_fractions": (0.0,)}, "--label-fractions 0 is not in (0, 1]"),
+                       ({"seeds": 0}, "--seeds must be at least 1"),
+                       ({"data": "/ds", "cohort": "sites"}, "--cohort picks"),
+                       ({"student_args": "--bogus 1"}, "--student-args: unknown option"),
+                       ({"teacher_args": "--jitter 0.5"}, "--teacher-args: --jitter takes four"),
+                       ({"student_args": {"loss": {"temprature": 2}}}, "temprature")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            StudyConfig(**bad)
+    assert train_options("--compile --no-teacher-eval --hed-jitter=0.05") == {
+        "speed": {"compile": "inductor"}, "teacher": {"evaluate": False},
+        "data": {"hed_jitter": (0.05, 0.05)},
+    }  # fmt: skip
+
+
+def test_cells_are_the_training_commands_configs(
+    tiny_dataset: Path,
+    trained_teacher: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A cell's config is the one ``resdistill teacher`` / ``distill`` make of the same
+    options, the study's overrides last (built directly, no command line in between)."""
+    data, storage = str(tiny_dataset), str(tmp_path / "runs")
+    cfg = StudyConfig(data=data, arch="resnet18", batch_size=8, epochs=2, student_epochs=3,
+                      teacher_args="--jitter 0.5,0.5,0.5,0.2",
+                      student_args="--temperature 2 --steps-per-epoch 2")  # fmt: skip
+    opts = CellOptions(data, storage, teacher_steps=5, student_steps=7)
+    common = ["--data", data, "--storage", storage, "--arch", "resnet18", "--batch-size", "8",
+              "--workers", "1", "--cpus-per-worker", "0.9", "--loader-workers", "1"]  # fmt: skip
+
+    t = Cell("teacher", "10x", 0.5, 1)
+    assert cell_config(t, cfg, opts, "x") == prepare(parse(teacher.SPEC, [
+        *common, "--name", f"x-{t.id}", "--seed", "1", "--mag", "10x", "--epochs", "2",
+        "--label-fraction", "0.5", "--steps-per-epoch", "5", "--jitter", "0.5,0.5,0.5,0.2",
+    ]))  # fmt: skip
+    student = [*common, "--seed", "0", "--student-mag", "5x", "--epochs", "3",
+               "--temperature", "2", "--steps-per-epoch", "2"]  # fmt: skip
+    b = Cell("baseline", "5x", 0.5, 0)
+    baseline = cell_config(b, cfg, opts, "x")
+    assert baseline == prepare(parse(distill.SPEC, [
+        *student, "--name", f"x-{b.id}", "--supervised", "--label-fraction", "0.5"]))  # fmt: skip
+    assert baseline.data.jitter == (0.0, 0.0, 0.0, 0.0)  # the student's preset, not the teacher's
+    d = Cell("distilled", "5x", 0.5, 0, 0.5)
+    distilled = cell_config(d, cfg, opts, "x", trained_teacher)
+    assert distilled == prepare(parse(distill.SPEC, [
+        *student, "--name", f"x-{d.id}", "--teacher", trained_teacher, "--no-teacher-eval",
+        "--label-fraction", "0.5", "--unlabelled-share", "0.5"]))  # fmt: skip
+    assert distilled.loss.temperature == 2.0 and distilled.plan.steps_per_epoch == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Through Ray Tune on the local cluster
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +196,11 @@ def test_two_cell_study_writes_the_report_and_resumes(
     assert config["data"]["unlabelled_share"] == 0.5
     experiments = sorted(p.name for p in (out / "runs").iterdir())
     assert len(experiments) == 1 and experiments[0].startswith("study-students-")
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert (
+        written["resdistill"]["command"] == "study" and len(written["dataset"]["fingerprint"]) == 16
+    )
+    assert written["config"]["student_args"]["data"] == {"shuffle_buffer": 16, "steps_per_epoch": 2}
 
     # a rerun without --resume refuses; with it, nothing is trained again
     assert cli_main(argv) == 2

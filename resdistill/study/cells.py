@@ -1,79 +1,81 @@
-"""One cell of the study -> its planned :class:`~resdistill.config.TrainConfig`, built by the
-``teacher`` and ``distill`` commands' own parsers and builders (so a cell is exactly the run
-those commands would make from the same options, their checks included).
+"""One cell of the study -> its planned :class:`~resdistill.config.TrainConfig`, built directly
+from the study's options (what ``resdistill teacher`` / ``distill`` would make of the same
+options: the same fields, defaults, stage presets and checks).
 
 Every student cell of a magnification takes the same number of optimiser steps per epoch, that
 of reading every training sample once (``train`` and ``unlabeled``): a smaller label fraction or
 unlabelled share cycles fewer slides for as long, so only the data differs between cells, not the
 compute. Teachers take ``train``'s steps whatever their label fraction (as the demo does).
-Options in ``teacher_args`` / ``student_args`` (the commands' own) come last and win.
+The study's ``teacher_args`` / ``student_args`` overrides come last and win.
 """
 
 from __future__ import annotations
 
-import argparse
-import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from resdistill.config import TrainConfig
+from resdistill.config import (
+    STAGE_DISTILL,
+    STAGE_SUPERVISED,
+    STAGE_TEACHER,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunOptions,
+    TeacherRef,
+    TrainConfig,
+)
+from resdistill.study.config import StudyConfig
 from resdistill.study.grid import KIND_BASELINE, KIND_TEACHER, Cell
+from resdistill.study.overrides import apply_overrides
 
 
 @dataclass(frozen=True)
 class CellOptions:
-    """What every cell shares: the dataset, the run storage, the network and its schedule."""
+    """What the study derived for its cells: the dataset's URL, the run storage and the steps
+    per epoch of teachers and students."""
 
     data: str
     storage: str
-    arch: str
-    batch_size: int
-    epochs: int
-    student_epochs: int
-    cpus_per_worker: float
-    loader_workers: int
     teacher_steps: int
     student_steps: int
-    teacher_args: str = ""
-    student_args: str = ""
-
-
-def _parse(module: object, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"study cell ({module.__name__})")  # type: ignore[attr-defined]
-    module.add_arguments(parser)  # type: ignore[attr-defined]
-    return parser.parse_args(argv)
 
 
 def cell_config(
-    cell: Cell, opts: CellOptions, experiment: str, teacher_checkpoint: str | None = None
+    cell: Cell,
+    study: StudyConfig,
+    opts: CellOptions,
+    experiment: str,
+    teacher_checkpoint: str | None = None,
 ) -> TrainConfig:
     """The planned config of ``cell`` (:func:`resdistill.train.preflight.prepare`); distilled cells
-    need their teacher's checkpoint. Raises the commands' :class:`UsageError` on bad options."""
-    from resdistill.commands import distill, teacher
+    need their teacher's checkpoint. Raises the configs' :class:`UsageError` on bad options."""
     from resdistill.train.preflight import prepare
 
-    common = ["--data", opts.data, "--storage", opts.storage, "--name", f"{experiment}-{cell.id}",
-              "--arch", opts.arch, "--batch-size", str(opts.batch_size), "--workers", "1",
-              "--cpus-per-worker", f"{opts.cpus_per_worker:g}", "--loader-workers",
-              str(opts.loader_workers), "--seed", str(cell.seed)]  # fmt: skip
-    fraction = ["--label-fraction", f"{cell.label_fraction:g}"]
+    data = DataConfig(url=opts.data, batch_size=study.batch_size,
+                      loader_workers=study.loader_workers)  # fmt: skip
+    model = ModelConfig(arch=study.arch, mag=cell.mag)
+    run = RunOptions(name=f"{experiment}-{cell.id}", storage=opts.storage, workers=1,
+                     cpus_per_worker=study.cpus_per_worker)  # fmt: skip
+    fraction = {"label_fraction": cell.label_fraction}
     if cell.kind == KIND_TEACHER:
-        argv = [*common, "--mag", cell.mag, "--epochs", str(opts.epochs), *fraction,
-                "--steps-per-epoch", str(opts.teacher_steps), *shlex.split(opts.teacher_args)]  # fmt: skip
-        return prepare(teacher.build_config(_parse(teacher, argv)))
-    student = [*common, "--student-mag", cell.mag, "--epochs", str(opts.student_epochs),
-               "--steps-per-epoch", str(opts.student_steps)]  # fmt: skip
-    extra = shlex.split(opts.student_args)
+        cfg = TrainConfig(
+            STAGE_TEACHER, replace(data, steps_per_epoch=opts.teacher_steps, **fraction), model,
+            OptimConfig(epochs=study.epochs, seed=cell.seed), run=run,
+        )  # fmt: skip
+        return prepare(apply_overrides(cfg, study.teacher_args))
+    data = replace(data, steps_per_epoch=opts.student_steps)
+    optim = OptimConfig(epochs=study.student_epochs, seed=cell.seed)
     if cell.kind == KIND_BASELINE:
-        return prepare(
-            distill.build_config(_parse(distill, [*student, "--supervised", *fraction, *extra]))
-        )
+        cfg = TrainConfig(STAGE_SUPERVISED, replace(data, **fraction), model, optim, run=run)
+        return prepare(apply_overrides(cfg, study.student_args))
     if teacher_checkpoint is None:
         raise ValueError(f"{cell.id}: a distilled cell needs its teacher's checkpoint")
     share = 1.0 if cell.unlabelled_share is None else cell.unlabelled_share
     if share < 1:  # the teacher's labelled slides stay; a share of the others is added
-        student += [*fraction, "--unlabelled-share", f"{share:g}"]
-    argv = [*student, "--teacher", teacher_checkpoint, "--no-teacher-eval", *extra]
-    return prepare(distill.build_config(_parse(distill, argv)))
+        data = replace(data, unlabelled_share=share, **fraction)
+    teacher = TeacherRef(checkpoint=teacher_checkpoint, evaluate=False)
+    cfg = TrainConfig(STAGE_DISTILL, data, model, optim, run=run, teacher=teacher)
+    return prepare(apply_overrides(cfg, study.student_args))
 
 
 def split_samples(data: str, splits: tuple[str, ...], labelled_only: bool = False) -> int:

@@ -95,15 +95,3 @@ def student_mags_below(mags: Sequence[str], teacher_mag: str) -> tuple[str, ...]
     top = Magnification.parse(teacher_mag).power
     below = [m for m in mags if Magnification.parse(m).power < top]
     return tuple(sorted(below, key=lambda m: -Magnification.parse(m).power))
-
-
-def parse_fractions(text: str, *, zero_ok: bool, what: str) -> tuple[float, ...]:
-    """``"1,0.1"`` -> ``(1.0, 0.1)``, duplicates dropped; ``ValueError`` for a value outside
-    ``(0, 1]`` (``[0, 1]`` with ``zero_ok``)."""
-    values = tuple(dict.fromkeys(float(v) for v in text.split(",") if v.strip()))
-    if not values:
-        raise ValueError(f"{what}: no value given")
-    for v in values:
-        if not (0 <= v <= 1 if zero_ok else 0 < v <= 1):
-            raise ValueError(f"{what}: {v:g} is not in {'[0' if zero_ok else '(0'}, 1]")
-    return values

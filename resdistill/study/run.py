@@ -1,25 +1,26 @@
 """The study's driver: dataset (given, or the embedded synthetic cohort), grid, the teachers'
 phase, the students' phase, evaluation, report. A cell with a record in ``<out>/cells`` is done;
-``--resume`` reruns only the others (and rewrites the report from every record).
+``resume`` reruns only the others (and rewrites the report from every record). The resolved
+options are written to ``<out>/config.yaml`` with the dataset's fingerprint.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from resdistill.errors import UsageError
+from resdistill.study.config import StudyConfig
 from resdistill.study.grid import (
     KIND_DISTILLED,
     KIND_TEACHER,
     LABEL_FRACTIONS,
     Cell,
     Grid,
-    parse_fractions,
     student_mags_below,
 )
 
@@ -74,10 +75,10 @@ def synthetic_dataset(
     return str(dataset)
 
 
-def _given_teachers(values: list[str] | None) -> dict[float, str]:
+def _given_teachers(values: tuple[str, ...]) -> dict[float, str]:
     """``--teacher CKPT`` (label fraction 1) or ``--teacher F=CKPT``."""
     out: dict[float, str] = {}
-    for v in values or []:
+    for v in values:
         head, sep, tail = v.partition("=")
         try:
             fraction = float(head) if sep else 1.0
@@ -87,13 +88,13 @@ def _given_teachers(values: list[str] | None) -> dict[float, str]:
     return out
 
 
-def build_grid(args: argparse.Namespace, info: Any) -> Grid:
-    """The grid of ``args`` on the dataset ``info`` (:class:`resdistill.data.DatasetInfo`)."""
+def build_grid(cfg: StudyConfig, info: Any) -> Grid:
+    """The grid of ``cfg`` on the dataset ``info`` (:class:`resdistill.data.DatasetInfo`)."""
     from sharding.magnification import Magnification
 
-    teacher_mag = info.resolve_mag(args.teacher_mag or info.highest)
-    if args.student_mags:
-        mags = tuple(info.resolve_mag(m.strip()) for m in args.student_mags.split(",") if m.strip())
+    teacher_mag = info.resolve_mag(cfg.teacher_mag or info.highest)
+    if cfg.student_mags:
+        mags = tuple(info.resolve_mag(m) for m in cfg.student_mags)
     else:
         mags = student_mags_below(info.magnifications, teacher_mag)
     if not mags:
@@ -102,19 +103,16 @@ def build_grid(args: argparse.Namespace, info: Any) -> Grid:
     for m in mags:
         if Magnification.parse(m).power >= top:
             raise UsageError(f"--student-mags: {m} is not below the teacher's {teacher_mag}")
-    try:
-        fractions = parse_fractions(args.label_fractions, zero_ok=False, what="--label-fractions")
-        shares = parse_fractions(args.unlabelled_shares, zero_ok=True, what="--unlabelled-shares")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if args.quick and not args.student_mags:
+    fractions = tuple(dict.fromkeys(cfg.label_fractions))
+    shares = tuple(dict.fromkeys(cfg.shares))
+    if cfg.quick and not cfg.student_mags:
         mags = (min(mags, key=lambda m: abs(top / Magnification.parse(m).power - QUICK_RATIO)),)
-    return Grid(teacher_mag, mags, fractions, shares, tuple(range(args.seeds)),
-                _given_teachers(args.teacher))  # fmt: skip
+    return Grid(teacher_mag, mags, fractions, shares, tuple(range(cfg.grid_seeds)),
+                _given_teachers(cfg.teacher))  # fmt: skip
 
 
 def _evaluate(
-    cells: dict[str, Cell], ckpts: dict[str, str | None], args: argparse.Namespace,
+    cells: dict[str, Cell], ckpts: dict[str, str | None], cfg: StudyConfig,
     data: str, out: Path, console: Any,
 ) -> None:  # fmt: skip
     from resdistill.study.records import evaluation_records, write_record
@@ -124,15 +122,17 @@ def _evaluate(
         console.print(f"[red]cell {k} left no checkpoint: rerun with --resume[/]")
     if good:
         console.print(f"evaluating {len(good)} cell(s) on the test split")
-    for record in evaluation_records(cells, good, data, loader_workers=args.loader_workers):
+    for record in evaluation_records(cells, good, data, loader_workers=cfg.loader_workers):
         write_record(out, record)
 
 
-def run_study(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
-    """Run (or resume) the study of ``args``; ``(rows, claims)`` of its report."""
+def run_study(cfg: StudyConfig) -> tuple[list[Any], list[Any]]:
+    """Run (or resume) the study ``cfg`` describes; ``(rows, claims)`` of its report."""
     from rich.console import Console
 
     from resdistill.data import DatasetInfo
+    from resdistill.fields import to_plain
+    from resdistill.run_config import write_run_config
     from resdistill.study.cells import CellOptions, cell_config, split_samples
     from resdistill.study.records import load_records
     from resdistill.study.results_table import write_report
@@ -142,36 +142,35 @@ def run_study(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     from sharding.ray_cluster import ray_init
 
     console = Console(highlight=False)
-    out = Path(args.out).resolve()
+    out = Path(cfg.out).resolve()
     records = load_records(out)
-    if records and not args.resume:
+    if records and not cfg.resume:
         raise UsageError(
             f"{out} holds a study already: pass --resume to continue it, or a new --out"
         )
     out.mkdir(parents=True, exist_ok=True)
-    storage = args.storage or str(out / "runs")
+    storage = cfg.storage or str(out / "runs")
     started = time.monotonic()
-    ray_init(args.address)
-    data = args.data or synthetic_dataset(out, args.seed, args.address, console, args.cohort)
+    ray_init(cfg.address)
+    data = cfg.data or synthetic_dataset(out, cfg.seed, cfg.address, console, cfg.cohort)
     info = DatasetInfo.load(data)
-    grid = build_grid(args, info)
-    bs = args.batch_size
+    grid = build_grid(cfg, info)
+    write_run_config(str(out), "study", to_plain(replace(cfg, out=str(out), storage=storage)),
+                     dataset=(info.url, info.raw))  # fmt: skip
+    bs = cfg.batch_size
     opts = CellOptions(
-        data=info.url, storage=storage, arch=args.arch, batch_size=bs, epochs=args.epochs,
-        student_epochs=args.student_epochs, cpus_per_worker=args.cpus_per_worker,
-        loader_workers=args.loader_workers,
+        data=info.url, storage=storage,
         teacher_steps=max(1, split_samples(info.url, ("train",), labelled_only=True) // bs),
         student_steps=max(1, split_samples(info.url, ("train", "unlabeled")) // bs),
-        teacher_args=args.teacher_args, student_args=args.student_args,
     )  # fmt: skip
-    trials = TrialOptions(storage=storage, cpus_per_worker=args.cpus_per_worker,
-                          trial_cpus=args.trial_cpus, gpu=args.gpu)  # fmt: skip
+    trials = TrialOptions(storage=storage, cpus_per_worker=cfg.cpus_per_worker,
+                          trial_cpus=cfg.trial_cpus, gpu=cfg.gpu)  # fmt: skip
     todo = [c for c in grid.cells() if c.id not in records]
     console.print(
         f"[bold]study[/] on {info.url}: teacher {display_mag(grid.teacher_mag)}, students "
         f"{', '.join(map(display_mag, grid.student_mags))}, label fractions {grid.label_fractions}, unlabelled "
         f"shares {grid.unlabelled_shares}, seeds {list(grid.seeds)}: {len(grid.cells())} cells, "
-        f"{len(grid.cells()) - len(todo)} done, {len(todo)} to run -> {run_url(storage, args.name)}",
+        f"{len(grid.cells()) - len(todo)} done, {len(todo)} to run -> {run_url(storage, cfg.name)}",
         soft_wrap=True,
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -179,7 +178,7 @@ def run_study(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     new_given = {c.id: c for c in given.values() if c.id not in records}
     if new_given:  # a given teacher is scored like a trained one
         _evaluate(new_given, {k: grid.given[c.label_fraction] for k, c in new_given.items()},
-                  args, info.url, out, console)  # fmt: skip
+                  cfg, info.url, out, console)  # fmt: skip
     for phase in ("teachers", "students"):
         cells = {c.id: c for c in todo if (c.kind == KIND_TEACHER) == (phase == "teachers")}
         if not cells:
@@ -195,15 +194,15 @@ def run_study(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
                 if teacher is None:
                     console.print(f"[yellow]{cid}: its teacher {t and t.id} failed, skipped[/]")
                     continue
-            configs[cid] = cell_config(cell, opts, args.name, teacher)
+            configs[cid] = cell_config(cell, cfg, opts, cfg.name, teacher)
         console.rule(f"[bold]{phase}: {len(configs)} cell(s)")
-        ckpts = run_cells(configs, f"{args.name}-{phase}-{stamp}", trials, console)
-        _evaluate(cells, ckpts, args, info.url, out, console)
+        ckpts = run_cells(configs, f"{cfg.name}-{phase}-{stamp}", trials, console)
+        _evaluate(cells, ckpts, cfg, info.url, out, console)
     records = load_records(out)
     missing = [c.id for c in grid.cells() if c.id not in records]
     minutes = (time.monotonic() - started) / 60
     header = (f"Dataset {info.url}; teacher at {display_mag(grid.teacher_mag)}; {len(records)} cells in "
-              f"{minutes:.1f} min this run; run storage {run_url(storage, args.name)}.")  # fmt: skip
+              f"{minutes:.1f} min this run; run storage {run_url(storage, cfg.name)}.")  # fmt: skip
     if missing:
         header += f" Missing cells (rerun with --resume): {', '.join(missing)}."
     rows, claims = write_report(records, out, header, console)

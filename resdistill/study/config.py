@@ -1,0 +1,122 @@
+"""Typed options of ``resdistill study``: the dataset and teachers, the grid, what every cell
+trains with, and where the study runs.
+
+``teacher_args`` / ``student_args`` are overrides of the cells' :class:`TrainConfig`, nested as
+the config (``{"data": {"jitter": [0.5, 0.5, 0.5, 0.2]}}``); on the command line they are
+written with the training commands' flags (``--teacher-args '--jitter 0.5,0.5,0.5,0.2'``) and
+read by :func:`resdistill.study.overrides.train_options`. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from resdistill.config import ARCH_CHOICES, DEFAULT_EPOCHS, STAGE_DISTILL, STAGE_TEACHER
+from resdistill.fields import ConfigError, check, check_choice, opt
+from resdistill.study.grid import LABEL_FRACTIONS, SEEDS, UNLABELLED_SHARES
+from resdistill.study.overrides import check_overrides, train_options
+
+#: the unlabelled shares of ``--quick``
+QUICK_SHARES = (0.0, 1.0)
+
+
+def _listed(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One study; validated on construction (messages name the flag)."""
+
+    data: str | None = opt(
+        None, "dataset root (folder or s3://) sharded at the teacher's and the students' "
+        "magnifications; default: the embedded synthetic cohort under --out")  # fmt: skip
+    teacher: tuple[str, ...] = opt(
+        (), "a trained teacher checkpoint for label fraction 1 (or FRACTION=CKPT for another; "
+        "repeatable); fractions without one train their teachers as cells",
+        metavar="[FRACTION=]CKPT", repeat=True)  # fmt: skip
+    teacher_mag: str = opt("", "the teachers' magnification (default: the dataset's highest)")
+    student_mags: tuple[str, ...] = opt(
+        (),
+        "comma list of student magnifications; default: every one below the teacher's",
+        metavar="MAG,MAG",
+    )
+    label_fractions: tuple[float, ...] = opt(
+        LABEL_FRACTIONS, "comma list of labelled shares of the training slides", metavar="F,F"
+    )
+    unlabelled_shares: tuple[float, ...] | None = opt(
+        None, "comma list of shares of the unlabelled training slides distillation reads "
+        f"(default: {_listed(UNLABELLED_SHARES)}; with --quick {_listed(QUICK_SHARES)})",
+        metavar="S,S")  # fmt: skip
+    seeds: int | None = opt(None, f"seeds per cell (default: {SEEDS}; 1 with --quick)")
+    quick: bool = opt(
+        False, "one student magnification (16x fewer FLOPs), one seed, unlabelled shares "
+        f"{_listed(QUICK_SHARES)}; the full schedules, so its verdicts are evidence")  # fmt: skip
+    arch: str = opt("resnet-small", "teachers' and students' network", choices=ARCH_CHOICES)
+    epochs: int = opt(DEFAULT_EPOCHS, "teachers' epochs")
+    student_epochs: int = opt(DEFAULT_EPOCHS, "students' epochs")
+    batch_size: int = opt(32, "batch size of every cell")
+    loader_workers: int = opt(1, "DataLoader processes per run")
+    teacher_args: Mapping[str, Any] | None = opt(
+        None, "more options of `resdistill teacher` for the teacher cells, which win over the "
+        "study's (e.g. '--jitter 0.5,0.5,0.5,0.2')", parse=train_options,
+        metavar="OPTIONS")  # fmt: skip
+    student_args: Mapping[str, Any] | None = opt(
+        None, "more options of `resdistill distill` for the student cells, which win over the "
+        "study's (e.g. '--temperature 4')", parse=train_options, metavar="OPTIONS")  # fmt: skip
+    seed: int = opt(0, "seed of the synthetic cohort")
+    cohort: str = opt(
+        "default", "without --data: the embedded cohort's kind, as `resdistill synth --cohort` "
+        "(default, sites, subtle, unlabeled, or a+b)")  # fmt: skip
+    out: str = opt("study", "report folder (cells/ records inside)")
+    storage: str | None = opt(
+        None, "run storage for Tune results and checkpoints (default: OUT/runs)"
+    )
+    name: str = opt("study", "prefix of the Tune experiments")
+    resume: bool = opt(False, "keep finished cells, run the rest")
+    cpus_per_worker: float = opt(0.9, "CPUs of each cell's run")
+    trial_cpus: float = opt(0.1, "CPUs of each trial's actor")
+    gpu: bool = opt(False, "one GPU per cell")
+    address: str | None = opt(None, "Ray cluster (default: $RAY_ADDRESS or a local Ray)")
+
+    def __post_init__(self) -> None:
+        check(bool(self.label_fractions), "--label-fractions", "needs a value")
+        for v in self.label_fractions:
+            check(0 < v <= 1, "--label-fractions", f"{v:g} is not in (0, 1]")
+        check(self.unlabelled_shares is None or bool(self.unlabelled_shares),
+              "--unlabelled-shares", "needs a value")  # fmt: skip
+        for v in self.unlabelled_shares or ():
+            check(0 <= v <= 1, "--unlabelled-shares", f"{v:g} is not in [0, 1]")
+        check(self.seeds is None or self.seeds >= 1, "--seeds", "must be at least 1")
+        check(not self.data or self.cohort == "default", "--cohort",
+              "picks the embedded synthetic cohort: drop it with --data")  # fmt: skip
+        for name in ("epochs", "student_epochs", "batch_size"):
+            check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), "must be at least 1")
+        check(self.loader_workers >= 0, "--loader-workers", "must be 0 or more")
+        check(self.cpus_per_worker > 0, "--cpus-per-worker", "must be positive")
+        check(self.trial_cpus > 0, "--trial-cpus", "must be positive")
+        check_choice(StudyConfig, self, "arch")
+        for name, stage in (("teacher_args", STAGE_TEACHER), ("student_args", STAGE_DISTILL)):
+            value = getattr(self, name)
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, str):  # a YAML file may spell them as on the command line
+                try:
+                    value = train_options(value)
+                except ValueError as exc:
+                    raise ConfigError(f"{flag}: {exc}") from None
+                object.__setattr__(self, name, value)
+            check_overrides(value, stage, flag)
+
+    @property
+    def grid_seeds(self) -> int:
+        """Seeds per cell: ``seeds``, else 1 with ``quick``, else the paper's."""
+        return self.seeds if self.seeds is not None else 1 if self.quick else SEEDS
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """The unlabelled shares: ``unlabelled_shares``, else ``quick``'s or the paper's."""
+        if self.unlabelled_shares is not None:
+            return self.unlabelled_shares
+        return QUICK_SHARES if self.quick else UNLABELLED_SHARES
