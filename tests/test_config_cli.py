@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -62,7 +63,7 @@ def test_every_cli_default_is_its_fields(spec) -> None:
         assert action.help and action.help.strip(), f"{spec.name} {leaf.flag} has no help"
         shown = re.search(r"\(default: ([^)]*)\)$", action.help)
         value = spec.fixed.get(leaf.path, spec.defaults.get(leaf.path, leaf.field.default))
-        if shown and value not in (None, "") and "by stage" not in action.help:
+        if shown and value not in (None, "", ()) and "by stage" not in action.help:
             assert shown.group(1) == show_value(value), leaf.flag
 
 
@@ -155,6 +156,9 @@ def test_config_yaml_reproduces_a_teacher_run(
         cfg, data=replace(cfg.data, url=str(Path(cfg.data.url).resolve()))
     )
     assert read_config_file(str(written))["run"]["name"] == "a"
+    meta = json.loads((Path(first.latest_checkpoint) / "meta.json").read_text())
+    assert meta["config"]["optim"]["epochs"] == 1 and "plan" not in meta["config"]
+    assert meta["resdistill"]["version"] == doc["resdistill"]["version"]
     again = train(again_cfg)
     assert again.last_metrics["train_loss"] == pytest.approx(first.last_metrics["train_loss"])
 
