@@ -51,9 +51,9 @@ resdistill evaluate accepts as a model.
 
 exit codes: 0 done; 1 no trial produced a checkpoint; 2 unusable options, space or data.""",
     examples=(
-        "resdistill tune --data shards/ --teacher runs/t1 --student-mag 2.5x --scheduler asha "
-        "--num-samples 16 --name sweep1 --best-json best.json",
-        "resdistill tune --data shards/ --teacher-mode --scheduler pbt --space lr=loguniform:1e-4:1e-2",
+        "resdistill tune --data shards/ --teacher runs/t1 --student-mag 2.5x --name sweep1",
+        "resdistill tune --data shards/ --teacher runs/t1 --student-mag 2.5x --scheduler pbt",
+        "resdistill tune --data shards/ --teacher-mode --space lr=loguniform:1e-4:1e-2",
         "resdistill tune --config runs/sweep1/config.yaml --name sweep1 --resume",
     ),
     defaults={"train.stage": STAGE_DISTILL},
