@@ -127,7 +127,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any] | None:
 
     from resdistill.fields import to_plain
     from resdistill.run_config import write_run_config
-    from resdistill.train.run import train
+    from resdistill.train.driver import train
     from sharding.ray_cluster import ray_init
 
     console = Console(stderr=True, highlight=False)
