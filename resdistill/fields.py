@@ -4,7 +4,7 @@ Every command's options are fields of a frozen dataclass declared with :func:`op
 
     batch_size: int = opt(64, "per-worker batch size", tune="yes")
 
-The CLI layer (:mod:`resdistill.commands.generate`) turns those fields into ``argparse``
+The CLI layer (:mod:`resdistill.commands.generate`) turns those fields into command-line
 options; ``--config FILE.yaml`` and a config built in Python read the same fields, so a default
 or a help line is written once. This module imports nothing but the standard library: configs
 stay importable by CPU-only sharding nodes and by ``resdistill --help`` without torch or Ray.
@@ -41,7 +41,7 @@ class ConfigError(UsageError):
 
 def opt(
     default: Any = MISSING,
-    help: str = "",  # noqa: A002 - the argparse word
+    help: str = "",  # noqa: A002 - the command-line word
     *,
     flag: str | None = None,
     choices: tuple[Any, ...] | None = None,
