@@ -162,18 +162,15 @@ def rows_vs_teacher(
 def engine_run(ckpt: str, slides: list[Path], out: Path, *extra: str) -> dict[str, Any]:
     """``resdistill predict`` (the Ray Data engine) on ``slides`` in this process, on the Ray
     session already started; wall seconds and the slides.parquet rows."""
-    import argparse
-
     import pyarrow.parquet as pq
 
     from resdistill.commands import predict as predict_cmd
+    from resdistill.commands.generate import parse
     from resdistill.predict.driver import predict_command
 
-    p = argparse.ArgumentParser()
-    predict_cmd.add_arguments(p)
-    args = p.parse_args([ckpt, *map(str, slides), "--out", str(out), *extra])
+    cfg = parse(predict_cmd.SPEC, [ckpt, *map(str, slides), "--out", str(out), *extra])
     t0 = time.perf_counter()
-    rc = predict_command(args)
+    rc = predict_command(cfg)
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"predict {ckpt} failed (exit {rc})")

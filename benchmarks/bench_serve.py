@@ -56,6 +56,7 @@ def native_student(demo: Path, data: Path, s_mag: str) -> str:
     from resdistill.commands import demo as demo_cmd
     from resdistill.commands import distill
     from resdistill.train.targets import write_targets
+    from resdistill.train.targets_config import TargetsConfig
 
     runs = demo / "runs-native"
     best = runs / "distilled-cached.best"
@@ -65,7 +66,9 @@ def native_student(demo: Path, data: Path, s_mag: str) -> str:
     demo_cmd.add_arguments(p)
     d = p.parse_args([])
     teacher = demo_models(demo)["teacher"]
-    targets = write_targets(str(data), str(teacher), student_mags=[s_mag]).url
+    targets = write_targets(
+        TargetsConfig(data=str(data), teacher=str(teacher), student_mags=(s_mag,))
+    ).url
     p = argparse.ArgumentParser()
     distill.add_arguments(p)
     args = p.parse_args([

@@ -352,10 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         def cached_targets() -> Any:
             if not targets:
                 from resdistill.train.targets import write_targets
+                from resdistill.train.targets_config import TargetsConfig
 
-                out, secs = timed(lambda: write_targets(
-                    data, teacher, out=str(work / "targets"), splits=["train", "val"],
-                    use_ray=False))  # fmt: skip
+                out, secs = timed(lambda: write_targets(TargetsConfig(
+                    data=data, teacher=teacher, out=str(work / "targets"),
+                    splits=("train", "val"), local=True)))  # fmt: skip
                 targets.append(out)
                 timings["targets_s"] = secs
             return targets[0]

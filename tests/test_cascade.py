@@ -277,12 +277,13 @@ def test_evaluate_cascade_reuses_a_listed_teacher(
     checkpoints: dict[str, Path],  # noqa: F811
 ) -> None:
     from resdistill.eval.cascade_eval import evaluate_cascade
+    from resdistill.eval.config import EvaluateConfig
 
-    report, doc = evaluate_cascade(
-        [str(checkpoints["teacher"]), str(checkpoints["student"])], str(eval_data),
-        str(checkpoints["teacher"]), "test", n_boot=300, num_workers=0, bench_seconds=0.05,
-        bench_batch=4, plots=False,
-    )  # fmt: skip
+    report, doc = evaluate_cascade(EvaluateConfig(
+        checkpoints=(str(checkpoints["teacher"]), str(checkpoints["student"])),
+        data=str(eval_data), cascade=str(checkpoints["teacher"]), split="test", n_boot=300,
+        loader_workers=0, bench_seconds=0.05, bench_batch=4, plots=False,
+    ))  # fmt: skip
     assert [ev.name for ev in report.models] == ["teacher", "student"]
     (curve,) = doc["curves"]  # the teacher is no student of itself
     earlier = json.loads((cascaded[1] / "cascade.json").read_text())["curves"][0]
@@ -294,14 +295,15 @@ def test_evaluate_cascade_reuses_a_listed_teacher(
 def test_evaluate_cascade_on_s3(tiny_dataset_s3: str, checkpoints: dict[str, Path]) -> None:  # noqa: F811
     """Dataset and output on S3, a threshold grid of two: the files land beside evaluation.json."""
     from resdistill.eval.cascade_eval import evaluate_cascade
+    from resdistill.eval.config import EvaluateConfig
     from sharding.storage import open_storage
 
     out = tiny_dataset_s3.rsplit("/", 1)[0] + "/eval-cascade"
-    report, doc = evaluate_cascade(
-        [str(checkpoints["student"])], tiny_dataset_s3, str(checkpoints["teacher"]), "test",
-        out=out, thresholds=(0.0, 0.8), n_boot=50, num_workers=0, bench_seconds=0.05,
-        bench_batch=4,
-    )  # fmt: skip
+    report, doc = evaluate_cascade(EvaluateConfig(
+        checkpoints=(str(checkpoints["student"]),), data=tiny_dataset_s3,
+        cascade=str(checkpoints["teacher"]), split="test", out=out, thresholds=(0.0, 0.8),
+        n_boot=50, loader_workers=0, bench_seconds=0.05, bench_batch=4,
+    ))  # fmt: skip
     store = open_storage(out)
     saved = json.loads(store.read_bytes("cascade.json"))
     assert [p["label"] for p in saved["curves"][0]["points"]] == ["0", "0.8", ">1"]
@@ -313,11 +315,10 @@ def test_evaluate_cascade_on_s3(tiny_dataset_s3: str, checkpoints: dict[str, Pat
 
 
 def test_thresholds_help_names_the_default_grid() -> None:
-    import argparse
+    from resdistill.commands.generate import build_parser
 
-    parser = argparse.ArgumentParser()
-    eval_cmd.add_arguments(parser)
-    (action,) = [a for a in parser._actions if a.dest == "thresholds"]
+    parser = build_parser(eval_cmd.SPEC)
+    (action,) = [a for a in parser._actions if "--thresholds" in a.option_strings]
     assert ",".join(f"{t:g}" for t in DEFAULT_THRESHOLDS) in action.help
 
 
@@ -361,9 +362,11 @@ def test_evaluate_cascade_errors_are_one_line(
     argv = [*ckpts, *extra, "--data", str(eval_data), "--out", str(out), "--loader-workers", "0"]
     assert _cli(eval_cmd, argv) == 2
     stderr = capsys.readouterr().err
-    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("evaluate: error:")]
+    (line,) = [ln for ln in stderr.splitlines() if "evaluate: error:" in ln]  # options: argparse's
     assert needle in line, stderr
     if case == "mag":
         assert line.startswith("evaluate: error: --cascade ")
+    if case in ("threshold", "no-cascade"):  # refused by the config, before any model is loaded
+        assert line.startswith("resdistill evaluate: error: ")
     assert not (tmp_path / "o" / "evaluation.json").exists()
     assert not (tmp_path / "o" / "cascade.json").exists()

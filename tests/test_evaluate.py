@@ -11,7 +11,6 @@ sharding planner's functions on the real Aperio slide.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import tarfile
@@ -147,9 +146,14 @@ def checkpoints(eval_data: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 def _cli(module: Any, argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
+    """``resdistill <module's command> ARGV`` as the command line runs it (the generated parser,
+    then ``run``): the exit status, 2 for an option the config refuses."""
+    from resdistill.commands.generate import main
+
+    try:
+        return main(module.SPEC, module.run, argv)
+    except SystemExit as exc:  # argparse's exit for a refused option, --help, --print-config
+        return int(exc.code or 0)
 
 
 def _load(folder: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -342,10 +346,39 @@ def test_evaluate_writes_valid_plots(evaluated: tuple[int, Path, str]) -> None:
             assert len(img.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 10
 
 
+def test_evaluate_writes_its_config(
+    evaluated: tuple[int, Path, str], eval_data: Path, checkpoints: dict[str, Path]
+) -> None:
+    """``<out>/config.yaml``: the resolved options and the dataset's fingerprint; ``--config`` on
+    it resolves to the run's config (paths absolute)."""
+    import yaml
+
+    from resdistill.commands.generate import parse
+    from resdistill.data import DatasetInfo
+    from resdistill.run_config import dataset_fingerprint
+
+    rc, out, _ = evaluated
+    assert rc == 0
+    doc = yaml.safe_load((out / "config.yaml").read_text())
+    assert doc["resdistill"]["command"] == "evaluate"
+    raw = DatasetInfo.load(str(eval_data)).raw
+    assert doc["dataset"]["fingerprint"] == dataset_fingerprint(raw)
+    again = parse(eval_cmd.SPEC, ["--config", str(out / "config.yaml")])
+    ckpts = (str(checkpoints["teacher"]), str(checkpoints["student"] / T.MODEL_FILE))
+    assert (again.checkpoints, again.data, again.out) == (ckpts, str(eval_data), str(out))
+    assert (again.n_boot, again.bench_batch, again.batch_size, again.loader_workers) == (
+        300,
+        8,
+        10,
+        1,
+    )
+
+
 def test_evaluate_tune_result_json_on_s3(
     tiny_dataset_s3: str, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     """Checkpoint, dataset and output on S3; the model named by a tune result JSON."""
+    from resdistill.eval.config import EvaluateConfig
     from resdistill.eval.evaluate import evaluate_models
     from sharding.storage import open_storage
 
@@ -356,10 +389,10 @@ def test_evaluate_tune_result_json_on_s3(
     tune = tmp_path / "best.json"
     tune.write_text(json.dumps({"checkpoint": ckpt_url, "config": {"lr": 0.01, "stage": "x"}}))
     out = tiny_dataset_s3.rsplit("/", 1)[0] + "/eval"
-    report = evaluate_models(
-        [str(tune)], tiny_dataset_s3, "test", out=out, n_boot=50, num_workers=0,
-        bench_seconds=0.05, bench_batch=4, plots=False,
-    )  # fmt: skip
+    report = evaluate_models(EvaluateConfig(
+        checkpoints=(str(tune),), data=tiny_dataset_s3, split="test", out=out, n_boot=50,
+        loader_workers=0, bench_seconds=0.05, bench_batch=4, plots=False,
+    ))  # fmt: skip
     (m,) = report.models
     assert m.model.url == ckpt_url
     assert m.name == "teacher"
@@ -484,6 +517,15 @@ def test_predict_real_slide_heatmap(
     ckpt = checkpoints["student"]  # 5x, 16 px tiles: region = 16 px * 2 um / 0.499 um = 64 px
     rc = _cli(predict_cmd, [str(ckpt), str(real_slide), "--out", str(out), "--heatmap", "all"])
     assert rc == 0
+    from resdistill.commands.generate import parse
+
+    again = parse(predict_cmd.SPEC, ["--config", str(out / "config.yaml")])  # the run's options
+    assert (again.checkpoint, again.slides, again.out, again.heatmap) == (
+        str(ckpt),
+        (str(real_slide),),
+        str(out),
+        "all",
+    )
     sid = "CMU-1-Small-Region"
     doc = json.loads((out / f"{sid}.json").read_text())
     heat = np.load(out / f"{sid}.heatmap.npy")

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from resdistill import checkpoint as T
 from resdistill import data as D
@@ -20,6 +21,7 @@ from resdistill.data.targets import StaleTargetsError, TargetsIndex, check_for_d
 from resdistill.models import build_model
 from resdistill.train.preflight import check, prepare
 from resdistill.train.targets import feature_size, write_targets
+from resdistill.train.targets_config import TargetsConfig
 from resdistill.train.teacher_net import (
     DistillStep,
     FrozenTeacher,
@@ -75,7 +77,9 @@ def geo_teacher(geo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def geo_targets(geo_dataset: Path, geo_teacher: str) -> TargetsIndex:
-    return write_targets(str(geo_dataset), geo_teacher, use_ray=False, batch_size=5)
+    return write_targets(
+        TargetsConfig(data=str(geo_dataset), teacher=geo_teacher, local=True, batch_size=5)
+    )
 
 
 def test_maxpool_commutes_with_flips_and_rotations() -> None:
@@ -266,11 +270,17 @@ def test_targets_on_s3_with_ray_tasks_and_cached_distillation(
     teacher_url = f"s3://{bucket}/teachers/t1/checkpoint_epoch0001"
     open_storage(teacher_url).put_file(T.MODEL_FILE, Path(local) / T.MODEL_FILE)
     out = f"s3://{bucket}/targets/t1"
-    index = write_targets(tiny_dataset_s3, teacher_url, out=out, splits=["train", "unlabeled"],
-                          address=ray_cluster)  # fmt: skip
+    index = write_targets(TargetsConfig(data=tiny_dataset_s3, teacher=teacher_url, out=out,
+                                        splits=("train", "unlabeled"), address=ray_cluster))  # fmt: skip
     assert index.url == out and index.doc["samples"] == 56 and index.doc["sizes"] == {"5x": [1, 1]}
     assert TargetsIndex.load(out).doc == index.doc
     assert open_storage(out).exists("train/shard-000002.npz")
+    written = yaml.safe_load(open_storage(out).read_bytes("config.yaml"))  # beside the targets
+    assert written["config"]["out"] == out and written["config"]["splits"] == ["train", "unlabeled"]
+    assert (
+        written["dataset"]["url"] == tiny_dataset_s3
+        and len(written["dataset"]["fingerprint"]) == 16
+    )
 
     argv = ["--data", tiny_dataset_s3, "--teacher", teacher_url, "--targets", out,
             "--student-mag", "5x", "--storage", f"s3://{bucket}/runs", "--name", "cached",
@@ -301,6 +311,17 @@ def test_command_line_in_process_and_bad_input(
     assert f"--targets {out}" in printed and "4 samples in 1 shards" in printed
     index = TargetsIndex.load(str(out))
     assert list(index.shards) == ["val/shard-000000.tar"] and index.sizes == {"5x": (2, 2)}
+    # the targets root holds the resolved options: --config on them repeats this run
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["resdistill"]["command"] == "teacher-targets"
+    from resdistill.commands import teacher_targets as command
+    from resdistill.commands.generate import parse
+    from resdistill.run_config import dataset_fingerprint
+
+    raw = D.DatasetInfo.load(str(geo_dataset)).raw
+    assert written["dataset"]["fingerprint"] == dataset_fingerprint(raw)
+
+    assert parse(command.SPEC, ["--config", str(out / "config.yaml")]) == parse(command.SPEC, argv)
     bad = ["--data", str(geo_dataset), "--teacher", str(tmp_path / "nowhere"), "--local"]
     assert teacher_targets.main(bad) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -349,8 +370,10 @@ def test_cached_student_matches_online_student_quality(
     """Same seeds, same steps: the student distilled from cached targets scores like the one
     distilled online (tiny colour-coded dataset, 16 val samples)."""
     info = D.DatasetInfo.load(str(tiny_dataset))
-    targets = write_targets(str(tiny_dataset), trained_teacher, out=str(tmp_path / "tt"),
-                            splits=["train", "unlabeled"], use_ray=False)  # fmt: skip
+    targets = write_targets(TargetsConfig(
+        data=str(tiny_dataset), teacher=trained_teacher, out=str(tmp_path / "tt"),
+        splits=("train", "unlabeled"), local=True,
+    ))  # fmt: skip
     online = _student_accuracy(info, trained_teacher, None)
     cached = _student_accuracy(info, trained_teacher, targets)
     print(f"val accuracy: online {online:.4f}, cached {cached:.4f}")

@@ -1,5 +1,17 @@
-"""Export a checkpoint as one self-contained TorchScript or ONNX file.
+"""``resdistill export``: a checkpoint as one self-contained TorchScript or ONNX file."""
 
+from __future__ import annotations
+
+import sys
+
+from resdistill.commands.generate import CommandSpec
+from resdistill.export.config import ExportConfig
+
+SPEC = CommandSpec(
+    name="export",
+    config=ExportConfig,
+    summary="write a checkpoint as one TorchScript or ONNX file with its normalisation and classes",
+    description="""\
 CKPT is a checkpoint folder (local or s3://), its model.pt, a tune result JSON or a run summary
 JSON. The file holds the network and its normalisation, and a metadata document
 (resdistill.json): class names, magnification, tile size, mean/std, the dataset's read chain,
@@ -10,48 +22,30 @@ slide as the metadata's read chain says (what `resdistill predict` feeds the mod
 logits (N, K) and probabilities (N, K) = softmax(logits), columns in the order of the classes.
 
 Before writing, the file is run on probe tiles and must give the checkpoint's logits within
-1e-4. --format onnx needs the optional packages: pip install 'resdistill[onnx]'.
+1e-4. --format onnx needs the optional packages: pip install 'resdistill[onnx]'. No config.yaml
+is written beside the file: its metadata records the checkpoint and the resdistill version it
+was made from, and the file is its format.
 
 exit codes: 0 written; 1 the exported file did not reproduce the checkpoint (nothing written);
-2 unusable checkpoint or options.
-"""
-
-from __future__ import annotations
-
-import argparse
-import sys
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from resdistill.export import FORMATS
-
-    p.add_argument(
-        "checkpoint", metavar="CKPT", help="checkpoint folder, model.pt or tune result JSON"
-    )
-    p.add_argument(
-        "--format",
-        default="torchscript",
-        metavar="|".join(FORMATS),
-        help="file format (default: %(default)s)",
-    )
-    p.add_argument(
-        "--out",
-        help="output file: a path or s3://bucket/key (default: <stage>-<magnification>"
-        f"{FORMATS['torchscript']} or {FORMATS['onnx']} in the current folder)",
-    )
+2 unusable checkpoint or options.""",
+    examples=(
+        "resdistill export runs/s2p5x/checkpoint_epoch0010 --out student-2.5x.torchscript",
+        "resdistill export runs/s2p5x/checkpoint_epoch0010 --format onnx --out s3://models/s.onnx",
+    ),
+)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(cfg: ExportConfig) -> int:
+    """Export, print what was written: 0 written, 1 parity failed, 2 unusable input."""
     from rich.console import Console
     from rich.markup import escape
 
     from resdistill.errors import UsageError
-    from resdistill.export.files import ParityError, check_format, export_checkpoint
+    from resdistill.export.files import ParityError, export_checkpoint
     from sharding.storage import StorageError
 
     try:
-        check_format(args.format)  # before loading torch models: the cheap mistakes first
-        result = export_checkpoint(args.checkpoint, args.format, args.out)
+        result = export_checkpoint(cfg)
     except (UsageError, StorageError, FileNotFoundError) as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2

@@ -153,7 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser, spec: CommandSpec) -> argpars
 
 
 def _add(group: Any, leaf: Leaf, shown: Any) -> None:
-    f, meta = leaf.field, leaf.field.metadata
+    meta = leaf.field.metadata
     kind, _ = unwrap_optional(leaf.type)
     text = leaf.help
     if shown not in (None, "", (), MISSING) and "(default" not in text:

@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from resdistill.cascade.curve import DEFAULT_THRESHOLDS, WITHIN, cascade_curve
+from resdistill.cascade.curve import WITHIN, cascade_curve
 from resdistill.checkpoint import CheckpointError, LoadedModel, load_model
+from resdistill.eval.config import EvaluateConfig
 from resdistill.eval.evaluate import (
     EvaluationError,
     MismatchError,
@@ -90,31 +91,27 @@ def prepare_cascade(
 
 
 def evaluate_cascade(
-    specs: Sequence[str | os.PathLike[str] | LoadedModel],
-    data: str,
-    teacher_spec: str | os.PathLike[str] | LoadedModel,
-    split: str = "test",
+    cfg: EvaluateConfig,
     *,
-    out: str | None = None,
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     within: float = WITHIN,
-    plots: bool = True,
     log: Callable[[str], None] | None = None,
-    **kwargs: Any,
 ) -> tuple[EvaluationReport, dict[str, Any]]:
-    """Evaluate ``specs`` (:func:`evaluate_models` with ``kwargs``) and, for each student (every
-    CKPT but the teacher), its cascade with the teacher over ``thresholds``.
+    """Evaluate ``cfg.checkpoints`` (:func:`evaluate_models`) and, for each student (every CKPT
+    but the teacher ``cfg.cascade``), its cascade with the teacher over ``cfg.grid``.
 
-    Returns the evaluation report and the ``cascade.json`` document; with ``out`` both are written
-    there (and ``report.files`` gains ``cascade`` and ``cascade_plot``)."""
+    Returns the evaluation report and the ``cascade.json`` document; with ``cfg.out`` both are
+    written there (and ``report.files`` gains ``cascade`` and ``cascade_plot``)."""
     from resdistill.data import DatasetInfo, read_manifest
     from resdistill.measures.compute import count_flops
 
+    if cfg.cascade is None:
+        raise EvaluationError("a cascade needs a teacher: --cascade TEACHER_CKPT")
     say = log or (lambda _msg: None)
-    teacher, models = prepare_cascade(teacher_spec, specs, data)
-    report = evaluate_models(models, data, split, out=out, plots=plots, log=log, **kwargs)
+    data, split, out, thresholds = cfg.data, cfg.split, cfg.out, cfg.grid
+    teacher, models = prepare_cascade(cfg.cascade, cfg.checkpoints, data)
+    report = evaluate_models(cfg, models=models, log=log)
     info = DatasetInfo.load(data)
-    opts = {k: kwargs[k] for k in ("n_boot", "alpha", "seed") if k in kwargs}
+    opts = {"n_boot": cfg.n_boot, "alpha": cfg.alpha, "seed": cfg.seed}
     mixed = bool(info.raw.get("annotations"))
     same = [ev for ev in report.models if ev.model.url == teacher.url]
     t_px = int(teacher.tile_px or info.tile_px[teacher.mag])
@@ -126,8 +123,8 @@ def evaluate_cascade(
         )
         manifest = read_manifest(info.url, columns=("key", "slide", "split", "label", "shard"))
         t_preds = predict_split(
-            teacher, info, split, manifest=manifest,
-            **{k: kwargs[k] for k in ("batch_size", "num_workers", "device") if k in kwargs},
+            teacher, info, split, manifest=manifest, batch_size=cfg.batch_size,
+            num_workers=cfg.loader_workers, device=cfg.device,
         )  # fmt: skip
         t_flops = count_flops(teacher.model, (3, t_px, t_px))
     curves = []
@@ -170,7 +167,7 @@ def evaluate_cascade(
         "curves": curves,
     }
     if out is not None:
-        _add_files(report, write_cascade(doc, out, plots=plots), out)
+        _add_files(report, write_cascade(doc, out, plots=cfg.plots), out)
     return report, doc
 
 

@@ -34,7 +34,6 @@ split without labelled tiles) or :class:`resdistill.checkpoint.CheckpointError`\
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -44,6 +43,7 @@ import numpy as np
 
 from resdistill.checkpoint import LoadedModel, load_model
 from resdistill.errors import UsageError
+from resdistill.eval.config import EvaluateConfig
 from resdistill.eval.report_files import write_report
 from resdistill.eval.results import EvaluationReport, ModelEvaluation, TilePredictions
 from sharding.magnification import display_mag
@@ -53,6 +53,7 @@ __all__ = [
     "MismatchError",
     "check_compatible",
     "evaluate_models",
+    "run_evaluation",
     "predict_split",
     "score_predictions",
 ]
@@ -204,26 +205,44 @@ def predict_split(
     )
 
 
+def run_evaluation(
+    cfg: EvaluateConfig, log: Callable[[str], None] | None = None
+) -> tuple[EvaluationReport, dict[str, Any] | None]:
+    """The whole ``resdistill evaluate``: :func:`evaluate_models`, or with ``cfg.cascade``
+    :func:`resdistill.eval.cascade_eval.evaluate_cascade` (then the ``cascade.json`` document
+    too); with ``cfg.out`` the resolved config is written there as ``config.yaml`` with the
+    dataset's fingerprint, after the report (an unusable input leaves nothing behind)."""
+    from resdistill.checkpoint import absolute_url
+    from resdistill.data import DatasetInfo
+    from resdistill.fields import to_plain
+    from resdistill.run_config import write_run_config
+
+    doc = None
+    if cfg.cascade is None:
+        report = evaluate_models(cfg, log=log)
+    else:
+        from resdistill.eval.cascade_eval import evaluate_cascade
+
+        report, doc = evaluate_cascade(cfg, log=log)
+    if cfg.out is not None:  # local paths made absolute: the file repeats the run from anywhere
+        info = DatasetInfo.load(cfg.data)
+        written = replace(
+            cfg, checkpoints=tuple(absolute_url(c) for c in cfg.checkpoints),
+            data=absolute_url(cfg.data), out=absolute_url(cfg.out),
+            cascade=absolute_url(cfg.cascade) if cfg.cascade else None,
+        )  # fmt: skip
+        write_run_config(cfg.out, "evaluate", to_plain(written), dataset=(info.url, info.raw))
+    return report, doc
+
+
 def evaluate_models(
-    specs: Sequence[str | os.PathLike[str] | LoadedModel],
-    data: str,
-    split: str = "test",
+    cfg: EvaluateConfig,
     *,
-    out: str | None = None,
-    names: Sequence[str] | None = None,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    device: str | None = None,
-    bench_batch: int = 32,
-    bench_seconds: float = 2.0,
-    bench_repeats: int = 5,
-    plots: bool = True,
+    models: Sequence[LoadedModel] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> EvaluationReport:
-    """Evaluate every model of ``specs`` on ``split`` of the dataset ``data``; write to ``out``.
+    """Evaluate every model of ``cfg.checkpoints`` (or the already loaded ``models``) on
+    ``cfg.split`` of the dataset ``cfg.data``; write the report to ``cfg.out`` when set.
 
     All models are loaded and checked against the dataset first (:func:`check_compatible`), so a
     mismatch fails before any long work. Then, per model: :func:`predict_split`, tile and slide
@@ -235,15 +254,15 @@ def evaluate_models(
     from resdistill.data import DatasetInfo, read_manifest
     from resdistill.measures.compute import compute_table
 
-    if not specs:
+    if models is None:
+        models = [load_model(s) for s in cfg.checkpoints]
+    if not models:
         raise EvaluationError("no model given: pass one or more checkpoints")
-    if names is not None and len(names) != len(specs):
-        raise EvaluationError(f"{len(names)} names for {len(specs)} models")
-    device = device or _auto_device()
+    data, split = cfg.data, cfg.split
+    device = cfg.device or _auto_device()
     say = log or (lambda _msg: None)
-    models = [s if isinstance(s, LoadedModel) else load_model(s) for s in specs]
-    if names is not None:
-        for m, n in zip(models, names, strict=True):
+    if cfg.names:
+        for m, n in zip(models, cfg.names, strict=True):
             m.name = n
     for m, n in zip(
         models, unique_names([m.name for m in models], [m.mag for m in models]), strict=True
@@ -266,21 +285,21 @@ def evaluate_models(
             f"{m.name}: {m.meta.get('arch')} at {display_mag(mag)} ({px} px) on {info.url} [{split}]"
         )
         preds = predict_split(
-            m, info, split, batch_size=batch_size, num_workers=num_workers, device=device,
-            manifest=manifest,
+            m, info, split, batch_size=cfg.batch_size, num_workers=cfg.loader_workers,
+            device=device, manifest=manifest,
         )  # fmt: skip
         tile, slide = score_predictions(
-            preds, m.classes, mixed=mixed, n_boot=n_boot, alpha=alpha, seed=seed
+            preds, m.classes, mixed=mixed, n_boot=cfg.n_boot, alpha=cfg.alpha, seed=cfg.seed
         )
         say(f"{m.name}: measuring FLOPs and images/s at (3, {px}, {px}) on {device}")
         compute = compute_table(
-            {m.name: (m.model, (3, px, px))}, batch=bench_batch, seconds=bench_seconds,
-            device=device, repeats=bench_repeats, warmup=1,
+            {m.name: (m.model, (3, px, px))}, batch=cfg.bench_batch, seconds=cfg.bench_seconds,
+            device=device, repeats=cfg.bench_repeats, warmup=1,
         )[0]  # fmt: skip
         results.append(ModelEvaluation(m.name, m, preds, tile, slide, compute))
-    report = EvaluationReport(info.url, split, results, n_boot, alpha, seed)
-    if out is not None:
-        write_report(report, out, plots=plots)
+    report = EvaluationReport(info.url, split, results, cfg.n_boot, cfg.alpha, cfg.seed)
+    if cfg.out is not None:
+        write_report(report, cfg.out, plots=cfg.plots)
     return report
 
 

@@ -34,6 +34,7 @@ from resdistill.export import (
     OUTPUT_NAMES,
     PARITY_ATOL,
 )
+from resdistill.export.config import ExportConfig
 from resdistill.export.model import NormalizedClassifier, metadata, wrap
 
 #: The modules ``--format onnx`` needs: the exporter's and the runtime that checks the file.
@@ -162,17 +163,19 @@ def default_out(meta: dict[str, Any], fmt: str) -> str:
     return f"{meta.get('stage') or 'model'}-{meta['magnification']}{FORMATS[fmt]}"
 
 
-def export_checkpoint(spec: str, fmt: str, out: str | None = None) -> ExportResult:
-    """Export checkpoint ``spec`` (anything :func:`resdistill.checkpoint.load_model` reads) in
-    ``fmt`` to ``out`` (default :func:`default_out`); see the module docstring.
+def export_checkpoint(cfg: ExportConfig) -> ExportResult:
+    """Export ``cfg.checkpoint`` (anything :func:`resdistill.checkpoint.load_model` reads) in
+    ``cfg.format`` to ``cfg.out`` (default :func:`default_out`); see the module docstring.
 
-    :class:`UsageError` (one line) for an unknown format, a missing onnx extra or an unusable
-    checkpoint; :class:`ParityError` when the file does not reproduce the checkpoint.
+    :class:`UsageError` (one line) for a missing onnx extra (checked before any model is loaded)
+    or an unusable checkpoint; :class:`ParityError` when the file does not reproduce the
+    checkpoint.
     """
     from resdistill.checkpoint import load_model
 
+    fmt = cfg.format
     check_format(fmt)
-    loaded = load_model(spec)
+    loaded = load_model(cfg.checkpoint)
     meta = metadata(loaded)
     module = wrap(loaded)
     data = (to_onnx if fmt == "onnx" else to_torchscript)(module, meta)
@@ -186,6 +189,6 @@ def export_checkpoint(spec: str, fmt: str, out: str | None = None) -> ExportResu
             f"the {fmt} file gives logits up to {diff:.2e} away from the checkpoint's "
             f"(allowed {PARITY_ATOL:g}); nothing written"
         )
-    url = out or default_out(meta, fmt)
+    url = cfg.out or default_out(meta, fmt)
     write_url(url, data)
     return ExportResult(url=url, fmt=fmt, size=len(data), meta=meta, max_diff=diff)

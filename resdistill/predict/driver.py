@@ -1,21 +1,23 @@
-"""``resdistill predict``'s driver: options -> models and read chains -> the engine -> outputs,
-with rich progress and a final table (the command's help says what the user sees).
+"""``resdistill predict``'s driver: a :class:`~resdistill.predict.config.PredictConfig` ->
+models and read chains -> the engine -> outputs, with rich progress and a final table (the
+command's help says what the user sees).
 
 Everything that cannot work for any slide (checkpoint, options, an output holding predictions
 made with other settings, a cascade whose two read chains do not share one region grid) is refused
-before Ray starts, with exit code 2. A slide that fails is one ``skipped`` line and a status row in
-``slides.parquet``; the run goes on (exit code 1 at the end).
+before Ray starts, with exit code 2; then the resolved config is written as ``<out>/config.yaml``.
+A slide that fails is one ``skipped`` line and a status row in ``slides.parquet``; the run goes on
+(exit code 1 at the end).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from resdistill.errors import UsageError
+from resdistill.predict.config import PredictConfig
 
 __all__ = ["predict_command"]
 
@@ -50,46 +52,31 @@ def _flops(model: Any, px: int) -> int:
     return int(count_flops(model.model, (3, px, px)))
 
 
-def settle(args: argparse.Namespace) -> Setup:
+def settle(cfg: PredictConfig) -> Setup:
     """Load the model(s) and settle the read chains; :class:`UsageError` (or a subclass) for
-    anything that cannot work."""
+    anything that cannot work (the config has checked the rest)."""
     import matplotlib
 
-    from resdistill.cascade.rules import DEFAULT_ESCALATE, check_threshold
     from resdistill.checkpoint import load_model
     from resdistill.predict.outputs import heatmap_classes
     from resdistill.read_chain import chain_of
 
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if args.heatmap_px < 16:
-        raise UsageError(f"--heatmap-px must be at least 16, got {args.heatmap_px}")
-    if args.device not in (None, "cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
-    if args.actors is not None and args.actors < 1:
-        raise UsageError("--actors must be at least 1")
-    if args.cmap not in matplotlib.colormaps:
-        raise UsageError(f"unknown colormap {args.cmap!r} (try viridis, magma, RdYlBu_r)")
-    if args.escalate is not None and not args.cascade:
-        raise UsageError("--escalate needs --cascade TEACHER_CKPT")
-    try:
-        threshold = check_threshold(DEFAULT_ESCALATE if args.escalate is None else args.escalate)
-    except ValueError as exc:
-        raise UsageError(f"--escalate: {exc}") from None
-    model = load_model(args.checkpoint, device="cpu")
-    chain = chain_of(model, min_tissue=args.min_tissue, mpp=args.mpp, read=args.read)
-    which = heatmap_classes(args.heatmap, model.classes) or []
+    if cfg.cmap not in matplotlib.colormaps:
+        raise UsageError(f"unknown colormap {cfg.cmap!r} (try viridis, magma, RdYlBu_r)")
+    model = load_model(cfg.checkpoint, device="cpu")
+    chain = chain_of(model, min_tissue=cfg.min_tissue, mpp=cfg.mpp, read=cfg.read)
+    which = heatmap_classes(cfg.heatmap, model.classes) or []
     teacher = teacher_chain = None
-    if args.cascade:
-        teacher = load_model(args.cascade, device="cpu")
-        teacher_chain = chain_of(teacher, min_tissue=chain.opts.min_tissue, mpp=args.mpp)
+    if cfg.cascade:
+        teacher = load_model(cfg.cascade, device="cpu")
+        teacher_chain = chain_of(teacher, min_tissue=chain.opts.min_tissue, mpp=cfg.mpp)
         _check_cascade(model, chain, teacher, teacher_chain)
     flops = (
         _flops(model, chain.tile_px),
         _flops(teacher, teacher_chain.tile_px) if teacher is not None else None,
     )
     return Setup(
-        model, chain, teacher, teacher_chain, threshold, flops, which, args.heatmap != "none"
+        model, chain, teacher, teacher_chain, cfg.threshold, flops, which, cfg.heatmap != "none"
     )
 
 
@@ -113,34 +100,38 @@ def _check_cascade(model: Any, chain: Any, teacher: Any, tchain: Any) -> None:
         )
 
 
-def predict_command(args: argparse.Namespace) -> int:
-    """The whole command; returns its exit code."""
+def predict_command(cfg: PredictConfig) -> int:
+    """The whole command; returns its exit code (0 all done, 1 some slides failed, 2 unusable
+    checkpoint, options or output)."""
     from rich.console import Console
     from rich.markup import escape
 
+    from resdistill.fields import to_plain
     from resdistill.predict.annotation_overlay import AnnotationOverlays
     from resdistill.predict.outputs import done_slides
+    from resdistill.run_config import write_run_config
     from sharding.annotation_set import AnnotationSetError
     from sharding.pipeline import find_slides
     from sharding.storage import StorageError, open_storage
 
     err = Console(stderr=True, highlight=False)
     try:
-        setup = settle(args)
-        found, problems = find_slides(args.slides)
+        setup = settle(cfg)
+        found, problems = find_slides(list(cfg.slides))
         if not found and not problems:
             raise UsageError("no slide to predict (no file given, or the folders hold none)")
-        store = open_storage(args.out)
-        done = done_slides(store, list(found), setup.settings(args.read))
+        store = open_storage(cfg.out)
+        done = done_slides(store, list(found), setup.settings(cfg.read))
         annotations = None
-        if args.annotations:
+        if cfg.annotations:
             try:
                 annotations = AnnotationOverlays(
-                    args.annotations, found,
+                    cfg.annotations, found,
                     lambda line: err.print(f"[yellow]annotations[/yellow] {escape(line)}", soft_wrap=True),
                 )  # fmt: skip
             except (AnnotationSetError, StorageError) as exc:
                 raise UsageError(f"--annotations: {exc}") from None
+        write_run_config(store.url, "predict", to_plain(_portable(cfg)))
     except (UsageError, StorageError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
@@ -149,7 +140,7 @@ def predict_command(args: argparse.Namespace) -> int:
     for note in (*setup.chain.notes, *(setup.teacher_chain.notes if setup.teacher else ())):
         err.print(f"[yellow]note[/yellow] {escape(note)}", soft_wrap=True)
     try:
-        failed = _run(args, setup, store, found, done, annotations, err)
+        failed = _run(cfg, setup, store, found, done, annotations, err)
     except (UsageError, StorageError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
@@ -157,7 +148,24 @@ def predict_command(args: argparse.Namespace) -> int:
     return 1 if problems or failed or unusable else 0
 
 
-def _run(args, setup: Setup, store, found, done, annotations, err) -> int:  # noqa: ANN001
+def _portable(cfg: PredictConfig) -> PredictConfig:
+    """``cfg`` with local paths made absolute, so its ``config.yaml`` repeats the run from any
+    folder."""
+    from dataclasses import replace
+
+    from resdistill.checkpoint import absolute_url
+
+    def absolute(url: str | None) -> str | None:
+        return None if url is None else absolute_url(url)
+
+    return replace(
+        cfg, checkpoint=absolute_url(cfg.checkpoint), out=absolute_url(cfg.out),
+        slides=tuple(absolute_url(s) for s in cfg.slides), cascade=absolute(cfg.cascade),
+        annotations=absolute(cfg.annotations),
+    )  # fmt: skip
+
+
+def _run(cfg: PredictConfig, setup: Setup, store, found, done, annotations, err) -> int:  # noqa: ANN001
     """Run the engine over the slides not done, write and merge; returns the failures' count."""
 
     from rich.console import Console
@@ -176,7 +184,7 @@ def _run(args, setup: Setup, store, found, done, annotations, err) -> int:  # no
     record = {
         "model": model.name, "checkpoint": model.url, "mag": model.mag, "tile_px": chain.tile_px,
         "classes": list(model.classes), "min_tissue": float(chain.opts.min_tissue),
-        "read_chain": chain.to_json(), "read": args.read, "settings": setup.settings(args.read),
+        "read_chain": chain.to_json(), "read": cfg.read, "settings": setup.settings(cfg.read),
     }  # fmt: skip
     if setup.teacher is not None:
         record["cascade"] = {
@@ -188,8 +196,8 @@ def _run(args, setup: Setup, store, found, done, annotations, err) -> int:  # no
     if todo:
         import ray
 
-        ray_init(args.address, dashboard=False)  # the command shows its own progress
-        cfg = _engine_config(args, setup, ray.cluster_resources())
+        ray_init(cfg.address, dashboard=False)  # the command shows its own progress
+        engine = _engine_config(cfg, setup, ray.cluster_resources())
         with Progress(err, len(todo)) as progress:
 
             def on_slide(result: Any) -> None:
@@ -197,7 +205,7 @@ def _run(args, setup: Setup, store, found, done, annotations, err) -> int:  # no
                     overlay = annotations.for_slide(result.sid) if annotations else None
                     records[result.sid] = doc = write_slide(
                         store, result, record, classes=model.classes, which=setup.which,
-                        mag=model.mag, cmap=args.cmap, alpha=args.alpha, flops=setup.flops,
+                        mag=model.mag, cmap=cfg.cmap, alpha=cfg.alpha, flops=setup.flops,
                         overlay=overlay, pictures=setup.pictures,
                     )  # fmt: skip
                     new.append(doc)
@@ -206,9 +214,9 @@ def _run(args, setup: Setup, store, found, done, annotations, err) -> int:  # no
                     progress.say(f"[red]skipped[/red] {escape(result.error)}")
                 progress.slide_done()
 
-            run_engine(todo, cfg, on_slide, on_tiles=progress.tiles, on_planned=progress.planned)
+            run_engine(todo, engine, on_slide, on_tiles=progress.tiles, on_planned=progress.planned)
     merge(
-        store, list(found), records, failures, classes=model.classes, read=args.read,
+        store, list(found), records, failures, classes=model.classes, read=cfg.read,
         cascade=setup.teacher is not None,
     )  # fmt: skip
     console = Console(highlight=False)
@@ -219,18 +227,18 @@ def _run(args, setup: Setup, store, found, done, annotations, err) -> int:  # no
     return len(failures)
 
 
-def _engine_config(args: argparse.Namespace, setup: Setup, resources: dict) -> Any:
+def _engine_config(cfg: PredictConfig, setup: Setup, resources: dict) -> Any:
     """Device and actor pool sizes for the cluster's ``resources``: one actor per GPU on cuda;
     on CPU a quarter of the CPUs, each actor asking for less than a CPU when whole CPUs would
     leave none to reading."""
     from resdistill.predict.engine import Cascade, EngineConfig
 
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    device = args.device or ("cuda" if gpus else "cpu")
+    device = cfg.device or ("cuda" if gpus else "cpu")
     if device == "cuda" and not gpus:
         raise UsageError("--device cuda: the Ray cluster has no GPU (leave --device out for CPU)")
     stages = 2 if setup.teacher is not None else 1
-    actors = args.actors or (max(1, gpus) if device == "cuda" else max(1, cpus // 4))
+    actors = cfg.actors or (max(1, gpus) if device == "cuda" else max(1, cpus // 4))
     actor_cpus = 1.0
     if device == "cpu" and actors * stages + 1 > cpus:
         actor_cpus = max(0.25, (cpus - 1) / (actors * stages))
@@ -239,6 +247,6 @@ def _engine_config(args: argparse.Namespace, setup: Setup, resources: dict) -> A
         cascade = Cascade(setup.teacher.url, setup.teacher_chain, setup.threshold)
     return EngineConfig(
         checkpoint=setup.model.url, chain=setup.chain, classes=tuple(setup.model.classes),
-        device=device, actors=actors, actor_cpus=actor_cpus, batch_size=args.batch_size,
-        heatmap_px=args.heatmap_px if setup.pictures else 0, cascade=cascade,
+        device=device, actors=actors, actor_cpus=actor_cpus, batch_size=cfg.batch_size,
+        heatmap_px=cfg.heatmap_px if setup.pictures else 0, cascade=cascade,
     )  # fmt: skip

@@ -45,14 +45,16 @@ def evaluation_records(
     tile's key, slide and correctness (what the report pools over seeds)."""
     from dataclasses import asdict
 
+    from resdistill.eval.config import EvaluateConfig
     from resdistill.eval.evaluate import evaluate_models
 
     ids = sorted(checkpoints)
     if not ids:
         return []
-    report = evaluate_models([checkpoints[i] for i in ids], data, "test", names=ids,
-                             num_workers=loader_workers, plots=False, bench_seconds=0.3,
-                             bench_repeats=1)  # fmt: skip
+    report = evaluate_models(EvaluateConfig(
+        checkpoints=tuple(checkpoints[i] for i in ids), data=data, split="test", names=tuple(ids),
+        loader_workers=loader_workers, plots=False, bench_seconds=0.3, bench_repeats=1,
+    ))  # fmt: skip
     out = []
     for cell_id, ev in zip(ids, report.models, strict=True):
         preds = ev.predictions

@@ -61,6 +61,7 @@ from resdistill.data.targets import (
     npz_name,
     teacher_sha256,
 )
+from resdistill.train.targets_config import TargetsConfig
 
 
 def feature_size(arch: str, tile_px: int) -> tuple[int, int]:
@@ -174,30 +175,26 @@ def _shard_job(
     return shard_rel, len(keys), time.perf_counter() - t0
 
 
-def write_targets(
-    data: str,
-    teacher: str,
-    *,
-    out: str | None = None,
-    splits: Sequence[str] | None = None,
-    student_mags: Sequence[str] | None = None,
-    teacher_mag: str | None = None,
-    batch_size: int = 64,
-    use_ray: bool = True,
-    address: str | None = None,
-    log: Any = None,
-) -> TargetsIndex:
-    """Compute and store the teacher targets of ``splits`` (default: every split in the
-    manifest) for ``student_mags`` (default: every dataset magnification below the teacher's);
-    one Ray task per shard (``use_ray``) or in this process. Returns the written index."""
+def write_targets(cfg: TargetsConfig, log: Any = None) -> TargetsIndex:
+    """Compute and store the teacher targets of ``cfg.splits`` (default: every split in the
+    manifest) for ``cfg.student_mags`` (default: every dataset magnification below the
+    teacher's); one Ray task per shard, or in this process with ``cfg.local``. The resolved
+    config goes to ``<root>/config.yaml`` (with the dataset's fingerprint) before
+    ``targets.json``, which is written last. Returns the written index."""
+    from dataclasses import replace
+
     from resdistill.checkpoint import absolute_url
     from resdistill.data import Dataset, shard_keys
+    from resdistill.fields import to_plain
+    from resdistill.run_config import write_run_config
     from resdistill.train.preflight import teacher_ref
     from sharding.magnification import Magnification
     from sharding.storage import open_storage
 
-    data = absolute_url(data)
-    teacher = absolute_url(teacher)
+    data = absolute_url(cfg.data)
+    teacher = absolute_url(cfg.teacher)
+    splits, student_mags, teacher_mag = cfg.splits, cfg.student_mags, cfg.teacher_mag
+    batch_size, address = cfg.batch_size, cfg.address
     dataset = Dataset.open(data)
     info = dataset.info
     meta = teacher_ref(teacher, info.classes)
@@ -218,14 +215,16 @@ def write_targets(
         raise ValueError(f"{data}: split(s) {', '.join(chosen)} hold no samples")
     t_sha = teacher_sha256(teacher)
     m_sha = dataset.manifest_sha256
-    out = absolute_url(out) if out else default_targets_url(data, t_sha)
+    out = absolute_url(cfg.out) if cfg.out else default_targets_url(data, t_sha)
     store = open_storage(out)
     log = log or (lambda _msg: None)
     jobs = [(rel, len(k)) for rel, k in keys.items()]
     t0 = time.perf_counter()
     args = (data, teacher, out)
     tail = (t_mag, {m: list(s) for m, s in sizes.items()}, batch_size)
-    if use_ray:
+    given = replace(cfg, data=data, teacher=absolute_url(cfg.teacher), out=out)
+    write_run_config(out, "teacher-targets", to_plain(given), dataset=(info.url, info.raw))
+    if not cfg.local:
         import ray
 
         from sharding.ray_cluster import ray_init

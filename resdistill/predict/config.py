@@ -1,0 +1,95 @@
+"""The options of ``resdistill predict``: one typed, validated :class:`PredictConfig`.
+
+The CLI is generated from these fields (:mod:`resdistill.commands.predict`); a config built in
+Python, a ``--config`` YAML file and the flags all give the same object, which
+:func:`resdistill.predict.driver.predict_command` runs and writes as ``<out>/config.yaml``.
+Checks that need the checkpoint or matplotlib (classes of ``--heatmap``, ``--cmap``) are the
+driver's; everything else is refused here, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from resdistill.cascade.rules import DEFAULT_ESCALATE, check_threshold
+from resdistill.fields import ConfigError, check, check_choice, opt
+from resdistill.predict.heatmaps import DEFAULT_HEATMAP_PX
+from resdistill.read_chain import READ_MODES
+
+__all__ = ["DEVICES", "PredictConfig"]
+
+#: ``--device`` values (unset: cuda when the Ray cluster has GPUs).
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Which model scores which slides, how they are read, and what is drawn and where."""
+
+    checkpoint: str = opt(help="checkpoint folder, model.pt or tune result JSON",
+                          positional=True, required=True, metavar="CKPT")  # fmt: skip
+    slides: tuple[str, ...] = opt(
+        help="slide files, folders scanned for them, or s3:// slides or prefixes",
+        positional=True, required=True, metavar="SLIDE")  # fmt: skip
+    out: str = opt(help="output folder or s3://bucket/prefix", required=True)
+    heatmap: str = opt(
+        "predicted", "heatmap classes: 'predicted' (the slide's class), 'all', a comma list, or "
+        "'none' (no pictures: the tables and the .npy heatmap only, for cohorts)")  # fmt: skip
+    heatmap_px: int = opt(
+        DEFAULT_HEATMAP_PX, "long side in pixels of the slide picture under the heatmaps"
+    )
+    batch_size: int = opt(64, "tiles per inference batch")
+    min_tissue: float | None = opt(
+        None, "minimum tissue fraction of a region (default: the one the model's dataset was "
+        "sharded with; 0.5 for a checkpoint without a read chain)")  # fmt: skip
+    mpp: float | None = opt(None, "microns per level-0 pixel for slides that do not record it")
+    read: str = opt(
+        "as-trained", "as-trained: the pixels of the model's dataset (its read chain); native: "
+        "the model's magnification from the best pyramid level at or above it, the cheap read",
+        choices=READ_MODES)  # fmt: skip
+    cascade: str | None = opt(
+        None, "teacher checkpoint: tiles the model is unsure of are scored by the teacher",
+        metavar="TEACHER_CKPT")  # fmt: skip
+    escalate: float | None = opt(
+        None, "with --cascade: escalate tiles whose top probability is under T (default: "
+        f"{DEFAULT_ESCALATE:g})", metavar="T")  # fmt: skip
+    alpha: float = opt(0.55, "heatmap opacity over the slide picture")
+    cmap: str = opt("viridis", "matplotlib colormap")
+    device: str | None = opt(
+        None, "cpu or cuda (default: cuda when the cluster has GPUs)", metavar="{cpu,cuda}"
+    )
+    address: str | None = opt(
+        None, "Ray cluster address ('auto' for the cluster this node belongs to; default: the "
+        "submitted job's cluster, else a local Ray)")  # fmt: skip
+    actors: int | None = opt(
+        None, "inference actors per model (default: one per GPU on cuda, else a quarter of the "
+        "CPUs, at least one)")  # fmt: skip
+    annotations: str | None = opt(
+        None, "folder or s3:// prefix of QuPath GeoJSON exports, one <slide>.geojson per slide "
+        "(as for shard): their outlines are drawn over the slide's heatmaps; slides without a "
+        "file are predicted without outlines", metavar="DIR_OR_URL")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "--batch-size", "must be at least 1")
+        check(self.heatmap_px >= 16, "--heatmap-px", f"must be at least 16, got {self.heatmap_px}")
+        check(self.device in (None, *DEVICES), "--device",
+              f"must be cpu or cuda, got {self.device!r}")  # fmt: skip
+        check(self.actors is None or self.actors >= 1, "--actors", "must be at least 1")
+        check_choice(PredictConfig, self, "read")
+        check(0.0 <= self.alpha <= 1.0, "--alpha", f"must be within 0..1, got {self.alpha}")
+        check(self.min_tissue is None or 0.0 <= self.min_tissue <= 1.0, "--min-tissue",
+              f"must be within 0..1, got {self.min_tissue}")  # fmt: skip
+        check(self.mpp is None or self.mpp > 0, "--mpp", f"must be positive, got {self.mpp}")
+        check(self.escalate is None or bool(self.cascade), "--escalate",
+              "needs --cascade TEACHER_CKPT")  # fmt: skip
+        if self.escalate is not None:
+            try:
+                check_threshold(self.escalate)
+            except ValueError as exc:
+                raise ConfigError(f"--escalate: {exc}") from None
+        object.__setattr__(self, "slides", tuple(self.slides))
+
+    @property
+    def threshold(self) -> float:
+        """The cascade's escalation threshold: ``escalate``, else the default."""
+        return DEFAULT_ESCALATE if self.escalate is None else float(self.escalate)
