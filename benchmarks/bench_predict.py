@@ -41,17 +41,15 @@ def make_checkpoints(data: str, work: Path, mags: list[str]) -> dict[str, str]:
         folder = work / f"model-{mag}" / "checkpoint_epoch0001"
         folder.mkdir(parents=True, exist_ok=True)
         norm = desc["normalization"][mag]
-        payload = {
-            "format": T.CHECKPOINT_FORMAT, "stage": "teacher" if i == 0 else "student",
-            "arch": "resnet18", "num_classes": len(classes), "classes": classes, "mag": mag,
-            "tile_px": int(desc["tile_px"][mag]),
-            "normalization": {"mean": norm["mean"], "std": norm["std"]},
-            "dataset": data, "read_chain": T.read_chain(desc), "state_dict": net.state_dict(),
-        }  # fmt: skip
-        torch.save(payload, folder / T.MODEL_FILE)
-        meta = {"format": T.CHECKPOINT_FORMAT, "epoch": 1, "metrics": {},
-                "model": {k: v for k, v in payload.items() if k != "state_dict"}}  # fmt: skip
-        (folder / T.META_FILE).write_text(json.dumps(meta))
+        card = T.ModelCard(
+            stage="teacher" if i == 0 else "student", arch="resnet18", classes=tuple(classes),
+            mag=mag, tile_px=int(desc["tile_px"][mag]),
+            normalization={"mean": norm["mean"], "std": norm["std"]}, dataset=data,
+            read_chain=T.read_chain(desc),
+        )  # fmt: skip
+        T.write_checkpoint(
+            folder, card=card, state_dict=net.state_dict(), trainer={}, epoch=1, metrics={}
+        )
         out[mag] = str(folder)
     return out
 
@@ -61,13 +59,13 @@ def profile_one(ckpt: str, slides: list[Path], read: str, batch: int) -> dict[st
     and the tile probabilities per slide (``probs``: ``{slide stem: (tiles, K)}``)."""
     import torch
 
-    from resdistill.checkpoint import load_model
+    from resdistill.checkpoint import load_model, normalization_of
     from resdistill.read_chain import chain_of, plan_tiles, read_tiles
     from sharding.slide import open_slide, read_region_at
 
     model = load_model(ckpt)
     chain = chain_of(model, read=read)
-    mean, std = model.mean_std() or ([0.5] * 3, [0.25] * 3)
+    mean, std = normalization_of(model)
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     top_px = chain.opts.sizes[chain.opts.mags[0].name]

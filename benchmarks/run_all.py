@@ -105,13 +105,14 @@ def make_teacher(data: str, folder: Path) -> str:
     net = build_model("resnet18", info.num_classes)
     mean, std = info.mean_std(mag)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"format": T.CHECKPOINT_FORMAT, "stage": "teacher", "arch": "resnet18",
-         "num_classes": info.num_classes, "classes": list(info.classes), "mag": mag,
-         "tile_px": int(info.tile_px[mag]), "normalization": {"mean": list(mean), "std": list(std)},
-         "dataset": data, "state_dict": net.state_dict()},
-        folder / T.MODEL_FILE,
+    card = T.ModelCard(
+        stage="teacher", arch="resnet18", classes=tuple(info.classes), mag=mag,
+        tile_px=int(info.tile_px[mag]), normalization={"mean": list(mean), "std": list(std)},
+        dataset=data,
     )  # fmt: skip
+    T.write_checkpoint(
+        folder, card=card, state_dict=net.state_dict(), trainer={}, epoch=1, metrics={}
+    )
     return str(folder)
 
 

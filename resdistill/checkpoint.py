@@ -9,7 +9,8 @@ A checkpoint is a folder (``<storage>/<run>/checkpoint_epochNNNN``, local or ``s
 Both ``.pt`` files hold only tensors and plain containers, so they are read with
 ``torch.load(..., weights_only=True)``: a checkpoint cannot run code on the reader's machine.
 The :class:`ModelCard` records what the model reads (magnification, tile size, normalization and
-the dataset's read chain), so evaluation and prediction read exactly what training read.
+the dataset's read chain), so evaluation and prediction read exactly what training read; every
+consumer normalises inputs with :func:`normalization_of` (the card's statistics, else one fallback).
 
 A model is named to a command by any of (:func:`resolve_spec`): a checkpoint folder, its
 ``model.pt`` (or any ``*.pt``), a tune result JSON ``{"checkpoint": url, "config": {...}}``, or a
@@ -21,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +40,11 @@ READ_CHAIN_KEYS = ("magnifications", "mpp", "tile_px", "image_format", "quality"
                    "low_mags_from", "tissue", "format_version")  # fmt: skip
 #: model.pt fields a model needs besides its weights.
 REQUIRED_META = ("arch", "classes", "mag")
+#: The normalisation of a checkpoint or dataset that records no statistics (see
+#: :func:`normalization_of`): per-channel mean and std of [0, 1] pixels.
+FALLBACK_MEAN = (0.5, 0.5, 0.5)
+FALLBACK_STD = (0.25, 0.25, 0.25)
+_fallback_warned: set[str] = set()
 
 
 class CheckpointError(UsageError):
@@ -74,7 +81,7 @@ class ModelCard:
         return len(self.classes)
 
     def mean_std(self) -> tuple[list[float], list[float]] | None:
-        """The normalization the model was trained with, or None when the card lacks it."""
+        """The normalization the card records, or None; score with :func:`normalization_of`."""
         norm = self.normalization or {}
         if not norm.get("mean") or not norm.get("std"):
             return None
@@ -314,9 +321,6 @@ class LoadedModel:
     def stage(self) -> str | None:
         return self.card.stage or None
 
-    def mean_std(self) -> tuple[list[float], list[float]] | None:
-        return self.card.mean_std()
-
 
 def load_model(
     spec: str | os.PathLike[str], *, name: str | None = None, device: str = "cpu"
@@ -382,3 +386,30 @@ def _default_name(model: LoadedModel) -> str:
     if model.config and model.config.get("stage"):
         return str(model.config["stage"])
     return folder_name(model.url) or "model"
+
+
+def normalization_of(model: LoadedModel | ModelCard) -> tuple[list[float], list[float]]:
+    """``(mean, std)`` per RGB channel of [0, 1] pixels for ``model``'s inputs,
+    ``x = (tile / 255 - mean) / std``: the one policy evaluate, predict, export and
+    distillation's teacher apply, so a checkpoint is scored on the same inputs everywhere.
+
+    The card's recorded statistics (std floored at 1e-3), as every checkpoint training writes
+    has. Without them (an old or hand-made checkpoint): :data:`FALLBACK_MEAN` /
+    :data:`FALLBACK_STD` and one ``warning:`` line on stderr per checkpoint and process. Fixed,
+    not the scoring dataset's statistics, so a score depends on the checkpoint alone; the
+    constants training uses when its dataset records none, so such a model gets what it was
+    trained on; not a refusal, so old checkpoints stay usable.
+    """
+    card = model.card if isinstance(model, LoadedModel) else model
+    recorded = card.mean_std()
+    if recorded is not None:
+        return recorded
+    where = model.url if isinstance(model, LoadedModel) else f"{card.stage} {card.arch} {card.mag}"
+    if where not in _fallback_warned:
+        _fallback_warned.add(where)
+        print(
+            f"warning: {where}: the checkpoint records no normalization (mean/std): its inputs "
+            f"are normalised with the fallback mean {FALLBACK_MEAN[0]:g}, std {FALLBACK_STD[0]:g}",
+            file=sys.stderr,
+        )
+    return list(FALLBACK_MEAN), list(FALLBACK_STD)

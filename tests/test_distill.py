@@ -70,8 +70,12 @@ def teacher_payload(
 
 
 def save_checkpoint(folder: Path, payload: dict[str, Any]) -> str:
+    """Write ``payload`` (a ``model.pt`` document) through the project's writer."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, folder / T.MODEL_FILE)
+    card = T.ModelCard.from_dict({k: v for k, v in payload.items() if k != "state_dict"})
+    T.write_checkpoint(
+        folder, card=card, state_dict=payload["state_dict"], trainer={}, epoch=1, metrics={}
+    )
     return str(folder)
 
 

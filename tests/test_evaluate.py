@@ -1,7 +1,7 @@
 """``resdistill evaluate`` and ``resdistill predict``: metrics, compute table, plots, heatmaps, errors.
 
-Checkpoints are written in the teacher's ``model.pt`` format (see ``resdistill.teacher``'s
-``model_payload``) from small ResNets whose heads are fitted here to a contract-conforming
+Checkpoints are written through ``resdistill.checkpoint.write_checkpoint``, as training writes
+them, from small ResNets whose heads are fitted here to a contract-conforming
 dataset (``tests.fixtures_data.write_dataset``), so that the metrics are far from chance and a
 label or key mix-up would show. Predictions are checked against an independent pass that reads
 the tar shards with ``tarfile`` and PIL, the metrics against ``resdistill.measures.bootstrap`` and
@@ -54,27 +54,18 @@ def save_checkpoint(
     dataset: str = "",
     read_chain: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``folder/model.pt`` + ``meta.json`` exactly as the teacher's ``model_payload`` does
-    (with ``read_chain``, the dataset's read chain as training records it)."""
-    payload = {
-        "format": T.CHECKPOINT_FORMAT,
-        "stage": stage,
-        "arch": "resnet18",
-        "num_classes": len(classes),
-        "classes": list(classes),
-        "mag": mag,
-        "tile_px": tile_px,
-        "normalization": {"mean": mean or [0.5, 0.5, 0.5], "std": std or [0.25, 0.25, 0.25]},
-        "dataset": dataset,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    if read_chain is not None:
-        payload["read_chain"] = read_chain
+    """Write a checkpoint of ``model`` into ``folder`` through the project's writer
+    (:func:`resdistill.checkpoint.write_checkpoint`), normalised with ``mean``/``std`` (default
+    0.5/0.25) and with ``read_chain``, the dataset's read chain as training records it."""
+    card = T.ModelCard(
+        stage=stage, arch="resnet18", classes=tuple(classes), mag=mag, tile_px=tile_px,
+        normalization={"mean": mean or [0.5, 0.5, 0.5], "std": std or [0.25, 0.25, 0.25]},
+        dataset=dataset, read_chain=read_chain or {},
+    )  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, folder / T.MODEL_FILE)
-    meta = {"format": T.CHECKPOINT_FORMAT, "epoch": 1, "metrics": {}}
-    meta["model"] = {k: v for k, v in payload.items() if k != "state_dict"}
-    (folder / T.META_FILE).write_text(json.dumps(meta))
+    T.write_checkpoint(
+        folder, card=card, state_dict=model.state_dict(), trainer={}, epoch=1, metrics={}
+    )
     return folder
 
 
@@ -157,10 +148,9 @@ def _cli(module: Any, argv: list[str]) -> int:
 
 
 def _load(folder: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    payload = torch.load(folder / T.MODEL_FILE, weights_only=True)
-    model = build_model(payload["arch"], payload["num_classes"])
-    model.load_state_dict(payload["state_dict"])
-    return model.eval(), payload
+    """The network of checkpoint ``folder`` and its card (as a dict)."""
+    loaded = T.load_model(folder)
+    return loaded.model, loaded.meta
 
 
 @pytest.fixture(scope="module")

@@ -305,10 +305,10 @@ def test_stain_normalisation_is_planned_recorded_and_applied(tiny_dataset, tmp_p
              "seconds": np.zeros(n)}  # fmt: skip
     np.testing.assert_allclose(Scorer(folder, "cpu")(batch)["probs"], want, atol=1e-5)
     from resdistill.checkpoint import CheckpointError
-    from resdistill.export.model import normalization_of
+    from resdistill.export.model import export_normalization
 
     with pytest.raises(CheckpointError, match="stain-normalised tiles"):
-        normalization_of(load_model(folder))  # export cannot carry the step: refused
+        export_normalization(load_model(folder))  # export cannot carry the step: refused
 
     bare = save_checkpoint(tmp_path / "bare" / "checkpoint_epoch0001",
                            teacher_payload(net, info, "10x"))  # fmt: skip

@@ -172,8 +172,9 @@ def test_speed_options_run_on_the_cpu() -> None:
 def test_load_checkpoint_refuses_pickled_code(tmp_path: Path) -> None:
     good = tmp_path / "good"
     good.mkdir()
-    torch.save({"state_dict": build_model("resnet18", 2).state_dict(), "classes": ["a", "b"]},
-               good / C.MODEL_FILE)  # fmt: skip
+    card = C.ModelCard(stage="teacher", arch="resnet18", classes=("a", "b"), mag="10x")
+    C.write_checkpoint(good, card=card, state_dict=build_model("resnet18", 2).state_dict(),
+                       trainer={}, epoch=1, metrics={})  # fmt: skip
     loaded = C.load_checkpoint(str(good))
     build_model("resnet18", 2).load_state_dict(loaded["state_dict"])
     bad = tmp_path / "bad"

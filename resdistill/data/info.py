@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from resdistill.checkpoint import FALLBACK_MEAN, FALLBACK_STD
 from sharding.layout import DATASET_JSON, MANIFEST, image_member
 from sharding.magnification import Magnification
 
@@ -95,10 +96,12 @@ class DatasetInfo:
         return image_member(mag, self.image_format)
 
     def mean_std(self, mag: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-        """Per-channel RGB mean and std (of [0, 1] pixels) at ``mag``; 0.5/0.25 when absent."""
+        """Per-channel RGB mean and std (of [0, 1] pixels) at ``mag``; without statistics the
+        checkpoints' fallback (:func:`resdistill.checkpoint.normalization_of`), so a model trained
+        on such a dataset is scored on the inputs it was trained on."""
         stats = self.normalization.get(mag)
         if not stats:
-            return (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+            return FALLBACK_MEAN, FALLBACK_STD
         std = tuple(max(float(s), 1e-3) for s in stats["std"])
         return tuple(float(m) for m in stats["mean"]), std  # type: ignore[return-value]
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from resdistill.checkpoint import LoadedModel, load_model
+from resdistill.checkpoint import LoadedModel, load_model, normalization_of
 from resdistill.errors import UsageError
 from resdistill.eval.config import EvaluateConfig
 from resdistill.eval.report_files import write_report
@@ -117,12 +117,11 @@ def check_compatible(model: LoadedModel, info: Any) -> str:
 
 
 def _with_model_norm(info: Any, model: LoadedModel, mag: str) -> Any:
-    """``info`` whose normalization at ``mag`` is the model's own (as it was trained)."""
-    ms = model.mean_std()
-    if ms is None:
-        return info
+    """``info`` whose normalization at ``mag`` is the model's own, never the dataset's
+    (:func:`resdistill.checkpoint.normalization_of`: the one policy predict and export share)."""
+    mean, std = normalization_of(model)
     norm = dict(info.normalization)
-    norm[mag] = {"mean": ms[0], "std": ms[1]}
+    norm[mag] = {"mean": mean, "std": std}
     return replace(info, normalization=norm)
 
 
@@ -146,8 +145,9 @@ def predict_split(
     """Run ``model`` over the labelled tiles of ``split`` of ``info`` at the model's magnification.
 
     Reads with :func:`resdistill.data.make_loader` (``train=False``: shards in order, each sample
-    once, no augmentation) normalising with the checkpoint's mean/std (after its stain
-    normalisation, when it was trained with one); the model runs in eval mode
+    once, no augmentation) normalising with the checkpoint's mean/std
+    (:func:`resdistill.checkpoint.normalization_of`; after its stain normalisation, when it was
+    trained with one); the model runs in eval mode
     under ``torch.inference_mode``; ``probs = softmax(logits)``. ``on_batch(n)`` is called with
     the size of each batch (progress).
     """

@@ -6,8 +6,9 @@ scores back, without resdistill. Contract of every exported file:
 * input ``tiles``: ``uint8`` RGB, ``(N, 3, tile_px, tile_px)`` (NCHW), values 0..255, any batch
   ``N >= 1``: the tiles exactly as ``resdistill predict`` decodes them (the TorchScript file also
   takes ``float32`` tiles in 0..255);
-* inside: ``x = (tiles / 255 - mean) / std`` per channel (the checkpoint's normalisation), then
-  the network;
+* inside: ``x = (tiles / 255 - mean) / std`` per channel (the checkpoint's normalisation, as
+  :func:`resdistill.checkpoint.normalization_of` gives it to evaluate and predict), then the
+  network;
 * outputs: ``logits`` ``(N, K)`` and ``probabilities`` ``(N, K)`` = ``softmax(logits)``, columns
   in the order of ``classes``.
 

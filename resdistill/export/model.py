@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resdistill.checkpoint import CheckpointError, LoadedModel
+from resdistill.checkpoint import CheckpointError, LoadedModel, normalization_of
 from resdistill.export import EXPORT_FORMAT, INPUT_NAME, OUTPUT_NAMES
 
 
@@ -36,10 +36,11 @@ class NormalizedClassifier(nn.Module):
         return logits, torch.softmax(logits, dim=1)
 
 
-def normalization_of(model: LoadedModel) -> tuple[list[float], list[float]]:
-    """The checkpoint's mean/std; :class:`CheckpointError` when its card lacks them (a file
-    that guessed them would give other scores than the model was trained to give) or when the
-    model was trained on stain-normalised tiles (the exported files do not carry that step)."""
+def export_normalization(model: LoadedModel) -> tuple[list[float], list[float]]:
+    """The mean/std the exported file applies: :func:`resdistill.checkpoint.normalization_of`,
+    the policy evaluate and predict apply too (so the file scores as they do).
+    :class:`CheckpointError` when the model was trained on stain-normalised tiles (the exported
+    files do not carry that step)."""
     stain = model.card.stain_reference()
     if stain:
         raise CheckpointError(
@@ -47,18 +48,12 @@ def normalization_of(model: LoadedModel) -> tuple[list[float], list[float]]:
             f"({stain.get('method')}), a step exported files do not include; use resdistill "
             "predict, which applies it"
         )
-    ms = model.mean_std()
-    if ms is None:
-        raise CheckpointError(
-            f"{model.url}: the checkpoint records no normalization (mean/std), so an exported "
-            "file could not reproduce its inputs"
-        )
-    return ms
+    return normalization_of(model)
 
 
 def wrap(model: LoadedModel) -> NormalizedClassifier:
     """``model``'s network behind its normalisation, on the CPU, in eval mode."""
-    mean, std = normalization_of(model)
+    mean, std = export_normalization(model)
     return NormalizedClassifier(model.model.cpu(), mean, std).eval()
 
 
@@ -69,8 +64,9 @@ def metadata(model: LoadedModel) -> dict[str, Any]:
     training stored it; ``{}`` for checkpoints written before they recorded one); ``tile_read``
     is how ``resdistill predict`` makes this model's input tiles from a slide with it
     (:meth:`resdistill.read_chain.ReadChain.to_json`: source, magnifications, tile sizes,
-    ``min_tissue``, image format and quality). :class:`CheckpointError` for a checkpoint without
-    ``tile_px`` or normalisation, or with a read chain that cannot make its tiles.
+    ``min_tissue``, image format and quality); ``normalization.recorded`` false when the mean/std
+    are :func:`resdistill.checkpoint.normalization_of`'s fallback. :class:`CheckpointError` for
+    a checkpoint without ``tile_px``, or with a read chain that cannot make its tiles.
     """
     import platform
 
@@ -79,7 +75,7 @@ def metadata(model: LoadedModel) -> dict[str, Any]:
     from resdistill.read_chain import chain_of
     from sharding.magnification import display_mag
 
-    mean, std = normalization_of(model)
+    mean, std = export_normalization(model)
     chain = chain_of(model)
     px = chain.tile_px
     card = model.card
@@ -97,7 +93,12 @@ def metadata(model: LoadedModel) -> dict[str, Any]:
             "range": [0, 255],
         },
         "outputs": {name: ["N", len(model.classes)] for name in OUTPUT_NAMES},
-        "normalization": {"mean": mean, "std": std, "formula": "(tiles / 255 - mean) / std"},
+        "normalization": {
+            "mean": mean,
+            "std": std,
+            "formula": "(tiles / 255 - mean) / std",
+            "recorded": card.mean_std() is not None,
+        },
         "read_chain": dict(card.read_chain or {}),
         "tile_read": chain.to_json(),
         "arch": card.arch,

@@ -103,7 +103,8 @@ def read_escalated(
 
 class Scorer:
     """An inference actor: ``p = softmax(model((stain(tile / 255) - mean) / std))``, ``stain``
-    the checkpoint's stain normalisation (identity without one), for the rows of a
+    the checkpoint's stain normalisation (identity without one), ``mean``, ``std`` its
+    :func:`resdistill.checkpoint.normalization_of`, for the rows of a
     batch without an error (and, with ``only``, where that bool column is set); other rows get
     zeros. ``tiles`` is replaced by ``probs``; worker seconds are added to ``seconds``."""
 
@@ -113,14 +114,13 @@ class Scorer:
     ) -> None:  # fmt: skip
         import torch
 
-        from resdistill.checkpoint import load_model
+        from resdistill.checkpoint import load_model, normalization_of
 
         self.torch = torch
         self.device = device
         self.model = load_model(checkpoint, device=device)
         self.net = self.model.model.eval().to(device)
-        ms = self.model.mean_std()
-        mean, std = ms if ms is not None else ([0.5] * 3, [0.25] * 3)
+        mean, std = normalization_of(self.model)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         ref = self.model.card.stain_reference()

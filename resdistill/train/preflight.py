@@ -27,9 +27,6 @@ from resdistill.config import (
 from resdistill.errors import UsageError
 from sharding.magnification import display_mag
 
-#: Keys a teacher checkpoint's ``model.pt`` must hold.
-TEACHER_KEYS = ("arch", "classes", "state_dict")
-
 
 def _stderr_note(text: str) -> None:
     print(f"note: {text}", file=sys.stderr)
@@ -126,54 +123,46 @@ def _train_slides(
 def teacher_ref(url: str, classes: Sequence[str], *, evaluate: bool = True) -> TeacherRef:
     """Read a teacher checkpoint and check it against the dataset's ``classes``.
 
-    Loads ``<url>/model.pt`` with ``weights_only=True`` and builds its network from the stored
-    ``arch`` and class count to prove the weights fit. The reference's ``mag`` is the one the
-    teacher was trained at. :class:`UsageError` (one line) when it is not a classifier
-    checkpoint or its classes (names and order) differ from the dataset's.
+    Read by :func:`resdistill.checkpoint.load_model` (``weights_only=True``; the weights built
+    into the stored ``arch`` to prove they fit), as every checkpoint is. The reference's
+    ``checkpoint`` is the checkpoint folder (absolute), ``mag`` the one the teacher was trained
+    at, ``normalization`` :func:`resdistill.checkpoint.normalization_of` (plus the stain
+    reference, when there is one), so the teacher gets the inputs evaluation would give it.
+    :class:`UsageError` (one line) when it is not a readable checkpoint or its classes (names and
+    order) differ from the dataset's.
     """
-    from resdistill.checkpoint import absolute_url, load_checkpoint
-    from resdistill.models import ARCHITECTURES, build_model
+    from resdistill.checkpoint import (
+        MODEL_FILE,
+        CheckpointError,
+        absolute_url,
+        load_model,
+        normalization_of,
+        resolve_spec,
+    )
+    from resdistill.models import ARCHITECTURES
 
     url = absolute_url(url)
     try:
-        ckpt = load_checkpoint(url)
-    except FileNotFoundError as exc:
-        raise UsageError(str(exc)) from None
-    except Exception as exc:  # unpickling refused (weights_only) or a corrupt file
-        raise UsageError(
-            f"{url}: cannot load the teacher checkpoint: {exc}".splitlines()[0]
-        ) from None
-    missing = [k for k in TEACHER_KEYS if k not in ckpt]
-    if missing:
-        raise UsageError(
-            f"{url}: not a resdistill classifier checkpoint (model.pt lacks {', '.join(missing)})"
-        )
-    if ckpt["arch"] not in ARCHITECTURES:
-        raise UsageError(f"{url}: teacher architecture {ckpt['arch']!r} is not supported")
-    t_classes = [str(c) for c in ckpt["classes"]]
+        if resolve_spec(url)[1] != MODEL_FILE:  # workers reread <folder>/model.pt
+            raise CheckpointError(f"{url}: name the teacher by its checkpoint folder or model.pt")
+        teacher = load_model(url)
+    except CheckpointError as exc:
+        raise UsageError(f"cannot load the teacher: {exc}") from None
+    t_classes = list(teacher.classes)
     if t_classes != list(classes):
         raise UsageError(
             f"{url}: the teacher's classes {t_classes} differ from the dataset's {list(classes)}; "
             "distill on a dataset with the same classes, or train a teacher on this one"
         )
-    try:
-        build_model(ckpt["arch"], len(t_classes)).load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise UsageError(
-            f"{url}: the weights do not fit a {ckpt['arch']} with {len(t_classes)} classes: "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
-    norm = ckpt.get("normalization")
-    stain = {"stain": dict(norm["stain"])} if norm and norm.get("stain") else {}
+    mean, std = normalization_of(teacher)
+    stain = teacher.card.stain_reference()
     return TeacherRef(
-        checkpoint=url,
-        arch=str(ckpt["arch"]),
-        mag=str(ckpt.get("mag") or ""),
+        checkpoint=absolute_url(teacher.url),
+        arch=teacher.card.arch,
+        mag=teacher.card.mag,
         classes=tuple(t_classes),
-        feature_channels=int(ARCHITECTURES[ckpt["arch"]]),
-        normalization={"mean": list(norm["mean"]), "std": list(norm["std"]), **stain}
-        if norm
-        else None,
+        feature_channels=int(ARCHITECTURES[teacher.card.arch]),
+        normalization={"mean": mean, "std": std, **({"stain": stain} if stain else {})},
         evaluate=evaluate,
     )
 

@@ -134,13 +134,12 @@ def compute_shard(
 
 
 def _load_frozen(data: str, teacher: str, teacher_mag: str) -> tuple[Any, Any]:
-    from resdistill.checkpoint import load_checkpoint
+    """The dataset's info and the frozen teacher, fed the inputs evaluation gives it."""
     from resdistill.data import DatasetInfo
     from resdistill.train.teacher_net import stream_teacher
 
     info = DatasetInfo.load(data)
-    norm = load_checkpoint(teacher).get("normalization")
-    return info, stream_teacher(teacher, norm, info.mean_std(teacher_mag))
+    return info, stream_teacher(teacher, None, info.mean_std(teacher_mag))
 
 
 def _shard_job(
@@ -198,6 +197,7 @@ def write_targets(cfg: TargetsConfig, log: Any = None) -> TargetsIndex:
     dataset = Dataset.open(data)
     info = dataset.info
     meta = teacher_ref(teacher, info.classes)
+    teacher = meta.checkpoint  # the checkpoint folder, whatever named it
     t_mag = info.resolve_mag(teacher_mag or meta.mag or info.highest)
     t_power = Magnification.parse(t_mag).power
     if student_mags:

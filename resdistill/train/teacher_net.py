@@ -79,20 +79,17 @@ class FrozenTeacher(nn.Module):
 def teacher_head_weight(url: str) -> torch.Tensor:
     """The linear head's weight ``(K, C)`` of the teacher checkpoint ``url`` (for the attention
     term when the teacher itself is not loaded, i.e. with cached targets)."""
-    from resdistill.checkpoint import load_checkpoint
+    from resdistill.checkpoint import load_model
 
-    return load_checkpoint(url)["state_dict"]["net.fc.weight"]
+    return load_model(url).model.head_weight.detach()
 
 
 def load_teacher(url: str, device: torch.device | str = "cpu", renorm: Any = None) -> FrozenTeacher:
-    """The teacher of checkpoint folder ``url`` (``model.pt``, ``weights_only=True``), frozen."""
-    from resdistill.checkpoint import load_checkpoint
-    from resdistill.models import build_model
+    """The teacher of checkpoint ``url``, read by :func:`resdistill.checkpoint.load_model`,
+    frozen."""
+    from resdistill.checkpoint import load_model
 
-    ckpt = load_checkpoint(url)
-    net = build_model(ckpt["arch"], len(ckpt["classes"]))
-    net.load_state_dict(ckpt["state_dict"])
-    return FrozenTeacher(net, renorm).to(device)
+    return FrozenTeacher(load_model(url).model, renorm).to(device)
 
 
 class DistillStep(nn.Module):
@@ -195,10 +192,16 @@ def stream_teacher(
     stream_mean_std: tuple[Sequence[float], Sequence[float]],
     device: torch.device | str = "cpu",
 ) -> FrozenTeacher:
-    """:func:`load_teacher` fed by a data stream normalised with ``stream_mean_std`` (the
-    dataset's statistics at the teacher's magnification): renormalised onto the teacher's own
-    ``normalization`` (``{"mean", "std"}`` from its checkpoint) when it records one."""
-    renorm = None
+    """The teacher of checkpoint ``url`` fed by a data stream normalised with
+    ``stream_mean_std`` (the dataset's statistics at the teacher's magnification), renormalised
+    onto the teacher's own ``normalization`` (``{"mean", "std"}``, as
+    :func:`resdistill.train.preflight.teacher_ref` records it; None: read from the checkpoint),
+    which is :func:`resdistill.checkpoint.normalization_of`: the inputs evaluation gives it."""
+    from resdistill.checkpoint import load_model, normalization_of
+
+    teacher = load_model(url)
     if normalization:
-        renorm = renormalizer(stream_mean_std, (normalization["mean"], normalization["std"]))
-    return load_teacher(url, device, renorm)
+        own = (normalization["mean"], normalization["std"])
+    else:
+        own = normalization_of(teacher)
+    return FrozenTeacher(teacher.model, renormalizer(stream_mean_std, own)).to(device)
