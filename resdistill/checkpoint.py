@@ -4,7 +4,8 @@ A checkpoint is a folder (``<storage>/<run>/checkpoint_epochNNNN``, local or ``s
 
     model.pt     {**ModelCard fields, "state_dict": {name: tensor}}   what evaluation needs
     trainer.pt   {"optimizer", "state" (TrainState), "config" (TrainConfig), stage extras}
-    meta.json    {"format", "epoch", "metrics", "model" (the card), "time"}   for people
+    meta.json    {"format", "epoch", "metrics", "model" (the card), "time", "resdistill"
+                  (version, commit), "config" (the run's options)}   for people
 
 Both ``.pt`` files hold only tensors and plain containers, so they are read with
 ``torch.load(..., weights_only=True)``: a checkpoint cannot run code on the reader's machine.
@@ -163,12 +164,19 @@ def write_checkpoint(
     weights = {k: v.detach().cpu() for k, v in state_dict.items()}
     torch.save({**card.to_dict(), "state_dict": weights}, folder / MODEL_FILE)
     torch.save(dict(trainer), folder / TRAINER_FILE)
+    from resdistill import __version__
+    from resdistill.run_config import git_commit
+
+    config = trainer.get("config")
     meta = {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
         "metrics": dict(metrics),
         "model": card.to_dict(),
         "time": time.time(),
+        "resdistill": {"version": __version__, "commit": git_commit()},
+        # the run's options (hyperparameters), without what the planner derived
+        "config": {k: v for k, v in config.items() if k != "plan"} if config else None,
     }
     (folder / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
 

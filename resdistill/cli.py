@@ -51,7 +51,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     from resdistill import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = generate.OneLineParser(
         prog="resdistill",
         formatter_class=generate.HelpFormatter,
         description="Resolution distillation for histology: shard slides, train a teacher, "

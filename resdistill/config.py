@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from resdistill.fields import check, check_choice, from_plain, opt, to_plain
+from resdistill.fields import ConfigError, check, check_choice, from_plain, opt, to_plain
 
 #: Stages a TrainConfig can describe.
 STAGE_TEACHER = "teacher"  # supervised at the dataset's (high) magnification
@@ -84,6 +84,16 @@ def _floats(text: str) -> tuple[float, ...]:
         raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _jitter(text: str) -> tuple[float, ...]:
+    """``--jitter``: up to four numbers, the missing ones 0 (``--jitter 0`` turns it off)."""
+    vals = _floats(text)
+    if not 1 <= len(vals) <= 4:
+        raise ValueError(
+            f"expected 1 to 4 numbers brightness,contrast,saturation,hue, got {text!r}"
+        )
+    return (vals + (0.0, 0.0, 0.0))[:4]
+
+
 def _hed(text: str) -> tuple[float, float]:
     return hed_pair(_floats(text))
 
@@ -133,7 +143,7 @@ class DataConfig:
     jitter: tuple[float, ...] | None = opt(
         None, "colour jitter brightness,contrast,saturation,hue, one draw for every "
         "magnification of a sample (0 disables; the paper: 0.5,0.5,0.5,0.2; default by stage: "
-        f"{_preset_text('jitter')})", parse=_floats, metavar="B,C,S,H")  # fmt: skip
+        f"{_preset_text('jitter')})", parse=_jitter, metavar="B,C,S,H")  # fmt: skip
     flips: bool = opt(True, "random flips and 90-degree rotations")
     hed_jitter: tuple[float, ...] = opt(
         (0.0, 0.0), "stain jitter in haematoxylin-eosin-DAB space: each stain's amount C "
@@ -155,8 +165,8 @@ class DataConfig:
         "and rotations stay, colour jitter is refused")  # fmt: skip
 
     def __post_init__(self) -> None:
-        check(0.0 < self.label_fraction <= 1.0, "--label-fraction", "must be in (0, 1]")
-        check(0.0 <= self.unlabelled_share <= 1.0, "--unlabelled-share", "must be in [0, 1]")
+        check(0.0 < self.label_fraction <= 1.0, "--label-fraction", "must be within 0..1, above 0")
+        check(0.0 <= self.unlabelled_share <= 1.0, "--unlabelled-share", "must be within 0..1")
         check(self.batch_size >= 1, "--batch-size", "must be at least 1")
         check((self.eval_batch_size or 1) >= 1, "--eval-batch-size", "must be at least 1")
         check(self.loader_workers >= 0, "--loader-workers", "must be 0 or more")
@@ -164,6 +174,10 @@ class DataConfig:
         check(self.jitter is None or len(self.jitter) == 4, "--jitter",
               "takes four numbers: brightness,contrast,saturation,hue")  # fmt: skip
         check_choice(DataConfig, self, "stain_norm")
+        try:
+            hed_pair(self.hed_jitter)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def eval_batch(self) -> int:

@@ -122,7 +122,7 @@ def test_bad_values_name_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture)
     for extra, words in ((["--batch-size", "0"], "--batch-size"),
                          (["--optimizer", "rmsprop"], "--optimizer"),
                          (["--label-fraction", "1.5"], "--label-fraction"),
-                         (["--jitter", "0.1,0.1"], "--jitter")):  # fmt: skip
+                         (["--jitter", "0.1,0.1,0.1,0.1,0.1"], "--jitter")):  # fmt: skip
         assert teacher.main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert words in err[-1], err

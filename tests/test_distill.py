@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import torch
 from resdistill import checkpoint as T
 from resdistill import data as D
 from resdistill.commands import distill
+from resdistill.commands.generate import parse
+from resdistill.commands.training import train as train_run
 from resdistill.config import TrainConfig
 from resdistill.losses import DistillLoss
 from resdistill.models import build_model
@@ -108,7 +111,7 @@ def trained_teacher(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
 def _args(data: str, storage: str, name: str, *extra: str) -> Any:
     argv = ["--data", data, "--storage", storage, "--name", name, "--workers", "2",
             "--batch-size", "8", "--loader-workers", "1", "--shuffle-buffer", "32", *extra]  # fmt: skip
-    return distill.build_parser().parse_args(argv)
+    return parse(distill.SPEC, argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,11 +276,7 @@ def test_config_uses_every_split_for_distillation_and_labels_for_the_baseline(
     tiny_dataset: Path, trained_teacher: str
 ) -> None:
     base = ["--data", str(tiny_dataset), "--student-mag", "5x", "--batch-size", "8"]
-    cfg = prepare(
-        distill.build_config(
-            distill.build_parser().parse_args([*base, "--teacher", trained_teacher])
-        )
-    )
+    cfg = prepare(parse(distill.SPEC, [*base, "--teacher", trained_teacher]))
     assert cfg.data.train_splits == ("train", "unlabeled")
     assert (cfg.plan.n_train, cfg.plan.n_labelled, cfg.plan.n_val) == (48 + 8, 48, 16)
     assert cfg.teacher.mag == "10x" and cfg.model.arch == "resnet18"
@@ -286,7 +285,7 @@ def test_config_uses_every_split_for_distillation_and_labels_for_the_baseline(
     assert cfg.plan.steps_per_epoch == 56 // (2 * 8)
     # what travels to the workers is plain values and comes back as the same config
     assert TrainConfig.from_dict(loop_config(cfg)["config"]) == cfg
-    sup = prepare(distill.build_config(distill.build_parser().parse_args([*base, "--supervised"])))
+    sup = prepare(parse(distill.SPEC, [*base, "--supervised"]))
     assert sup.data.train_splits == ("train",) and sup.plan.n_train == 48 and sup.teacher is None
     assert sup.stage == "supervised"
 
@@ -313,7 +312,7 @@ def test_distill_on_s3_checkpoints_and_resumes(
                  "--student-mag", "5x", "--epochs", "2", "--steps-per-epoch", "4",
                  "--schedule", "constant", "--lr", "5e-4", "--temperature", "2",
                  "--address", ray_cluster, "--trace-dir", str(trace))  # fmt: skip
-    first = distill.train(args)
+    first = train_run(args)
     assert first.epochs == 2
     assert first.latest_checkpoint == f"s3://{bucket}/runs/d-s3/checkpoint_epoch0002"
     s3 = boto3.session.Session().client("s3")
@@ -337,8 +336,8 @@ def test_distill_on_s3_checkpoints_and_resumes(
     ]  # fmt: skip
 
     # the same name resumes after epoch 2 and continues to epoch 3
-    args.epochs = 3
-    second = distill.train(args)
+    args = replace(args, optim=replace(args.optim, epochs=3))
+    second = train_run(args)
     assert second.epochs == 3
     assert sorted(s["start_epoch"] for s in _jsonl(trace / "starts.jsonl")) == [0, 0, 2, 2]
     trainer = T.load_checkpoint(second.latest_checkpoint, T.TRAINER_FILE)
@@ -390,7 +389,7 @@ def test_supervised_baseline_learns_from_labels(
     args = _args(str(tiny_dataset), str(tmp_path / "runs"), "b-5x", "--supervised",
                  "--student-mag", "5x", "--epochs", "3", "--steps-per-epoch", "3",
                  "--schedule", "constant", "--address", ray_cluster)  # fmt: skip
-    summary = distill.train(args)
+    summary = train_run(args)
     assert summary.epochs == 3
     model = T.load_checkpoint(summary.latest_checkpoint)
     assert model["stage"] == "supervised" and model["teacher"] is None and model["mag"] == "5x"

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from resdistill.commands import distill
+from resdistill.commands.generate import parse
 from resdistill.config import DataConfig, TrainConfig, hed_pair
 from resdistill.data.augment import PairedAugment, paired_augment
 from resdistill.data.stain import draw_hed, hed_jitter, stain_matrix
+from resdistill.errors import UsageError
 
 RJ = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 
@@ -120,16 +122,19 @@ def test_one_draw_for_every_magnification(seed: int) -> None:
 
 def test_cli_option_and_config_record() -> None:
     def cfg(*extra: str) -> TrainConfig:
-        args = distill.build_parser().parse_args(
-            ["--data", "/nowhere", "--teacher", "/nowhere/t", "--student-mag", "2.5x", *extra]
+        args = parse(
+            distill.SPEC,
+            ["--data", "/nowhere", "--teacher", "/nowhere/t", "--student-mag", "2.5x", *extra],
         )
-        return distill.build_config(args)
+        return args
 
     assert cfg().data.hed_jitter == (0.0, 0.0)
     assert cfg("--hed-jitter", "0.05").data.hed_jitter == (0.05, 0.05)
     assert cfg("--hed-jitter", "0.2,0.02").data.hed_jitter == (0.2, 0.02)
-    with pytest.raises(distill.UsageError, match="sigma must be in"):
+    with pytest.raises(SystemExit):  # the command line: one line naming the flag, exit 2
         cfg("--hed-jitter", "1.5")
+    with pytest.raises(UsageError, match="--hed-jitter sigma must be in"):
+        DataConfig(url="/x", hed_jitter=(1.5, 1.5))  # a config built in Python is checked too
     with pytest.raises(ValueError, match="SIGMA"):
         hed_pair((0.1, 0.1, 0.1))
     c = cfg("--hed-jitter", "0.1,0.03")
@@ -246,7 +251,8 @@ def test_stain_normalisation_is_planned_recorded_and_applied(tiny_dataset, tmp_p
     from resdistill.train.worker import model_card
     from tests.test_distill import save_checkpoint, teacher_payload
 
-    args = teacher_cmd.build_parser().parse_args(
+    args = parse(
+        teacher_cmd.SPEC,
         [
             "--data",
             str(tiny_dataset),
@@ -256,10 +262,10 @@ def test_stain_normalisation_is_planned_recorded_and_applied(tiny_dataset, tmp_p
             "1",
             "--batch-size",
             "8",
-        ]
+        ],
     )
     notes: list[str] = []
-    cfg = prepare(teacher_cmd.build_config(args), notes=notes)
+    cfg = prepare((args), notes=notes)
     ref = cfg.data.stain_reference
     assert cfg.data.stain_norm == "reinhard" and ref["method"] == "reinhard"
     assert any("stain normalisation (reinhard)" in n for n in notes)
@@ -316,16 +322,16 @@ def test_stain_normalisation_is_planned_recorded_and_applied(tiny_dataset, tmp_p
     def student(teacher: str, *extra: str) -> TrainConfig:
         argv = ["--data", str(tiny_dataset), "--teacher", teacher, "--student-mag", "5x",
                 "--workers", "1", "--batch-size", "8", *extra]  # fmt: skip
-        return distill.build_config(distill.build_parser().parse_args(argv))
+        return parse(distill.SPEC, argv)
 
     notes = []
     inherited = prepare(student(folder), notes=notes)
     assert inherited.data.stain_norm == "reinhard" and inherited.data.stain_reference == ref
     assert any("as the teacher was trained with" in n for n in notes)
-    with pytest.raises(distill.UsageError, match="trained without stain normalisation"):
+    with pytest.raises(UsageError, match="trained without stain normalisation"):
         prepare(student(bare, "--stain-norm", "reinhard"))
-    with pytest.raises(distill.UsageError, match="trained with --stain-norm reinhard"):
+    with pytest.raises(UsageError, match="trained with --stain-norm reinhard"):
         prepare(student(folder, "--stain-norm", "macenko"))
-    with pytest.raises(distill.UsageError, match="--targets with a stain-normalised teacher"):
+    with pytest.raises(UsageError, match="--targets with a stain-normalised teacher"):
         prepare(student(folder, "--targets", str(tmp_path / "targets"), "--jitter", "0"))
     assert prepare(student(bare)).data.stain_reference is None

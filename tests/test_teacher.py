@@ -15,6 +15,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch
 
 from resdistill import checkpoint as C
 from resdistill.commands import teacher
+from resdistill.commands.generate import parse
+from resdistill.commands.training import train as train_run
 from resdistill.measures.metrics import confusion_scores
 from resdistill.models import build_model
 from resdistill.train import runner
@@ -44,7 +47,7 @@ def _args(data: str, storage: str, name: str, address: str | None, *extra: str) 
     ]  # fmt: skip
     if address:
         argv += ["--address", address]
-    return teacher.build_parser().parse_args(argv)
+    return parse(teacher.SPEC, argv)
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -146,11 +149,11 @@ def test_speed_options_run_on_the_cpu() -> None:
     from resdistill.models import ARCHITECTURES
 
     assert set(ARCH_CHOICES) == set(ARCHITECTURES)
-    args = teacher.build_parser().parse_args(
-        ["--data", "d", "--amp", "bf16", "--channels-last", "--compile", "eager"]
+    args = parse(
+        teacher.SPEC, ["--data", "d", "--amp", "bf16", "--channels-last", "--compile", "eager"]
     )
     env = WorkerEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
-                      **{k: getattr(args, k) for k in ("amp", "channels_last", "compile")})  # fmt: skip
+                      **{k: getattr(args.speed, k) for k in ("amp", "channels_last", "compile")})  # fmt: skip
     assert (env.amp, env.channels_last, env.compile) == ("bf16", True, "eager")
     ctx = env.autocast()
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
@@ -216,7 +219,7 @@ def test_two_workers_on_s3_learn_checkpoint_and_resume(
     args = _args(tiny_dataset_s3, storage, "t-s3", ray_cluster, "--epochs", "2",
                  "--steps-per-epoch", "4", "--schedule", "constant", "--lr", "2e-4",
                  "--trace-dir", str(trace))  # fmt: skip
-    first = teacher.train(args)
+    first = train_run(args)
     assert first.epochs == 2
     assert first.latest_checkpoint == f"s3://{bucket}/runs/t-s3/checkpoint_epoch0002"
 
@@ -235,8 +238,8 @@ def test_two_workers_on_s3_learn_checkpoint_and_resume(
     ]  # fmt: skip
 
     # a second run with the same name resumes after epoch 2 and continues to epoch 3
-    args.epochs = 3
-    second = teacher.train(args)
+    args = replace(args, optim=replace(args.optim, epochs=3))
+    second = train_run(args)
     assert second.epochs == 3
     starts = _jsonl(trace / "starts.jsonl")
     assert sorted(s["start_epoch"] for s in starts) == [0, 0, 2, 2]
@@ -261,7 +264,7 @@ def test_killed_worker_restarts_from_checkpoint_and_run_finishes(
                  "--trace-dir", str(trace))  # fmt: skip
     ray_init(ray_cluster)  # connect before the thread so both share one driver
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(teacher.train, args)
+        future = pool.submit(train_run, args)
 
         snapshot = tmp_path / "runs" / "t-kill" / "checkpoint_manager_snapshot.json"
 
@@ -310,7 +313,7 @@ def test_uneven_shards_do_not_hang_and_ranks_take_equal_steps(
                  "--arch", "resnet-small", "--amp", "bf16", "--channels-last",
                  "--compile", "eager")  # fmt: skip
     with ThreadPoolExecutor(1) as pool:
-        summary = pool.submit(teacher.train, args).result(timeout=300)
+        summary = pool.submit(train_run, args).result(timeout=300)
     epochs = _jsonl(trace / "epochs.jsonl")
     assert sorted((r["rank"], r["steps"], r["samples"]) for r in epochs) == [(0, 3, 12), (1, 3, 12)]
     assert summary.last_metrics["val_samples"] == 10

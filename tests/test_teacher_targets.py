@@ -5,6 +5,7 @@ local folder and on a real S3 endpoint."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,11 @@ import yaml
 from resdistill import checkpoint as T
 from resdistill import data as D
 from resdistill.commands import distill
+from resdistill.commands.generate import parse
+from resdistill.commands.training import train as train_run
 from resdistill.data.cached import GeometricAugment, make_cached_loader
 from resdistill.data.targets import StaleTargetsError, TargetsIndex, check_for_distill
+from resdistill.errors import UsageError
 from resdistill.models import build_model
 from resdistill.train.preflight import check, prepare
 from resdistill.train.targets import feature_size, write_targets
@@ -237,23 +241,22 @@ def test_stale_or_incompatible_targets_are_refused(
                           **{**common, "train_shards": ["test/shard-000000.tar"]})  # fmt: skip
 
     def args(*extra: str) -> Any:
-        return distill.build_parser().parse_args(
+        return parse(distill.SPEC,
             ["--data", str(geo_dataset), "--teacher", other, "--student-mag", "5x",
              "--targets", geo_targets.url, "--workers", "1", "--batch-size", "4", *extra]
         )  # fmt: skip
 
-    with pytest.raises(distill.UsageError, match="stale targets"):
-        prepare(distill.build_config(args()))
-    with pytest.raises(distill.UsageError, match="--jitter is not allowed"):
-        check(distill.build_config(args("--jitter", "0.5,0.5,0.5,0.2")))
-    with pytest.raises(distill.UsageError, match="maxpool"):
-        check(distill.build_config(args("--feature-resize", "bicubic")))
-    cfg = check(distill.build_config(args()))
+    with pytest.raises(UsageError, match="stale targets"):
+        prepare(args())
+    with pytest.raises(UsageError, match="--jitter is not allowed"):
+        check(args("--jitter", "0.5,0.5,0.5,0.2"))
+    with pytest.raises(UsageError, match="maxpool"):
+        check(args("--feature-resize", "bicubic"))
+    cfg = check(args())
     assert tuple(cfg.data.jitter) == (0.0, 0.0, 0.0, 0.0)  # the default jitter is switched off
     # the right teacher: a config that carries the targets and no jitter
     b = args()
-    b.teacher = geo_teacher
-    cfg = prepare(distill.build_config(b))
+    cfg = prepare(replace(b, teacher=replace(b.teacher, checkpoint=geo_teacher)))
     assert cfg.plan.targets["url"] == geo_targets.url and cfg.data.jitter == (0.0,) * 4
 
 
@@ -287,7 +290,7 @@ def test_targets_on_s3_with_ray_tasks_and_cached_distillation(
             "--workers", "2", "--batch-size", "8", "--loader-workers", "1", "--shuffle-buffer",
             "16", "--epochs", "2", "--steps-per-epoch", "3", "--jitter", "0",
             "--no-teacher-eval", "--address", ray_cluster]  # fmt: skip
-    summary = distill.train(distill.build_parser().parse_args(argv))
+    summary = train_run(parse(distill.SPEC, argv))
     assert summary.epochs == 2
     trainer = T.load_checkpoint(summary.latest_checkpoint, T.TRAINER_FILE)
     history = trainer["state"]["history"]

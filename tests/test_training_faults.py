@@ -13,6 +13,8 @@ import torch
 from resdistill import checkpoint as C
 from resdistill import data as D
 from resdistill.commands import distill, teacher
+from resdistill.commands.generate import parse
+from resdistill.commands.training import train as train_run
 from resdistill.models import build_model
 from resdistill.train.validate import evaluate
 from resdistill.train.worker_env import WorkerEnv
@@ -43,7 +45,7 @@ def test_feature_weight_0_with_other_channel_counts_trains_under_ddp(
         "--teacher", ckpt, "--student-mag", "5x", "--arch", "resnet-small",
         "--feature-weight", "0", "--steps-per-epoch", "3", "--no-teacher-eval",
     ]  # fmt: skip
-    summary = distill.train(distill.build_parser().parse_args(argv))
+    summary = train_run(parse(distill.SPEC, argv))
     assert summary.epochs == 1
     trainer = C.load_checkpoint(summary.latest_checkpoint, C.TRAINER_FILE)
     assert trainer["loss"] == {}  # nothing trainable in the loss
@@ -58,7 +60,7 @@ def test_validation_scores_the_checkpointed_batchnorm_statistics(
     argv = _common(tiny_dataset, tmp_path / "runs", "t-bn", ray_cluster) + [
         "--arch", "resnet18", "--steps-per-epoch", "3", "--eval-batch-size", "4",
     ]  # fmt: skip
-    summary = teacher.train(teacher.build_parser().parse_args(argv))
+    summary = train_run(parse(teacher.SPEC, argv))
     saved = C.load_checkpoint(summary.latest_checkpoint)
     model = build_model("resnet18", 2)
     model.load_state_dict(saved["state_dict"])
@@ -85,7 +87,7 @@ def test_a_truncated_shard_fails_the_run_with_one_line(
         "--arch", "resnet-small",
     ]  # fmt: skip
     capsys.readouterr()
-    rc = teacher.run(teacher.build_parser().parse_args(argv))
+    rc = teacher.run(parse(teacher.SPEC, argv))
     # the command's own output (Ray also forwards the workers' logs to stderr)
     ours = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("teacher:")]
     assert rc == 2

@@ -21,7 +21,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
 from resdistill.fields import (
     ConfigError,
@@ -109,6 +109,14 @@ def _hidden(spec: CommandSpec, path: str) -> bool:
     return any(path == h or path.startswith(h + ".") for h in spec.hidden)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Option errors as one line, ``resdistill teacher: error: --epochs must be at least 1
+    (see --help)``, exit status 2: the usage block would bury the message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Plain text at most 100 columns wide; descriptions and examples keep their lines."""
 
@@ -119,7 +127,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser(spec: CommandSpec, prog: str | None = None) -> argparse.ArgumentParser:
     """A stand-alone parser for ``spec`` (``python -m resdistill.<command>``)."""
-    parser = argparse.ArgumentParser(prog=prog or f"resdistill {spec.name}")
+    parser = OneLineParser(prog=prog or f"resdistill {spec.name}")
     return add_arguments(parser, spec)
 
 
@@ -183,6 +191,7 @@ def _add(group: Any, leaf: Leaf, shown: Any) -> None:
 
 
 _METAVARS = {int: "N", float: "X"}
+_EXPECTED = {int: "a whole number", float: "a number"}
 
 
 def _is_list(kind: Any) -> bool:
@@ -207,7 +216,9 @@ def _converter(leaf: Leaf, kind: Any, parse: Callable[[str], Any] | None = None
         try:
             return parse(text)
         except (TypeError, ValueError) as exc:
-            raise argparse.ArgumentTypeError(str(exc) or f"cannot read {text!r}") from None
+            expected = _EXPECTED.get(parse)
+            message = f"expected {expected}, got {text!r}" if expected else str(exc)
+            raise argparse.ArgumentTypeError(message or f"cannot read {text!r}") from None
 
     convert.__name__ = getattr(kind, "__name__", "value")  # argparse's "invalid int value"
     return convert

@@ -205,8 +205,10 @@ class PairedAugment:
 
 
 def paired_augment(data: DataConfig) -> PairedAugment:
-    """The :class:`PairedAugment` of a run's data section (flips, HED and colour jitter)."""
-    return PairedAugment(data.jitter, flips=data.flips, hed=data.hed_jitter)
+    """The :class:`PairedAugment` of a run's data section (flips, HED and colour jitter). A
+    section outside a :class:`~resdistill.config.TrainConfig` has no stage preset: its unset
+    jitter (None) is none."""
+    return PairedAugment(data.jitter or (), flips=data.flips, hed=data.hed_jitter)
 
 
 class GeometricAugment(PairedAugment):
