@@ -11,7 +11,8 @@ Contract of :func:`iter_samples`: the samples of webdataset's ``tar_file_expande
 these deliberate differences: a sample none of whose members is wanted is still yielded, as
 ``{"__key__", "__url__"}`` (callers count samples); every damage raises
 :class:`TarFormatError` where ``tarfile`` often just stops (a bad checksum or a truncated header
-after the first member, data cut inside a skipped member); compressed tars and empty streams
+after the first member, data cut inside a skipped member; a negative or absurd size field,
+named with its member, before any seek or allocation); compressed tars and empty streams
 are refused (``tarfile`` refuses the latter too); pax global headers are ignored (``tarfile``
 applies them to every later member).
 
@@ -32,8 +33,13 @@ from zlib import adler32
 BLOCK = 512
 #: largest pax header or GNU long name accepted; a bigger one is a damaged header, not a name
 _MAX_META = 1 << 20
-#: chunk for reading and dropping skipped data from a stream that cannot seek
+#: chunk for reading and dropping skipped data from a stream that cannot seek, and for reading
+#: a member's data: memory follows the bytes that arrive, never the size a header claims
 _DISCARD_CHUNK = 1 << 20
+#: largest member size accepted (64 GiB, far above any tile): a bigger or a negative size field
+#: is damage, refused before any seek or allocation (a negative one used to seek backwards and
+#: read the same headers forever)
+_MAX_MEMBER = 1 << 36
 _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = frozenset(b"07\0")
 _PAX = frozenset(b"xX")  # 'X': Solaris' pax extended header, read by tarfile alike
@@ -179,7 +185,10 @@ class _TarReader:
         return buf
 
     def _skip(self, n: int, what: str) -> None:
-        """Drop ``n`` bytes: a relative seek where the stream can, else reads in chunks."""
+        """Drop ``n`` bytes: a relative seek where the stream can, else reads in chunks. Never
+        backwards: a negative ``n`` would re-read what was read, forever."""
+        if n < 0:
+            raise TarFormatError(f"negative {what} size {n} at byte {self.offset}")
         if self._seekable:
             if self.offset + n > self._end:
                 raise TarFormatError(f"truncated {what} at byte {self._end}")
@@ -202,7 +211,14 @@ class _TarReader:
                 f"truncated member data at byte {self._end}: {self._end - start} of {size} "
                 f"bytes from byte {start}"
             )
-        data = self._read(size)
+        if size <= _DISCARD_CHUNK:
+            data = self._read(size)
+        else:  # in chunks: a stream cut short costs what it held, not what the header claimed
+            parts, got = [], 0
+            while got < size and (part := self._read(min(_DISCARD_CHUNK, size - got))):
+                parts.append(part)
+                got += len(part)
+            data = b"".join(parts)
         if len(data) != size:
             raise TarFormatError(
                 f"truncated member data at byte {self.offset}: {len(data)} of {size} bytes "
@@ -252,8 +268,11 @@ class _TarReader:
             _check_sum(header, at)
             kind = header[156]
             own_size = _number(header[124:136], "size", at)
-            if own_size < 0:
-                raise TarFormatError(f"negative size in the header at byte {at}")
+            if not 0 <= own_size <= _MAX_MEMBER:
+                raise TarFormatError(
+                    f"member {_decode(_cstr(header[0:100]))!r}: invalid size {own_size} in the "
+                    f"header at byte {at}"
+                )
             if kind in _PAX:
                 records = _pax_records(self._meta_data(own_size, "pax header", at), at)
                 if "path" in records:
@@ -275,18 +294,22 @@ class _TarReader:
                 continue
             if kind == 0x53:  # 'S': the data is not the file's bytes
                 raise TarFormatError(f"GNU sparse member at byte {at} is not supported")
+            if name is None:
+                name = _decode(_cstr(header[0:100]))
+                if header[257:263] == b"ustar\0":
+                    prefix = _cstr(header[345:500])
+                    if prefix:
+                        name = _decode(prefix) + "/" + name
             if size is None:
                 size = own_size
-            if kind in _REGULAR:
-                if name is None:
-                    name = _decode(_cstr(header[0:100]))
-                    if header[257:263] == b"ustar\0":
-                        prefix = _cstr(header[345:500])
-                        if prefix:
-                            name = _decode(prefix) + "/" + name
-                if not (kind == 0 and name.endswith("/")):  # old-style directory
-                    self._data_size, self._pad = size, -size % BLOCK
-                    return name, size
+            elif not 0 <= size <= _MAX_MEMBER:  # from a pax header
+                raise TarFormatError(
+                    f"member {name!r}: invalid pax size {size} in the extended header before "
+                    f"byte {at}"
+                )
+            if kind in _REGULAR and not (kind == 0 and name.endswith("/")):  # not a directory
+                self._data_size, self._pad = size, -size % BLOCK
+                return name, size
             # other types: links, devices, fifos and directories carry no data (tarfile ignores
             # their size field); unknown types are skipped by their size, as tarfile does
             data_size = 0 if kind in _NO_DATA else size
