@@ -5,22 +5,30 @@ scripts write ``CMU-1.geojson`` or ``CMU-1.svs.geojson``), turned into a slide i
 slide's own file stem is (:func:`sharding.layout.slide_id`). The driver reads each matched file
 once, for its sha256 (kept per slide so that a resumed run notices a changed file, and over the
 set in dataset.json), its problems and its majority class (the class that stratifies the split of
-a slide the labels CSV does not list). Slide tasks read their file again
+a slide the labels CSV does not list), measured on the slide: the driver reads the slide's size
+(its header; an ``s3://`` slide is copied to this node's slide cache first) and clips the polygons
+to it, so a polygon off the slide never decides the split. Slide tasks read their file again
 (:func:`load_annotations`) instead of receiving polygons, so the driver never holds every slide's
-polygons at once.
+polygons at once. Reads are bounded (:data:`sharding.annotations.MAX_BYTES`), and a file that
+cannot be used skips its own slide with one line; the other slides go on.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from shapely.errors import ShapelyError
+
+from . import annotations as geojson
 from .annotations import AnnotationError, SlideAnnotations, parse_geojson
 from .layout import UnsafeNameError, slide_id
 from .options import AnnotationOptions
-from .slide_files import SLIDE_SUFFIXES
-from .storage import open_storage
+from .slide import open_slide
+from .slide_files import SLIDE_SUFFIXES, SlideError
+from .storage import Storage, StorageError, open_storage
 
 SUFFIX = ".geojson"
 
@@ -75,16 +83,42 @@ def annotated_slide(name: str) -> str | None:
         return None
 
 
+def read_bounded(store: Storage, name: str) -> bytes:
+    """File ``name`` of ``store``, reading at most one byte past
+    :data:`sharding.annotations.MAX_BYTES` (:class:`AnnotationError` when over)."""
+    with store.open_read(name) as fh:
+        data = fh.read(geojson.MAX_BYTES + 1)
+    geojson.check_size(len(data), store.child_url(name))
+    return data
+
+
+def slide_size(path: str) -> tuple[int, int]:
+    """Level-0 ``(width, height)`` of a slide from its header (:class:`SlideError` if unreadable)."""
+    slide = open_slide(path)
+    try:
+        width, height = slide.dimensions
+    finally:
+        slide.close()
+    return int(width), int(height)
+
+
 def read_annotation_set(
-    opts: AnnotationOptions, slides: dict[str, str], *, unmatched: bool = True
+    opts: AnnotationOptions,
+    slides: dict[str, str],
+    *,
+    unmatched: bool = True,
+    majority_for: Collection[str] | None = None,
 ) -> AnnotationSet:
     """Match, read and check the annotation files of ``slides`` (slide id -> path).
 
     One line per problem: a file naming no input slide (unless ``unmatched`` is False, for a run
     over a few slides of an annotated cohort), two files for one slide (skipped), a file that
     cannot be used (skipped), and the lines of :func:`parse_geojson`. With ``annotated_only`` a
-    slide without a file, or whose file names no class, is skipped. Raises
-    :class:`AnnotationSetError` when the source holds no ``.geojson`` file.
+    slide without a file, or whose file names no class, is skipped. The majority class of the
+    slides in ``majority_for`` (default: all; the driver passes those the labels CSV does not
+    label, predict none) is measured on the slide, whose size is read here (a slide that cannot
+    be opened is skipped with its line). Raises :class:`AnnotationSetError` when the source holds
+    no ``.geojson`` file.
     """
     store = open_storage(opts.source)
     out = AnnotationSet(url=store.url)
@@ -116,16 +150,23 @@ def read_annotation_set(
         if sid in out.skip:
             continue
         try:
-            data = store.read_bytes(name)
+            data = read_bounded(store, name)
             ann, problems = parse_geojson(data, store.child_url(name), opts.ignore, opts.classes)
-        except (AnnotationError, OSError) as exc:
-            out.problems.append(str(exc))
+        except (AnnotationError, OSError, StorageError) as exc:
+            out.problems.append(_line(exc, store.child_url(name)))
             out.skip[sid] = f"unusable annotation file {PurePosixPath(name).name}"
             continue
+        majority = None
+        if ann.classes and (majority_for is None or sid in majority_for):
+            try:
+                majority = ann.majority(*slide_size(slides[sid]))
+            except (SlideError, OSError, StorageError, ShapelyError) as exc:
+                out.problems.append(_line(exc, slides[sid]))
+                out.skip[sid] = "slide cannot be opened to measure its annotations"
+                continue
         out.problems.extend(problems)
         ref = AnnotationRef(name, hashlib.sha256(data).hexdigest(), ann.labels_regions)
         out.refs[sid] = ref
-        majority = ann.majority()
         if majority is not None:
             out.majority[sid] = majority
     if opts.annotated_only:
@@ -137,12 +178,18 @@ def read_annotation_set(
     return out
 
 
+def _line(exc: Exception, where: str) -> str:
+    """``exc`` as one line that starts with the path it is about."""
+    text = " ".join(str(exc).split())
+    return text if text.startswith(where) else f"{where}: {text}"
+
+
 def load_annotations(opts: AnnotationOptions, ref: AnnotationRef) -> tuple[SlideAnnotations, str]:
     """A slide's annotations and the file's URL, read again in a slide task (its problems were
     reported by the driver). Raises :class:`AnnotationError` if the file changed since."""
     store = open_storage(opts.source)
     url = store.child_url(ref.name)
-    data = store.read_bytes(ref.name)
+    data = read_bounded(store, ref.name)
     if hashlib.sha256(data).hexdigest() != ref.sha256:
         raise AnnotationError(f"{url}: changed while the run was reading it: run again")
     return parse_geojson(data, url, opts.ignore, opts.classes)[0], url

@@ -15,13 +15,20 @@ and cells are passed over. Each feature's ``properties.classification.name`` giv
 Polygons of one class are merged (``union_all``), so overlapping strokes are not counted twice.
 Invalid polygons (self-intersections, QuPath's brush loops) are repaired with ``make_valid`` and
 said. Each problem is one line naming the file; a file that cannot be used at all raises
-:class:`AnnotationError`.
+:class:`AnnotationError`, which fails that slide alone: a file over :data:`MAX_BYTES`, nested
+deeper than :data:`MAX_DEPTH` (checked without recursion before decoding), holding a coordinate
+that is not a finite number (``Infinity``, ``NaN``, ``1e999``: GEOS cannot measure them), or a
+class name that is not text (a number would otherwise be read as "unclassified", a region of
+interest). Areas are measured only on the slide (:meth:`SlideAnnotations.clip`): a polygon off
+the slide never decides its majority class.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import re
+import unicodedata
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -29,12 +36,24 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import shapely
+from shapely.errors import ShapelyError
 from shapely.geometry import shape
 
 AREA_TYPES = ("Polygon", "MultiPolygon")
 #: QuPath's built-in class for regions of interest (the star is part of the name).
 ROI_CLASS = "Region*"
 EXPORT_HINT = "export it again with QuPath's File > Export objects as GeoJSON"
+#: Largest annotation file read (bytes): QuPath's annotations of a slide take a few MB; a file this
+#: large holds detections or cells, which would take ~10x its size in memory to decode.
+MAX_BYTES = 256 * 2**20
+#: Deepest ``[`` / ``{`` nesting accepted: GeoJSON needs 8 (a MultiPolygon's point in a feature
+#: in a collection), QuPath's properties a few more; far below Python's recursion limit.
+MAX_DEPTH = 64
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_SCAN_CHUNK = 1 << 24
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
 
 
 class AnnotationError(Exception):
@@ -58,17 +77,23 @@ class SlideAnnotations:
         return [g for g in (*self.classes.values(), self.roi, self.ignore) if g is not None]
 
     def areas(self) -> dict[str, float]:
-        """Area of each class in level-0 square pixels."""
+        """Area of each class in level-0 square pixels (of the polygons as drawn: clip first)."""
         return {c: float(shapely.area(g)) for c, g in self.classes.items()}
 
-    def majority(self) -> str | None:
-        """The class covering the most area (the first name on a tie), None without classes.
+    def clip(self, width: int, height: int) -> SlideAnnotations:
+        """The annotations within a ``width`` x ``height`` slide (level-0 pixels)."""
+        slide = shapely.box(0, 0, width, height)
+        return self.map(lambda g: shapely.intersection(g, slide))
+
+    def majority(self, width: int, height: int) -> str | None:
+        """The class covering the most area of the ``width`` x ``height`` slide (the first name on
+        a tie), None without classes on it.
 
         Regions are equal squares, so this is the class that labels the most regions, up to the
-        regions an outline cuts: it is known before the slide is opened, which lets splits be
-        assigned before any slide is tiled.
+        regions an outline cuts: it needs only the slide's size, which lets splits be assigned
+        before any slide is tiled. Polygons are clipped first: area off the slide labels nothing.
         """
-        areas = {c: a for c, a in self.areas().items() if a > 0}
+        areas = {c: a for c, a in self.clip(width, height).areas().items() if a > 0}
         return min(areas, key=lambda c: (-areas[c], c)) if areas else None
 
     def bounds(self) -> tuple[float, float, float, float] | None:
@@ -119,11 +144,80 @@ def _features(doc: Any, name: str) -> list:
     )
 
 
-def _class_name(props: Mapping) -> str | None:
+def _class_name(props: Mapping, i: int, name: str) -> str | None:
+    """The feature's class name (QuPath: ``classification.name``; a bare string is read too), None
+    when unclassified; :class:`AnnotationError` for a name that is not one line of text."""
     cls = props.get("classification")
+    what = "classification"
     if isinstance(cls, Mapping):
-        cls = cls.get("name")
-    return (cls.strip() or None) if isinstance(cls, str) else None
+        cls, what = cls.get("name"), "class name"
+    if cls is None:
+        return None
+    if not isinstance(cls, str):
+        raise AnnotationError(
+            f"{name}: feature {i}'s {what} is {type(cls).__name__} {_short(cls)}, not text: "
+            f"name its class in QuPath and {EXPORT_HINT}"
+        )
+    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in cls):
+        raise AnnotationError(
+            f"{name}: feature {i}'s class name {_short(cls)} holds a line break or control "
+            "character: rename the class in QuPath and export again"
+        )
+    return cls.strip() or None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_size(size: int, name: str) -> None:
+    """:class:`AnnotationError` when a file of ``size`` bytes is over :data:`MAX_BYTES`."""
+    if size > MAX_BYTES:
+        raise AnnotationError(
+            f"{name}: larger than {MAX_BYTES} bytes: export annotations only (not detections or "
+            "cells) with QuPath's File > Export objects as GeoJSON"
+        )
+
+
+def nesting_depth(utf8: bytes) -> int:
+    """Deepest ``[`` / ``{`` nesting outside strings of UTF-8 JSON: a regex drops the strings,
+    then a running sum over the brackets of fixed-size chunks, so neither recursion nor memory
+    grow with the depth."""
+    bare = np.frombuffer(_STRING.sub(b'""', utf8), np.uint8)
+    deepest = level = 0
+    for start in range(0, bare.size, _SCAN_CHUNK):
+        steps = _BRACKET_STEP[bare[start : start + _SCAN_CHUNK]]
+        steps = steps[steps != 0]
+        if steps.size:
+            run = np.cumsum(steps, dtype=np.int64) + level
+            deepest, level = max(deepest, int(run.max())), int(run[-1])
+    return deepest
+
+
+def _not_a_number(literal: str) -> float:
+    raise ValueError(f"{literal} is not a JSON number")
+
+
+def decode_json(data: bytes, name: str) -> Any:
+    """The JSON document in ``data``, bounded: size, then nesting depth (without recursion), then
+    strict decoding (``NaN`` / ``Infinity`` refused); :class:`AnnotationError` naming the file."""
+    check_size(len(data), name)
+    try:
+        encoding = json.detect_encoding(data)
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise AnnotationError(f"{name}: not valid JSON ({exc}): {EXPORT_HINT}") from None
+    depth = nesting_depth(data if encoding.startswith("utf-8") else text.encode())
+    if depth > MAX_DEPTH:
+        raise AnnotationError(
+            f"{name}: nested deeper than {MAX_DEPTH} levels ({depth}), which no GeoJSON needs: "
+            f"{EXPORT_HINT}"
+        )
+    try:
+        return json.loads(text, parse_constant=_not_a_number)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise AnnotationError(f"{name}: not valid JSON ({exc}): {EXPORT_HINT}") from None
 
 
 def parse_geojson(
@@ -135,13 +229,20 @@ def parse_geojson(
     """Parse one slide's GeoJSON; returns the annotations and one line per problem.
 
     Problems that leave features out or change them (unknown class, unreadable or non-area
-    geometry, invalid polygon repaired) are lines; a file that is not JSON, not GeoJSON features,
-    or holds no polygon at all raises :class:`AnnotationError`.
+    geometry, invalid polygon repaired) are lines; a file that is not JSON (or is out of the bounds
+    of :func:`decode_json`), not GeoJSON features, holds no polygon at all, a non-finite
+    coordinate or a class name that is not text raises :class:`AnnotationError`.
     """
+    doc = decode_json(data, name)
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnnotationError(f"{name}: not valid JSON ({exc}): {EXPORT_HINT}") from None
+        return _read_features(doc, name, ignore, classes)
+    except ShapelyError as exc:  # GEOS on input it cannot handle: this file only
+        raise AnnotationError(f"{name}: unusable geometry ({exc}): {EXPORT_HINT}") from None
+
+
+def _read_features(
+    doc: Any, name: str, ignore: Collection[str], classes: Collection[str] | None
+) -> tuple[SlideAnnotations, list[str]]:
     polygons: dict[str, list] = {}  # "class:<name>" | "roi" | "ignore" -> geometries
     unknown: Counter[str] = Counter()
     no_area: Counter[str] = Counter()
@@ -163,7 +264,11 @@ def parse_geojson(
         except Exception:  # shapely raises TypeError/ValueError/GEOSException on bad coordinates
             unreadable.append(str(i))
             continue
-        cls = _class_name(props)
+        if not np.isfinite(shapely.get_coordinates(g)).all():
+            raise AnnotationError(
+                f"{name}: feature {i} has a coordinate that is not a finite number: {EXPORT_HINT}"
+            )
+        cls = _class_name(props, i, name)
         if cls is None or cls == ROI_CLASS:
             role = "roi"
         elif is_ignored(cls, ignore):

@@ -117,7 +117,9 @@ def shard_slides(cfg: ShardConfig) -> ShardReport:
     ann_set = None
     if annotations is not None:
         try:
-            ann_set = read_annotation_set(annotations, found)
+            ann_set = read_annotation_set(
+                annotations, found, majority_for=found.keys() - parsed.label
+            )
         except AnnotationSetError as exc:
             raise ShardError(str(exc)) from None
         report.drop(found, ann_set.problems, ann_set.skip)

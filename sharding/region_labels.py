@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import shapely
+from shapely.errors import ShapelyError
 
 from .annotation_set import AnnotationRef, load_annotations
-from .annotations import SlideAnnotations
+from .annotations import EXPORT_HINT, AnnotationError, SlideAnnotations
 from .options import AnnotationOptions
 
 #: Annotations reaching past this multiple of the slide's size, with most of their area outside
@@ -91,7 +92,7 @@ def fit_to_slide(
             f"{name}: {outside} polygon(s) lie outside the slide ({width}x{height} px at level 0) "
             "and are left out: check they were drawn on this slide"
         )
-    return ann.map(lambda g: shapely.intersection(g, slide)), problems
+    return ann.clip(width, height), problems
 
 
 def coverage(
@@ -148,8 +149,13 @@ def slide_region_labels(
 ) -> tuple[RegionLabels, list[str]]:
     """Read a slide's annotation file (in a slide task), fit it to the slide, label its regions.
 
-    Raises :class:`sharding.annotations.AnnotationError` or :class:`ExtentError` (one line each).
+    Raises :class:`sharding.annotations.AnnotationError` or :class:`ExtentError` (one line each;
+    a geometry error GEOS raises on this file is an AnnotationError naming it, so that it fails
+    this slide's plan with its file's name).
     """
     ann, name = load_annotations(opts, ref)
-    fitted, problems = fit_to_slide(ann, width, height, name)
-    return label_regions(fitted, xs, ys, size0, opts), problems
+    try:
+        fitted, problems = fit_to_slide(ann, width, height, name)
+        return label_regions(fitted, xs, ys, size0, opts), problems
+    except ShapelyError as exc:
+        raise AnnotationError(f"{name}: unusable geometry ({exc}): {EXPORT_HINT}") from None

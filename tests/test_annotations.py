@@ -155,13 +155,13 @@ def test_one_stray_polygon_far_outside_is_not_a_level_mismatch():
 
 def test_majority_class_is_the_largest_area():
     ann, _ = parse_geojson(slide_a(), "a.geojson", IGNORE_CLASSES)
-    assert ann.majority() == "Tumor" and ann.labels_regions
+    assert ann.majority(W, H) == "Tumor" and ann.labels_regions
     ann_b, _ = parse_geojson(slide_b(), "b.geojson", IGNORE_CLASSES)
-    assert ann_b.majority() == "Stroma" and ann_b.roi is not None
+    assert ann_b.majority(W, H) == "Stroma" and ann_b.roi is not None
     ignore_only, _ = parse_geojson(
         collection(feature("Polygon", [ring(0, 0, U, U)], "Pen")), "c.geojson", IGNORE_CLASSES
     )
-    assert ignore_only.majority() is None and not ignore_only.labels_regions
+    assert ignore_only.majority(W, H) is None and not ignore_only.labels_regions
     region, _ = parse_geojson(
         collection(feature("Polygon", [ring(0, 0, U, U)], "Region*")), "d.geojson", IGNORE_CLASSES
     )
@@ -190,6 +190,7 @@ def test_files_match_slides_by_name(tmp_path):
     (tmp_path / "ghost.geojson").write_bytes(slide_b())
     (tmp_path / "bad.geojson").write_text("{")
     slides = {s: f"/slides/{s}.svs" for s in ("a", "b", "bad", "plain")}
+    slides["b"] = str(write_slide(tmp_path / "b.svs", blob_image(W, H), app_mag=40, mpp=0.25))
     got = read_annotation_set(AnnotationOptions(source=str(tmp_path)), slides)
     assert set(got.refs) == {"b"} and got.majority == {"b": "Stroma"}
     assert set(got.skip) == {"a", "bad"}

@@ -63,7 +63,7 @@ class AnnotationOverlays:
 
     def __init__(self, source: str, slides: Mapping[str, str], say: Callable[[str], None]):
         self.opts = AnnotationOptions(source=source)
-        self.set = read_annotation_set(self.opts, dict(slides), unmatched=False)
+        self.set = read_annotation_set(self.opts, dict(slides), unmatched=False, majority_for=())
         self.say = say
         self.problems = len(self.set.problems)
         for line in self.set.problems:
