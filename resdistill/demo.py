@@ -247,7 +247,7 @@ def _cache_targets(cfg: DemoConfig, dataset: str, teacher: str) -> str:
 
 def _evaluate(cfg: DemoConfig, models: dict[str, str], dataset: str, out: str) -> Any:
     from resdistill.eval.config import EvaluateConfig
-    from resdistill.eval.evaluate import run_evaluation
+    from resdistill.eval.evaluation_run import run_evaluation
 
     report, _ = run_evaluation(EvaluateConfig(
         checkpoints=tuple(models.values()), data=dataset, out=out, names=tuple(models),

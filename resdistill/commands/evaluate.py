@@ -49,7 +49,7 @@ def run(cfg: EvaluateConfig) -> int:
 
     from resdistill.errors import UsageError
     from resdistill.eval.cascade_eval import format_cascade_tables
-    from resdistill.eval.evaluate import run_evaluation
+    from resdistill.eval.evaluation_run import run_evaluation
     from resdistill.eval.report_files import format_table
     from sharding.storage import StorageError
 

@@ -2,7 +2,7 @@
 
 The CLI is generated from these fields (:mod:`resdistill.commands.evaluate`); a config built in
 Python (the demo, the study), a ``--config`` YAML file and the flags give the same object, which
-:func:`resdistill.eval.evaluate.run_evaluation` runs and writes as ``<out>/config.yaml`` with the
+:func:`resdistill.eval.evaluation_run.run_evaluation` runs and writes as ``<out>/config.yaml`` with the
 dataset's fingerprint. ``out`` may be None in Python (nothing written); the CLI requires it.
 """
 
