@@ -15,7 +15,10 @@ and a sample's label is read before any image is decoded, so samples a run drops
 
 Failures. A shard that cannot be opened, whose tar is corrupt, that lacks samples the manifest
 lists for it, or whose member does not decode raises :class:`~resdistill.data.errors.ShardError`
-naming the shard: never a hang, never a silent skip.
+naming the shard: never a hang, never a silent skip. An image's size is read from its header
+(:func:`image_size`) and checked before it is decoded, so a crafted header claiming 60000x60000
+px costs nothing: the exact tile edge of its magnification in dataset.json, or, without that
+check, at most ``_EDGE_SLACK`` times the dataset's largest tile edge.
 
 Seeds. Slot ``s`` of a stream seeded ``seed`` starting at ``epoch`` shuffles with
 ``random.Random(f"{seed}:{epoch}:{s}")``; the pass draws are common to all slots (see the plan).
@@ -27,16 +30,47 @@ import io
 import itertools
 import json
 import random
+import struct
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .errors import shard_error
+from .errors import ShardError, shard_error
 from .info import DatasetInfo
 from .sample_plan import ShardTask, hash_seed, slot_samples, slot_tasks
 from .tar_members import iter_samples
+
+#: without an exact size check, an image edge may be at most this many times the largest tile
+_EDGE_SLACK = 4
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` that encoded image bytes claim, read from the header alone: a JPEG's
+    frame header (simplejpeg), a PNG's IHDR, else PIL's lazy open (which reads only the header).
+
+    Raises ValueError, OSError or SyntaxError when no header can be read.
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        import simplejpeg
+
+        try:
+            height, width = simplejpeg.decode_jpeg_header(data)[:2]
+            return int(width), int(height)
+        except ValueError:
+            pass  # PIL reads some JPEGs libjpeg-turbo's header parser refuses
+    elif data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Image.DecompressionBombError as exc:  # not an OSError: say it as bad data
+        raise ValueError(str(exc)) from None
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -62,6 +96,14 @@ def decode_image(data: bytes) -> torch.Tensor:
     with Image.open(io.BytesIO(data)) as img:
         arr = np.array(img.convert("RGB"))
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+#: what decoders raise for bad image data (PIL: OSError, SyntaxError, ValueError)
+_BAD_IMAGE = (OSError, SyntaxError, ValueError)
+
+
+def _undecodable(url: str, key: str, member: str, exc: BaseException) -> ShardError:
+    return shard_error(url, f"corrupted: sample {key}'s {member} does not decode ({exc})")
 
 
 def _shuffle_buffer(
@@ -127,6 +169,7 @@ class TileStream(IterableDataset):
         self.check_size = check_size
         self.labelled_slides = None if labelled_slides is None else frozenset(labelled_slides)
         self._members = [info.member(m) for m in self.mags]
+        self._max_edge = _EDGE_SLACK * max(info.tile_px.values(), default=2048)
         self._class_index = {c: i for i, c in enumerate(info.classes)}
 
     def norms(self) -> list[tuple[tuple[float, ...], tuple[float, ...]]]:
@@ -227,26 +270,44 @@ class TileStream(IterableDataset):
         key = sample["__key__"]
         label = sample["__label__"]
         images = []
+        url = sample["__url__"]
         for mag, member in zip(self.mags, self._members, strict=True):
             if member not in sample:
-                raise shard_error(
-                    sample["__url__"], f"corrupted: sample {key} has no {member} image"
-                )
+                raise shard_error(url, f"corrupted: sample {key} has no {member} image")
+            data = sample[member]
             try:
-                img = decode_image(sample[member])
-            except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for bad image data
+                width, height = image_size(data)
+            except _BAD_IMAGE as exc:
+                raise _undecodable(url, key, member, exc) from None
+            self._check_size(url, key, member, mag, width, height)  # before any allocation
+            try:
+                img = decode_image(data)
+            except _BAD_IMAGE as exc:
+                raise _undecodable(url, key, member, exc) from None
+            if tuple(img.shape[-2:]) != (height, width):
                 raise shard_error(
-                    sample["__url__"], f"corrupted: sample {key}'s {member} does not decode ({exc})"
-                ) from None
-            if self.check_size:
-                want = self.info.tile_px.get(mag)
-                if want is not None and tuple(img.shape[-2:]) != (want, want):
-                    raise ValueError(
-                        f"sample {key}: {member} is {img.shape[-1]}x{img.shape[-2]} px, "
-                        f"dataset.json says {want}"
-                    )
+                    url, f"corrupted: sample {key}'s {member} decodes to "
+                    f"{img.shape[-1]}x{img.shape[-2]} px, its header says {width}x{height}"
+                )  # fmt: skip
             images.append(img)
         return tuple(images), label, key
+
+    def _check_size(
+        self, url: str, key: str, member: str, mag: str, width: int, height: int
+    ) -> None:
+        """ShardError unless a header's size is the tile edge dataset.json gives ``mag`` (or,
+        without that check, within ``_EDGE_SLACK`` times the largest tile edge)."""
+        want = self.info.tile_px.get(mag) if self.check_size else None
+        if want is not None and (width, height) != (want, want):
+            raise shard_error(
+                url, f"sample {key}'s {member} is {width}x{height} px, dataset.json says "
+                f"{want}x{want}"
+            )  # fmt: skip
+        if want is None and not (0 < width <= self._max_edge and 0 < height <= self._max_edge):
+            raise shard_error(
+                url, f"sample {key}'s {member} claims {width}x{height} px, over the "
+                f"{self._max_edge} px that {_EDGE_SLACK}x the dataset's largest tile allows"
+            )  # fmt: skip
 
     def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, ...], int, str]]:
         from sharding.storage import register_webdataset_s3
