@@ -58,6 +58,23 @@ ATTENTION_MIN_PX = 64
 #: ``--stain-norm`` methods (see :mod:`resdistill.data.stain_norm`); "" is off.
 STAIN_NORMS = ("reinhard", "macenko")
 DEFAULT_METRIC = "val_macro_f1"
+#: ``--device`` of every command: ``auto`` is cuda when GPUs are there (the Ray cluster's for
+#: training and prediction, this machine's for evaluation), else cpu (:func:`resolve_device`).
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str, gpus: float) -> str:
+    """``cpu`` or ``cuda`` for ``--device`` given ``gpus`` GPUs: auto -> cuda when there is one;
+    cuda without one is refused (UsageError naming the flag) rather than failing in a worker."""
+    from resdistill.errors import UsageError
+
+    if device not in DEVICES:
+        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus <= 0:
+        raise UsageError("--device cuda: no GPU is available (use --device cpu or auto)")
+    return device
 
 
 def hed_pair(values: tuple[float, ...] | list[float]) -> tuple[float, float]:
@@ -269,7 +286,12 @@ class RunOptions:
                        "<storage>/<name>")  # fmt: skip
     workers: int = opt(2, "Ray Train workers (DDP ranks)")
     cpus_per_worker: float = opt(1.0, "Ray CPUs per worker")
-    gpu: bool = opt(False, "one GPU per worker, NCCL, bf16 autocast")
+    device: str = opt(
+        "auto",
+        "where the workers run: cuda is one GPU per worker, NCCL and bf16 "
+        "autocast; auto is cuda when the Ray cluster has GPUs",
+        choices=DEVICES,
+    )
     max_failures: int = opt(2, "worker failures to recover from")
     keep: int = opt(1, "best checkpoints kept (plus the latest)")
     address: str | None = opt(None, "Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
@@ -286,6 +308,7 @@ class RunOptions:
         check(self.max_failures >= 0, "--max-failures", "must be 0 or more")
         check(self.keep >= 1, "--keep", "must be at least 1")
         check_choice(RunOptions, self, "mode")
+        check_choice(RunOptions, self, "device")
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,13 @@ def free_local_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster (0 when Ray is not started)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
 def ray_init(
     address: str | None = None,
     *,

@@ -172,3 +172,30 @@ def test_the_losses_take_the_configs_defaults() -> None:
     loss = DistillLoss()
     assert (loss.kd.temperature, loss.kd_weight, loss.feature_weight) == (
         cfg.temperature, cfg.kd_weight, cfg.feature_weight)  # fmt: skip
+
+
+def test_every_command_picks_the_device_by_one_rule() -> None:
+    """``--device auto|cpu|cuda`` everywhere: auto is cuda when GPUs are there (a teacher used
+    to train on the CPU of a GPU machine unless --gpu was given); --gpu is --device cuda."""
+    from resdistill.config import resolve_device
+    from resdistill.errors import UsageError
+    from resdistill.eval.config import EvaluateConfig
+    from resdistill.predict.config import PredictConfig
+    from resdistill.study.config import StudyConfig
+
+    run = parse(teacher.SPEC, ["--data", "/ds"]).run
+    assert run.device == "auto" and resolve_device(run.device, 4) == "cuda"
+    assert resolve_device(run.device, 0) == "cpu"
+    assert parse(teacher.SPEC, ["--data", "/ds", "--gpu"]).run.device == "cuda"
+    assert (
+        parse(distill.SPEC, ["--data", "/ds", "--student-mag", "5x", "--device", "cpu"]).run.device
+        == "cpu"
+    )
+    fields_default = {PredictConfig.__dataclass_fields__["device"].default,
+                      EvaluateConfig.__dataclass_fields__["device"].default,
+                      StudyConfig.__dataclass_fields__["device"].default}  # fmt: skip
+    assert fields_default == {"auto"}
+    with pytest.raises(UsageError, match="--device cuda"):
+        resolve_device("cuda", 0)
+    with pytest.raises(ConfigError, match="--device"):
+        replace(run, device="tpu")

@@ -103,7 +103,7 @@ def test_study_options_from_flags_yaml_and_python(tmp_path: Path) -> None:
                        ({"seeds": 0}, "--seeds must be at least 1"),
                        ({"data": "/ds", "cohort": "sites"}, "--cohort picks"),
                        ({"student_args": "--bogus 1"}, "--student-args: unknown option"),
-                       ({"teacher_args": "--jitter 0.5"}, "--teacher-args: --jitter takes four"),
+                       ({"teacher_args": "--jitter 0.5,0.5,0.5,0.2,1"}, "1 to 4 numbers"),
                        ({"student_args": {"loss": {"temprature": 2}}}, "temprature")):  # fmt: skip
         with pytest.raises(ConfigError, match=re.escape(words)):
             StudyConfig(**bad)

@@ -41,6 +41,7 @@ exit codes: 0 done; 1 the run failed; 2 unusable options or data.""",
         ),  # fmt: skip
     },
     switches=(
+        training.gpu_switch(),
         Switch(
             "--supervised",
             "stage",
@@ -62,4 +63,3 @@ def main(argv: list[str] | None = None) -> int:
     from resdistill.commands.generate import main as generated_main
 
     return generated_main(SPEC, run, argv)
-

@@ -38,6 +38,7 @@ exit codes: 0 done; 1 a run failed; 2 unusable options or data.""",
         "resdistill study --data shards/ --teacher runs/t1 --student-mags 2.5x --out study1",
         "resdistill study --out study1 --resume --student-args '--temperature 2'",
     ),
+    switches=(training.gpu_switch("device"),),
 )
 
 

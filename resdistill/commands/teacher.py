@@ -27,6 +27,7 @@ exit codes: 0 done; 1 the run failed; 2 unusable options or data.""",
     ),
     fixed={"stage": STAGE_TEACHER},
     hidden=frozenset({"teacher", "data.targets", "data.unlabelled_share", *training.KD_FIELDS}),
+    switches=(training.gpu_switch(),),
     titles=training.TITLES,
 )
 

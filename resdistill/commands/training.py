@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from resdistill.commands.generate import Switch
 from resdistill.config import TrainConfig
 
 #: argument group titles of TrainConfig's sections
@@ -27,6 +28,11 @@ KD_FIELDS = (
     "loss.feature_resize",
     "loss.attention_weight",
 )
+
+
+def gpu_switch(path: str = "run.device") -> Switch:
+    """``--gpu``: the short spelling of ``--device cuda``."""
+    return Switch("--gpu", path, "cuda", "same as --device cuda")
 
 
 def train(cfg: TrainConfig) -> object:

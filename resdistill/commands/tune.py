@@ -41,7 +41,7 @@ after every epoch:
 
 Each trial is a Tune function trainable that runs one Ray Train run per (re)start: the trial's
 actor takes --trial-cpus, its Train workers --workers x --cpus-per-worker (and a GPU each with
---gpu); --max-concurrent (default: what the cluster holds now) lets trials share a machine.
+--device cuda); --max-concurrent (default: what the cluster holds now) lets trials share a machine.
 Results, each trial's checkpoints and the resolved options (config.yaml) live in
 <storage>/<name>, the Train runs in <storage>/<name>/_train; --resume continues an interrupted
 run of the same --name (finished trials are kept, the others restart from their latest
@@ -70,6 +70,7 @@ exit codes: 0 done; 1 no trial produced a checkpoint; 2 unusable options, space 
         "train.optim.epochs": Flag(help="epochs of every trial (asha's and fifo's last)"),
     },
     switches=(
+        training.gpu_switch("train.run.device"),
         Switch(
             "--teacher-mode",
             "train.stage",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from resdistill.cascade.curve import DEFAULT_THRESHOLDS, parse_thresholds
 from resdistill.cascade.rules import check_threshold
+from resdistill.config import DEVICES
 from resdistill.fields import ConfigError, check, check_choice, opt
 
 __all__ = ["SPLITS", "EvaluateConfig"]
@@ -35,7 +36,9 @@ class EvaluateConfig:
     )
     batch_size: int = opt(64, "inference batch size")
     loader_workers: int = opt(2, "DataLoader processes")
-    device: str | None = opt(None, "cpu or cuda (default: cuda when available)")
+    device: str = opt(
+        "auto", "where the models run: auto is cuda when this machine has a GPU", choices=DEVICES
+    )
     n_boot: int = opt(1000, "bootstrap resamples")
     alpha: float = opt(0.05, "1 - confidence level")
     seed: int = opt(0, "bootstrap seed")
@@ -53,6 +56,7 @@ class EvaluateConfig:
         parse=parse_thresholds, metavar="LIST")  # fmt: skip
 
     def __post_init__(self) -> None:
+        check_choice(EvaluateConfig, self, "device")
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
         if self.names is not None:
             object.__setattr__(self, "names", tuple(self.names))

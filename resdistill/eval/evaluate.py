@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from resdistill.checkpoint import LoadedModel, load_model, normalization_of
+from resdistill.config import resolve_device
 from resdistill.errors import UsageError
 from resdistill.eval.config import EvaluateConfig
 from resdistill.eval.report_files import write_report
@@ -124,10 +125,12 @@ def _with_model_norm(info: Any, model: LoadedModel, mag: str) -> Any:
     return replace(info, normalization=norm)
 
 
-def _auto_device() -> str:
+def local_device(device: str = "auto") -> str:
+    """``--device`` resolved against this machine's GPUs (:func:`resdistill.config.resolve_device`,
+    the rule training and prediction apply to the Ray cluster's)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(device, torch.cuda.device_count())
 
 
 def predict_split(
@@ -137,7 +140,7 @@ def predict_split(
     *,
     batch_size: int = 64,
     num_workers: int = 2,
-    device: str | None = None,
+    device: str = "auto",
     manifest: Any = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> TilePredictions:
@@ -155,7 +158,7 @@ def predict_split(
     from resdistill.data import make_loader, read_manifest
 
     mag = check_compatible(model, info)
-    device = device or _auto_device()
+    device = local_device(device)
     if manifest is None:
         manifest = read_manifest(info.url, columns=("key", "slide", "split", "label", "shard"))
     cols = manifest.select(["key", "slide"]).to_pydict()
@@ -228,7 +231,7 @@ def evaluate_models(
     if not models:
         raise EvaluationError("no model given: pass one or more checkpoints")
     data, split = cfg.data, cfg.split
-    device = cfg.device or _auto_device()
+    device = local_device(cfg.device)
     say = log or (lambda _msg: None)
     if cfg.names:
         for m, n in zip(models, cfg.names, strict=True):

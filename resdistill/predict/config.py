@@ -12,14 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from resdistill.cascade.rules import DEFAULT_ESCALATE, check_threshold
+from resdistill.config import DEVICES
 from resdistill.fields import ConfigError, check, check_choice, opt
 from resdistill.predict.heatmaps import DEFAULT_HEATMAP_PX
 from resdistill.read_chain import READ_MODES
 
-__all__ = ["DEVICES", "PredictConfig"]
-
-#: ``--device`` values (unset: cuda when the Ray cluster has GPUs).
-DEVICES = ("cpu", "cuda")
+__all__ = ["PredictConfig"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +53,11 @@ class PredictConfig:
         f"{DEFAULT_ESCALATE:g})", metavar="T")  # fmt: skip
     alpha: float = opt(0.55, "heatmap opacity over the slide picture")
     cmap: str = opt("viridis", "matplotlib colormap")
-    device: str | None = opt(
-        None, "cpu or cuda (default: cuda when the cluster has GPUs)", metavar="{cpu,cuda}"
+    device: str = opt(
+        "auto",
+        "where the inference actors run: auto is cuda when the Ray "
+        "cluster has GPUs (one actor per GPU)",
+        choices=DEVICES,
     )
     address: str | None = opt(
         None, "Ray cluster address ('auto' for the cluster this node belongs to; default: the "
@@ -72,8 +73,7 @@ class PredictConfig:
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "--batch-size", "must be at least 1")
         check(self.heatmap_px >= 16, "--heatmap-px", f"must be at least 16, got {self.heatmap_px}")
-        check(self.device in (None, *DEVICES), "--device",
-              f"must be cpu or cuda, got {self.device!r}")  # fmt: skip
+        check_choice(PredictConfig, self, "device")
         check(self.actors is None or self.actors >= 1, "--actors", "must be at least 1")
         check_choice(PredictConfig, self, "read")
         check(0.0 <= self.alpha <= 1.0, "--alpha", f"must be within 0..1, got {self.alpha}")

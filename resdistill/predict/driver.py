@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from resdistill.config import resolve_device
 from resdistill.errors import UsageError
 from resdistill.predict.config import PredictConfig
 
@@ -234,9 +235,7 @@ def _engine_config(cfg: PredictConfig, setup: Setup, resources: dict) -> Any:
     from resdistill.predict.engine import Cascade, EngineConfig
 
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    device = cfg.device or ("cuda" if gpus else "cpu")
-    if device == "cuda" and not gpus:
-        raise UsageError("--device cuda: the Ray cluster has no GPU (leave --device out for CPU)")
+    device = resolve_device(cfg.device, gpus)
     stages = 2 if setup.teacher is not None else 1
     actors = cfg.actors or (max(1, gpus) if device == "cuda" else max(1, cpus // 4))
     actor_cpus = 1.0

@@ -13,7 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from resdistill.config import ARCH_CHOICES, DEFAULT_EPOCHS, STAGE_DISTILL, STAGE_TEACHER
+from resdistill.config import (
+    ARCH_CHOICES,
+    DEFAULT_EPOCHS,
+    DEVICES,
+    STAGE_DISTILL,
+    STAGE_TEACHER,
+)
 from resdistill.fields import ConfigError, check, check_choice, opt
 from resdistill.study.grid import LABEL_FRACTIONS, SEEDS, UNLABELLED_SHARES
 from resdistill.study.overrides import check_overrides, train_options
@@ -78,7 +84,12 @@ class StudyConfig:
     resume: bool = opt(False, "keep finished cells, run the rest")
     cpus_per_worker: float = opt(0.9, "CPUs of each cell's run")
     trial_cpus: float = opt(0.1, "CPUs of each trial's actor")
-    gpu: bool = opt(False, "one GPU per cell")
+    device: str = opt(
+        "auto",
+        "where each cell's worker runs: cuda is one GPU per cell; auto "
+        "is cuda when the Ray cluster has GPUs",
+        choices=DEVICES,
+    )
     address: str | None = opt(None, "Ray cluster (default: $RAY_ADDRESS or a local Ray)")
 
     def __post_init__(self) -> None:
@@ -90,6 +101,7 @@ class StudyConfig:
         for v in self.unlabelled_shares or ():
             check(0 <= v <= 1, "--unlabelled-shares", f"{v:g} is not in [0, 1]")
         check(self.seeds is None or self.seeds >= 1, "--seeds", "must be at least 1")
+        check_choice(StudyConfig, self, "device")
         check(not self.data or self.cohort == "default", "--cohort",
               "picks the embedded synthetic cohort: drop it with --data")  # fmt: skip
         for name in ("epochs", "student_epochs", "batch_size"):

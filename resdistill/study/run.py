@@ -130,6 +130,7 @@ def run_study(cfg: StudyConfig) -> tuple[list[Any], list[Any]]:
     """Run (or resume) the study ``cfg`` describes; ``(rows, claims)`` of its report."""
     from rich.console import Console
 
+    from resdistill.config import resolve_device
     from resdistill.data import DatasetInfo
     from resdistill.fields import to_plain
     from resdistill.run_config import write_run_config
@@ -139,7 +140,7 @@ def run_study(cfg: StudyConfig) -> tuple[list[Any], list[Any]]:
     from resdistill.study.tuning import TrialOptions, run_cells
     from resdistill.train.runner import run_url
     from sharding.magnification import display_mag
-    from sharding.ray_cluster import ray_init
+    from sharding.ray_cluster import cluster_gpus, ray_init
 
     console = Console(highlight=False)
     out = Path(cfg.out).resolve()
@@ -164,7 +165,8 @@ def run_study(cfg: StudyConfig) -> tuple[list[Any], list[Any]]:
         student_steps=max(1, split_samples(info.url, ("train", "unlabeled")) // bs),
     )  # fmt: skip
     trials = TrialOptions(storage=storage, cpus_per_worker=cfg.cpus_per_worker,
-                          trial_cpus=cfg.trial_cpus, gpu=cfg.gpu)  # fmt: skip
+                          trial_cpus=cfg.trial_cpus,
+                          gpu=resolve_device(cfg.device, cluster_gpus()) == "cuda")  # fmt: skip
     todo = [c for c in grid.cells() if c.id not in records]
     console.print(
         f"[bold]study[/] on {info.url}: teacher {display_mag(grid.teacher_mag)}, students "

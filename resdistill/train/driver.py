@@ -100,9 +100,10 @@ def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
     """
     from rich.console import Console
 
+    from resdistill.config import resolve_device
     from resdistill.train.preflight import prepare
     from resdistill.train.worker import loop_config, train_worker
-    from sharding.ray_cluster import ray_init
+    from sharding.ray_cluster import cluster_gpus, ray_init
 
     console = console or Console(highlight=False)
     notes: list[str] = []
@@ -120,10 +121,12 @@ def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
     for text in notes:
         console.print(f"[yellow]note[/]: {text}", soft_wrap=True)
     ray_init(run.address)
+    device = resolve_device(run.device, cluster_gpus())
+    console.print(f"device: {device} ({run.workers} worker(s); --device {run.device})")
     t0 = time.perf_counter()
     try:
         result = launch(train_worker, loop_config(cfg), name=name, storage=run.storage,
-                        workers=run.workers, gpu=run.gpu, cpus_per_worker=run.cpus_per_worker,
+                        workers=run.workers, gpu=device == "cuda", cpus_per_worker=run.cpus_per_worker,
                         max_failures=run.max_failures, keep=run.keep, metric=run.metric,
                         mode=run.mode)  # fmt: skip
     except Exception as exc:

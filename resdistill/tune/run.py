@@ -39,7 +39,7 @@ def trial_options(cfg: TuneConfig, name: str) -> dict[str, Any]:
         "experiment": name,
         "workers": run.workers,
         "cpus_per_worker": run.cpus_per_worker,
-        "gpu": run.gpu,
+        "gpu": run.device == "cuda",  # resolved by tune_run once Ray is up
         "keep": run.keep,
         "metric": run.metric,
         "mode": run.mode,
@@ -113,7 +113,8 @@ def tune_run(cfg: TuneConfig) -> TuneSummary:
     unusable dataset) before any Ray work."""
     from rich.console import Console
 
-    from sharding.ray_cluster import ray_init
+    from resdistill.config import resolve_device
+    from sharding.ray_cluster import cluster_gpus, ray_init
 
     console = Console(highlight=False)
     run, stage = cfg.train.run, cfg.stage
@@ -126,7 +127,7 @@ def tune_run(cfg: TuneConfig) -> TuneSummary:
     console.print(
         f"[bold]tune {stage}[/] on {data_url(base)}: {cfg.num_samples} samples, scheduler "
         f"{cfg.scheduler}, {run.mode} {run.metric} over {epochs} epochs; trials of "
-        f"{run.workers} workers x {run.cpus_per_worker:g} CPU{' + GPU' if run.gpu else ''} "
+        f"{run.workers} workers x {run.cpus_per_worker:g} CPU (--device {run.device}) "
         f"+ {cfg.trial_cpus:g} CPU; run {name!r} -> {run_url(run.storage, name)}",
         soft_wrap=True,
     )
@@ -138,6 +139,9 @@ def tune_run(cfg: TuneConfig) -> TuneSummary:
     write_run_config(run_url(run.storage, name), "tune", to_plain(given),
                      dataset=(base.data.url, base.plan.dataset))  # fmt: skip
     ray_init(run.address)
+    device = resolve_device(run.device, cluster_gpus())
+    console.print(f"device: {device} (each trial's {run.workers} worker(s))")
+    cfg = replace(cfg, train=replace(cfg.train, run=replace(run, device=device)))
     t0 = time.perf_counter()
     tuner, resumed = make_tuner(cfg, base, space, name)
     if cfg.resume:

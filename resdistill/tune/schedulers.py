@@ -63,14 +63,14 @@ def make_scheduler(cfg: TuneConfig, space: Mapping[str, Domain]) -> Any:
 
 def default_concurrency(cfg: TuneConfig) -> int:
     """Trials the cluster's current CPUs (and GPUs) hold: ``floor(CPU / (trial_cpus + workers x
-    cpus_per_worker))``, and ``floor(GPU / workers)`` with ``--gpu``; at least 1."""
+    cpus_per_worker))``, and ``floor(GPU / workers)`` on cuda; at least 1."""
     import ray
 
     run = cfg.train.run
     res = ray.cluster_resources()
     per_trial = cfg.trial_cpus + run.workers * run.cpus_per_worker
     n = int(res.get("CPU", 1) // per_trial) if per_trial > 0 else cfg.num_samples
-    if run.gpu:
+    if run.device == "cuda":  # resolved: tune_run turns auto into cpu or cuda
         n = min(n, int(res.get("GPU", 0) // run.workers))
     return max(1, n)
 
