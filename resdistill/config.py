@@ -12,9 +12,10 @@ Sections are frozen dataclasses of plain values, so ``to_dict()`` is JSON- and
 labelled slides, a snapshot of ``dataset.json``), so workers never reread them.
 
 Every field is declared once with :func:`resdistill.fields.opt` (default, help, flag); the
-CLI is generated from those declarations. Tunable settings are marked there (``tune=...``): ``"pbt"`` for
-the continuous ones Population Based Training may perturb in a running trial (a checkpoint stays
-meaningful), ``"yes"`` for the rest. :func:`tunable` lists them by name per stage and
+CLI is generated from those declarations; choices, presets and value parsers are in
+:mod:`resdistill.option_values`. Tunable settings are marked on the field (``tune=...``):
+``"pbt"`` for the continuous ones Population Based Training may perturb in a running trial (a
+checkpoint stays meaningful), ``"yes"`` for the rest. :func:`tunable` lists them by name per stage and
 :meth:`TrainConfig.with_values` sets them by name, so Tune needs no second mapping.
 """
 
@@ -25,115 +26,35 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from resdistill.fields import ConfigError, check, check_choice, from_plain, opt, to_plain
-
-#: Stages a TrainConfig can describe.
-STAGE_TEACHER = "teacher"  # supervised at the dataset's (high) magnification
-STAGE_SUPERVISED = "supervised"  # the low-magnification baseline: labels only, no teacher
-STAGE_DISTILL = "distill"  # the student learns the frozen teacher's outputs, no labels
-STAGES = (STAGE_TEACHER, STAGE_SUPERVISED, STAGE_DISTILL)
-
-#: ``--arch`` choices: the keys of :data:`resdistill.models.ARCHITECTURES` (a test keeps them equal).
-ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet-small")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "constant", "linear")
-#: ``--amp``: ``auto`` is bf16 autocast on CUDA and none on CPU; ``bf16`` autocasts on any device
-#: (CPU autocast is how the tests keep this path from rotting); ``off`` never does.
-AMP_MODES = ("auto", "bf16", "off")
-FEATURE_LOSSES = ("mse", "l1")
-FEATURE_RESIZES = ("maxpool", "bicubic")
-#: Colour jitter (brightness, contrast, saturation, hue) of the teacher. The paper's reference
-#: code uses 0.5/0.5/0.5/0.2; milder jitter keeps stain-intensity cues learnable. The teacher's,
-#: the students' and the epochs' defaults were chosen by ``benchmarks/choose_defaults.py`` over
-#: three synthetic cohorts (README, "How the defaults were chosen").
-DEFAULT_JITTER = (0.2, 0.2, 0.2, 0.05)
-#: A student's (distilled, or the ``--supervised`` baseline) colour jitter: none.
-STUDENT_JITTER = (0.0, 0.0, 0.0, 0.0)
-#: KD temperature: 4 passes a confident teacher's ranking of the other classes (the paper: 1).
-DEFAULT_TEMPERATURE = 4.0
-#: Epochs of ``teacher`` and ``distill`` (the paper: 100).
-DEFAULT_EPOCHS = 20
-#: Smallest student tile edge (px) for attention transfer: the ResNets downsample 32x, so a
-#: smaller tile gives a one-cell feature map, whose unit-norm attention is 1 whatever the input.
-ATTENTION_MIN_PX = 64
-#: ``--stain-norm`` methods (see :mod:`resdistill.data.stain_norm`); "" is off.
-STAIN_NORMS = ("reinhard", "macenko")
-DEFAULT_METRIC = "val_macro_f1"
-#: ``--device`` of every command: ``auto`` is cuda when GPUs are there (the Ray cluster's for
-#: training and prediction, this machine's for evaluation), else cpu (:func:`resolve_device`).
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(device: str, gpus: float) -> str:
-    """``cpu`` or ``cuda`` for ``--device`` given ``gpus`` GPUs: auto -> cuda when there is one;
-    cuda without one is refused (UsageError naming the flag) rather than failing in a worker."""
-    from resdistill.errors import UsageError
-
-    if device not in DEVICES:
-        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if device == "auto":
-        return "cuda" if gpus > 0 else "cpu"
-    if device == "cuda" and gpus <= 0:
-        raise UsageError("--device cuda: no GPU is available (use --device cpu or auto)")
-    return device
-
-
-def hed_pair(values: tuple[float, ...] | list[float]) -> tuple[float, float]:
-    """``(sigma, bias)`` of ``--hed-jitter SIGMA[,BIAS]``: BIAS defaults to SIGMA (Tellez et
-    al.'s ``HED-light`` is 0.05, ``HED-strong`` 0.2); ``()`` or zeros mean off. ValueError
-    when sigma is outside [0, 1) or bias is negative."""
-    vals = tuple(float(v) for v in values)
-    if len(vals) > 2:
-        raise ValueError(f"--hed-jitter takes SIGMA[,BIAS], got {len(vals)} numbers")
-    sigma = vals[0] if vals else 0.0
-    bias = vals[1] if len(vals) > 1 else sigma
-    if not 0.0 <= sigma < 1.0:
-        raise ValueError(f"--hed-jitter sigma must be in [0, 1), got {sigma:g}")
-    if bias < 0.0:
-        raise ValueError(f"--hed-jitter bias must be 0 or more, got {bias:g}")
-    return sigma, bias
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    """``"0.2,0.2,0.2,0.05"`` -> ``(0.2, 0.2, 0.2, 0.05)``."""
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _jitter(text: str) -> tuple[float, ...]:
-    """``--jitter``: up to four numbers, the missing ones 0 (``--jitter 0`` turns it off)."""
-    vals = _floats(text)
-    if not 1 <= len(vals) <= 4:
-        raise ValueError(
-            f"expected 1 to 4 numbers brightness,contrast,saturation,hue, got {text!r}"
-        )
-    return (vals + (0.0, 0.0, 0.0))[:4]
-
-
-def _hed(text: str) -> tuple[float, float]:
-    return hed_pair(_floats(text))
-
-
-def _stain_norm(text: str) -> str:
-    return "" if text == "none" else text
-
-
-def _preset_text(key: str) -> str:
-    return "; ".join(f"{stage} {_shown(p[key])}" for stage, p in STAGE_PRESETS.items())
-
-
-def _shown(value: Any) -> str:
-    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-
-
-#: What differs between the stages when a field is left unset (None): a config built in Python
-#: and the CLI's get the same values (:meth:`TrainConfig.__post_init__` fills them in).
-STAGE_PRESETS: dict[str, dict[str, tuple[Any, ...]]] = {
-    STAGE_TEACHER: {"train_splits": ("train",), "jitter": DEFAULT_JITTER},
-    STAGE_SUPERVISED: {"train_splits": ("train",), "jitter": STUDENT_JITTER},
-    STAGE_DISTILL: {"train_splits": ("train", "unlabeled"), "jitter": STUDENT_JITTER},
-}
+from resdistill.option_values import (  # noqa: F401 - re-exported: one place to import configs from
+    AMP_MODES,
+    ARCH_CHOICES,
+    ATTENTION_MIN_PX,
+    DEFAULT_EPOCHS,
+    DEFAULT_JITTER,
+    DEFAULT_METRIC,
+    DEFAULT_TEMPERATURE,
+    DEVICES,
+    FEATURE_LOSSES,
+    FEATURE_RESIZES,
+    OPTIMIZERS,
+    SCHEDULES,
+    STAGE_DISTILL,
+    STAGE_PRESETS,
+    STAGE_SUPERVISED,
+    STAGE_TEACHER,
+    STAGES,
+    STAIN_NORMS,
+    STUDENT_JITTER,
+    hed_pair,
+    parse_floats,
+    parse_hed,
+    parse_jitter,
+    parse_stain_norm,
+    preset_text,
+    resolve_device,
+    shown,
+)
 
 
 @dataclass(frozen=True)
@@ -144,7 +65,7 @@ class DataConfig:
                    required=True)  # fmt: skip
     train_splits: tuple[str, ...] | None = opt(
         None, "comma list of splits to learn from; distillation uses every sample of them, "
-        f"labelled or not (default by stage: {_preset_text('train_splits')})")  # fmt: skip
+        f"labelled or not (default by stage: {preset_text('train_splits')})")  # fmt: skip
     val_split: str = opt("val", "labelled split scored after every epoch")
     label_fraction: float = opt(
         1.0, "use the labels of only this share of the training slides (at least one per "
@@ -160,18 +81,18 @@ class DataConfig:
     jitter: tuple[float, ...] | None = opt(
         None, "colour jitter brightness,contrast,saturation,hue, one draw for every "
         "magnification of a sample (0 disables; the paper: 0.5,0.5,0.5,0.2; default by stage: "
-        f"{_preset_text('jitter')})", parse=_jitter, metavar="B,C,S,H")  # fmt: skip
+        f"{preset_text('jitter')})", parse=parse_jitter, metavar="B,C,S,H")  # fmt: skip
     flips: bool = opt(True, "random flips and 90-degree rotations")
     hed_jitter: tuple[float, ...] = opt(
         (0.0, 0.0), "stain jitter in haematoxylin-eosin-DAB space: each stain's amount C "
         "becomes C * U(1-SIGMA, 1+SIGMA) + U(-BIAS, BIAS), one draw per sample (BIAS defaults "
         "to SIGMA; 0 disables; Tellez et al. 2019: 0.05 light, 0.2 strong)",
-        parse=_hed, metavar="SIGMA[,BIAS]")  # fmt: skip
+        parse=parse_hed, metavar="SIGMA[,BIAS]")  # fmt: skip
     stain_norm: str = opt(
         "", "map every tile's colours onto a reference estimated from the training tiles at "
         "the top magnification: reinhard (LAB mean/std), macenko (stain vectors); a student "
         "inherits its teacher's (default: none)", choices=("", *STAIN_NORMS),
-        parse=_stain_norm, metavar="{none,reinhard,macenko}")  # fmt: skip
+        parse=parse_stain_norm, metavar="{none,reinhard,macenko}")  # fmt: skip
     stain_reference: Mapping[str, Any] | None = opt(None, "filled in by the planner", cli=False)
     steps_per_epoch: int | None = opt(
         None, "batches per worker per epoch (default: train samples // (workers x batch))"

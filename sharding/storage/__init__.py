@@ -9,6 +9,9 @@ Contract (both backends)::
     store.read_bytes(rel) -> bytes         # FileNotFoundError when missing
     store.write_bytes(rel, data) -> None   # atomic: readers see the old object or the whole new one
     store.create_exclusive(rel, data) -> bool  # create only if absent: True if this call created it
+    store.read_versioned(rel) -> (bytes, version)  # version: S3 ETag, local SHA-256 of the bytes
+    store.replace_if(rel, data, version) -> str | None  # compare-and-swap: new version, or None
+    store.delete_if(rel, version) -> bool  # delete only that version
     store.put_file(rel, local_path) -> None  # atomic publish of a local file (S3: multipart when large)
     store.list(prefix="") -> list[str]     # relative paths under prefix (string prefix), sorted, recursive
     store.delete(rel) -> None              # missing is fine
@@ -20,9 +23,12 @@ Contract (both backends)::
 can address anything outside the root. Storage objects pickle as their URL and options only, so
 Ray and multiprocessing can ship them to workers.
 
-``create_exclusive`` is the one conditional write: of any number of concurrent calls on one
-member (from any process or host) exactly one returns True, and readers see no member or the whole
-``data``; it never replaces an existing member. Local: a hard link of a complete temp file (fails
+``replace_if`` and ``delete_if`` change a member only while its version is still the one given
+(S3: ``If-Match`` on the ETag; local: read, compare and rename under a kernel lock, see
+:mod:`~sharding.storage.local`); of concurrent swaps from one version exactly one wins.
+``create_exclusive`` creates only: of any number of concurrent calls on one member (from any
+process or host) exactly one returns True, and readers see no member or the whole ``data``; it
+never replaces an existing member. Local: a hard link of a complete temp file (fails
 when the name exists). S3: ``PutObject`` with ``If-None-Match: *``; an endpoint that refuses or
 ignores the condition (checked by repeating the put, which must then fail) raises
 :class:`StorageError`, never a silent overwrite.

@@ -1,5 +1,10 @@
 """The S3 backend (``s3://bucket/prefix`` through boto3) and webdataset's ``s3://`` scheme.
 
+Conditional writes: ``create_exclusive`` is ``PutObject`` with ``If-None-Match: *``;
+``replace_if`` / ``delete_if`` carry ``If-Match: <ETag>`` (the version ``read_versioned`` returns),
+so a writer replaces only the object it has read. An endpoint that ignores either condition is
+detected and refused (:class:`StorageError`), never trusted.
+
 Atomicity: ``write_bytes`` is a single ``PutObject``; ``put_file`` uses boto3's managed transfer
 (``upload_file``): objects of at least ``multipart_threshold`` bytes go up as a multipart upload,
 which becomes visible only when completed. The threshold defaults to
@@ -14,8 +19,10 @@ process and in forked DataLoader workers.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,6 +48,9 @@ from sharding.storage.base import (
 DEFAULT_MULTIPART_THRESHOLD = 64 * MIB
 DEFAULT_MULTIPART_CHUNKSIZE = 16 * MIB
 MULTIPART_THRESHOLD_ENV = "RESDISTILL_MULTIPART_THRESHOLD"
+#: Error codes of a conditional write that was refused: precondition failed, or another
+#: conditional write to the key in flight.
+_CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 #: Read buffer of streams returned by ``open_read`` and the webdataset ``s3`` handler.
 READ_BUFFER = 1 * MIB
 
@@ -115,6 +125,7 @@ class S3Storage:
         self.multipart_chunksize = int(multipart_chunksize or DEFAULT_MULTIPART_CHUNKSIZE)
         self.max_concurrency = int(max_concurrency)
         self._bucket_ok: bool = False
+        self._if_match_ok: bool = False
 
     def _options(self) -> dict[str, int]:
         return {
@@ -209,7 +220,7 @@ class S3Storage:
             s3_client().put_object(Bucket=self.bucket, Key=key, Body=bytes(data), IfNoneMatch="*")
         except Exception as exc:
             code = error_code(exc)
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            if code in _CONDITION_FAILED:
                 return False
             if code in ("NotImplemented", "501"):
                 raise StorageError(
@@ -219,6 +230,78 @@ class S3Storage:
                 ) from None
             raise self._fail(exc, key) from exc
         return True
+
+    # Compare-and-swap on the ETag: what the lease's heartbeat, takeover and release use.
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        """The member's bytes and its ETag (its version for :meth:`replace_if`)."""
+        key = self.key(rel)
+        try:
+            resp = s3_client().get_object(Bucket=self.bucket, Key=key)
+            with contextlib.closing(resp["Body"]) as body:
+                return body.read(), str(resp["ETag"])
+        except Exception as exc:
+            raise self._fail(exc, key) from exc
+
+    def replace_if(self, rel: str, data: bytes, version: str) -> str | None:
+        """``PutObject`` with ``If-Match: <version>``: the new ETag, or None when the object
+        changed (412), another conditional write is in flight (409) or it is gone (404). An
+        endpoint that ignores ``If-Match`` (probed once per object) raises :class:`StorageError`."""
+        key = self.key(rel)
+        self._check_if_match(key)
+        try:
+            resp = s3_client().put_object(
+                Bucket=self.bucket, Key=key, Body=bytes(data), IfMatch=version
+            )
+        except Exception as exc:
+            self._refused(exc, key, "If-Match")
+            return None
+        return str(resp["ETag"])
+
+    def delete_if(self, rel: str, version: str) -> bool:
+        """``DeleteObject`` with ``If-Match``; False when the object changed or is gone. (An
+        endpoint without conditional deletes deletes unconditionally: the lease only deletes
+        what it has just seen as its own.)"""
+        key = self.key(rel)
+        try:
+            s3_client().delete_object(Bucket=self.bucket, Key=key, IfMatch=version)
+        except Exception as exc:
+            self._refused(exc, key, "If-Match")
+            return False
+        return True
+
+    def _refused(self, exc: BaseException, key: str, header: str) -> None:
+        """Return if ``exc`` is a condition's refusal (412, 409, 404), else raise one line."""
+        code = error_code(exc)
+        if code in (*_CONDITION_FAILED, "NoSuchKey", "404", "NotFound"):
+            return
+        if code in ("NotImplemented", "501"):
+            raise StorageError(
+                f"s3://{self.bucket}/{key}: the S3 endpoint {endpoint_text()} does not support "
+                f"conditional writes ({header}), which keeping writers apart needs: use an "
+                "endpoint that does (AWS S3 does) or a local/shared folder"
+            ) from None
+        raise self._fail(exc, key) from exc
+
+    def _check_if_match(self, key: str) -> None:
+        """Once per object: a put with a mismatching ``If-Match`` to a fresh hidden key must be
+        refused; an endpoint that accepts it would let a stalled writer overwrite its successor."""
+        if self._if_match_ok:
+            return
+        head, _, base = key.rpartition("/")
+        probe = f"{head}/" * bool(head) + f".{base}.if-match-{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            s3_client().put_object(Bucket=self.bucket, Key=probe, Body=b"", IfMatch=f'"{0:032}"')
+        except Exception as exc:
+            self._refused(exc, probe, "If-Match")
+            self._if_match_ok = True
+            return
+        s3_client().delete_object(Bucket=self.bucket, Key=probe)
+        raise StorageError(
+            f"{self.url}: the S3 endpoint {endpoint_text()} ignores conditional writes "
+            "(If-Match), so it cannot keep a stalled writer from overwriting its successor: use "
+            "an endpoint that supports them (AWS S3 does) or a local/shared folder"
+        )
 
     def transfer_config(self) -> Any:
         """boto3 TransferConfig of ``put_file`` (threshold, part size, threads)."""
