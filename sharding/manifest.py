@@ -1,12 +1,17 @@
 """manifest.parquet and dataset.json: built from the index fragments of published shards.
 
-Normalisation in dataset.json is computed over every sample of every split, per magnification::
+Normalisation in dataset.json is computed per magnification over the samples of the training
+data only, the splits of :data:`STATS_SPLITS` (``train`` and ``unlabeled``; recorded as
+``stats_splits``)::
 
-    mean_c = average over samples of mean(image_c)
-    std_c  = sqrt(average over samples of mean(image_c ** 2) - mean_c ** 2)
+    mean_c = average over those samples of mean(image_c)
+    std_c  = sqrt(average over those samples of mean(image_c ** 2) - mean_c ** 2)
 
 which is the exact pixel mean/std because every image of one magnification has the same number of
-pixels. RGB is scaled to [0, 1], as torchvision's ``Normalize`` expects after ``ToDtype``.
+pixels. RGB is scaled to [0, 1], as torchvision's ``Normalize`` expects after ``ToDtype``. ``val``
+and ``test`` pixels never enter them: a preprocessing statistic fitted on held-out data leaks it
+into every model (Kaufman et al. 2012, "Leakage in data mining"). A dataset without training
+samples gets no statistics, and readers fall back to their defaults.
 """
 
 from __future__ import annotations
@@ -15,10 +20,14 @@ import io
 import math
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .layout import ANN_PREFIX, FORMAT_VERSION, SPLITS
 from .tissue_mask import DETECTOR
+
+#: The splits dataset.json's normalisation statistics are computed from: the training data.
+STATS_SPLITS = ("train", "unlabeled")
 
 #: Column of the index fragments holding each region's class fractions as a map (class -> float);
 #: :func:`combine` spreads it into one ``ann_<class>`` column per class of the dataset.
@@ -140,11 +149,12 @@ def dataset_description(
         }
     normalization = {}
     n = table.num_rows
+    fit = table.filter(pc.is_in(table.column("split"), pa.array(STATS_SPLITS)))
     for name, _ in mags:
-        if n == 0:
+        if fit.num_rows == 0:
             continue
-        means = table.column(f"mean_{name}").combine_chunks().flatten().to_numpy().reshape(-1, 3)
-        sq = table.column(f"sqmean_{name}").combine_chunks().flatten().to_numpy().reshape(-1, 3)
+        means = fit.column(f"mean_{name}").combine_chunks().flatten().to_numpy().reshape(-1, 3)
+        sq = fit.column(f"sqmean_{name}").combine_chunks().flatten().to_numpy().reshape(-1, 3)
         mean = means.astype("float64").mean(0)
         var = sq.astype("float64").mean(0) - mean**2
         normalization[name] = {
@@ -163,6 +173,7 @@ def dataset_description(
         "counts": counts,
         "samples": n,
         "normalization": normalization,
+        "stats_splits": list(STATS_SPLITS),
         "splits": splits,
         "seed": seed,
         "min_tissue": min_tissue,
