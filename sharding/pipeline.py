@@ -127,7 +127,7 @@ def shard_slides(cfg: ShardConfig) -> ShardReport:
     slide_label = {s: c for s, c in (ann_set.majority if ann_set else {}).items() if s in found}
     slide_label.update(parsed.label)
 
-    lease = Lease(store)
+    lease = Lease(store, "resdistill shard")
     try:
         note = lease.acquire()
     except LeaseHeld as exc:
@@ -163,12 +163,14 @@ def shard_slides(cfg: ShardConfig) -> ShardReport:
             s: ShardWriter(store, s, next_index[s], target, mag_names, scratch=scratch, seed=seed)
             for s in SPLITS
         }
+        for w in writers.values():
+            w.before_publish = lease.check  # every shard is published only while ours
         executor = make_executor(cfg.address, cfg.workers, cfg.resources)
         finished = False
         try:
             drive(
                 jobs, (opts, annotations), executor, writers, store, published, report,
-                cfg.progress and sys.stderr.isatty(), CHUNK_REGIONS, lease.check,
+                cfg.progress and sys.stderr.isatty(), CHUNK_REGIONS, lease.check_heartbeat,
             )  # fmt: skip
             for w in writers.values():
                 w.close()
@@ -201,6 +203,10 @@ def shard_slides(cfg: ShardConfig) -> ShardReport:
             tool=TOOL,
             annotations=ann_set.describe(annotations) if ann_set else None,
         )
+        try:
+            lease.check()  # the manifest is written only while the output is still ours
+        except LeaseLost as exc:
+            raise ShardError(str(exc)) from None
         store.write_bytes(MANIFEST, manifest_bytes(table))
         store.write_bytes(DATASET_JSON, json.dumps(desc, indent=1).encode())
         for split, c in desc["counts"].items():

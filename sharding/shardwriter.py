@@ -91,6 +91,7 @@ class ShardWriter:
         buffer_bytes: int | None = None,
         seed: int = 0,
         on_publish: Callable[[str, list[dict]], None] | None = None,
+        before_publish: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.split = split
@@ -101,6 +102,7 @@ class ShardWriter:
         self.buffer_bytes = buffer_bytes if buffer_bytes is not None else min(shard_size, 64 << 20)
         self.rng = random.Random(f"{seed}:{split}")
         self.on_publish = on_publish
+        self.before_publish = before_publish  # raises to refuse the publish (a lost lease)
         self._buffer: list[Sample] = []
         self._buffered = 0
         self._tar: BinaryIO | None = None  # the shard being written (scratch file)
@@ -173,6 +175,8 @@ class ShardWriter:
         self._finish_tar()
         rel = shard_name(self.split, self.index)
         rows = [{**row, "shard": rel} for row in self._rows]
+        if self.before_publish:
+            self.before_publish()
         self.store.put_file(rel, self._tmp)
         self.store.write_bytes(fragment_name(rel), rows_to_parquet(rows, self.mag_names))
         self._tmp.unlink(missing_ok=True)
