@@ -28,6 +28,11 @@ class ShardError(UsageError):
         super().__init__(text.strip())
 
 
-def shard_error(url: str, problem: str) -> ShardError:
-    """``ShardError("<url>: <problem>; <the fix>")``: the one message of an unreadable shard."""
-    return ShardError(f"{url}: {problem}; restore the shard or write the dataset again")
+#: the fix for a shard whose bytes are wrong
+REWRITE = "restore the shard or write the dataset again"
+
+
+def shard_error(url: str, problem: str, fix: str = REWRITE) -> ShardError:
+    """``ShardError("<url>: <problem>; <fix>")``: the one message of an unreadable shard (an
+    empty ``fix`` when ``problem`` already ends with one, as a storage error's message does)."""
+    return ShardError(f"{url}: {problem}; {fix}" if fix else f"{url}: {problem}")

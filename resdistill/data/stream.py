@@ -18,7 +18,9 @@ lists for it, or whose member does not decode raises :class:`~resdistill.data.er
 naming the shard: never a hang, never a silent skip. An image's size is read from its header
 (:func:`image_size`) and checked before it is decoded, so a crafted header claiming 60000x60000
 px costs nothing: the exact tile edge of its magnification in dataset.json, or, without that
-check, at most ``_EDGE_SLACK`` times the dataset's largest tile edge.
+check, at most ``_EDGE_SLACK`` times the dataset's largest tile edge. A read from S3 that breaks
+off (reset, stall) is resumed at its byte offset within a bound (:mod:`sharding.storage.s3_read`);
+one that still fails, or any other read error, is the ShardError with the storage's own message.
 
 Seeds. Slot ``s`` of a stream seeded ``seed`` starting at ``epoch`` shuffles with
 ``random.Random(f"{seed}:{epoch}:{s}")``; the pass draws are common to all slots (see the plan).
@@ -36,6 +38,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+from sharding.storage.base import StorageError
 
 from .errors import ShardError, shard_error
 from .info import DatasetInfo
@@ -100,6 +104,18 @@ def decode_image(data: bytes) -> torch.Tensor:
 
 #: what decoders raise for bad image data (PIL: OSError, SyntaxError, ValueError)
 _BAD_IMAGE = (OSError, SyntaxError, ValueError)
+
+
+#: a shard that could not be read (network, storage), as opposed to one whose bytes are wrong
+_STORAGE_ERRORS = (StorageError, OSError)
+
+
+def _unreadable(url: str, exc: BaseException) -> ShardError:
+    """The shard error of a read that failed: the storage's own one-line message and fix."""
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    if detail.startswith(f"{url}: "):
+        return shard_error(url, detail[len(url) + 2 :], fix="")
+    return shard_error(url, f"cannot be read ({detail})", fix="check the storage and retry")
 
 
 def _undecodable(url: str, key: str, member: str, exc: BaseException) -> ShardError:
@@ -217,6 +233,8 @@ class TileStream(IterableDataset):
             stream = gopen(url, "rb")
         except FileNotFoundError:
             raise shard_error(url, "missing, though the manifest lists it") from None
+        except _STORAGE_ERRORS as exc:
+            raise _unreadable(url, exc) from None
         try:
             samples = iter_samples(stream, wanted, url)
             while found < task.samples:
@@ -225,10 +243,11 @@ class TileStream(IterableDataset):
                     # a sample with none of its members wanted carries only its key and url
                     while sample is not None and sample.keys() <= {"__key__", "__url__"}:
                         sample = next(samples, None)
-                # TarFormatError is a ValueError; network errors are not caught here
-                except (EOFError, ValueError) as exc:
+                except (EOFError, ValueError) as exc:  # TarFormatError is a ValueError
                     detail = exc.args[0] if exc.args else type(exc).__name__
                     raise shard_error(url, f"corrupted tar ({detail})") from None
+                except _STORAGE_ERRORS as exc:  # S3 reads were already resumed, within a bound
+                    raise _unreadable(url, exc) from None
                 if sample is None:
                     raise shard_error(
                         url,

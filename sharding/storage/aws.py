@@ -23,8 +23,13 @@ from sharding.storage.base import (
     split_s3_url,
 )
 
+#: Seconds a request to S3 (a body read included) waits for the next bytes before it fails,
+#: so a stalled connection never hangs a reader (:mod:`sharding.storage.s3_read` resumes it).
+READ_TIMEOUT_ENV = "RESDISTILL_S3_READ_TIMEOUT"
+DEFAULT_READ_TIMEOUT = 60.0
 #: Environment variables that change which endpoint/account a new client talks to.
 _CLIENT_ENV = (
+    READ_TIMEOUT_ENV,
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_PROFILE",
@@ -48,6 +53,20 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def read_timeout() -> float:
+    """``$RESDISTILL_S3_READ_TIMEOUT`` (seconds), else :data:`DEFAULT_READ_TIMEOUT`."""
+    value = os.environ.get(READ_TIMEOUT_ENV)
+    if not value:
+        return DEFAULT_READ_TIMEOUT
+    try:
+        out = float(value)
+    except ValueError:
+        raise ValueError(f"{READ_TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+    if not out > 0:
+        raise ValueError(f"{READ_TIMEOUT_ENV} must be positive, got {value}")
+    return out
+
+
 def s3_client() -> Any:
     """The boto3 S3 client of this process, created on first use.
 
@@ -69,7 +88,9 @@ def s3_client() -> Any:
             client = session.client(
                 "s3",
                 config=Config(
-                    retries={"mode": "standard", "max_attempts": 5}, max_pool_connections=16
+                    retries={"mode": "standard", "max_attempts": 5},
+                    max_pool_connections=16,
+                    read_timeout=read_timeout(),
                 ),
             )
             _clients[key] = client

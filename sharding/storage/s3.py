@@ -13,7 +13,8 @@ which becomes visible only when completed. The threshold defaults to
 
 webdataset 1.0.2 has no ``s3://`` scheme: :func:`register_webdataset_s3` adds one to
 ``webdataset.gopen.gopen_schemes`` that streams ``GetObject`` bodies through the per-process
-client, so ``webdataset.WebDataset("s3://bucket/prefix/train/shard-000000.tar")`` works in the main
+client (resumed after a broken connection, within a bound: :mod:`sharding.storage.s3_read`),
+so ``webdataset.WebDataset("s3://bucket/prefix/train/shard-000000.tar")`` works in the main
 process and in forked DataLoader workers.
 """
 
@@ -43,6 +44,7 @@ from sharding.storage.base import (
     is_temp_name,
     split_s3_url,
 )
+from sharding.storage.s3_read import READ_BUFFER, open_s3_object
 
 #: Default multipart threshold / part size of ``put_file`` on S3 (bytes).
 DEFAULT_MULTIPART_THRESHOLD = 64 * MIB
@@ -51,8 +53,6 @@ MULTIPART_THRESHOLD_ENV = "RESDISTILL_MULTIPART_THRESHOLD"
 #: Error codes of a conditional write that was refused: precondition failed, or another
 #: conditional write to the key in flight.
 _CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
-#: Read buffer of streams returned by ``open_read`` and the webdataset ``s3`` handler.
-READ_BUFFER = 1 * MIB
 
 
 def _default_threshold() -> int:
@@ -66,47 +66,6 @@ def _default_threshold() -> int:
     if out < 1:
         raise ValueError(f"{MULTIPART_THRESHOLD_ENV} must be positive, got {out}")
     return out
-
-
-class _S3BodyReader(io.RawIOBase):
-    """Raw read stream over a ``GetObject`` body; close() releases the HTTP connection.
-
-    IOBase closes on garbage collection too, so a stream dropped half-read (webdataset does not
-    close its shard streams) still gives its connection back.
-    """
-
-    def __init__(self, body: Any, name: str) -> None:
-        super().__init__()
-        self._body = body
-        self.name = name
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        chunk = self._body.read(len(buffer))
-        n = len(chunk)
-        buffer[:n] = chunk
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                self._body.close()
-            finally:
-                super().close()
-
-    def __repr__(self) -> str:
-        return f"<s3 stream {self.name}>"
-
-
-def open_s3_object(bucket: str, key: str, buffer_size: int = READ_BUFFER) -> io.BufferedReader:
-    """A buffered binary stream of ``s3://bucket/key`` via the per-process client."""
-    try:
-        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-    except Exception as exc:
-        raise translate_error(exc, bucket, key) from exc
-    return io.BufferedReader(_S3BodyReader(body, f"s3://{bucket}/{key}"), buffer_size=buffer_size)
 
 
 class S3Storage:
