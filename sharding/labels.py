@@ -1,7 +1,9 @@
 """Slide labels from a CSV and the split of slides into train / val / test / unlabeled.
 
 The CSV has a header with ``slide`` and ``label`` columns and an optional ``patient`` column.
-``slide`` is the slide's file stem (``CMU-1`` for ``CMU-1.svs``) or its slide id. A row with a
+``slide`` names a slide by its path (as given, or absolute), its file name (``CMU-1.svs``), its
+stem (``CMU-1``) or its slide id, tried in that order; a row naming two input slides at the first
+of these that matches (``S1`` for ``/b1/S1.svs`` and ``/b2/S1.svs``) is refused. A row with a
 patient and no label (``slide,,patient``) names the patient of an unlabelled slide. Splits are
 drawn by patient when patients are given (else by slide), never by tile, stratified by label, and
 are deterministic for a seed: no patient and no slide contributes to two splits. An unlabelled
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .layout import LABELLED_SPLITS, UnsafeNameError, slide_id
+from .slide_files import SLIDE_SUFFIXES
+from .slide_identity import source_uri
 
 
 class LabelsError(Exception):
@@ -45,14 +49,18 @@ class Labels:
 
 
 def read_labels(
-    path: str | Path, known_slides: set[str], classes: list[str] | None = None
+    path: str | Path,
+    known_slides: Mapping[str, str] | Collection[str],
+    classes: list[str] | None = None,
 ) -> Labels:
-    """Read and validate a labels CSV against the slide ids being sharded.
+    """Read and validate a labels CSV against the slides being sharded: ``known_slides`` maps
+    slide id -> path (a bare collection of ids matches rows by id only).
 
     Problems reported (one line each, naming the file, row and fix): a slide the input does not
-    contain, an empty label, a label outside ``classes`` when classes are given, a slide listed
-    twice, a slide name that could escape the output prefix. Rows with problems are not used; a
-    slide whose row is bad is skipped rather than silently sharded as unlabeled.
+    contain, a row naming two input slides, an empty label, a label outside ``classes`` when
+    classes are given, a slide listed twice, a slide name that could escape the output prefix.
+    Rows with problems are not used; a slide whose row is bad is skipped rather than silently
+    sharded as unlabeled.
     """
     path = Path(path)
     try:
@@ -73,17 +81,26 @@ def read_labels(
             "(and optionally 'patient')"
         )
     out = Labels()
+    match = _Names(known_slides)
     seen: dict[str, int] = {}
     allowed = set(classes) if classes else None
     for lineno, raw in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         name, label, patient = row.get("slide", ""), row.get("label", ""), row.get("patient", "")
         try:
-            sid = slide_id(name)
+            sid = match.find(name)
         except UnsafeNameError as exc:
             out.problems.append(f"{path}:{lineno}: {exc}")
             continue
-        if sid not in known_slides:
+        except AmbiguousName as exc:
+            out.problems.append(
+                f"{path}:{lineno}: slide {name!r} names {len(exc.sids)} input slides "
+                f"({', '.join(match.describe(s) for s in exc.sids)}): name the file by its path; "
+                "they are skipped until then"
+            )
+            out.skip.update({s: f"ambiguous row in {path.name}" for s in exc.sids})
+            continue
+        if sid is None:
             out.problems.append(
                 f"{path}:{lineno}: slide {name!r} is not among the input slides: remove the row or "
                 "add the slide file"
@@ -121,6 +138,60 @@ def read_labels(
         out.label.pop(sid, None)
         out.patient.pop(sid, None)
     return out
+
+
+class AmbiguousName(ValueError):
+    """A labels row whose name fits more than one input slide."""
+
+    def __init__(self, sids: list[str]) -> None:
+        super().__init__(sids)
+        self.sids = sids
+
+
+class _Names:
+    """The ways a labels row may name an input slide, most precise first: its path (as given, or
+    absolute), its file name, its stem, its slide id, the id of the name less a slide suffix."""
+
+    def __init__(self, slides: Mapping[str, str] | Collection[str]) -> None:
+        paths = dict(slides) if isinstance(slides, Mapping) else {}
+        self.paths = paths
+        self.ids = set(slides)
+        self.by_path: dict[str, set[str]] = {}
+        self.by_name: dict[str, set[str]] = {}
+        self.by_stem: dict[str, set[str]] = {}
+        for sid, p in paths.items():
+            for key in {p, source_uri(p)}:
+                self.by_path.setdefault(key, set()).add(sid)
+            name = PurePosixPath(str(p)).name
+            self.by_name.setdefault(name, set()).add(sid)
+            self.by_stem.setdefault(PurePosixPath(name).stem, set()).add(sid)
+
+    def find(self, name: str) -> str | None:
+        """The slide id ``name`` stands for; None when none; :class:`AmbiguousName` when two
+        slides fit at the most precise way that fits any; UnsafeNameError for a name that could
+        address a path outside the output."""
+        hits = self.by_path.get(name) or (
+            self.by_path.get(source_uri(name)) if name.startswith("/") else None
+        )
+        if not hits and name.startswith(("/", "s3://")):
+            return None
+        if not hits:
+            sid = slide_id(name)  # refuses '..', separators, control characters
+            stem = PurePosixPath(name)
+            bare = stem.stem if stem.suffix.lower() in SLIDE_SUFFIXES else None
+            levels = (
+                self.by_name.get(name),
+                self.by_stem.get(name),
+                {sid} & self.ids,
+                {slide_id(bare)} & self.ids if bare else None,
+            )
+            hits = next((h for h in levels if h), set())
+        if len(hits) > 1:
+            raise AmbiguousName(sorted(hits))
+        return next(iter(hits), None)
+
+    def describe(self, sid: str) -> str:
+        return self.paths.get(sid, sid)
 
 
 def _stable_rank(text: str, seed: int) -> str:
