@@ -32,6 +32,7 @@ from .qc import qc_png
 from .region_labels import ExtentError, slide_region_labels
 from .regions import plan_regions
 from .slide import SlideError, SlideInfo, downsample, open_slide, read_region_at, slide_info
+from .slide_identity import SlideIdentity
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class SlideJob:
     label: str | None  # the slide's label (labels CSV, else its annotations' majority class)
     patient: str | None
     annotation: AnnotationRef | None = None
+    source: SlideIdentity | None = None  # where the slide lies and its fingerprint
 
 
 class Region(NamedTuple):
@@ -218,6 +220,13 @@ def region_images(
     return out
 
 
+def source_columns(source: SlideIdentity | None) -> dict:
+    """A manifest row's record of the slide it was cut from (see sharding.layout)."""
+    if source is None:
+        return {}
+    return {"slide_uri": source.uri, "slide_size": source.size, "slide_sha256": source.sha256}
+
+
 def extract_chunk(
     job: SlideJob,
     base_mpp: float,
@@ -251,6 +260,7 @@ def extract_chunk(
                 "tissue": float(tissue),
                 "ink": float(ink),
                 "ann": fractions,
+                **source_columns(job.source),
             }
             means, sqmeans = channel_stats([images[n] for n in names])
             for n, mean, sqmean in zip(names, means.tolist(), sqmeans.tolist(), strict=True):

@@ -10,9 +10,12 @@ from .remote_slides import is_s3, list_s3_slides
 from .slide_files import SLIDE_SUFFIXES
 
 
-def find_slides(inputs: Iterable[str | Path]) -> tuple[dict[str, str], list[str]]:
-    """Slide id -> path for files and folders given; problems for unusable names and clashes."""
-    found: dict[str, str] = {}
+def slide_inputs(inputs: Iterable[str | Path]) -> tuple[list[tuple[str, str]], list[str]]:
+    """``(id from the file stem, path)`` of every slide given, once per file (two spellings of one
+    file count once), in input order; problems for names that cannot be ids. Two files whose
+    names fold to one id are both listed: :func:`sharding.slide_ids.settle_ids` decides."""
+    out: list[tuple[str, str]] = []
+    seen: dict[str, list[str]] = {}
     problems: list[str] = []
     paths: list[Path | str] = []
     for item in inputs:
@@ -27,22 +30,34 @@ def find_slides(inputs: Iterable[str | Path]) -> tuple[dict[str, str], list[str]
                 )
             )
         else:
-            paths.append(p)  # a missing or odd file is reported by the planner, with its path
+            paths.append(p)  # a missing or odd file is reported when it is read, with its path
     for p in paths:
         try:
             sid = slide_id(PurePosixPath(str(p)).stem)
         except UnsafeNameError as exc:
             problems.append(f"{p}: {exc}")
             continue
-        if sid in found and _same_file(found[sid], str(p)):
+        if any(_same_file(q, str(p)) for q in seen.get(sid, ())):
             continue
+        seen.setdefault(sid, []).append(str(p))
+        out.append((sid, str(p)))
+    return out, problems
+
+
+def find_slides(inputs: Iterable[str | Path]) -> tuple[dict[str, str], list[str]]:
+    """Slide id -> path for files and folders given; problems for unusable names and for a
+    second file whose name folds to an id already taken (by name only: ``shard`` settles ids on
+    the slides' bytes instead, see :mod:`sharding.slide_ids`)."""
+    pairs, problems = slide_inputs(inputs)
+    found: dict[str, str] = {}
+    for sid, p in pairs:
         if sid in found:
             problems.append(
                 f"{p}: slide id {sid!r} is also used by {found[sid]}: rename one of the files "
                 "(ids keep letters, digits, '_' and '-'; other characters become '-')"
             )
             continue
-        found[sid] = str(p)
+        found[sid] = p
     return found, problems
 
 

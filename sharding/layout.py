@@ -58,9 +58,12 @@ LABEL_SOURCES = ("slide", "annotation")
 #: detector found it on the thumbnail (null in fragments written before the column existed).
 #: ``ann_<class>`` (ANN_PREFIX) holds, for each class of the dataset's annotations, the fraction of
 #: the region that class's polygons cover (null on slides without annotations).
+#: ``slide_uri``, ``slide_size`` and ``slide_sha256`` say which file the sample was cut from: its
+#: absolute path or s3:// URL, its size and its fingerprint (sharding.slide_identity; null in
+#: fragments written before the columns existed).
 MANIFEST_COLUMNS = (
     "key", "slide", "x", "y", "split", "label", "label_source", "patient", "tissue", "ink",
-    "shard",
+    "shard", "slide_uri", "slide_size", "slide_sha256",
 )  # fmt: skip
 ANN_PREFIX = "ann_"
 
@@ -90,7 +93,8 @@ def slide_id(name: str) -> str:
     """The slide id used in keys and paths, from a file stem or a labels-CSV entry.
 
     Letters, digits, ``_`` and ``-`` are kept; any other character (a dot in a TCGA barcode, a
-    space) becomes ``-``. Names that could address anything outside the output prefix (path
+    space) becomes ``-``, so two names can fold to one id (``A.1`` and ``A-1``): the ids of a
+    run's slides are settled by :mod:`sharding.slide_ids`, never taken from the name alone. Names that could address anything outside the output prefix (path
     separators, ``..``, a leading dot, control characters, empty) are refused.
     """
     if (
@@ -107,3 +111,14 @@ def slide_id(name: str) -> str:
             "dot, control character or empty): rename the file or fix the labels CSV"
         )
     return _SLIDE_ID_BAD.sub("-", name)
+
+
+#: Hex digits of a slide's fingerprint that :func:`suffixed_id` appends.
+SUFFIX_HEX = 8
+
+
+def suffixed_id(sid: str, sha256: str) -> str:
+    """The id ``--on-conflict suffix`` gives a slide whose id ``sid`` another slide holds:
+    ``<sid>-<first 8 hex digits of its fingerprint>`` (see :mod:`sharding.slide_identity`), so it
+    depends on the slide's bytes only and every rerun gives it the same id."""
+    return f"{sid}-{sha256[:SUFFIX_HEX]}"

@@ -49,6 +49,9 @@ def manifest_schema(mag_names: list[str], ann_classes: list[str] = ()) -> pa.Sch
         pa.field("tissue", pa.float32()),
         pa.field("ink", pa.float32()),
         pa.field("shard", pa.string(), nullable=False),
+        pa.field("slide_uri", pa.string()),
+        pa.field("slide_size", pa.int64()),
+        pa.field("slide_sha256", pa.string()),
     ]
     for name in mag_names:
         fields.append(pa.field(f"mean_{name}", pa.list_(pa.float32(), 3)))

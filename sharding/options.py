@@ -28,6 +28,9 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 LOW_MAGS_FROM = ("top", "native")
 #: ``--format`` choices: how tiles are encoded.
 FORMATS = ("jpeg", "png")
+#: ``--on-conflict`` choices: what happens to a slide whose id another slide (other bytes) holds,
+#: in this run or in the output (see :mod:`sharding.slide_ids`).
+ON_CONFLICT = ("refuse", "suffix")
 
 
 def parse_size(text: str | int) -> int:
@@ -231,6 +234,11 @@ class ShardConfig:
         metavar="NAME=N,...")  # fmt: skip
     seed: int = opt(0, "seed of the split assignment and shard mixing")
     overwrite: bool = opt(False, "replace an existing dataset at --out")
+    on_conflict: str = opt(
+        "refuse", "a slide whose id (its file stem, '.' and spaces folded to '-') another slide "
+        "with other bytes holds, in this run or in --out: 'refuse' stops the run naming both "
+        "files; 'suffix' shards it as <id>-<first 8 hex digits of its fingerprint>, the same "
+        "id on every rerun", choices=ON_CONFLICT)  # fmt: skip
     progress: bool = opt(True, "progress bars while stderr is a terminal (--no-progress: logs, CI)")
 
     def __post_init__(self) -> None:
@@ -260,6 +268,8 @@ class ShardConfig:
         self.annotation_options()  # checks --min-label-fraction when annotations are given
         check(self.workers is None or self.workers >= 0, "--workers",
               f"must be 0 or more, got {self.workers}")  # fmt: skip
+        check(self.on_conflict in ON_CONFLICT, "--on-conflict",
+              f"must be one of {', '.join(ON_CONFLICT)}, got {self.on_conflict!r}")  # fmt: skip
 
     def shard_options(self) -> ShardOptions:
         """The cut-and-encode settings every slide task gets."""

@@ -2,13 +2,17 @@
 
 The driver:
 
-1. finds the slides (files, or folders scanned for OpenSlide suffixes) and their ids, reads the
-   labels CSV and the region annotations (:mod:`sharding.annotation_set`), and assigns splits by
-   patient / slide, stratified on each slide's label: its CSV row, else its annotations' majority
-   class (earlier assignments are kept on resume); an unlabelled slide with a patient joins
-   that patient's split (see :func:`sharding.labels.patient_splits`);
+1. finds the slides (files, or folders scanned for OpenSlide suffixes), skips those missing
+   (an output none of whose slides can be read is left untouched), fingerprints them and settles
+   their ids (:mod:`sharding.slide_ids`: a slide never takes the id another slide, by bytes,
+   holds in this run or in the output; ``--on-conflict``), reads the labels CSV and the region
+   annotations (:mod:`sharding.annotation_set`), and assigns splits by patient / slide,
+   stratified on each slide's label: its CSV row, else its annotations' majority class (earlier
+   assignments are kept on resume); an unlabelled slide with a patient joins that patient's split
+   (see :func:`sharding.labels.patient_splits`);
 2. takes the output's exclusive lease (:mod:`sharding.lease`), held until the run ends, and
-   reconciles the output: a shard without its index fragment (an interrupted publish) is deleted,
+   reconciles the output (its settings, ``_state/config.json``, are written with the first
+   slide's plan): a shard without its index fragment (an interrupted publish) is deleted,
    and so is a fragment without its shard; the published samples of each slide are counted;
 3. plans every unfinished slide as a Ray task (open, base mpp, tissue mask, region grid, and the
    regions its annotations keep and label, see :mod:`sharding.region_labels`), records
@@ -30,13 +34,14 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .annotation_set import AnnotationSet, AnnotationSetError, read_annotation_set
 from .executors import make_executor
 from .extract import SlideJob
-from .inputs import find_slides
+from .inputs import find_slides, slide_inputs
 from .labels import Labels, LabelsError, assign_splits, patient_splits, read_labels
 from .layout import DATASET_JSON, MANIFEST, SPLITS
 from .lease import Lease, LeaseHeld, LeaseLost
@@ -45,6 +50,8 @@ from .options import ShardConfig, parse_size
 from .scheduler import drive
 from .shard_report import ShardReport, SplitCount
 from .shardwriter import ShardWriter
+from .slide_identity import SlideIdentity, fingerprint_all
+from .slide_ids import settle_ids
 from .state import (
     CONFIG,
     SCRATCH_PREFIX,
@@ -57,7 +64,7 @@ from .state import (
     settings_differ,
     slide_record,
 )
-from .storage import open_storage
+from .storage import Storage, open_storage
 
 __all__ = [
     "SCRATCH_PREFIX",
@@ -100,17 +107,23 @@ def shard_slides(cfg: ShardConfig) -> ShardReport:
     report = ShardReport(url=store.url)
     started = time.monotonic()
 
-    found, name_problems = find_slides(cfg.slides)
+    pairs, name_problems = slide_inputs(cfg.slides)
     report.problems.extend(name_problems)
     for line in name_problems:
         report.skipped[line.split(":", 1)[0]] = line.split(": ", 1)[1]
-    if not found and not name_problems:
+    if not pairs and not name_problems:
         raise ShardError("no slides found in the inputs: give slide files or folders holding them")
+    present, missing = fingerprint_all([p for _, p in pairs], hashed=False)
+    _skip(report, missing)
+    if not present:  # nothing can be read: the output is left as it was, not even created
+        report.seconds = time.monotonic() - started
+        return report
+    found, identity = _settle_ids(store, cfg, [(s, p) for s, p in pairs if p in present], report)
 
     parsed = Labels()
     if cfg.labels is not None:
         try:
-            parsed = read_labels(cfg.labels, set(found), list(classes) if classes else None)
+            parsed = read_labels(cfg.labels, found, list(classes) if classes else None)
         except LabelsError as exc:
             raise ShardError(str(exc)) from None
         report.drop(found, parsed.problems, parsed.skip)
@@ -145,17 +158,24 @@ def shard_slides(cfg: ShardConfig) -> ShardReport:
                 f"{store.url} holds a dataset written with other settings ({', '.join(differ)}): "
                 "pass --overwrite to replace it, or choose another --out"
             )
-        if previous is None:
-            store.write_bytes(CONFIG, json.dumps(config, indent=1, sort_keys=True).encode())
 
         tables, next_index = reconcile(store)
         published = published_keys(tables)
         records = {sid: slide_record(store, sid) for sid in found}
+        _check_unchanged(records, found, identity)
         fixed = {sid: r["split"] for sid, r in records.items() if r}
         split_of = assign_splits(slide_label, parsed.patient, tuple(splits), seed, fixed)
         # An unlabelled slide of a patient goes where the patient went, never to `unlabeled`.
         split_of.update(patient_splits(split_of, parsed.patient, set(found) - set(slide_label)))
         jobs = _jobs(found, slide_label, split_of, parsed, ann_set, records, published, report)
+        jobs = [replace(job, source=identity[job.slide]) for job in jobs]
+        # The settings are locked with the first slide read: none read, nothing written.
+        wrote_config = [previous is not None]
+
+        def on_plan(plan: object) -> None:
+            if not wrote_config[0]:
+                store.write_bytes(CONFIG, json.dumps(config, indent=1, sort_keys=True).encode())
+                wrote_config[0] = True
 
         mag_names = [m.name for m in opts.mags]
         scratch = make_scratch()
@@ -170,7 +190,8 @@ def shard_slides(cfg: ShardConfig) -> ShardReport:
         try:
             drive(
                 jobs, (opts, annotations), executor, writers, store, published, report,
-                cfg.progress and sys.stderr.isatty(), CHUNK_REGIONS, lease.check_heartbeat,
+                cfg.progress and sys.stderr.isatty(), CHUNK_REGIONS,
+                lease.check_heartbeat, on_plan,
             )  # fmt: skip
             for w in writers.values():
                 w.close()
@@ -183,6 +204,9 @@ def shard_slides(cfg: ShardConfig) -> ShardReport:
                     w.abort()
             executor.shutdown()
             shutil.rmtree(scratch, ignore_errors=True)
+        if not wrote_config[0]:  # no slide could be read: no empty dataset to lock the output
+            report.seconds = time.monotonic() - started
+            return report
 
         tables, _ = reconcile(store)
         table = combine([t for ts in tables.values() for t in ts], mag_names)
@@ -209,6 +233,7 @@ def shard_slides(cfg: ShardConfig) -> ShardReport:
             raise ShardError(str(exc)) from None
         store.write_bytes(MANIFEST, manifest_bytes(table))
         store.write_bytes(DATASET_JSON, json.dumps(desc, indent=1).encode())
+        report.published = True
         for split, c in desc["counts"].items():
             report.counts[split] = SplitCount(
                 slides=c["slides"], samples=c["samples"], shards=c["shards"]
@@ -254,3 +279,68 @@ def _jobs(
             continue
         jobs.append(SlideJob(path, sid, split, label, parsed.patient.get(sid), annotation=ref))
     return jobs
+
+
+def _skip(report: ShardReport, problems: dict[str, str]) -> None:
+    """Record slides that cannot be read (path -> their one line) as skipped."""
+    for path, line in problems.items():
+        report.problems.append(line)
+        report.skipped[path] = line.split(": ", 1)[1] if line.startswith(f"{path}: ") else line
+
+
+def _settle_ids(
+    store: Storage, cfg: ShardConfig, pairs: list[tuple[str, str]], report: ShardReport
+) -> tuple[dict[str, str], dict[str, SlideIdentity]]:
+    """Fingerprint the slides (reusing the recorded fingerprint of an unchanged file) and give
+    each an id no other slide holds (:mod:`sharding.slide_ids`): ``(id -> path, id -> identity)``.
+    :class:`ShardError` naming both files when a slide conflicts and ``--on-conflict`` is
+    ``refuse``. Reads the output only; with ``--overwrite`` its records do not count."""
+    cache: dict[str, dict | None] = {}
+
+    def record(sid: str) -> dict | None:
+        if cfg.overwrite:
+            return None
+        if sid not in cache:
+            cache[sid] = slide_record(store, sid)
+        return cache[sid]
+
+    sid_of = {p: s for s, p in pairs}
+    identity, unreadable = fingerprint_all(
+        sid_of, recorded=lambda p: SlideIdentity.from_record(record(sid_of[p]))
+    )
+    _skip(report, unreadable)
+    settled = settle_ids(
+        [(s, p) for s, p in pairs if p in identity],
+        identity,
+        lambda sid: SlideIdentity.from_record(record(sid)),
+        cfg.on_conflict,
+        store.url,
+    )
+    if settled.conflicts:
+        more = len(settled.conflicts) - 1
+        raise ShardError(
+            settled.conflicts[0] + (f" (and {more} more such slide(s))" if more else "")
+        )
+    if settled.suffixed and cfg.annotations:
+        alt, sid = next(iter(settled.suffixed.items()))
+        raise ShardError(
+            f"{settled.slides[alt]}: --on-conflict suffix would shard it as {alt!r}, but "
+            f"annotation files are matched to slides by name, so {sid}.geojson could be either "
+            "slide's: rename the file instead"
+        )
+    report.notes.extend(settled.notes)
+    return settled.slides, settled.identity
+
+
+def _check_unchanged(
+    records: dict[str, dict | None], found: dict[str, str], identity: dict[str, SlideIdentity]
+) -> None:
+    """Under the lease: the record of each slide id still names the slide settled for it (a run
+    that ended after the ids were settled may have recorded another)."""
+    for sid, rec in records.items():
+        known = SlideIdentity.from_record(rec)
+        if known is not None and not identity[sid].same_bytes(known):
+            raise ShardError(
+                f"{found[sid]}: another run recorded slide {sid!r} from {known.uri} meanwhile: "
+                "run again"
+            )

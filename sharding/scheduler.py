@@ -30,10 +30,12 @@ def drive(
     progress: bool,
     chunk_regions: int,
     check: Callable[[], None] = lambda: None,
+    on_plan: Callable[[SlidePlan], None] = lambda plan: None,
 ) -> None:
     """Plan slides, then keep a bounded window of chunk tasks running until every slide is done.
 
     ``check`` is called before each result is used; it raises to stop the run (a lost lease).
+    ``on_plan`` is called with each slide's plan before anything of the slide is written.
     """
     from .progress import ShardProgress
 
@@ -92,6 +94,7 @@ def drive(
                 continue
             if kind == "plan":
                 plan: SlidePlan = value
+                on_plan(plan)
                 record_plan(store, plan)
                 write_qc(store, job.slide, plan.qc)
                 report.problems.extend(plan.problems)

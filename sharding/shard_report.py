@@ -24,6 +24,7 @@ class ShardReport:
     done_before: int = 0  # slides already finished by an earlier run
     new_samples: int = 0
     seconds: float = 0.0
+    published: bool = False  # manifest.parquet and dataset.json written (some slide was read)
 
     @property
     def ok(self) -> bool:

@@ -1,7 +1,10 @@
 """The resume bookkeeping of a sharding run under ``<out>/_state`` and in local scratch.
 
-``_state/config.json`` holds the settings a resumed run must share; ``_state/slides/<id>.json`` a
-slide's plan (split, label, annotation file, expected sample count); ``_state/index/...`` one
+``_state/config.json`` holds the settings a resumed run must share, written with the first slide's
+plan (an output whose slides were all missing or unreadable holds nothing);
+``_state/slides/<id>.json`` a slide's plan (split, label, annotation file, expected sample count)
+and identity (uri, size, mtime or ETag, fingerprint: :mod:`sharding.slide_identity`), which a
+resumed run matches before it reuses the id; ``_state/index/...`` one
 parquet fragment per published shard (see :mod:`sharding.shardwriter`). A slide is finished when
 its published samples number its planned regions.
 """
@@ -141,6 +144,8 @@ def record_plan(store: Storage, plan: SlidePlan) -> None:
     }
     if ref is not None:
         record.update(annotation=ref.name, annotation_sha256=ref.sha256)
+    if job.source is not None:
+        record.update(job.source.to_record())
     store.write_bytes(f"{STATE_DIR}/slides/{job.slide}.json", json.dumps(record, indent=1).encode())
 
 

@@ -63,7 +63,8 @@ def run(cfg: ShardConfig) -> int:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
     # The output is the dataset: no fingerprint of it; _state/config.json keeps resume settings.
-    write_run_config(cfg.out, "shard", to_plain(cfg))
+    if report.published:  # no slide read, nothing written
+        write_run_config(cfg.out, "shard", to_plain(cfg))
     for note in report.notes:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
     print_summary(report)
