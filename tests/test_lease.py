@@ -331,7 +331,7 @@ def test_a_holder_whose_heartbeats_fail_stops_itself(
     def reset(request, **_kw) -> None:
         raise ConnectionResetError("connection reset by peer (test)")
 
-    lease = Lease(store, heartbeat_s=0.05, stale_after_s=1.0)
+    lease = Lease(store, heartbeat_s=0.05, stale_after_s=4.0)
     lease.acquire()
     try:
         lease.check()
