@@ -176,7 +176,7 @@ def test_curve_tile_interval_is_the_slide_bootstrap_of_evaluate(
     probs = rng.dirichlet([1, 1], size=60)
     ref = evaluate_predictions(labels, probs, CLASSES, n_boot=300, seed=4, groups=slides)
     ours = slide_bootstrap_accuracy(
-        probs.argmax(1) == labels, slides, n_boot=300, alpha=0.05, seed=4
+        probs.argmax(1) == labels, slides, n_boot=300, alpha=0.05, seed=4, labels=labels
     )
     for bound in ("value", "low", "high"):
         assert ours[bound] == pytest.approx(ref["accuracy"][bound], abs=1e-12)

@@ -13,8 +13,10 @@ from resdistill.measures.bootstrap import bootstrap_ci, evaluate_predictions
 from resdistill.measures.metrics import (
     accuracy,
     aggregate_slides,
+    balanced_accuracy,
     binary_roc_auc,
     confusion_matrix,
+    confusion_metrics,
     macro_auc,
     macro_f1,
     macro_precision,
@@ -182,24 +184,34 @@ def test_evaluate_predictions_report() -> None:
 
 
 def test_evaluate_intervals_agree_with_bootstrap_ci() -> None:
-    # evaluate_predictions reweights samples instead of indexing them: same draws, same numbers
+    # evaluate_predictions reweights samples instead of indexing them: same draws (stratified by
+    # the true class), same numbers; macro averages over the full data's classes in every resample
     y, prob = random_case(7, n=90)
     prob = np.round(prob, 1)  # ties in the scores and in the argmax
     report = evaluate_predictions(y, prob, CLASSES, n_boot=150, seed=11, alpha=0.1)
+    labels = np.union1d(y, prob.argmax(1))
     fns = {
         "accuracy": lambda t, p: accuracy(t, p.argmax(1)),
-        "macro_f1": lambda t, p: macro_f1(t, p.argmax(1)),
-        "macro_precision": lambda t, p: macro_precision(t, p.argmax(1)),
-        "macro_recall": lambda t, p: macro_recall(t, p.argmax(1)),
+        "balanced_accuracy": lambda t, p: balanced_accuracy(t, p.argmax(1)),
+        "macro_f1": lambda t, p: macro_f1(t, p.argmax(1), labels),
+        "macro_precision": lambda t, p: macro_precision(t, p.argmax(1), labels),
+        "macro_recall": lambda t, p: macro_recall(t, p.argmax(1), labels),
         "macro_auc": macro_auc,
     }
     for k in range(3):
         fns[CLASSES[k]] = lambda t, p, k=k: binary_roc_auc(t == k, p[:, k])
     for key, fn in fns.items():
         entry = report["auc"][key] if key in CLASSES else report[key]
-        expected = bootstrap_ci(fn, y, prob, n=150, alpha=0.1, seed=11)
+        expected = bootstrap_ci(fn, y, prob, n=150, alpha=0.1, seed=11, strata=y)
         got = (entry["value"], entry["low"], entry["high"])
         assert got == pytest.approx(expected, abs=1e-12), key
+    assert report["stratified"] and report["units_per_class"] == report["support"]
+    assert report["undefined"] == {}
+    # unstratified draws are bootstrap_ci's plain ones
+    plain = evaluate_predictions(y, prob, CLASSES, n_boot=150, seed=11, alpha=0.1, stratify=False)
+    expected = bootstrap_ci(fns["accuracy"], y, prob, n=150, alpha=0.1, seed=11)
+    got = plain["accuracy"]
+    assert (got["value"], got["low"], got["high"]) == pytest.approx(expected, abs=1e-12)
 
 
 def test_aggregate_slides_mean_probability() -> None:
@@ -231,3 +243,24 @@ def test_aggregate_slides_region_labels_take_the_predominant_class() -> None:
     assert agg.slide_ids.tolist() == ["a", "b", "c"]
     assert agg.y_true.tolist() == [2, 0, 1]
     assert agg.n_tiles.tolist() == [3, 2, 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_balanced_accuracy_and_confusion_metrics_match_sklearn(seed: int) -> None:
+    y, prob = random_case(seed, k=4, skill=0.7)
+    pred = prob.argmax(1)
+    assert balanced_accuracy(y, pred) == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    got = confusion_metrics(confusion_matrix(y, pred, 4))
+    assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert got["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    # a required class without a true sample: the class averages are undefined, accuracy is not
+    cm = confusion_matrix([0, 0, 1], [0, 2, 1], 3)
+    missed = confusion_metrics(cm, labels=[0, 1, 2], required=[0, 1, 2])
+    assert missed["accuracy"] == pytest.approx(2 / 3)
+    for key in ("macro_f1", "macro_precision", "macro_recall", "balanced_accuracy"):
+        assert math.isnan(missed[key]), key
+    # without the requirement, class 2 counts with F1 0 (it was predicted but never true)
+    assert confusion_metrics(cm)["macro_f1"] == pytest.approx(
+        skm.f1_score([0, 0, 1], [0, 2, 1], average="macro", zero_division=0)
+    )

@@ -1,10 +1,11 @@
 """Tile-level confidence intervals resample slides, not tiles (tiles of a slide are not independent).
 
 The constructed prediction set has whole slides right or wrong: 24 slides of 40 tiles, 18 slides
-with every tile confidently right and 6 with every tile confidently wrong. Tile accuracy is then
-the fraction of right slides, so its interval must have the width of a proportion over 24 slides
-(about ``2 * 1.96 * sqrt(0.75 * 0.25 / 24) = 0.35``), not over 960 tiles (``0.055``, the
-binomial width a tile bootstrap gives).
+with every tile confidently right and 6 with every tile confidently wrong, all six of class 0.
+Tile accuracy is then the fraction of right slides. Slides are resampled within their class
+(stratified), so the interval has the width of a proportion over the 12 class-0 slides, half of
+them right, out of 24 (about ``2 * 1.96 * sqrt(12 * 0.5 * 0.5) / 24 = 0.28``), not over 960 tiles
+(``0.055``, the binomial width a tile bootstrap gives).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def test_tile_interval_has_the_slide_spread_not_the_binomial_one() -> None:
     assert acc["value"] == pytest.approx(1 - WRONG / SLIDES)
     width = acc["high"] - acc["low"]
     binomial = 2 * 1.96 * math.sqrt(0.75 * 0.25 / (SLIDES * TILES))
-    slide_spread = 2 * 1.96 * math.sqrt(0.75 * 0.25 / SLIDES)
+    slide_spread = 2 * 1.96 * math.sqrt(SLIDES / 2 * 0.5 * 0.5) / SLIDES  # class 0 varies
     assert width == pytest.approx(slide_spread, rel=0.2)
     assert width > 4 * binomial
     # With equal tiles per slide, resampling slides gives tile accuracy exactly the slide
@@ -82,13 +83,15 @@ def test_slide_bootstrap_ignores_tile_order_and_weights_tiles() -> None:
         groups=preds.slides[flip], unit="slide",
     )  # fmt: skip
     assert again == report
-    # explicit cluster bootstrap: draw slides (sorted ids) with replacement, pool their tiles
+    # explicit cluster bootstrap: draw slides (sorted ids) with replacement within each class
+    # (class 0 first), pool their tiles
     ids = np.unique(preds.slides)
+    by_class = [np.array([i for i in ids if int(i[1:]) % 2 == c]) for c in (0, 1)]
     right = preds.probs.argmax(1) == preds.labels
     rng = np.random.default_rng(2)
     accs = []
     for _ in range(300):
-        drawn = ids[rng.integers(0, ids.size, size=ids.size)]
+        drawn = np.concatenate([m[rng.integers(0, m.size, size=m.size)] for m in by_class])
         idx = np.concatenate([np.flatnonzero(preds.slides == s) for s in drawn])
         accs.append(right[idx].mean())
     low, high = np.percentile(accs, [2.5, 97.5])
@@ -99,3 +102,56 @@ def test_slide_bootstrap_ignores_tile_order_and_weights_tiles() -> None:
     assert (report["resample"], report["n_units"]) == ("slide", SLIDES)
     assert (plain["resample"], plain["n_units"]) == ("sample", len(preds))
     assert plain["accuracy"]["high"] - plain["accuracy"]["low"] < 0.5 * (high - low)
+
+
+def few_slides(seed: int, n: int = 5, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` slide-level predictions of ``k`` classes (each class at least once), a few wrong:
+    the demo's size, where a plain resample of slides often misses a class."""
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.arange(k), rng.integers(0, k, size=n - k)]
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), y] += 1.5
+    return y, np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+
+def test_a_point_estimate_is_never_outside_its_interval() -> None:
+    """With 5 slides and 3 classes a resample of slides often misses a class (the demo printed
+    macro F1 0.899 [0.467, 0.903]). Stratified or not, every reported interval contains its
+    estimate, or is left out with the reason stated."""
+    from resdistill.measures.bootstrap import MISSED_CLASS
+
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "macro_recall",
+            "macro_auc")  # fmt: skip
+    classes = ["a", "b", "c"]
+    missed = 0
+    for seed in range(40):
+        y, prob = few_slides(seed)
+        for stratify in (True, False):
+            report = evaluate_predictions(y, prob, classes, n_boot=200, seed=seed,
+                                          stratify=stratify)  # fmt: skip
+            entries = [report[k] for k in keys] + list(report["auc"].values())
+            for e in entries:
+                if e["low"] is not None:
+                    assert e["low"] <= e["value"] <= e["high"], (seed, stratify, e)
+            if not stratify and report["undefined"].get("macro_f1") == MISSED_CLASS:
+                missed += 1
+                assert report["macro_f1"]["low"] is None and report["macro_f1"]["value"]
+            if stratify:  # each class is one slide's: no resample misses one
+                assert "macro_f1" not in report["undefined"]
+                assert report["units_per_class"] == report["support"]
+    assert missed > 20  # unstratified, most of these small sets lose a class in some resample
+
+
+def test_an_interval_that_excludes_its_estimate_is_left_out() -> None:
+    """A statistic the bootstrap cannot resample (the share of distinct samples: 1 on the data,
+    about 0.63 in every resample) gives percentiles that exclude the estimate: no interval."""
+    from resdistill.measures.bootstrap import MISSED_CLASS, OUTSIDE, bootstrap_ci, interval
+
+    x = np.arange(50)
+    point, low, high = bootstrap_ci(lambda t, _p: np.unique(t).size / t.size, x, x, n=200)
+    assert point == 1.0 and math.isnan(low) and math.isnan(high)
+    low, high, why = interval([0.5, 0.6, 0.7], 0.05, 0.9)
+    assert math.isnan(low) and math.isnan(high) and why == OUTSIDE
+    low, high, why = interval([0.5, 0.6, 0.7], 0.05, 0.6)
+    assert why is None and low < 0.6 < high
+    assert interval([0.5, math.nan], 0.05, 0.5)[2] == MISSED_CLASS  # a resample without a value

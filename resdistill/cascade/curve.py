@@ -108,18 +108,21 @@ def _ci(point: float, low: float, high: float) -> dict[str, float | None]:
 
 
 def slide_bootstrap_accuracy(
-    correct: np.ndarray, slides: np.ndarray, *, n_boot: int, alpha: float, seed: int
-) -> dict[str, float | None]:
+    correct: np.ndarray, slides: np.ndarray, *, n_boot: int, alpha: float, seed: int,
+    labels: np.ndarray | None = None,
+) -> dict[str, float | None]:  # fmt: skip
     """Tile accuracy ``mean(correct)`` with the slide (cluster) bootstrap interval.
 
     Each slide is reduced to ``(tiles right, tiles)`` in sorted order of id and those rows are
-    resampled by :func:`~resdistill.measures.bootstrap.bootstrap_ci`: the same draws, and so the same
-    interval, as resampling slides with all their tiles (``groups=slides``), in O(slides) per
-    resample instead of O(tiles)."""
-    from resdistill.measures.bootstrap import bootstrap_ci
+    resampled by :func:`~resdistill.measures.bootstrap.bootstrap_ci` (within each slide's class,
+    its tiles' most frequent ``labels``, when given): the same draws, and so the same interval,
+    as ``evaluate``'s resampling of slides with all their tiles, in O(slides) per resample
+    instead of O(tiles)."""
+    from resdistill.measures.bootstrap import bootstrap_ci, unit_strata
 
     _, inv = np.unique(np.asarray(slides), return_inverse=True)
     inv = inv.reshape(-1)
+    strata = None if labels is None else unit_strata(inv, int(inv.max()) + 1, np.asarray(labels))
     per_slide = np.stack(
         [np.bincount(inv, weights=correct.astype(np.float64)), np.bincount(inv).astype(np.float64)],
         axis=1,
@@ -132,6 +135,7 @@ def slide_bootstrap_accuracy(
             n=n_boot,
             alpha=alpha,
             seed=seed,
+            strata=strata,
         )
     )
 
@@ -144,7 +148,8 @@ def _slide_accuracy(
     from resdistill.measures.metrics import accuracy, aggregate_slides
 
     agg = aggregate_slides(slides, probs, labels, mixed_labels=mixed)
-    return _ci(*bootstrap_ci(lambda t, p: accuracy(t, p.argmax(1)), agg.y_true, agg.y_prob, **kw))
+    fn = lambda t, p: accuracy(t, p.argmax(1))  # noqa: E731
+    return _ci(*bootstrap_ci(fn, agg.y_true, agg.y_prob, strata=agg.y_true, **kw))
 
 
 def cascade_curve(
@@ -182,7 +187,9 @@ def cascade_curve(
 
     def measure(probs: np.ndarray) -> dict[str, Any]:
         return {
-            "tile_accuracy": slide_bootstrap_accuracy(probs.argmax(1) == labels, slides, **kw),
+            "tile_accuracy": slide_bootstrap_accuracy(
+                probs.argmax(1) == labels, slides, labels=labels, **kw
+            ),
             "slide_accuracy": _slide_accuracy(slides, probs, labels, mixed, sk),
         }
 

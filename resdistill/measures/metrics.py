@@ -11,6 +11,11 @@ Conventions (shared by ``evaluate``, :mod:`~resdistill.measures.bootstrap` and t
 * Macro averages (F1, precision, recall) are unweighted means over the classes that occur in
   ``y_true`` or ``y_pred`` (scikit-learn's default), or over ``labels`` when given. A per-class
   ratio with a zero denominator counts as 0 (scikit-learn's ``zero_division=0``).
+* Balanced accuracy is the mean recall over the classes that occur in ``y_true``
+  (scikit-learn's ``balanced_accuracy_score``): each true class weighs the same, whatever its
+  share of the samples.
+* Slide level (:func:`aggregate_slides`): a slide's prediction is the argmax of the mean of its
+  tiles' probabilities (not a majority vote of the tiles' argmaxes), its label its tiles' label.
 * One-vs-rest ROC AUC of class ``k`` is the Mann-Whitney statistic: the probability that a random
   positive (true class ``k``) scores higher than a random negative, ties counting 1/2. It is
   **undefined (NaN; ``None`` in** ``evaluate_predictions`` **output) when class ``k`` has no
@@ -31,8 +36,10 @@ __all__ = [
     "SlidePredictions",
     "accuracy",
     "aggregate_slides",
+    "balanced_accuracy",
     "binary_roc_auc",
     "confusion_matrix",
+    "confusion_metrics",
     "confusion_scores",
     "macro_auc",
     "macro_f1",
@@ -160,6 +167,48 @@ def confusion_scores(cm: Any) -> dict[str, float]:
     present = np.flatnonzero((cm.sum(axis=0) + cm.sum(axis=1)) > 0)
     f1 = prf_from_confusion(cm, present)[2]
     return {"accuracy": float(np.trace(cm)) / total, "macro_f1": float(f1.mean()), "samples": total}
+
+
+def balanced_accuracy(y_true: Any, y_pred: Any) -> float:
+    """Mean over the classes present in ``y_true`` of ``tp / (tp + fn)`` (their recall)."""
+    t, p = _pair(y_true, y_pred)
+    return float(np.mean(precision_recall_f1(t, p, np.unique(t))[2]))
+
+
+def confusion_metrics(
+    cm: Any, labels: Sequence[int] | None = None, required: Sequence[int] | None = None
+) -> dict[str, float]:
+    """``accuracy``, ``macro_f1``, ``macro_precision``, ``macro_recall`` and
+    ``balanced_accuracy`` of a (possibly weighted) confusion matrix, rows true.
+
+    ``labels``: the classes the macro averages run over (default: those occurring among the
+    labels or the predictions, as :func:`macro_f1`). ``required``: the classes the class-averaged
+    metrics need a true sample of (default: the classes with one); balanced accuracy is the mean
+    recall over them. When one of ``required`` has no true sample the class-averaged metrics are
+    NaN, not an average over fewer classes: a bootstrap resample that missed a class measures a
+    different quantity (a missing class's F1 of 0 drags the average down, leaving it out lifts
+    it), so such a resample has no value.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    total = float(cm.sum())
+    nan = math.nan
+    if total == 0:
+        return dict.fromkeys(_CM_KEYS, nan)
+    true = cm.sum(axis=1)
+    present = np.flatnonzero((cm.sum(axis=0) + true) > 0)
+    lab = present if labels is None else np.asarray(labels, dtype=np.int64)
+    req = np.flatnonzero(true > 0) if required is None else np.asarray(required, dtype=np.int64)
+    out = {"accuracy": float(np.trace(cm)) / total}
+    if req.size and np.any(true[req] == 0):
+        return {**out, **dict.fromkeys(_CM_KEYS[1:], nan)}
+    precision, recall, f1 = prf_from_confusion(cm, lab)
+    out.update(macro_f1=float(f1.mean()), macro_precision=float(precision.mean()),
+               macro_recall=float(recall.mean()))  # fmt: skip
+    out["balanced_accuracy"] = float(prf_from_confusion(cm, req)[1].mean()) if req.size else nan
+    return out
+
+
+_CM_KEYS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "balanced_accuracy")
 
 
 def macro_precision(y_true: Any, y_pred: Any, labels: Sequence[int] | None = None) -> float:
