@@ -44,11 +44,15 @@ SHARD_ARGV = ["--mags", "10,5,2.5", "--tile-px", "64", "--splits", "0,0,1", "--m
 
 
 def _checkpoint(folder: Path, ds: Path) -> Path:
+    from resdistill.data import DatasetInfo
+
     desc = json.loads((ds / "dataset.json").read_text())
+    # an all-test dataset has no training statistics: the fallback every reader applies
+    mean, std = DatasetInfo.load(str(ds)).mean_std(MAG)
     torch.manual_seed(0)
     return save_checkpoint(
         folder, build_model("resnet18", 2), stage="student", mag=MAG, tile_px=PX,
-        mean=desc["normalization"][MAG]["mean"], std=desc["normalization"][MAG]["std"],
+        mean=list(mean), std=list(std),
         dataset=str(ds), read_chain=read_chain(desc),
     )  # fmt: skip
 
