@@ -16,6 +16,7 @@ from resdistill.config import DEVICES
 from resdistill.fields import ConfigError, check, check_choice, opt
 from resdistill.predict.heatmaps import DEFAULT_HEATMAP_PX
 from resdistill.read_chain import READ_MODES
+from sharding.options import ON_CONFLICT
 
 __all__ = ["PredictConfig"]
 
@@ -69,6 +70,11 @@ class PredictConfig:
         None, "folder or s3:// prefix of QuPath GeoJSON exports, one <slide>.geojson per slide "
         "(as for shard): their outlines are drawn over the slide's heatmaps; slides without a "
         "file are predicted without outlines", metavar="DIR_OR_URL")  # fmt: skip
+    on_conflict: str = opt(
+        "refuse", "a slide whose id (its file stem, '.' and spaces folded to '-') another slide "
+        "with other bytes holds, in this run or in --out: 'refuse' stops the run naming both "
+        "files; 'suffix' predicts it as <id>-<first 8 hex digits of its fingerprint>, the same "
+        "id on every rerun", choices=ON_CONFLICT)  # fmt: skip
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "--batch-size", "must be at least 1")
@@ -76,6 +82,7 @@ class PredictConfig:
         check_choice(PredictConfig, self, "device")
         check(self.actors is None or self.actors >= 1, "--actors", "must be at least 1")
         check_choice(PredictConfig, self, "read")
+        check_choice(PredictConfig, self, "on_conflict")
         check(0.0 <= self.alpha <= 1.0, "--alpha", f"must be within 0..1, got {self.alpha}")
         check(self.min_tissue is None or 0.0 <= self.min_tissue <= 1.0, "--min-tissue",
               f"must be within 0..1, got {self.min_tissue}")  # fmt: skip

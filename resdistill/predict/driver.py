@@ -4,9 +4,11 @@ command's help says what the user sees).
 
 Everything that cannot work for any slide (checkpoint, options, an output holding predictions
 made with other settings, a cascade whose two read chains do not share one region grid) is refused
-before Ray starts, with exit code 2; then the resolved config is written as ``<out>/config.yaml``.
-A slide that fails is one ``skipped`` line and a status row in ``slides.parquet``; the run goes on
-(exit code 1 at the end).
+before Ray starts, with exit code 2, and so is a slide whose id another slide holds, in the run or
+in ``--out`` (:mod:`resdistill.predict.slide_set`); then the resolved config is written as
+``<out>/config.yaml``. A slide that fails (unreadable, or its reads crash their worker past the
+bounded retries, :mod:`resdistill.predict.engine`) is one ``skipped`` line and a status row in
+``slides.parquet``; the run goes on (exit code 1 at the end).
 """
 
 from __future__ import annotations
@@ -109,25 +111,23 @@ def predict_command(cfg: PredictConfig) -> int:
 
     from resdistill.fields import to_plain
     from resdistill.predict.annotation_overlay import AnnotationOverlays
-    from resdistill.predict.outputs import done_slides
+    from resdistill.predict.slide_set import settle_slides
     from resdistill.run_config import write_run_config
     from sharding.annotation_set import AnnotationSetError
-    from sharding.pipeline import find_slides
     from sharding.storage import StorageError, open_storage
 
     err = Console(stderr=True, highlight=False)
     try:
         setup = settle(cfg)
-        found, problems = find_slides(list(cfg.slides))
-        if not found and not problems:
-            raise UsageError("no slide to predict (no file given, or the folders hold none)")
         store = open_storage(cfg.out)
-        done = done_slides(store, list(found), setup.settings(cfg.read))
+        slides = settle_slides(
+            cfg.slides, store, setup.settings(cfg.read), cfg.on_conflict, bool(cfg.annotations)
+        )
         annotations = None
         if cfg.annotations:
             try:
                 annotations = AnnotationOverlays(
-                    cfg.annotations, found,
+                    cfg.annotations, slides.slides,
                     lambda line: err.print(f"[yellow]annotations[/yellow] {escape(line)}", soft_wrap=True),
                 )  # fmt: skip
             except (AnnotationSetError, StorageError) as exc:
@@ -136,17 +136,18 @@ def predict_command(cfg: PredictConfig) -> int:
     except (UsageError, StorageError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
-    for problem in problems:
+    for problem in (*slides.problems, *(line for _, line in slides.failures.values())):
         err.print(f"[red]skipped[/red] {escape(problem)}", soft_wrap=True)
-    for note in (*setup.chain.notes, *(setup.teacher_chain.notes if setup.teacher else ())):
+    chain_notes = (*setup.chain.notes, *(setup.teacher_chain.notes if setup.teacher else ()))
+    for note in (*slides.notes, *chain_notes):
         err.print(f"[yellow]note[/yellow] {escape(note)}", soft_wrap=True)
     try:
-        failed = _run(cfg, setup, store, found, done, annotations, err)
+        failed = _run(cfg, setup, store, slides, annotations, err)
     except (UsageError, StorageError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
     unusable = annotations is not None and annotations.problems > 0
-    return 1 if problems or failed or unusable else 0
+    return 1 if slides.problems or failed or unusable else 0
 
 
 def _portable(cfg: PredictConfig) -> PredictConfig:
@@ -166,8 +167,9 @@ def _portable(cfg: PredictConfig) -> PredictConfig:
     )  # fmt: skip
 
 
-def _run(cfg: PredictConfig, setup: Setup, store, found, done, annotations, err) -> int:  # noqa: ANN001
-    """Run the engine over the slides not done, write and merge; returns the failures' count."""
+def _run(cfg: PredictConfig, setup: Setup, store, slides, annotations, err) -> int:  # noqa: ANN001
+    """Run the engine over the slides not done, write and merge; returns the failures' count
+    (the unreadable slides of ``slides`` included)."""
 
     from rich.console import Console
     from rich.markup import escape
@@ -178,9 +180,10 @@ def _run(cfg: PredictConfig, setup: Setup, store, found, done, annotations, err)
     from sharding.ray_cluster import ray_init
 
     model, chain = setup.model, setup.chain
-    todo = {sid: path for sid, path in found.items() if sid not in done}
-    records = dict(done)  # the done slides' records, read once by done_slides
-    failures: dict[str, tuple[str, str]] = {}
+    done = slides.done
+    todo = {sid: path for sid, path in slides.slides.items() if sid not in done}
+    records = dict(done)  # the done slides' records, read once by settle_slides
+    failures: dict[str, tuple[str, str]] = dict(slides.failures)
     new: list[dict[str, Any]] = []
     record = {
         "model": model.name, "checkpoint": model.url, "mag": model.mag, "tile_px": chain.tile_px,
@@ -204,8 +207,9 @@ def _run(cfg: PredictConfig, setup: Setup, store, found, done, annotations, err)
             def on_slide(result: Any) -> None:
                 if result.ok:
                     overlay = annotations.for_slide(result.sid) if annotations else None
+                    source = {"source": slides.identity[result.sid].to_record()}
                     records[result.sid] = doc = write_slide(
-                        store, result, record, classes=model.classes, which=setup.which,
+                        store, result, {**record, **source}, classes=model.classes, which=setup.which,
                         mag=model.mag, cmap=cfg.cmap, alpha=cfg.alpha, flops=setup.flops,
                         overlay=overlay, pictures=setup.pictures,
                     )  # fmt: skip
@@ -217,8 +221,8 @@ def _run(cfg: PredictConfig, setup: Setup, store, found, done, annotations, err)
 
             run_engine(todo, engine, on_slide, on_tiles=progress.tiles, on_planned=progress.planned)
     merge(
-        store, list(found), records, failures, classes=model.classes, read=cfg.read,
-        cascade=setup.teacher is not None,
+        store, [*slides.slides, *slides.failures], records, failures, classes=model.classes,
+        read=cfg.read, cascade=setup.teacher is not None, sources=slides.identity,
     )  # fmt: skip
     console = Console(highlight=False)
     if not console.is_terminal:  # a log file: room for whole slide ids and class names

@@ -7,15 +7,19 @@ Per slide, as soon as its last region is scored (so a crash loses at most the sl
   (:func:`resdistill.predict.heatmaps.heatmap_pngs`);
 * ``parts/<slide>.tiles.parquet``: the slide's rows of ``tiles.parquet``;
 * ``<slide>.json`` last: the slide's record (class, probabilities, grid, read chain, seconds,
-  status ``ok``, the run's settings). Its presence with status ``ok`` is what "done" means: a rerun
-  with the same settings skips the slide (:func:`done_slides`).
+  status ``ok``, the run's settings, and ``source``: the slide's uri, size and fingerprint,
+  :class:`sharding.slide_identity.SlideIdentity`). Its presence with status ``ok`` is what "done"
+  means: a rerun with the same settings skips the slide when its bytes are the recorded ones
+  (:func:`done_slides`); ``parts/<slide>.tiles.parquet`` carries the same ``source`` in its
+  schema metadata (key ``resdistill.source``).
 
 At the end of a run, from the records and parts of every slide given (done before or now) and the
 failures of this run (:func:`merge`):
 
-* ``slides.parquet``: one row per slide: ``slide, path, class, p_<class>..., tiles, seconds,
-  status`` (``ok`` or the one line saying why), ``read``, ``flops`` (counted), and with the cascade
-  ``escalated`` (share of tiles sent to the teacher);
+* ``slides.parquet``: one row per slide: ``slide, path, slide_uri, slide_size, slide_sha256``
+  (its source and fingerprint), ``class, p_<class>..., tiles, seconds, status`` (``ok`` or the
+  one line saying why), ``read``, ``flops`` (counted), and with the cascade ``escalated`` (share
+  of tiles sent to the teacher);
 * ``tiles.parquet``: ``slide, x, y, row, col, tissue, p_<class>...`` (+ ``escalated``).
 
 A failed slide writes nothing of its own, so a rerun tries it again.
@@ -31,17 +35,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from resdistill.errors import UsageError
+from sharding.slide_identity import SlideIdentity
 
 if TYPE_CHECKING:
     from resdistill.predict.annotation_overlay import SlideOverlay
     from resdistill.predict.engine import SlideResult
     from sharding.storage.base import Storage
 
-__all__ = ["SLIDES", "TILES", "done_slides", "heatmap_classes", "merge", "write_slide"]
+__all__ = [
+    "SLIDES", "TILES", "done_slides", "heatmap_classes", "merge", "read_record",
+    "record_identity", "write_slide",
+]  # fmt: skip
 
 SLIDES = "slides.parquet"
 TILES = "tiles.parquet"
 PARTS = "parts"
+#: Parquet schema metadata key of a slide's part: its ``source`` as JSON.
+SOURCE_KEY = b"resdistill.source"
 
 
 def heatmap_classes(which: str | Sequence[str] | None, classes: Sequence[str]) -> list[str] | None:
@@ -63,28 +73,52 @@ def heatmap_classes(which: str | Sequence[str] | None, classes: Sequence[str]) -
     return names
 
 
+def read_record(store: Storage, sid: str) -> dict[str, Any] | None:
+    """Slide ``sid``'s record in ``store`` (``<sid>.json``), None when there is none."""
+    rel = f"{sid}.json"
+    if not store.exists(rel):
+        return None
+    return json.loads(store.read_bytes(rel))
+
+
+def record_identity(doc: Mapping[str, Any] | None) -> SlideIdentity | None:
+    """The slide a record was made from: its ``source``; for a record written before sources
+    were recorded, its path only (it matches only the same path)."""
+    if not doc:
+        return None
+    return SlideIdentity.from_record(doc.get("source") or {"path": doc.get("slide")})
+
+
 def done_slides(
-    store: Storage, sids: Sequence[str], settings: Mapping[str, Any]
+    url: str,
+    records: Mapping[str, Mapping[str, Any] | None],
+    identity: Mapping[str, SlideIdentity],
+    settings: Mapping[str, Any],
 ) -> dict[str, dict[str, Any]]:
-    """``{slide: record}`` of the slides of ``sids`` whose record in ``store`` has status ``ok``
-    (each read once); :class:`UsageError` when a record was written with other ``settings`` (its
-    predictions would mix with these)."""
+    """``{slide: record}`` of the slides whose record (``records``, by id, as read from the
+    output at ``url``) has status ``ok`` and was made from the same bytes as ``identity[slide]``
+    (same size and fingerprint, wherever the file now lies). :class:`UsageError`, one line, when a
+    record was written with other ``settings`` (its predictions would mix with these) or from
+    another slide under the same id (a case's result must never be reported for another)."""
     done: dict[str, dict[str, Any]] = {}
     other: list[str] = []
-    for sid in sids:
-        rel = f"{sid}.json"
-        if not store.exists(rel):
+    for sid, doc in records.items():
+        if not doc or doc.get("status") != "ok" or sid not in identity:
             continue
-        doc = json.loads(store.read_bytes(rel))
-        if doc.get("status") != "ok":
-            continue
+        known = record_identity(doc)
+        if known is None or not identity[sid].same_bytes(known):
+            raise UsageError(
+                f"{identity[sid].uri}: {url} holds the prediction of slide {sid!r} made from "
+                f"{known.uri if known else 'another file'} (other bytes): rename the file, pass "
+                "--on-conflict suffix, or choose another --out"
+            )
         if doc.get("settings") != dict(settings):
             other.append(sid)
         else:
-            done[sid] = doc
+            done[sid] = dict(doc)
     if other:
         raise UsageError(
-            f"{store.url} holds predictions made with other settings (checkpoint, --read, "
+            f"{url} holds predictions made with other settings (checkpoint, --read, "
             f"--min-tissue or cascade) for {len(other)} slide(s), e.g. {other[0]}: choose another "
             "--out"
         )
@@ -108,9 +142,12 @@ def _tiles_table(result: SlideResult, classes: Sequence[str]) -> Any:
     return pa.table(cols)
 
 
-def _parquet(table: Any) -> bytes:
+def _parquet(table: Any, source: Mapping[str, Any] | None = None) -> bytes:
     import pyarrow.parquet as pq
 
+    if source is not None:
+        meta = {**(table.schema.metadata or {}), SOURCE_KEY: json.dumps(dict(source)).encode()}
+        table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
@@ -131,7 +168,8 @@ def write_slide(
     pictures: bool = True,
 ) -> dict[str, Any]:
     """Write the files of one predicted slide (module docstring), ``<slide>.json`` last; returns
-    the record written (``record`` plus the slide's fields). ``flops`` are the counted FLOPs of
+    the record written (``record``, which holds the slide's ``source``, plus the slide's
+    fields). ``flops`` are the counted FLOPs of
     one tile through the student and, with the cascade, the teacher. ``pictures=False``
     (``--heatmap none``) writes no PNG: the tables and the ``.npy`` heatmap only."""
     from resdistill.cascade.rules import cascade_flops
@@ -160,7 +198,8 @@ def write_slide(
         files[f"heatmap:{name}"] = f"{sid}.heatmap-{name}.png"
         store.write_bytes(files[f"heatmap:{name}"], data)
     files["tiles"] = f"{PARTS}/{sid}.tiles.parquet"
-    store.write_bytes(files["tiles"], _parquet(_tiles_table(result, classes)))
+    source = record.get("source")
+    store.write_bytes(files["tiles"], _parquet(_tiles_table(result, classes), source))
     doc = {
         **record, "slide": p.path, "slide_id": sid, "status": "ok", "class": predicted,
         "probabilities": {c: float(v) for c, v in zip(classes, mean, strict=True)},
@@ -190,14 +229,27 @@ def write_slide(
 
 def slide_columns(classes: Sequence[str], cascade: bool) -> list[str]:
     """The columns of ``slides.parquet``, in order."""
-    cols = ["slide", "path", "class", *(f"p_{c}" for c in classes), "tiles", "seconds", "status"]
-    return [*cols, "read", "flops", *(["escalated"] if cascade else [])]
+    cols = ["slide", "path", *SOURCE_COLUMNS, "class", *(f"p_{c}" for c in classes), "tiles"]
+    return [*cols, "seconds", "status", "read", "flops", *(["escalated"] if cascade else [])]
+
+
+#: The columns of ``slides.parquet`` naming a slide's source (as the shard manifest's do).
+SOURCE_COLUMNS = ("slide_uri", "slide_size", "slide_sha256")
+
+
+def source_columns(source: SlideIdentity | None) -> dict[str, Any]:
+    """``slide_uri, slide_size, slide_sha256`` of a slide (null when unknown)."""
+    if source is None:
+        return dict.fromkeys(SOURCE_COLUMNS)
+    size = source.size if source.size >= 0 else None
+    return dict(zip(SOURCE_COLUMNS, (source.uri, size, source.sha256), strict=True))
 
 
 def slide_row(doc: Mapping[str, Any], classes: Sequence[str], cascade: bool) -> dict[str, Any]:
     """A ``slides.parquet`` row of a slide's record."""
     row: dict[str, Any] = {
-        "slide": doc["slide_id"], "path": doc["slide"], "class": doc["class"],
+        "slide": doc["slide_id"], "path": doc["slide"], **source_columns(record_identity(doc)),
+        "class": doc["class"],
         **{f"p_{c}": doc["probabilities"][c] for c in classes},
         "tiles": doc["n_tiles"], "seconds": doc["seconds"], "status": "ok", "read": doc["read"],
         "flops": doc["flops"],
@@ -216,9 +268,11 @@ def merge(
     classes: Sequence[str],
     read: str,
     cascade: bool,
+    sources: Mapping[str, SlideIdentity] | None = None,
 ) -> None:
     """Write ``slides.parquet`` and ``tiles.parquet`` for the slides ``order`` (module docstring):
-    ``records`` of the done ones, ``failures`` ``{slide: (path, message)}`` of the others."""
+    ``records`` of the done ones, ``failures`` ``{slide: (path, message)}`` of the others, whose
+    source columns come from ``sources`` (by slide id) where known."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -230,6 +284,7 @@ def merge(
             path, message = failures[sid]
             row = dict.fromkeys(slide_columns(classes, cascade))
             row.update(slide=sid, path=path, tiles=0, status=message, read=read)
+            row.update(source_columns((sources or {}).get(sid)))
             rows.append(row)
     if rows:
         columns = slide_columns(classes, cascade)
