@@ -5,13 +5,20 @@ the driver holds a bounded number of plans and heatmap backgrounds whatever the 
 
 1. plan every slide as a Ray task (:func:`resdistill.predict.slide_plan.plan_slide`); a slide
    that cannot be planned is reported at once;
-2. one Ray Data dataset over chunks of :data:`CHUNK_TILES` kept regions
-   (``from_items`` -> ``map_batches(read_chunks)`` on CPU tasks -> ``map_batches(Scorer)`` in an
-   actor pool of ``actors`` actors, one GPU each on cuda), with the cascade two more stages
-   (:func:`~resdistill.predict.stages.read_escalated` at the teacher's read chain, then the
-   teacher's :class:`~resdistill.predict.stages.Scorer`);
+2. one Ray Data dataset over chunks of :data:`CHUNK_TILES` kept regions, each block holding
+   chunks of one slide only (``from_arrow`` -> ``map_batches(read_chunks)`` on CPU tasks ->
+   ``map_batches(Scorer)`` in an actor pool of ``actors`` actors, one GPU each on cuda), with the
+   cascade two more stages (:func:`~resdistill.predict.stages.read_escalated` at the teacher's
+   read chain, then the teacher's :class:`~resdistill.predict.stages.Scorer`);
 3. the driver streams the rows back (``iter_batches``), fills each slide's tile probabilities and
    hands a slide to ``on_slide`` as soon as all its regions are in.
+
+Every failure is bounded. A region that cannot be read is an error row of its slide
+(:mod:`resdistill.predict.stages`). A read task whose worker process dies (OpenSlide crashing on a
+damaged file, the kernel's OOM killer) is retried :data:`READ_RETRIES` times, not forever (Ray
+Data's default, which hung the run on one such slide); then its block is dropped
+(``DataContext.max_errored_blocks``) and, since a block holds one slide's chunks, only that
+slide fails: its regions never come back and it gets a status saying so. The run goes on.
 
 The slide's probabilities are the mean of its tiles' (:func:`resdistill.cascade.rules.combine`
 first with the cascade), its class their argmax.
@@ -19,7 +26,9 @@ first with the cascade), its class their argmax.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +38,18 @@ from resdistill.predict.slide_plan import PlanFailure, SlidePlan, plan_slide
 from resdistill.predict.stages import Scorer, read_chunks, read_escalated
 from resdistill.read_chain import ReadChain
 
-__all__ = ["CHUNK_TILES", "WAVE_SLIDES", "Cascade", "EngineConfig", "SlideResult", "run_engine"]
+__all__ = [
+    "CHUNK_TILES", "READ_RETRIES", "WAVE_SLIDES", "Cascade", "EngineConfig", "SlideResult",
+    "run_engine",
+]  # fmt: skip
 
 #: Regions read by one read task call (one open of the slide).
 CHUNK_TILES = 64
+#: Retries of a read task whose worker process died, before its slide is given up (failed).
+#: Ray's memory monitor kills follow Ray's own OOM policy, which fails a task rather than loop.
+READ_RETRIES = 2
+#: Blocks of a wave's dataset, about at most (each holds chunks of one slide only).
+MAX_BLOCKS = 512
 #: Bytes of memory a read task reserves: its worker holds torch (the decoder), OpenSlide and a chunk.
 READ_TASK_MEMORY = 640 * 1024**2
 #: Slides planned and run as one dataset; the next wave is planned meanwhile. Bounds the
@@ -143,6 +160,33 @@ def _as_completed(ray: Any, refs: list[Any]) -> Iterator[Any]:
         yield from done
 
 
+def _blocks(plans: Mapping[str, SlidePlan]) -> list[Any]:
+    """The wave's chunks ``{slide, start, stop}`` as Arrow tables, one block each, every block
+    holding chunks of one slide only (so a block given up fails one slide, never its
+    neighbours), about :data:`MAX_BLOCKS` blocks at most."""
+    import pyarrow as pa
+
+    total = sum(-(-p.n_tiles // CHUNK_TILES) for p in plans.values())
+    per_block = max(1, -(-total // MAX_BLOCKS))
+    blocks = []
+    for sid, p in plans.items():
+        starts = list(range(0, p.n_tiles, CHUNK_TILES))
+        for i in range(0, len(starts), per_block):
+            group = starts[i : i + per_block]
+            blocks.append(
+                pa.table(
+                    {
+                        "slide": pa.array([sid] * len(group), pa.string()),
+                        "start": pa.array(group, pa.int64()),
+                        "stop": pa.array(
+                            [min(s + CHUNK_TILES, p.n_tiles) for s in group], pa.int64()
+                        ),
+                    }
+                )  # fmt: skip
+            )
+    return blocks
+
+
 def _dataset(plans: Mapping[str, SlidePlan], cfg: EngineConfig) -> Any:
     """The Ray Data pipeline of one wave (steps 2 of the module docstring)."""
     import ray
@@ -151,15 +195,15 @@ def _dataset(plans: Mapping[str, SlidePlan], cfg: EngineConfig) -> Any:
     ctx.enable_progress_bars = False  # the command shows its own progress
     ctx.print_on_execution_start = False
     light = {sid: p.light() for sid, p in plans.items()}
-    chunks = [
-        {"slide": sid, "start": s, "stop": min(s + CHUNK_TILES, p.n_tiles)}
-        for sid, p in plans.items()
-        for s in range(0, p.n_tiles, CHUNK_TILES)
-    ]
     # Read tasks reserve memory for OpenSlide's caches and a chunk of regions; asking for it
     # also keeps Ray Data from fusing reading into the inference actors (other resources).
-    read = {"batch_format": "numpy", "num_cpus": 1, "memory": READ_TASK_MEMORY}
-    ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 512)))
+    # Ray 2.60 names no parameter for a task's retries: ``max_retries`` goes as a remote arg
+    # (deprecated there, without a replacement yet).
+    read = {
+        "batch_format": "numpy", "num_cpus": 1, "memory": READ_TASK_MEMORY,
+        "max_retries": READ_RETRIES,
+    }  # fmt: skip
+    ds = ray.data.from_arrow(_blocks(plans))
     ds = ds.map_batches(
         read_chunks, batch_size=1, fn_kwargs={"plans": light, "chain": cfg.chain}, **read
     )
@@ -204,18 +248,59 @@ def _run_wave(
         )  # fmt: skip
         for sid, p in plans.items()
     }
-    for batch in _dataset(plans, cfg).iter_batches(batch_format="numpy", batch_size=None):
-        for sid in np.unique(batch["slide"]):
-            s = state[str(sid)]
-            rows = batch["slide"] == sid
-            _fill(s, {key: v[rows] for key, v in batch.items()}, cascade=cfg.cascade is not None)
-            if s.received >= s.plan.n_tiles:
-                yield _result(state.pop(str(sid)), cfg)
-        if on_tiles is not None:
-            on_tiles(int(batch["n"].sum()))
-    for s in state.values():  # cannot happen unless rows were lost: never report them as done
-        s.errors.append(f"{s.plan.path}: {s.plan.n_tiles - s.received} regions never came back")
+    with _give_up_lost_blocks():
+        for batch in _dataset(plans, cfg).iter_batches(batch_format="numpy", batch_size=None):
+            for sid in np.unique(batch["slide"]):
+                s = state[str(sid)]
+                rows = batch["slide"] == sid
+                _fill(s, {k: v[rows] for k, v in batch.items()}, cascade=cfg.cascade is not None)
+                if s.received >= s.plan.n_tiles:
+                    yield _result(state.pop(str(sid)), cfg)
+            if on_tiles is not None:
+                on_tiles(int(batch["n"].sum()))
+    for s in state.values():  # blocks given up (module docstring): never report them as done
+        s.errors.append(
+            f"{s.plan.path}: {s.plan.n_tiles - s.received} of its {s.plan.n_tiles} regions never "
+            f"came back: the worker process reading them died {READ_RETRIES + 1} times (OpenSlide "
+            "crashing on a damaged file, or out of memory): check the file, or give the workers "
+            "more memory"
+        )
         yield _result(s, cfg)
+
+
+@contextmanager
+def _give_up_lost_blocks() -> Iterator[None]:
+    """Datasets created in the block skip blocks whose tasks failed past their retries instead
+    of ending (``DataContext.max_errored_blocks``, captured by a dataset when it is created);
+    meanwhile Ray Data's log line for such a block stays one line (the exception's type, no
+    traceback): the slide's status says what happened."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.max_errored_blocks
+    ctx.max_errored_blocks = -1
+    log, one_line = logging.getLogger(_EXECUTOR_LOGGER), _OneLine()
+    log.addFilter(one_line)
+    try:
+        yield
+    finally:
+        ctx.max_errored_blocks = before
+        log.removeFilter(one_line)
+
+
+#: The logger of Ray Data's executor, which reports the blocks it gives up.
+_EXECUTOR_LOGGER = "ray.data._internal.execution.streaming_executor_state"
+
+
+class _OneLine(logging.Filter):
+    """Ray Data's "Ignoring this exception" records without their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "Ignoring this exception" in str(record.msg):
+            kind = record.exc_info[1].__class__.__name__ if record.exc_info[1] else "error"
+            record.msg = f"{record.getMessage()} ({kind})"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
 
 
 def _fill(s: _Slide, rows: Mapping[str, np.ndarray], *, cascade: bool) -> None:

@@ -2,7 +2,7 @@
 the heatmaps are drawn on.
 
 :func:`plan_slide` opens a slide (an ``s3://`` slide through the node's cached local copy,
-:func:`sharding.remote_slides.local_copy`), runs the sharding planner through
+pinned while it is open: :func:`opened_slide`), runs the sharding planner through
 :func:`resdistill.read_chain.plan_tiles` (the grid of regions at the read chain's top
 magnification, the regions with enough tissue kept) and reads a background image of the whole
 slide with its long side ``heatmap_px`` pixels (``slide.get_thumbnail``). It never raises: a slide
@@ -16,6 +16,8 @@ A :class:`SlidePlan` holds only the kept regions; :meth:`SlidePlan.grid` hands a
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from sharding.regions import RegionGrid
     from sharding.slide import SlideInfo
 
-__all__ = ["PlanFailure", "SlidePlan", "open_slide_at", "plan_slide"]
+__all__ = ["PlanFailure", "SlidePlan", "opened_slide", "plan_slide"]
 
 
 @dataclass(frozen=True)
@@ -76,17 +78,26 @@ class PlanFailure:
     message: str
 
 
-def open_slide_at(path: str) -> Any:
-    """The OpenSlide handle of ``path``; an ``s3://`` slide through this node's cached copy, its
-    errors naming the URL the user gave, not the cache file."""
-    from sharding.remote_slides import is_s3, local_copy
+@contextmanager
+def opened_slide(path: str) -> Iterator[Any]:
+    """The OpenSlide handle of ``path`` for the ``with`` block, closed after it; an ``s3://``
+    slide through this node's cached copy, pinned (never evicted) until the block ends
+    (:func:`sharding.remote_slides.pinned_copy`), its errors naming the URL the user gave, not
+    the cache file."""
+    from contextlib import nullcontext
+
+    from sharding.remote_slides import is_s3, pinned_copy
     from sharding.slide import SlideError, open_slide
 
-    local = local_copy(path) if is_s3(path) else path
-    try:
-        return open_slide(local)
-    except SlideError as exc:
-        raise SlideError(str(exc).replace(local, path)) from None
+    with pinned_copy(path) if is_s3(path) else nullcontext(path) as local:
+        try:
+            slide = open_slide(local)
+        except SlideError as exc:
+            raise SlideError(str(exc).replace(local, path)) from None
+        try:
+            yield slide
+        finally:
+            slide.close()
 
 
 def plan_slide(sid: str, path: str, chain: ReadChain, heatmap_px: int) -> SlidePlan | PlanFailure:
@@ -96,12 +107,9 @@ def plan_slide(sid: str, path: str, chain: ReadChain, heatmap_px: int) -> SlideP
 
     t0 = time.perf_counter()
     try:
-        slide = open_slide_at(path)
-        try:
+        with opened_slide(path) as slide:
             plan = plan_tiles(slide, path, chain)
             background = _background(slide, heatmap_px)
-        finally:
-            slide.close()
     except SlideError as exc:
         return PlanFailure(sid, path, str(exc))
     except Exception as exc:  # noqa: BLE001 - OpenSlide's own errors on a damaged file

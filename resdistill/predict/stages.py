@@ -12,11 +12,14 @@ Rows flow as numpy batches with these columns:
   the teacher's :class:`Scorer`.
 
 A read failure never raises inside a stage (that would end the whole dataset): the rows become
-error rows of their slide, which the driver reports as that slide's status.
+error rows of their slide, which the driver reports as that slide's status. A read that kills its
+worker process (OpenSlide crashing, the kernel's OOM killer) cannot be caught here: the engine
+bounds its retries instead (:data:`resdistill.predict.engine.READ_RETRIES`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -29,19 +32,29 @@ if TYPE_CHECKING:
 
 Batch = dict[str, np.ndarray]
 
-__all__ = ["Scorer", "read_chunks", "read_escalated"]
+__all__ = ["TEST_CRASH_ENV", "Scorer", "read_chunks", "read_escalated"]
+
+#: Test-only (never set it otherwise): ``RESDISTILL_TEST_CRASH_READ=<file name>`` makes every
+#: read of regions of the slide with that file name end its worker process at once
+#: (``os._exit(70)``), as an OpenSlide crash or the kernel's OOM killer would; planning is not
+#: affected. ``tests/test_predict_bounded.py`` uses it to check that such a slide fails alone.
+TEST_CRASH_ENV = "RESDISTILL_TEST_CRASH_READ"
+
+
+def _test_crash_hook(path: str) -> None:
+    name = os.environ.get(TEST_CRASH_ENV)
+    if name and path.rsplit("/", 1)[-1] == name:
+        os._exit(70)
 
 
 def _read(plan: SlidePlan, chain: ReadChain, positions: np.ndarray) -> np.ndarray:
     """Tiles of the kept regions ``positions`` of ``plan`` read through ``chain``."""
-    from resdistill.predict.slide_plan import open_slide_at
+    from resdistill.predict.slide_plan import opened_slide
     from resdistill.read_chain import read_tiles
 
-    slide = open_slide_at(plan.path)
-    try:
+    _test_crash_hook(plan.path)
+    with opened_slide(plan.path) as slide:
         return read_tiles(slide, plan.grid(positions), chain, range(len(positions)))  # type: ignore[arg-type]
-    finally:
-        slide.close()
 
 
 def _failure(plan: SlidePlan, exc: Exception) -> str:
