@@ -6,7 +6,7 @@ The demo's student (``distilled-cached``) was trained on the pixels of ``top``: 
 box-reduced from the 10x read. This script shards the same slides again with
 ``--low-mags-from native`` (the 2.5x tiles read from the slide's own pyramid; same regions,
 splits and 10x tiles), distils a second student on it exactly as the demo distilled its own (the
-demo's defaults and teacher, cached targets), and predicts every test slide with each student
+demo's options as its ``config.yaml`` records them, its teacher, cached targets), and predicts every test slide with each student
 and each read mode (``--read as-trained`` / ``native``) through
 :func:`bench_predict.profile_one`. Reported per pairing: tile accuracy (each tile against its
 slide's label: the demo's slides hold one class each) and slide accuracy (argmax of the mean tile
@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+if TYPE_CHECKING:
+    from resdistill.demo import DemoConfig
 
 
 def native_dataset(demo: Path, desc: dict[str, Any]) -> Path:
@@ -42,7 +45,7 @@ def native_dataset(demo: Path, desc: dict[str, Any]) -> Path:
     rep = run_shard(
         [demo / "slides"], str(out), mags=",".join(desc["magnifications"]),
         tile_px=int(desc["tile_px"][top]), labels=demo / "slides" / LABELS_CSV,
-        splits=(0.6, 0.2, 0.2), seed=0, shard_size="64MB", progress=False,
+        splits=(0.6, 0.2, 0.2), seed=demo_config(demo).seed, shard_size="64MB", progress=False,
         low_mags_from="native",
     )  # fmt: skip
     if not rep.ok:
@@ -50,11 +53,25 @@ def native_dataset(demo: Path, desc: dict[str, Any]) -> Path:
     return out
 
 
+def demo_config(demo: Path) -> DemoConfig:
+    """The options the demo ran with (its ``config.yaml``; the defaults for a demo older than
+    that file), on the local Ray session this script starts."""
+    from resdistill.demo import DemoConfig
+    from resdistill.fields import from_plain
+    from resdistill.run_config import read_config_file
+
+    path = demo / "config.yaml"
+    cfg = from_plain(DemoConfig, read_config_file(str(path))) if path.exists() else DemoConfig()
+    return replace(cfg, out=str(demo), address=None)
+
+
 def native_student(demo: Path, data: Path, s_mag: str) -> str:
-    """A student distilled on ``data`` with the demo's defaults, its teacher and cached targets
-    (the demo's ``distilled-cached`` recipe); kept when already trained."""
-    from resdistill.commands import demo as demo_cmd
-    from resdistill.commands import distill
+    """A student distilled on ``data`` exactly as the demo distilled ``distilled-cached`` (its
+    options, teacher and cached targets: :func:`resdistill.demo.stage_config`); kept when
+    already trained."""
+    from resdistill.config import STAGE_DISTILL, TeacherRef
+    from resdistill.demo import stage_config
+    from resdistill.train.driver import train
     from resdistill.train.targets import write_targets
     from resdistill.train.targets_config import TargetsConfig
 
@@ -62,23 +79,13 @@ def native_student(demo: Path, data: Path, s_mag: str) -> str:
     best = runs / "distilled-cached.best"
     if best.exists():
         return best.read_text().strip()
-    p = argparse.ArgumentParser()
-    demo_cmd.add_arguments(p)
-    d = p.parse_args([])
+    d = demo_config(demo)
     teacher = demo_models(demo)["teacher"]
     targets = write_targets(
         TargetsConfig(data=str(data), teacher=str(teacher), student_mags=(s_mag,))
     ).url
-    p = argparse.ArgumentParser()
-    distill.add_arguments(p)
-    args = p.parse_args([
-        "--data", str(data), "--storage", str(runs), "--batch-size", str(d.batch_size),
-        "--workers", "1", "--cpus-per-worker", str(os.cpu_count() or 1), "--loader-workers", "1",
-        "--seed", str(d.seed), "--name", "distilled-cached", "--student-mag", s_mag,
-        "--arch", d.arch, "--epochs", str(d.student_epochs), "--jitter", d.student_jitter,
-        "--teacher", str(teacher), "--targets", targets, "--temperature", str(d.temperature),
-    ])  # fmt: skip
-    out = distill.train(args).best_checkpoint
+    cfg = stage_config(d, STAGE_DISTILL, "distilled-cached", str(data), str(runs), targets=targets)
+    out = train(replace(cfg, teacher=TeacherRef(checkpoint=str(teacher)))).best_checkpoint
     best.write_text(out)
     return out
 

@@ -34,13 +34,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_rows import row, timed  # noqa: E402
+
+if TYPE_CHECKING:
+    from resdistill.config import TrainConfig
 
 
 class StageKind(NamedTuple):
@@ -118,34 +121,56 @@ def bare_rate(
     return batch * steps / (time.perf_counter() - t0)
 
 
+def stage_config(
+    stage: str, data: str, teacher: str, targets: str, mag: str, work: Path, *, name: str,
+    batch: int, steps: int, cpus: int,
+) -> TrainConfig:  # fmt: skip
+    """The :class:`~resdistill.config.TrainConfig` of ``stage`` for one epoch of ``steps``
+    batches, one Ray Train worker with ``cpus`` CPUs, one loader process, a trace under
+    ``work/trace/name``: the config ``resdistill teacher`` / ``distill`` builds from the same
+    options (``tests/test_bench_configs.py`` checks they are equal)."""
+    from resdistill.config import (
+        STAGE_DISTILL,
+        STAGE_SUPERVISED,
+        STAGE_TEACHER,
+        DataConfig,
+        ModelConfig,
+        OptimConfig,
+        RunOptions,
+        TeacherRef,
+        TrainConfig,
+    )
+
+    kind = STAGES[stage]
+    return TrainConfig(
+        STAGE_TEACHER if stage == "teacher" else STAGE_DISTILL if kind.distils else STAGE_SUPERVISED,
+        DataConfig(url=data, batch_size=batch, loader_workers=1, steps_per_epoch=steps,
+                   targets=targets if kind.cached else None),
+        ModelConfig(mag=mag),
+        OptimConfig(epochs=1),
+        run=RunOptions(name=name, storage=str(work / "runs"), workers=1,
+                       cpus_per_worker=float(cpus), trace_dir=str(work / "trace" / name)),
+        teacher=TeacherRef(checkpoint=teacher, evaluate=False) if kind.distils else None,
+    )  # fmt: skip
+
+
 def loop_run(
     stage: str, data: str, teacher: str, targets: str, mag: str, work: Path, *, batch: int,
     steps: int, cpus: int,
 ) -> dict[str, float]:  # fmt: skip
-    """Run ``stage`` through its CLI for one epoch of ``steps`` batches; its rates and timings."""
+    """Run ``stage`` as its command runs it (:func:`resdistill.train.driver.train` of the
+    config :func:`stage_config` builds) for one epoch of ``steps`` batches; its rates and
+    timings."""
     from resdistill import checkpoint as T
-    from resdistill.commands import distill
-    from resdistill.commands import teacher as teacher_cmd
+    from resdistill.train.driver import train
 
     name = f"{stage}-{int(time.time() * 1000)}"
     trace = work / "trace" / name
-    common = ["--data", data, "--storage", str(work / "runs"), "--name", name, "--workers", "1",
-              "--cpus-per-worker", str(cpus), "--loader-workers", "1", "--batch-size", str(batch),
-              "--steps-per-epoch", str(steps), "--epochs", "1", "--trace-dir", str(trace)]  # fmt: skip
-    if stage == "teacher":
-        module, argv = teacher_cmd, [*common, "--mag", mag]
-    else:
-        module, argv = distill, [*common, "--student-mag", mag]
-        if stage == "student":
-            argv.append("--supervised")
-        else:
-            argv += ["--teacher", teacher, "--no-teacher-eval"]
-            if stage == "cached":
-                argv += ["--targets", targets]
-    args = module.build_parser().parse_args(argv)
+    cfg = stage_config(stage, data, teacher, targets, mag, work, name=name, batch=batch,
+                       steps=steps, cpus=cpus)  # fmt: skip
     called = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = module.train(args)
+        summary = train(cfg)
     returned = time.time()
     hist = T.load_checkpoint(summary.latest_checkpoint, T.TRAINER_FILE)["state"]["history"][-1]
     start = json.loads((trace / "starts.jsonl").read_text().splitlines()[0])

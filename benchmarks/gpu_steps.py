@@ -17,23 +17,28 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
-import torch
-from bench_rows import timed
-from torch import nn
+# bench_rows by bare name, as the scripts import it, however this module is imported
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from resdistill.config import LossConfig, SpeedConfig
-from resdistill.data import Batch, DatasetInfo, PairedAugment, make_loader
-from resdistill.measures.compute import sync_device
-from resdistill.models import build_model
-from resdistill.train.optim import make_optimizer
-from resdistill.train.teacher_net import DistillStep, FrozenTeacher, build_loss, distill_batch
-from resdistill.train.worker_env import WorkerEnv
+import torch  # noqa: E402
+from bench_rows import timed  # noqa: E402
+from torch import nn  # noqa: E402
+
+from resdistill.config import LossConfig, SpeedConfig  # noqa: E402
+from resdistill.data import Batch, DatasetInfo, PairedAugment, make_loader  # noqa: E402
+from resdistill.measures.compute import sync_device  # noqa: E402
+from resdistill.models import build_model  # noqa: E402
+from resdistill.train.optim import make_optimizer  # noqa: E402
+from resdistill.train.teacher_net import DistillStep, FrozenTeacher, build_loss, distill_batch  # noqa: E402
+from resdistill.train.worker_env import WorkerEnv  # noqa: E402
 
 VARIANTS = {
     "fp32": SpeedConfig(amp="off"),

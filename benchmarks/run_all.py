@@ -50,13 +50,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_rows import row, timed  # noqa: E402
+
+if TYPE_CHECKING:
+    from resdistill.config import TrainConfig
 
 ROWS = ("shard", "loader", "s3", "compute", "profile", "predict", "train", "ddp")
 MAGS = "10,5,2.5,1.25"
@@ -213,24 +216,49 @@ def bench_predict_rows(
     return rows
 
 
+def ddp_config(
+    data: str, teacher: str, targets: str, work: Path, *, mag: str, batch: int, steps: int,
+    workers: int,
+) -> TrainConfig:  # fmt: skip
+    """The cached-target distillation run of the [ddp] rows with ``workers`` Ray Train workers:
+    ``steps // workers`` batches per worker per epoch (the same samples per epoch), two epochs,
+    no colour jitter, no teacher score (``tests/test_bench_configs.py`` checks it equals
+    ``resdistill distill`` given the same options)."""
+    from resdistill.config import (
+        STAGE_DISTILL,
+        DataConfig,
+        ModelConfig,
+        OptimConfig,
+        RunOptions,
+        TeacherRef,
+        TrainConfig,
+    )
+
+    return TrainConfig(
+        STAGE_DISTILL,
+        DataConfig(url=data, targets=targets, batch_size=batch, loader_workers=1,
+                   steps_per_epoch=max(1, steps // workers), jitter=(0.0, 0.0, 0.0, 0.0),
+                   shuffle_buffer=64),
+        ModelConfig(mag=mag),
+        OptimConfig(epochs=2),
+        run=RunOptions(name=f"ddp{workers}", storage=str(work / "runs"), workers=workers),
+        teacher=TeacherRef(checkpoint=teacher, evaluate=False),
+    )  # fmt: skip
+
+
 def bench_ddp_rows(
     data: str, teacher: str, targets: Any, work: Path, *, mag: str, batch: int, steps: int
 ) -> list[dict[str, Any]]:
     """Ray Train cached-target distillation, 1 worker vs 2, the same samples per epoch."""
     from resdistill import checkpoint as T
-    from resdistill.commands import distill
+    from resdistill.train.driver import train
 
     res = {}
     for workers in (1, 2):
-        argv = ["--data", data, "--teacher", teacher, "--targets", targets.url,
-                "--student-mag", mag, "--storage", str(work / "runs"), "--name", f"ddp{workers}",
-                "--workers", str(workers), "--batch-size", str(batch), "--loader-workers", "1",
-                "--steps-per-epoch", str(max(1, steps // workers)), "--epochs", "2",
-                "--jitter", "0", "--no-teacher-eval", "--shuffle-buffer", "64"]  # fmt: skip
+        cfg = ddp_config(data, teacher, targets.url, work, mag=mag, batch=batch, steps=steps,
+                         workers=workers)  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):
-            summary, wall = timed(
-                lambda a=argv: distill.train(distill.build_parser().parse_args(a))
-            )
+            summary, wall = timed(lambda c=cfg: train(c))
         hist = T.load_checkpoint(summary.latest_checkpoint, T.TRAINER_FILE)["state"]["history"]
         epochs_s = sum(h["epoch_s"] for h in hist)
         last = hist[-1]
