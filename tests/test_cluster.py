@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,6 +128,20 @@ def test_kuberay_manifest_converts_to_a_valid_autoscaling_config() -> None:
     assert start_resources[0] == start_resources[-1] == '"'
     assert json.loads(start_resources[1:-1].replace("\\", "")) == {SHARD_RESOURCE: 16}
 
+    # Nobody on the cluster network submits a job (code with the nodes' S3 role) unasked: the
+    # dashboard listens on the head pod's loopback only (kubectl port-forward), and every Ray
+    # process, the autoscaler included, runs with token auth and one token from one Secret.
+    assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert "0.0.0.0" not in (CLUSTER / "kuberay.yaml").read_text()
+    containers = [c for g in groups for c in g["template"]["spec"]["containers"]]
+    tokens = set()
+    for env in [spec["autoscalerOptions"]["env"], *(c.get("env", []) for c in containers)]:
+        by_name = {e["name"]: e for e in env}
+        assert by_name["RAY_AUTH_MODE"]["value"] == "token", env
+        ref = by_name["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        tokens.add((ref["name"], ref["key"]))
+    assert len(tokens) == 1
+
     config = _derive_autoscaling_config_from_ray_cr(cr)  # validates against ray-schema.json
     _validate(config)
     head = config["available_node_types"][config["head_node_type"]]
@@ -159,6 +174,64 @@ def test_local_autoscale_config_is_valid_and_needs_workers_for_shard_tasks() -> 
     assert shard["resources"][SHARD_RESOURCE] >= 1
     assert shard["min_workers"] == 0 < shard["max_workers"]
     assert config["idle_timeout_minutes"] <= 0.25  # tests wait for the scale-down
+
+
+def _http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                    timeout=5) as resp:  # fmt: skip
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:  # not listening (yet)
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kuberay_head_settings_refuse_a_job_api_call_without_the_token() -> None:
+    """The installed Ray, started with the head's rayStartParams and auth environment from
+    kuberay.yaml, answers its job API only with the token (401 without), and its health check
+    (what KubeRay's probes call) without one."""
+    head = _load("kuberay.yaml")["spec"]["headGroupSpec"]
+    token = os.urandom(16).hex()
+    env_names = {e["name"]: e for e in head["template"]["spec"]["containers"][0]["env"]}
+    assert env_names["RAY_AUTH_MODE"]["value"] == "token"
+    base = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+    tmp = Path(tempfile.mkdtemp(prefix="rdauth-", dir=base))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_TMPDIR=str(tmp))
+    env.pop("RAY_ADDRESS", None)
+    params = head["rayStartParams"]
+    dash = free_port()
+    cmd = [
+        ray_bin(), "start", "--head", "--block", "--port", str(free_port()),
+        "--node-ip-address", "127.0.0.1", "--num-cpus", params["num-cpus"],
+        "--dashboard-host", params["dashboard-host"], "--dashboard-port", str(dash),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()),
+        "--temp-dir", str(tmp / "ray"), "--disable-usage-stats",
+    ]  # fmt: skip
+    log = (tmp / "ray-start.log").open("wb")
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        wait_for(lambda: _http_status(f"{url}/api/gcs_healthz") == 200 or proc.poll() is not None,
+                 timeout=120, interval=0.5, what="the token-auth Ray head")  # fmt: skip
+        assert proc.poll() is None, (tmp / "ray-start.log").read_text()[-3000:]
+        assert _http_status(f"{url}/api/jobs/") == 401
+        assert _http_status(f"{url}/api/jobs/", {"Authorization": f"Bearer {token}x"}) == 403
+        assert _http_status(f"{url}/api/jobs/", {"Authorization": f"Bearer {token}"}) == 200
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        kill_processes_mentioning(str(tmp))
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_runtime_env_is_accepted_by_ray() -> None:
