@@ -9,6 +9,8 @@ A checkpoint is a folder (``<storage>/<run>/checkpoint_epochNNNN``, local or ``s
 
 Both ``.pt`` files hold only tensors and plain containers, so they are read with
 ``torch.load(..., weights_only=True)``: a checkpoint cannot run code on the reader's machine.
+model.pt's ``format`` (:data:`CHECKPOINT_FORMAT`) is checked on every load: a checkpoint written
+in a newer format is refused in one line, never misread (:func:`check_format`).
 The :class:`ModelCard` records what the model reads (magnification, tile size, normalization and
 the dataset's read chain), so evaluation and prediction read exactly what training read; every
 consumer normalises inputs with :func:`normalization_of` (the card's statistics, else one fallback).
@@ -185,7 +187,8 @@ def load_checkpoint(url: str | os.PathLike[str], file: str = MODEL_FILE) -> dict
     """``torch.load(<checkpoint url>/<file>, weights_only=True, map_location="cpu")``.
 
     ``url`` is a checkpoint folder (local path or ``s3://``) as printed by the run summary;
-    ``FileNotFoundError`` naming the file when it is missing.
+    ``FileNotFoundError`` naming the file when it is missing; :class:`CheckpointError` when the
+    file's ``format`` is newer than this code reads (:func:`check_format`).
     """
     import torch
 
@@ -198,7 +201,25 @@ def load_checkpoint(url: str | os.PathLike[str], file: str = MODEL_FILE) -> dict
         raise FileNotFoundError(
             f"{store.child_url(file)}: not found; pass a checkpoint folder printed by a run"
         ) from None
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and "format" in payload:
+        check_format(payload["format"], store.child_url(file))
+    return payload
+
+
+def check_format(version: Any, where: str) -> None:
+    """Refuse (:class:`CheckpointError`, one line naming ``where``) a checkpoint ``format`` this
+    code does not understand: newer than :data:`CHECKPOINT_FORMAT` (written by a later
+    resdistill, whose fields this one would misread) or not a whole number. A file without the
+    field is format 1."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{where}: checkpoint format {version!r} is not a version number: "
+                              "not a resdistill checkpoint")  # fmt: skip
+    if version > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{where}: checkpoint format {version} is newer than this resdistill reads (format "
+            f"{CHECKPOINT_FORMAT}): upgrade resdistill to load it"
+        )
 
 
 def _parent_and_name(url: str) -> tuple[str, str]:

@@ -51,6 +51,7 @@ def synthetic_dataset(
 ) -> str:
     """Write (or keep) the embedded ``cohort``'s slides and shards under ``out``; its dataset
     URL. ``out/cohort.json`` names the cohort and seed, so a resumed study cannot mix cohorts."""
+    from resdistill.study.records import write_atomic
     from sharding.pipeline import run_shard
     from sharding.progress import print_summary
     from sharding.synthetic import LABELS_CSV, write_synthetic_slides
@@ -65,7 +66,7 @@ def synthetic_dataset(
         write_synthetic_slides(slides, n, seed=seed, size_um=(1600.0, 1500.0),
                                base_mags=(20,), slides_per_patient=1, cohort=cohort,
                                labeled_fraction=share, workers=os.cpu_count() or 1)  # fmt: skip
-        marker.write_text(json.dumps(made) + "\n")
+        write_atomic(marker, (json.dumps(made) + "\n").encode())
     report = run_shard([slides], str(dataset), mags=SYNTH_MAGS, tile_px=SYNTH_TILE_PX,
                        labels=slides / LABELS_CSV, splits=(0.6, 0.2, 0.2), address=address,
                        seed=seed, shard_size="64MB", progress=console.is_terminal)  # fmt: skip

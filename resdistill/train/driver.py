@@ -7,11 +7,13 @@ call; :mod:`resdistill.tune` builds the same worker into its trials.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, replace
 from typing import Any
 
 from resdistill.config import STAGE_DISTILL, STAGE_SUPERVISED, STAGE_TEACHER, TrainConfig
+from resdistill.errors import UsageError
 from resdistill.run_config import write_run_config
 from resdistill.train.runner import RunSummary, launch, print_summary, run_url, summarize
 from sharding.magnification import display_mag
@@ -67,6 +69,40 @@ def describe(cfg: TrainConfig) -> str:
     )
 
 
+def summary_json_target(url: str) -> tuple[Any, str]:
+    """``(storage, file name)`` where ``--summary-json`` goes: a local path or ``s3://`` URL,
+    checked before any training, so a folder given for the file or a missing bucket fails in
+    one line now rather than after the run. The write (:func:`write_summary_json`) is atomic."""
+    from sharding.storage import StorageError, is_remote, local_path, open_storage, split_s3_url
+
+    try:
+        if is_remote(url):
+            bucket, key = split_s3_url(url)
+            parent, _, name = f"s3://{bucket}/{key}".rpartition("/")
+            folder = url.endswith("/") or not key
+        else:
+            path = local_path(url)
+            parent, name = str(path.parent), path.name
+            folder = url.endswith(("/", os.sep)) or path.is_dir()
+    except ValueError as exc:
+        raise UsageError(f"--summary-json: {exc}") from None
+    if folder or not name:
+        raise UsageError(f"--summary-json {url}: name a file (e.g. summary.json), not a folder")
+    store = open_storage(parent)
+    try:
+        store.check()
+    except (OSError, StorageError) as exc:
+        raise UsageError(f"--summary-json {url}: {exc}") from None
+    return store, name
+
+
+def write_summary_json(target: tuple[Any, str], doc: dict[str, Any]) -> None:
+    """``doc`` as JSON to ``target`` (:func:`summary_json_target`): a temp file beside it and
+    ``os.replace`` (locally), one PUT (S3): a reader sees the previous file or the whole new one."""
+    store, name = target
+    store.write_bytes(name, (json.dumps(doc, indent=1, default=str) + "\n").encode())
+
+
 def shard_error_of(exc: BaseException) -> Exception | None:
     """The :class:`~resdistill.data.ShardError` behind a failed Ray Train run (a worker's
     exception, possibly wrapped by Ray), or None: a bad shard is input to fix, not a crash."""
@@ -109,6 +145,7 @@ def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
     notes: list[str] = []
     given = cfg
     cfg = prepare(cfg, notes=notes)
+    summary_target = summary_json_target(cfg.run.summary_json) if cfg.run.summary_json else None
     name = cfg.run.name or default_name(cfg)
     cfg = replace(cfg, run=replace(cfg.run, name=name))
     run = cfg.run
@@ -137,7 +174,6 @@ def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
     summary = summarize(result, name=name, storage=run.storage, metric=run.metric, mode=run.mode,
                         elapsed_s=time.perf_counter() - t0)  # fmt: skip
     print_summary(summary, title=f"{TITLES[cfg.stage]} {name}", console=console)
-    if run.summary_json:
-        with open(run.summary_json, "w") as fh:
-            json.dump({**asdict(summary), "stage": cfg.stage}, fh, indent=1, default=str)
+    if summary_target is not None:
+        write_summary_json(summary_target, {**asdict(summary), "stage": cfg.stage})
     return summary
