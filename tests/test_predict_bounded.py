@@ -21,7 +21,7 @@ from tests.slide_factory import blob_image, write_slide
 from tests.test_evaluate import save_checkpoint
 from tests.test_predict_scale import chain, model, predict, table
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 def test_a_slide_that_kills_its_reader_fails_alone(

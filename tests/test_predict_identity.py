@@ -23,7 +23,7 @@ from tests.slide_factory import blob_image, write_slide
 from tests.test_evaluate import save_checkpoint
 from tests.test_predict_scale import chain, model, predict, table
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 def _slide(path: Path, seed: int) -> Path:

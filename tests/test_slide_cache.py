@@ -140,6 +140,7 @@ def _process_race(args: tuple[dict[str, str], int, int]) -> list[str]:
     return _race(*args)
 
 
+@pytest.mark.slow
 def test_eviction_races_fail_no_reader(
     cache: Path, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,12 +151,9 @@ def test_eviction_races_fail_no_reader(
         problems = [p for got in pool.map(lambda k: _race(urls, 25, k), range(6)) for p in got]
     assert problems == []
     spawn = multiprocessing.get_context("spawn")  # processes share the cache, not the client
-    os.environ["TMPDIR"] = tempfile.tempdir or ""  # the children's default cache: the same
-    try:
-        with spawn.Pool(3) as pool:
-            got = pool.map(_process_race, [(urls, 15, 100 + k) for k in range(3)], chunksize=1)
-    finally:
-        os.environ.pop("TMPDIR", None)
+    monkeypatch.setenv("TMPDIR", tempfile.tempdir or "")  # the children's default cache: ours
+    with spawn.Pool(3) as pool:
+        got = pool.map(_process_race, [(urls, 15, 100 + k) for k in range(3)], chunksize=1)
     assert [p for g in got for p in g] == []
 
 

@@ -53,7 +53,11 @@ class TuneConfig:
     keep_trial_checkpoints: int | None = opt(
         None, "Tune checkpoints kept per trial (default 2; with pbt 2 x interval + 2, so a "
         "donor's checkpoint outlives the exploit)")  # fmt: skip
-    resume: bool = opt(False, "continue the interrupted run --name (Tuner.restore)")
+    resume: bool = opt(False, "continue the interrupted run --name (Tuner.restore). Tune "
+                       "unpickles the run folder's state: whoever can write there could run code "
+                       "here, so a file this user's runs did not write is refused")  # fmt: skip
+    trust_resume: bool = opt(False, "with --resume: skip that check (a run started on another "
+                             "machine or before seals; only a folder you trust)")  # fmt: skip
     best_json: str | None = opt(None, "write the best checkpoint and config here (local or s3://)")
     tune_seed: int | None = opt(None, "seed of the search's sampling (default: unseeded)")
     verbose: int = opt(1, "Tune's own output", choices=(0, 1, 2))
@@ -78,6 +82,7 @@ class TuneConfig:
               "must be positive")  # fmt: skip
         check(not self.resume or bool(self.train.run.name), "--resume",
               "needs the --name of the run to continue")  # fmt: skip
+        check(self.resume or not self.trust_resume, "--trust-resume", "only applies with --resume")
         check_choice(TuneConfig, self, "scheduler")
         check_choice(TuneConfig, self, "verbose")
 

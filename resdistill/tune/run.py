@@ -4,7 +4,8 @@ Tune results and each trial's checkpoints live in ``<storage>/<name>`` (a folder
 the trials' Train runs in ``<storage>/<name>/_train``, the resolved options in
 ``<storage>/<name>/config.yaml``. ``resume`` continues an interrupted run
 of the same name with ``Tuner.restore``: finished trials are kept, unfinished and errored
-ones restart from their latest checkpoint.
+ones restart from their latest checkpoint. ``Tuner.restore`` unpickles the run folder's state,
+so a resume first checks it against the run's seal (:mod:`resdistill.tune.seal`).
 """
 
 from __future__ import annotations
@@ -61,17 +62,21 @@ def make_trainable(base: TrainConfig, cfg: TuneConfig, name: str) -> Any:
 def make_tuner(
     cfg: TuneConfig, base: TrainConfig, space: Mapping[str, Domain], name: str
 ) -> tuple[Any, bool]:
-    """``(tuner, resumed)``: a new ``Tuner``, or with ``--resume`` ``Tuner.restore`` of
-    ``<storage>/<name>`` when that run exists."""
+    """``(tuner, resumed)``: a new ``Tuner`` (its ``tuner.pkl`` sealed), or with ``--resume``
+    ``Tuner.restore`` of ``<storage>/<name>`` when that run exists, once :func:`check_resume`
+    has passed."""
     from ray import tune
 
+    from resdistill.tune.seal import TUNER_PKL, ResumeSeal, seal_stored
     from resdistill.tune.trial import FreePlacementGroups
+    from sharding.storage import open_storage
 
     run = cfg.train.run
     path, fs = storage_for(run.storage)
     trainable = make_trainable(base, cfg, name)
     exp_path = f"{path.rstrip('/')}/{name}"
     if cfg.resume and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        check_resume(cfg, name)
         return tune.Tuner.restore(
             exp_path,
             trainable,
@@ -97,12 +102,30 @@ def make_tuner(
         failure_config=tune.FailureConfig(max_failures=run.max_failures + cfg.trial_retries),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=trial_checkpoints_kept(cfg)),
         verbose=cfg.verbose,
-        callbacks=[FreePlacementGroups()],
+        callbacks=[FreePlacementGroups(), ResumeSeal()],
     )
     param_space = {k: d.to_tune() for k, d in space.items()}
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config, run_config=run_config
-    ), False
+    )
+    seal_stored(open_storage(run_url(run.storage, name)), [TUNER_PKL])
+    return tuner, False
+
+
+def check_resume(cfg: TuneConfig, name: str) -> None:
+    """Before ``--resume`` lets Tune unpickle the run folder: :func:`resdistill.tune.seal.
+    verify` it (one-line :class:`~resdistill.errors.UsageError` naming the file), or, with
+    ``--trust-resume``, seal what is there as the user's own. Nothing to resume: nothing to do."""
+    from resdistill.tune.seal import TUNER_PKL, seal_stored, verify
+    from sharding.storage import open_storage
+
+    store = open_storage(run_url(cfg.train.run.storage, name))
+    if not cfg.resume or not store.exists(TUNER_PKL):
+        return
+    if cfg.trust_resume:
+        seal_stored(store)
+    else:
+        verify(store)
 
 
 def tune_run(cfg: TuneConfig) -> TuneSummary:
@@ -134,6 +157,7 @@ def tune_run(cfg: TuneConfig) -> TuneSummary:
     for key, dom in space.items():
         console.print(f"  {key:16s} {dom}")
     assert base.plan is not None
+    check_resume(cfg, name)  # before anything is written or Ray starts
     given = replace(cfg, train=replace(cfg.train, data=replace(cfg.train.data, url=base.data.url),
                                        run=replace(run, name=name)))  # fmt: skip
     write_run_config(run_url(run.storage, name), "tune", to_plain(given),
