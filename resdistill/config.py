@@ -198,6 +198,10 @@ class SpeedConfig:
         check_choice(SpeedConfig, self, "amp")
 
 
+#: ``--select``: how a run picks its checkpoint (resolved by :mod:`resdistill.train.selection`)
+SELECT_RULES = ("auto", "metric", "distill-loss", "last")
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """Where and how the Ray Train run executes."""
@@ -216,7 +220,14 @@ class RunOptions:
     max_failures: int = opt(2, "worker failures to recover from")
     keep: int = opt(1, "best checkpoints kept (plus the latest)")
     address: str | None = opt(None, "Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    metric: str = opt(DEFAULT_METRIC, "validation metric that picks the best checkpoint")
+    select: str = opt(
+        "auto", "how the kept checkpoint is chosen: metric (--metric on the labelled "
+        "--val-split; its slides count in the label budget), distill-loss (distillation: the "
+        "KD + feature loss against the teacher on --val-split's images, labels unread), last "
+        "(the last epoch), auto (distill-loss when distilling, else metric)",
+        choices=SELECT_RULES)  # fmt: skip
+    metric: str = opt(DEFAULT_METRIC, "validation metric that picks the checkpoint under "
+                      "--select metric")  # fmt: skip
     mode: str = opt("max", "whether --metric is better high or low", choices=("max", "min"))
     log_every: int = opt(0, "print every N steps (0: once per epoch)")
     trace_dir: str | None = opt(None, "local folder for a JSON-lines trace of worker starts and "
@@ -229,6 +240,7 @@ class RunOptions:
         check(self.max_failures >= 0, "--max-failures", "must be 0 or more")
         check(self.keep >= 1, "--keep", "must be at least 1")
         check_choice(RunOptions, self, "mode")
+        check_choice(RunOptions, self, "select")
         check_choice(RunOptions, self, "device")
 
 
@@ -267,6 +279,7 @@ class DataPlan:
     labelled_slides: tuple[str, ...] | None = None  # None: every slide's labels
     train_slides: tuple[str, ...] | None = None  # None: every slide of the train splits
     targets: Mapping[str, Any] | None = None  # cached targets: {"url", "doc"} when used
+    n_val_slides: int = 0  # slides of the val split holding a labelled sample
 
 
 @dataclass(frozen=True)
@@ -293,6 +306,9 @@ class TrainConfig:
         filled = {k: v for k, v in preset.items() if getattr(self.data, k) is None}
         if filled:
             object.__setattr__(self, "data", replace(self.data, **filled))
+        check(self.run.select != "distill-loss" or self.stage == STAGE_DISTILL, "--select",
+              "distill-loss needs a teacher: the teacher and --supervised choose by metric or "
+              "last")  # fmt: skip
         if self.stage == STAGE_SUPERVISED and self.teacher is not None and self.teacher.evaluate:
             object.__setattr__(self, "teacher", replace(self.teacher, evaluate=False))
 

@@ -352,6 +352,11 @@ def test_distill_on_s3_checkpoints_and_resumes(
     assert last["val_samples"] == 16  # every val sample scored once over both ranks
     assert last["teacher_val_accuracy"] >= 0.75  # scored once, carried across the resume
     assert 0.0 <= last["val_accuracy"] <= 1.0 and 0.0 <= last["train_agreement"] <= 1.0
+    # label-free by default: the kept checkpoint is ranked by the val distillation loss
+    assert second.metric == "val_distill_loss" and second.labelled_val_slides == 0
+    assert state["best_epoch"] == min(
+        range(1, 4), key=lambda e: (history[e - 1]["val_distill_loss"], -e)
+    )
 
 
 @pytest.mark.slow
@@ -400,3 +405,7 @@ def test_supervised_baseline_learns_from_labels(
     assert "train_accuracy" in history[-1] and "train_kd" not in history[-1]
     assert "teacher_val_accuracy" not in history[-1]
     assert history[-1]["train_loss"] < history[0]["train_loss"], history
+    # the baseline chooses its epoch on the labels of the 4 val slides: its label budget says so
+    assert (summary.select, summary.labelled_val_slides) == ("metric", 4)
+    assert trainer["state"]["selection"]["metric"] == "val_macro_f1"
+    assert "val_distill_loss" not in history[-1]

@@ -252,6 +252,11 @@ def test_two_workers_on_s3_learn_checkpoint_and_resume(
     assert 0.0 <= state["history"][-1]["val_accuracy"] <= 1.0
     assert state["history"][-1]["val_samples"] == 16  # every val sample scored once, all ranks
     assert second.best_checkpoint and second.best_epoch in (1, 2, 3)
+    # the teacher chooses by its labelled val metric, and the summary counts those labels
+    assert (second.select, second.metric, second.labelled_val_slides) == (
+        "metric", "val_macro_f1", 4
+    )  # fmt: skip
+    assert state["selection"]["labelled_val_slides"] == 4
 
 
 @pytest.mark.slow

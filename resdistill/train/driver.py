@@ -16,6 +16,7 @@ from resdistill.config import STAGE_DISTILL, STAGE_SUPERVISED, STAGE_TEACHER, Tr
 from resdistill.errors import UsageError
 from resdistill.run_config import write_run_config
 from resdistill.train.runner import RunSummary, launch, print_summary, run_url, summarize
+from resdistill.train.selection import selection
 from sharding.magnification import display_mag
 
 #: the summary table's title per stage
@@ -65,7 +66,7 @@ def describe(cfg: TrainConfig) -> str:
         f"loss = {lo.kd_weight:g} x KD(T={lo.temperature:g}) + {lo.feature_weight:g} x "
         f"{lo.feature_loss}({lo.feature_resize})"
         + (f" + {lo.attention_weight:g} x attention" if lo.attention_weight else "")
-        + f"; labels used for validation only; {shape}"
+        + f"; the loss reads no label; {shape}"
     )
 
 
@@ -155,6 +156,8 @@ def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
                      dataset=(cfg.data.url, cfg.plan.dataset))  # fmt: skip
     console.print(describe(cfg), soft_wrap=True)
     console.print(f"run {name!r} -> {run_url(run.storage, name)}")
+    chosen = selection(cfg)
+    console.print(f"checkpoint kept: {chosen.describe()}", soft_wrap=True)
     for text in notes:
         console.print(f"[yellow]note[/]: {text}", soft_wrap=True)
     ray_init(run.address)
@@ -164,14 +167,14 @@ def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
     try:
         result = launch(train_worker, loop_config(cfg), name=name, storage=run.storage,
                         workers=run.workers, gpu=device == "cuda", cpus_per_worker=run.cpus_per_worker,
-                        max_failures=run.max_failures, keep=run.keep, metric=run.metric,
-                        mode=run.mode)  # fmt: skip
+                        max_failures=run.max_failures, keep=run.keep, metric=chosen.metric,
+                        mode=chosen.mode)  # fmt: skip
     except Exception as exc:
         bad = shard_error_of(exc)
         if bad is None:
             raise
         raise bad from None
-    summary = summarize(result, name=name, storage=run.storage, metric=run.metric, mode=run.mode,
+    summary = summarize(result, name=name, storage=run.storage, selection=chosen,
                         elapsed_s=time.perf_counter() - t0)  # fmt: skip
     print_summary(summary, title=f"{TITLES[cfg.stage]} {name}", console=console)
     if summary_target is not None:

@@ -40,7 +40,9 @@ class TrainState:
     ``epoch``: epochs completed (the next epoch to run, 0-based); ``step``: optimizer steps taken;
     ``resumes``: restores so far; ``restored_from``: the checkpoint URL of each restore, oldest
     first (a run's own checkpoint after a worker restart or rerun, another run's when a Tune
-    trial starts from a copied checkpoint): the state's lineage.
+    trial starts from a copied checkpoint): the state's lineage. ``selection``: how ``best_*``
+    are ranked (:meth:`resdistill.train.selection.Selection.to_dict`: rule, metric, mode and
+    the labelled validation slides that chose).
     """
 
     epoch: int = 0
@@ -50,6 +52,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     resumes: int = 0
     restored_from: list[str] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,7 +217,8 @@ def fit(
 
     ``train_epoch(e)`` and ``validate(e)`` run on every rank and return metrics reduced over all
     ranks; ``fit`` adds ``epoch``, ``step``, timing (``epoch_s``, ``train_samples_per_s``) and
-    ``best_epoch``, appends them to ``state.history`` and reports them with the checkpoint of
+    ``best_epoch`` (the best by ``metric`` in ``mode`` so far, ties to the later epoch; ``metric``
+    may be ``epoch``), appends them to ``state.history`` and reports them with the checkpoint of
     ``payload(state)``.
     """
     tracer = tracer or Tracer(None, env)
@@ -228,9 +232,9 @@ def fit(
         metrics: dict[str, float] = {**result.metrics, **validate(epoch)}
         epoch_s = time.perf_counter() - t0
         state.epoch = epoch
+        metrics["epoch"] = epoch  # before ranking: --select last ranks by it
         state.update_best(epoch, metrics.get(metric, float("nan")), mode)
         metrics.update(
-            epoch=epoch,
             step=state.step,
             epoch_s=epoch_s,
             train_samples_per_s=result.samples * env.world_size / train_s if train_s > 0 else 0.0,
@@ -248,8 +252,9 @@ def fit(
 def format_epoch(metrics: Mapping[str, Any], epochs: int, metric: str = DEFAULT_METRIC) -> str:
     """One progress line: ``epoch 2/10  train_loss 0.41  val_accuracy 0.91  ...  12.3 s``."""
     parts = [f"epoch {int(metrics['epoch'])}/{epochs}"]
-    for k in ("train_loss", "val_loss", "val_accuracy", metric):
-        if k in metrics and k not in parts:
+    shown = ("train_loss", "val_loss", "val_accuracy", DEFAULT_METRIC, "val_distill_loss", metric)
+    for k in dict.fromkeys(shown):
+        if k in metrics and k != "epoch":
             parts.append(f"{k} {float(metrics[k]):.4f}")
     parts.append(f"{float(metrics.get('train_samples_per_s', 0)):.0f} img/s")
     parts.append(f"{float(metrics.get('epoch_s', 0)):.1f} s")

@@ -25,6 +25,7 @@ from resdistill.config import (
     hed_pair,
 )
 from resdistill.errors import UsageError
+from resdistill.train.selection import resolve_rule
 from sharding.magnification import display_mag
 
 
@@ -186,7 +187,9 @@ def prepare(
 
     Defaults resolved here: the teacher stage's magnification is the dataset's highest; a
     student's architecture is the teacher's (resnet18 without one); the teacher is fed the
-    magnification it was trained at. Remarks for the run's header go to ``notes``.
+    magnification it was trained at; ``--select auto`` becomes the stage's rule
+    (:func:`resdistill.train.selection.resolve_rule`), so checkpoints record the rule that chose.
+    Remarks for the run's header go to ``notes``.
     """
     from resdistill.data import (
         Dataset,
@@ -262,6 +265,7 @@ def prepare(
     n_val = sum(len(v) for v in shard_keys(manifest, [data.val_split], labelled_only=True).values())
     if n_val == 0:
         raise UsageError(f"{data.url}: split {data.val_split!r} has no labelled samples")
+    n_val_slides = _labelled_slides(manifest, data.val_split)
     if n_train == 0:
         what = "labelled samples" if supervised else "samples"
         raise UsageError(f"{data.url}: split(s) {', '.join(splits)} hold no {what}")
@@ -291,14 +295,25 @@ def prepare(
         labelled_slides=tuple(labelled) if labelled is not None else None,
         train_slides=tuple(train_slides) if train_slides is not None else None,
         targets=targets,
+        n_val_slides=n_val_slides,
     )
     return replace(
         cfg,
+        run=replace(cfg.run, select=resolve_rule(cfg)),
         data=replace(data, url=info.url, train_splits=tuple(splits), **stain),
         model=replace(cfg.model, arch=arch, mag=mag),
         teacher=teacher,
         plan=plan,
     )
+
+
+def _labelled_slides(manifest: Any, split: str) -> int:
+    """How many slides of ``split`` hold a labelled sample (the label budget of selecting on it)."""
+    import pyarrow.compute as pc
+
+    part = manifest.filter(pc.and_(pc.equal(manifest["split"], split),
+                                   pc.is_valid(manifest["label"])))  # fmt: skip
+    return len(pc.unique(part["slide"]))
 
 
 def _stain_reference(

@@ -5,7 +5,8 @@
   ``FailureConfig(max_failures)`` and a ``CheckpointConfig`` keeping the ``keep`` best
   checkpoints by a validation metric plus the latest. Tune builds its trials' trainers here too.
 * :func:`launch` - such a trainer run to completion.
-* :func:`summarize` / :func:`print_summary` - best epoch, its metrics and checkpoint URLs.
+* :func:`summarize` / :func:`print_summary` - best epoch, its metrics and checkpoint URLs, and
+  how the best was chosen (the rule and the labelled validation slides it read).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from resdistill.checkpoint import checkpoint_url
 from resdistill.config import DEFAULT_METRIC
+from resdistill.train.selection import Selection
 
 #: Ray Train's controller takes a worker's report at its next poll of the worker group and a
 #: worker's second report waits for that (a queue of one), so every epoch end and the run's end
@@ -134,7 +136,12 @@ def launch(
 
 @dataclass
 class RunSummary:
-    """What a finished run printed and what callers (the CLI, the demo) read back."""
+    """What a finished run printed and what callers (the CLI, the demo) read back.
+
+    ``metric`` ranked the checkpoints under the rule ``select`` (``--select``, resolved);
+    ``labelled_val_slides`` is how many labelled validation slides that choice read (0 when
+    label-free): a report adds them to the run's label budget.
+    """
 
     name: str
     run_url: str
@@ -146,13 +153,18 @@ class RunSummary:
     latest_checkpoint: str | None
     metric: str
     elapsed_s: float = 0.0
+    select: str = "metric"
+    labelled_val_slides: int = 0
 
 
 def summarize(
     result: Any, *, name: str, storage: str, metric: str = DEFAULT_METRIC, mode: str = "max",
-    elapsed_s: float = 0.0,
+    elapsed_s: float = 0.0, selection: Selection | None = None,
 ) -> RunSummary:  # fmt: skip
-    """Best and latest checkpoint of a ``Result`` (best by ``metric``, ties to the later epoch)."""
+    """Best and latest checkpoint of a ``Result`` (best by ``metric``, ties to the later epoch;
+    a ``selection`` gives the metric, the mode and the label count instead)."""
+    if selection is not None:
+        metric, mode = selection.metric, selection.mode
     best_ckpt, best_metrics = None, {}
     sign = 1.0 if mode == "max" else -1.0
     best_key: tuple[float, int] | None = None
@@ -175,6 +187,8 @@ def summarize(
         latest_checkpoint=checkpoint_url(result.checkpoint),
         metric=metric,
         elapsed_s=elapsed_s,
+        select=selection.rule if selection is not None else "metric",
+        labelled_val_slides=selection.labelled_val_slides if selection is not None else 0,
     )
 
 
@@ -194,6 +208,8 @@ def print_summary(summary: RunSummary, *, title: str, console: Any = None) -> No
     console.print(table)
     console.print(f"run:               {summary.run_url}")
     console.print(f"best checkpoint:   {summary.best_checkpoint}")
+    chosen = Selection(summary.select, summary.metric, "", summary.labelled_val_slides)
+    console.print(f"chosen by:         {chosen.describe()}")
     console.print(f"latest checkpoint: {summary.latest_checkpoint}")
     if summary.elapsed_s:
         console.print(f"wall time:         {summary.elapsed_s:.1f} s")

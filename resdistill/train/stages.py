@@ -5,7 +5,8 @@
   magnifications; ``--label-fraction`` hides the labels of all but a share of the slides.
 * :class:`DistillStage` - the student at ``model.mag`` learns the frozen teacher's outputs on
   the paired teacher-magnification tile, or on cached teacher targets (another data source, the
-  same loss); labels are never read.
+  same loss); labels are never read, and under ``--select distill-loss`` the checkpoint is
+  chosen by that loss on the validation split's images (:mod:`resdistill.train.selection`).
 
 The worker (:mod:`resdistill.train.worker`) owns everything else once for every stage: start-up,
 restore, the epoch loop, validation, checkpoints and failure handling.
@@ -24,6 +25,7 @@ from resdistill import data as D
 from resdistill.config import STAGE_DISTILL, TrainConfig
 from resdistill.data.augment import paired_augment
 from resdistill.models import build_model
+from resdistill.train.selection import selection
 from resdistill.train.teacher_net import (
     DistillStep,
     build_loss,
@@ -32,7 +34,7 @@ from resdistill.train.teacher_net import (
     stream_teacher,
     teacher_head_weight,
 )
-from resdistill.train.validate import evaluate
+from resdistill.train.validate import distill_loss, evaluate
 from resdistill.train.worker_env import WorkerEnv
 from sharding.magnification import display_mag
 
@@ -107,13 +109,16 @@ class Stage(Protocol):
         worker averages per sample over all ranks."""
 
     def val_metrics(self) -> dict[str, float]:
-        """Extra metrics reported with every epoch's validation."""
+        """Extra metrics reported with every epoch's validation (after the labelled ones)."""
 
     def card_fields(self) -> dict[str, Any]:
         """``teacher`` and ``loss`` of the :class:`~resdistill.checkpoint.ModelCard`."""
 
     def trainer_extras(self) -> dict[str, Any]:
         """What ``trainer.pt`` holds for this stage besides optimizer, state and config."""
+
+    def close(self) -> None:
+        """Release what :meth:`start` opened (loaders); called once, also after a failure."""
 
 
 class SupervisedStage:
@@ -164,11 +169,17 @@ class SupervisedStage:
     def trainer_extras(self) -> dict[str, Any]:
         return {}
 
+    def close(self) -> None:
+        pass
+
 
 class DistillStage:
     """KD + feature loss from the frozen teacher (:class:`~resdistill.losses.DistillLoss`),
     online on the paired tile or from cached targets; the teacher is scored once on the
-    validation split (``teacher_val_*``) unless ``teacher.evaluate`` is off."""
+    validation split (``teacher_val_*``) unless ``teacher.evaluate`` is off. Selecting by
+    ``distill-loss``, every validation also reports that loss on the validation split's pairs
+    (``val_distill_loss``, :func:`~resdistill.train.validate.distill_loss`), the teacher run
+    online even when training reads cached targets."""
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
@@ -181,7 +192,9 @@ class DistillStage:
         # loss's projection, so every run with the same seed starts from the same weights
         self.network = build_model(cfg.model.arch, ctx.info.num_classes)
         self.teacher = None
-        if not self.cached or ref.evaluate:
+        self.by_loss = selection(cfg).rule == "distill-loss"
+        self.val_pairs: Any = None
+        if not self.cached or ref.evaluate or self.by_loss:
             stream = ctx.info.mean_std(ref.mag)
             self.teacher = stream_teacher(ref.checkpoint, ref.normalization, stream, env.device)
             if env.channels_last:
@@ -222,6 +235,13 @@ class DistillStage:
     def start(self) -> None:
         if self.teacher is not None and self.ref.evaluate and not self.teacher_val:
             self.teacher_val = self._score_teacher()
+        if self.by_loss:
+            ctx = self.ctx
+            self.val_pairs = D.make_loader(
+                ctx.info, [ctx.cfg.data.val_split], [ctx.cfg.model.mag, self.ref.mag],
+                batch_size=ctx.cfg.data.eval_batch, train=False, labelled_only=False,
+                **ctx.loader_kwargs(),
+            )  # fmt: skip
 
     def _score_teacher(self) -> dict[str, float]:
         """The teacher's accuracy and macro F1 on the validation split at its magnification (all
@@ -261,7 +281,13 @@ class DistillStage:
         }
 
     def val_metrics(self) -> dict[str, float]:
-        return dict(self.teacher_val)
+        if self.val_pairs is None:
+            return dict(self.teacher_val)
+        env = self.ctx.env
+        return {
+            **self.teacher_val,
+            **distill_loss(self.trainable, self.teacher, self.val_pairs, env),
+        }
 
     def card_fields(self) -> dict[str, Any]:
         ref = self.ref
@@ -273,6 +299,11 @@ class DistillStage:
     def trainer_extras(self) -> dict[str, Any]:
         state = {k: v.detach().cpu() for k, v in self.loss.state_dict().items()}
         return {"teacher_val": dict(self.teacher_val), "loss": state}
+
+    def close(self) -> None:
+        if self.val_pairs is not None:
+            self.val_pairs.close()
+            self.val_pairs = None
 
 
 def make_stage(ctx: WorkerContext) -> Stage:

@@ -7,7 +7,9 @@ the stage's networks (:mod:`resdistill.train.stages`), restores the run's latest
 a worker failure or a rerun with the same name) or else the start checkpoint (a Tune trial
 continuing another run's checkpoint), wraps the trainable part in DDP, then runs
 :func:`resdistill.train.loop.fit`: equal steps per rank, metrics averaged over all ranks,
-validation from summed confusion matrices, a checkpoint reported every epoch.
+validation from summed confusion matrices, a checkpoint reported every epoch, the best one
+ranked by the run's :class:`~resdistill.train.selection.Selection` (recorded in ``trainer.pt``'s
+state as ``selection``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from resdistill.train.loop import (
     restore,
 )
 from resdistill.train.optim import make_optimizer, schedule_for, set_lr
+from resdistill.train.selection import selection
 from resdistill.train.stages import Stage, WorkerContext, make_stage
 from resdistill.train.validate import evaluate
 from resdistill.train.worker_env import prepare_model, reduce_means, worker_env
@@ -77,14 +80,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     restored = restore(loop_config.get("start_checkpoint"))
     state = TrainState()
+    chosen = selection(cfg)
     if restored is not None:
         stage.network.load_state_dict(restored.model["state_dict"])
         stage.restore(restored.trainer)
         state = restored.state
+        if state.selection.get("metric", chosen.metric) != chosen.metric:
+            state.best_epoch = state.best_metric = None  # ranked by another rule before
         if env.is_main:
             log(f"resuming after epoch {state.epoch} from {restored.path}")
             if state.epoch >= cfg.optim.epochs:
                 log(f"run already has {state.epoch} epochs: raise --epochs to train further")
+    state.selection = chosen.to_dict()
     tracer.start(state.epoch, entered)
     model = prepare_model(stage.trainable, env, find_unused=stage.find_unused)
     optim = cfg.optim
@@ -140,9 +147,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             return Payload(model_card(cfg, info, stage), stage.network.state_dict(), trainer)
 
         fit(env=env, state=state, epochs=optim.epochs, train_epoch=train_epoch,
-            validate=validate, payload=payload, metric=cfg.run.metric, mode=cfg.run.mode,
+            validate=validate, payload=payload, metric=chosen.metric, mode=chosen.mode,
             tracer=tracer, log=log)  # fmt: skip
     finally:
         for loader in (train_loader, val_loader):
             if loader is not None:
                 loader.close()
+        stage.close()
