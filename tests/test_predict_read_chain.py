@@ -49,15 +49,18 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         paths, str(root / "ds"), mags="10,5,2.5", tile_px=64, labels=root / "labels.csv",
         splits=(0, 0, 1), min_tissue=0.3, quality=80, workers=0, progress=False,
     )  # fmt: skip
+    from resdistill.data import DatasetInfo
+
     desc = json.loads((root / "ds" / "dataset.json").read_text())
+    # an all-test dataset has no training statistics: the fallback every reader applies
+    mean, std = DatasetInfo.load(str(root / "ds")).mean_std(MAG)
     torch.manual_seed(0)
     model = build_model("resnet18", len(CLASSES))
     with torch.no_grad():  # moderate logits: probabilities that move with the pixels
         model.net.fc.weight.mul_(0.05)
     save_checkpoint(
         root / "ckpt", model, stage="student", mag=MAG, tile_px=PX,
-        mean=desc["normalization"][MAG]["mean"], std=desc["normalization"][MAG]["std"],
-        dataset=str(root / "ds"), read_chain=read_chain(desc),
+        mean=list(mean), std=list(std), dataset=str(root / "ds"), read_chain=read_chain(desc),
     )  # fmt: skip
     return {"root": root, "ds": root / "ds", "ckpt": root / "ckpt", "slides": root / "slides"}
 
