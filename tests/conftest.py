@@ -23,6 +23,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TMPDIR", _TMP)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# per-user files the code keeps (tune's resume key) go to the temp root, not the runner's ~/.config
+os.environ["XDG_CONFIG_HOME"] = os.path.join(_TMP, "config")
 
 pytest_plugins = [
     "tests.fixtures_ray",
