@@ -4,6 +4,7 @@ choice, and a two-cell study through Ray Tune on a local cluster, resumed withou
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from resdistill.commands import distill, study, teacher
 from resdistill.commands.generate import parse
 from resdistill.data import read_manifest, select_train_slides
 from resdistill.fields import ConfigError
+from resdistill.measures.paired import Estimate
 from resdistill.study.cells import CellOptions, cell_config
-from resdistill.study.claims import approach, beats, judge, rises
+from resdistill.study.claims import beats_control, gain, judge, non_inferior, rises
 from resdistill.study.config import StudyConfig
 from resdistill.study.grid import Cell, Grid
 from resdistill.study.overrides import train_options
@@ -33,21 +35,133 @@ pytestmark = pytest.mark.timeout(600)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_claim_rules_on_hand_made_numbers() -> None:
-    assert approach("2.5x", 0.94, 0.955, 16).holds  # 1.5 points under: within 2
-    assert not approach("2.5x", 0.93, 0.955, 16).holds  # 2.5 points under
-    assert approach("1.25x", 0.97, 0.955, 64).holds  # above the teacher
-    assert beats("2.5x", 0.93, 0.85, 0.02, 0.14).holds
-    assert not beats("2.5x", 0.90, 0.85, -0.01, 0.11).holds  # the CI reaches 0
-    rising = [(0.0, 0.80, 0.01), (0.25, 0.84, 0.01), (0.5, 0.86, 0.01), (1.0, 0.90, 0.01)]
-    assert rises("c", rising).holds
-    noisy = [(0.0, 0.80, 0.005), (0.25, 0.845, 0.005), (0.5, 0.838, 0.005), (1.0, 0.90, 0.005)]
-    assert rises("c", noisy).holds  # a 0.7-point dip is within the 1-point noise floor
-    assert not rises("c", [(0.0, 0.80, 0.01), (0.5, 0.86, 0.01), (1.0, 0.82, 0.01)]).holds
-    assert not rises("c", [(0.0, 0.80, 0.05), (1.0, 0.84, 0.05)]).holds  # rise within noise
-    claims = judge([approach("2.5x", 0.94, 0.955, 16), approach("1.25x", 0.9, 0.955, 64)], [],
-                   [rises("c", rising)])  # fmt: skip
-    assert [c.word for c in claims] == ["does not hold", "not tested", "holds"]
+def _est(value: float, low: float | None, high: float | None, why: str | None = None) -> Estimate:
+    return Estimate("accuracy", value, low, high, why, 0.05, 1000, "patient", 30, 1, (3, 3),
+                    True, True)  # fmt: skip
+
+
+def test_claim_rules_on_hand_made_intervals() -> None:
+    # 1: non-inferiority, the lower bound of (distilled - teacher) above -2 points
+    assert non_inferior("2.5x", _est(-0.005, -0.015, 0.004), 16).holds
+    wide = non_inferior("2.5x", _est(-0.005, -0.025, 0.015), 16)
+    assert not wide.holds and "bar met by the estimate" in wide.detail  # the estimate alone would
+    assert "-0.5 points, 95% CI [-2.5, +1.5]" in wide.detail
+    assert not non_inferior("1.25x", _est(0.01, None, None, "too few units"), 64).holds
+    # 2: superiority by 3 points, the lower bound of (distilled - baseline) at least +3
+    assert gain("2.5x", _est(0.06, 0.035, 0.08)).holds
+    short = gain("2.5x", _est(0.05, 0.01, 0.09))
+    assert not short.holds and "bar met" in short.detail
+    assert not gain("2.5x", _est(0.02, 0.01, 0.03)).holds
+    # 3: over four shares every step non-inferior (1 point) and the whole rise above 0
+    shares = [0.0, 0.25, 0.5, 1.0]
+    step, rise = _est(0.01, -0.005, 0.02), _est(0.03, 0.01, 0.05)
+    assert rises("c", shares, [step] * 3, rise).holds
+    dip = _est(-0.004, -0.015, 0.007)  # a dip whose interval allows a 1.5-point drop
+    assert not rises("c", shares, [step, dip, step], rise).holds
+    flat = rises("c", shares, [step] * 3, _est(0.01, -0.01, 0.03))
+    assert not flat.holds and "bar met" in flat.detail  # non-decreasing, no rise shown
+    two = rises("c", [0.0, 1.0], [rise], rise)
+    assert two.holds is None and "needs 4" in two.detail
+    # 4: (distilled - control) above 0
+    assert beats_control("2.5x", "self-training", _est(0.02, 0.005, 0.04)).holds
+    assert not beats_control("2.5x", "self-training", _est(0.02, -0.005, 0.04)).holds
+    claims = judge([non_inferior("2.5x", _est(0, -0.01, 0.01), 16), wide], [], [two])
+    assert [c.word for c in claims] == ["does not hold", "not tested", "not tested"]
+    assert [c.number for c in claims] == [1, 2, 3]  # no controls, no claim 4
+    assert judge([], [], [], [])[3].word == "not tested"
+
+
+def _records(plan: dict[tuple, list[float]]) -> dict[str, dict]:
+    """Cell records on 12 test slides of 6 patients (two slides each, one class per patient),
+    10 tiles per slide; ``plan[(kind, mag, fraction, share)]`` gives each seed's accuracy, the
+    same on every slide (its first tiles wrong)."""
+    from dataclasses import asdict
+
+    out = {}
+    for (kind, mag, fraction, share), accs in plan.items():
+        for seed, acc in enumerate(accs):
+            cell = Cell(kind, mag, fraction, seed, share)
+            keys, slides, units, labels, preds = [], [], [], [], []
+            for s in range(12):
+                for t in range(10):
+                    label = (s // 2) % 2
+                    keys.append(f"s{s:02d}_{t}_0")
+                    slides.append(f"s{s:02d}")
+                    units.append(f"P{s // 2}")
+                    labels.append(label)
+                    preds.append(label if t >= round(10 * (1 - acc)) else 1 - label)
+            slide_preds = [labels[10 * s] if acc > 0.5 else 1 - labels[10 * s] for s in range(12)]
+            out[cell.id] = {
+                "cell": asdict(cell), "flops": 4_000_000 if kind == "teacher" else 250_000,
+                "keys": keys, "slides": slides, "units": units, "unit": "patient",
+                "labels": labels, "preds": preds,
+                "correct": [int(a == b) for a, b in zip(labels, preds, strict=True)],
+                "slide_level": {"slides": sorted(set(slides)), "units": [f"P{s // 2}" for s in
+                                range(12)], "labels": labels[::10], "preds": slide_preds},
+            }  # fmt: skip
+    return out
+
+
+def test_study_claims_from_records_with_known_answers(tmp_path: Path) -> None:
+    """Cells whose accuracies are set seed by seed: the paired differences are exact, and each
+    claim's verdict, rule and interval reach summary.md; a claim that fails is written so."""
+    from resdistill.study.results_table import build_rows, check_claims, write_report
+
+    plan = {
+        ("teacher", "10x", 1.0, None): [0.9, 0.9, 0.9],
+        ("teacher", "10x", 0.1, None): [0.8, 0.8, 0.8],
+        ("baseline", "2p5x", 1.0, None): [0.8, 0.8, 0.8],
+        ("baseline", "2p5x", 0.1, None): [0.6, 0.7, 0.6],
+        **{("distilled", "2p5x", 1.0, u): [0.8 + 0.1 * u] * 3 for u in (0.0, 0.25, 0.5, 1.0)},
+        **{("distilled", "2p5x", 0.1, u): [0.7 + 0.1 * u] * 3 for u in (0.0, 0.25, 0.5, 1.0)},
+        ("self-training", "2p5x", 0.1, 1.0): [0.7, 0.7, 0.7],
+    }
+    records = _records(plan)
+    rows = build_rows(records)
+    claims = check_claims(rows, records)
+    assert [c.word for c in claims] == ["holds", "holds", "holds", "holds"]
+    (v1,) = claims[0].verdicts
+    assert "+0.0 points, 95% CI [+0.0, +0.0]" in v1.detail and "6 patients" in v1.detail
+    assert "slide level: distilled - teacher +0.0 points" in v1.detail
+    (v2,) = claims[1].verdicts  # 0.8 - mean(0.6, 0.7, 0.6): the seeds vary, so the interval
+    assert "+16.7 points, 95% CI [+10.0, +20.0]" in v2.detail
+    assert "3 paired runs per arm" in v2.detail
+    dist = next(r for r in rows if r.kind == "distilled" and r.label_fraction == 1.0
+                and r.unlabelled_share == 1.0)  # fmt: skip
+    assert (dist.accuracy, dist.accuracy_low, dist.accuracy_high) == pytest.approx((0.9,) * 3)
+    assert dist.macro_f1 == pytest.approx(0.9) and dist.slide_accuracy == 1.0
+    assert (dist.unit, dist.units, dist.seeds) == ("patient", 6, 3)
+    # a student 10 points under its teacher does not approach it: written as not holding
+    plan[("distilled", "2p5x", 1.0, 1.0)] = [0.8] * 3
+    write_report(_records(plan), tmp_path, "header")
+    summary = (tmp_path / "summary.md").read_text()
+    assert (
+        "1. **students at 4x/16x/64x fewer FLOPs approach the teacher: does not hold.**" in summary
+    )
+    assert "   - 2.5x: does not hold; 16x fewer FLOPs: distilled - teacher -10.0 points" in summary
+    assert "Rule: with all labels and every unlabelled slide, the lower bound" in summary
+    assert "two-level bootstrap resamples of the test patients" in summary
+    assert "| distilled | 2.5x | 100% | 100% | 3 | 0.800 [0.800, 0.800] |" in summary
+
+
+def test_records_without_labels_still_give_accuracy_verdicts() -> None:
+    """A study resumed from records written before they kept labels: those cells (and any
+    comparison with them) are read from each tile's correctness, by slide, accuracy only."""
+    from resdistill.study.results_table import build_rows, check_claims
+
+    records = _records({("teacher", "10x", 1.0, None): [0.9, 0.9],
+                        ("distilled", "2p5x", 1.0, 1.0): [0.9, 0.8]})  # fmt: skip
+    for r in records.values():
+        if r["cell"]["kind"] == "teacher":
+            for key in ("labels", "preds", "units", "unit", "slide_level"):
+                del r[key]
+    rows = build_rows(records)
+    teacher = next(r for r in rows if r.kind == "teacher")
+    assert teacher.accuracy == pytest.approx(0.9) and teacher.unit == "slide"
+    assert math.isnan(teacher.macro_f1) and math.isnan(teacher.slide_accuracy)
+    (check,) = check_claims(rows, records)[0].verdicts
+    assert not check.holds and "-5.0 points, 95% CI [-10.0, +0.0]" in check.detail
+    assert "12 slides" in check.detail and "slide level" not in check.detail
 
 
 def test_grid_cells() -> None:

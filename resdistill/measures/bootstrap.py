@@ -14,7 +14,7 @@ too narrow when whole slides are right or wrong.
 Strata. With ``strata`` (:func:`evaluate_predictions` uses the true class) the units are resampled
 within their stratum, a unit's stratum being its samples' most frequent value (ties to the lowest):
 each resample holds as many units of each class as the data (the stratified bootstrap, Davison &
-Hinkley 1997, sec. 3.7). Without it a resample of a handful of slides often misses a class, and a
+Hinkley 1997, ch. 3). Without it a resample of a handful of slides often misses a class, and a
 macro average over a different set of classes is a different quantity (the demo once printed a
 macro F1 of ``0.899 [0.467, 0.903]``). With one stratum the draws are the unstratified ones.
 
