@@ -7,6 +7,10 @@ a dropped NAT entry or a restarted load balancer gives) or stops forwarding whil
 connection open (``mode="stall"``: the client sees no byte and no end). Other connections are
 forwarded untouched. Point ``AWS_ENDPOINT_URL`` at :attr:`FaultProxy.endpoint`.
 
+:meth:`FaultProxy.arm` sets a new fault plan on a running proxy (mode, ``after``, a fresh budget of
+``times`` faults), so one proxy that long-lived processes (a Ray cluster's workers) were pointed at
+can break the reads of one command after another; ``times=0`` forwards everything.
+
 One thread accepts, one thread per connection pumps both directions with ``select`` (0.1 s
 ticks), so :meth:`FaultProxy.close` stops everything within a bounded time.
 """
@@ -41,6 +45,13 @@ class FaultProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(_TICK)
         self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def arm(self, mode: Literal["reset", "stall"], after: int, times: int = 1) -> None:
+        """From now on, break the next ``times`` connections whose server-to-client bytes reach
+        ``after`` (counted from each connection's start), in ``mode``; :attr:`faults` restarts at 0."""
+        with self._lock:
+            self.mode, self.after, self.times = mode, int(after), int(times)
+            self.faults = 0
 
     def __enter__(self) -> FaultProxy:
         thread = threading.Thread(target=self._accept, name="fault-proxy", daemon=True)
@@ -95,9 +106,10 @@ class FaultProxy:
                     if sock is client:
                         server.sendall(data)
                         continue
-                    if sent_down + len(data) >= self.after > sent_down and self._claim_fault():
-                        client.sendall(data[: self.after - sent_down])
-                        sent_down = self.after
+                    after = self.after
+                    if sent_down + len(data) >= after > sent_down and self._claim_fault():
+                        client.sendall(data[: after - sent_down])
+                        sent_down = after
                         if self.mode == "reset":
                             client.setsockopt(
                                 socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
