@@ -280,7 +280,8 @@ def test_asha_stops_weak_trials_and_best_json_loads(
     argv = _argv(str(tiny_dataset), trained_teacher, tmp_path / "runs", "asha",
                  "--address", ray_cluster, "--scheduler", "asha", "--epochs", "3",
                  "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "2",
-                 "--metric", "train_loss", "--mode", "min", "--num-samples", "1",
+                 "--select", "metric", "--metric", "train_loss", "--mode", "min",
+                 "--num-samples", "1",
                  "--space", f"lr=grid:{GOOD},{GOOD * 0.5},{WEAK},{WEAK}",
                  "--best-json", str(best_json), "--steps-per-epoch", "7")  # fmt: skip
     summary = tune_run(_config(argv))
@@ -294,6 +295,9 @@ def test_asha_stops_weak_trials_and_best_json_loads(
     best = summary.best
     assert best is not None and best["config"]["lr"] in (GOOD, GOOD * 0.5)
     assert best["metric"] == "train_loss" and best["value"] == min(r.best for r in summary.trials)
+    # --select metric: the validation slides are counted, though train_loss reads none
+    n_val = base_config(_config(argv)).plan.n_val_slides
+    assert (best["select"], best["labelled_val_slides"]) == ("metric", n_val) and n_val >= 1
     doc = json.loads(best_json.read_text())
     assert doc["checkpoint"] == best["checkpoint"] and doc["config"]["lr"] == best["config"]["lr"]
     assert doc["checkpoint"].startswith(str(tmp_path / "runs" / "asha"))
@@ -319,7 +323,8 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(
     argv = _argv(str(tiny_dataset), trained_teacher, runs, "pbt",
                  "--address", ray_cluster, "--scheduler", "pbt", "--epochs", "4",
                  "--perturbation-interval", "2", "--pbt-quantile", "0.5", "--pbt-synch",
-                 "--max-concurrent", "2", "--metric", "lr", "--mode", "max", "--num-samples", "1",
+                 "--max-concurrent", "2", "--select", "metric", "--metric", "lr", "--mode", "max",
+                 "--num-samples", "1",
                  "--tune-seed", "0", "--keep-trial-checkpoints", "8",
                  "--space", f"lr=grid:{GOOD},{WEAK}", "--space", "temperature=choice:1,2,4")  # fmt: skip
     summary = tune_run(_config(argv))
@@ -427,6 +432,11 @@ def test_tuner_restore_continues_an_interrupted_run(
         p for p in train_runs_before if p.startswith(done_id)
     ]
     assert sorted(r.config["lr"] for r in summary.trials) == [0.001, 0.003]
+    # distillation trials were ranked without labels, by the loss every epoch reported
+    assert (summary.select, summary.metric, summary.labelled_val_slides) == (
+        "distill-loss", "val_distill_loss", 0)  # fmt: skip
+    assert all(r.best is not None and r.best > 0 for r in summary.trials)
+    assert summary.best is not None and summary.best["value"] == min(r.best for r in summary.trials)
 
 
 def test_teacher_mode_tunes_the_teachers_config(tiny_dataset: Path) -> None:

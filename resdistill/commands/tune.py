@@ -28,8 +28,15 @@ label_smoothing. A domain is written loguniform:LOW:HIGH, uniform:LOW:HIGH, rand
 default space (a comma inside a choice or grid belongs to it); --space-file reads a JSON or YAML
 mapping {name: domain} (or {"space": {...}}) first; --no-default-space starts from nothing.
 
-Schedulers rank trials by --metric (default val_macro_f1, all-reduced over the Train ranks)
-after every epoch:
+Trials are ranked by the rule their stage keeps its checkpoint by (--select, as in
+resdistill distill): distillation trials by val_distill_loss, the distillation loss against the
+teacher on --val-split's images with no label read (lower is better); teacher and --supervised
+trials by --metric on the labelled --val-split (default val_macro_f1). --select metric ranks
+distillation trials by --metric too, and --val-split's labelled slides then count in the label
+budget; --select last ranks nothing and is refused. The schedulers (after every epoch, the
+metric all-reduced over the Train ranks), the checkpoints each trial keeps (pbt keeps the
+newest) and its best, the table and --best-json all use that rule; the table and --best-json
+state it with the labelled validation slides that chose (0: label-free):
   asha  asynchronous successive halving: a trial below the top 1/--reduction-factor at a rung
         (--grace-period x reduction_factor^k epochs) stops.
   pbt   Population Based Training: every --perturbation-interval epochs a trial in the bottom
@@ -46,8 +53,8 @@ Results, each trial's checkpoints and the resolved options (config.yaml) live in
 <storage>/<name>, the Train runs in <storage>/<name>/_train; --resume continues an interrupted
 run of the same --name (finished trials are kept, the others restart from their latest
 checkpoint). At the end: a table of trials and the best configuration; --best-json gets
-{"checkpoint": url, "config": {...}, "metric": name, "value": best value, ...}, which
-resdistill evaluate accepts as a model.
+{"checkpoint": url, "config": {...}, "metric": name, "value": best value, "select": rule,
+"labelled_val_slides": n, ...}, which resdistill evaluate accepts as a model.
 
 exit codes: 0 done; 1 no trial produced a checkpoint; 2 unusable options, space or data.""",
     examples=(
@@ -64,8 +71,8 @@ exit codes: 0 done; 1 no trial produced a checkpoint; 2 unusable options, space 
             "--teacher-mode; --space student_mag=... tunes it)",
         ),  # fmt: skip
         "train.run.metric": Flag(
-            help="reported metric the schedulers rank trials by and the "
-            "best checkpoint is picked by"
+            help="with --select metric (the teacher's and --supervised's default rule): the "
+            "reported metric that ranks trials and picks their checkpoints"
         ),  # fmt: skip
         "train.optim.epochs": Flag(help="epochs of every trial (asha's and fifo's last)"),
     },

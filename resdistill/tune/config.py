@@ -5,17 +5,21 @@ the trials are searched, scheduled and sized.
 
 ``train.stage`` is the trials' stage: ``distill``, ``supervised`` (the low-magnification
 baseline) or ``teacher``; the stage's presets (training splits, colour jitter) fill the fields
-left None, as for ``resdistill teacher`` / ``distill``. ``train.run.metric`` / ``mode`` are the
-metric the schedulers rank by. :meth:`TuneConfig.trial_config` is the (unplanned) config every
-trial starts from. Imports nothing heavy: ``resdistill --help`` reads it.
+left None, as for ``resdistill teacher`` / ``distill``. Trials are ranked by the rule their own
+stage keeps its checkpoint by (``train.run.select``, :mod:`resdistill.train.selection`):
+distillation trials by ``val_distill_loss`` with no label read unless ``--select metric`` says
+otherwise, so a search over label-free students stays label-free; ``train.run.metric`` /
+``mode`` rank only under that rule. :meth:`TuneConfig.trial_config` is the (unplanned) config
+every trial starts from. Imports nothing heavy: ``resdistill --help`` reads it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from resdistill.config import STAGE_TEACHER, TrainConfig
+from resdistill.config import DEFAULT_METRIC, STAGE_TEACHER, TrainConfig
 from resdistill.fields import check, check_choice, opt
+from resdistill.train.selection import RULE_METRIC, resolve_rule
 
 SCHEDULERS = ("asha", "pbt", "fifo")
 
@@ -83,6 +87,13 @@ class TuneConfig:
         check(not self.resume or bool(self.train.run.name), "--resume",
               "needs the --name of the run to continue")  # fmt: skip
         check(self.resume or not self.trust_resume, "--trust-resume", "only applies with --resume")
+        rule = resolve_rule(self.train)
+        check(rule != "last", "--select", "last ranks no trials (they all end at the same epoch): "
+              "tune with distill-loss (label-free) or metric")  # fmt: skip
+        run = self.train.run
+        check(rule == "metric" or (run.metric, run.mode) == (DEFAULT_METRIC, "max"), "--metric",
+              f"(and --mode) rank trials only with --select metric; {self.stage} trials rank by "
+              f"{RULE_METRIC.get(rule, ('',))[0]} here, no label read")  # fmt: skip
         check_choice(TuneConfig, self, "scheduler")
         check_choice(TuneConfig, self, "verbose")
 

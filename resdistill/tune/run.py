@@ -6,6 +6,10 @@ the trials' Train runs in ``<storage>/<name>/_train``, the resolved options in
 of the same name with ``Tuner.restore``: finished trials are kept, unfinished and errored
 ones restart from their latest checkpoint. ``Tuner.restore`` unpickles the run folder's state,
 so a resume first checks it against the run's seal (:mod:`resdistill.tune.seal`).
+
+The schedulers, the kept checkpoints, the table and ``--best-json`` rank trials by one rule, the
+trials' own checkpoint rule (:func:`resdistill.tune.stage.ranking`): a search over distillation
+reads no label unless ``--select metric`` asks, and its summary states the labels that chose.
 """
 
 from __future__ import annotations
@@ -21,20 +25,21 @@ from resdistill.run_config import write_run_config
 from resdistill.train.runner import run_url, storage_for
 from resdistill.tune.config import TuneConfig
 from resdistill.tune.schedulers import (
+    checkpoint_config,
     default_concurrency,
     make_scheduler,
     seeded_search,
-    trial_checkpoints_kept,
 )
 from resdistill.tune.space import Domain, build_space, check_space
-from resdistill.tune.stage import base_config, data_url
+from resdistill.tune.stage import base_config, data_url, ranking
 from resdistill.tune.trials_table import TuneSummary, print_summary, summarize, write_best_json
 
 
 def trial_options(cfg: TuneConfig, name: str) -> dict[str, Any]:
     """The ``opts`` of :func:`resdistill.tune.trial.trial_function`: where its Train runs live,
-    how they run (:data:`resdistill.tune.trial.TRAINER_OPTIONS`), whether the steps are fixed."""
-    run = cfg.train.run
+    how they run (:data:`resdistill.tune.trial.TRAINER_OPTIONS`; checkpoints kept by
+    :func:`~resdistill.tune.stage.ranking`), whether the steps are fixed."""
+    run, chosen = cfg.train.run, ranking(cfg)
     return {
         "storage": run.storage,
         "experiment": name,
@@ -42,8 +47,8 @@ def trial_options(cfg: TuneConfig, name: str) -> dict[str, Any]:
         "cpus_per_worker": run.cpus_per_worker,
         "gpu": run.device == "cuda",  # resolved by tune_run once Ray is up
         "keep": run.keep,
-        "metric": run.metric,
-        "mode": run.mode,
+        "metric": chosen.metric,
+        "mode": chosen.mode,
         "fixed_steps": cfg.train.data.steps_per_epoch is not None,
     }
 
@@ -84,9 +89,35 @@ def make_tuner(
             resume_errored=True,
             storage_filesystem=fs,
         ), True
-    tune_config = tune.TuneConfig(
-        metric=run.metric,
-        mode=run.mode,
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs,
+        # worker failures are recovered by restarting the trial (see resdistill.tune.trial)
+        failure_config=tune.FailureConfig(max_failures=run.max_failures + cfg.trial_retries),
+        checkpoint_config=checkpoint_config(cfg, ranking(cfg)),
+        verbose=cfg.verbose,
+        callbacks=[FreePlacementGroups(), ResumeSeal()],
+    )
+    param_space = {k: d.to_tune() for k, d in space.items()}
+    tuner = tune.Tuner(
+        trainable, param_space=param_space, tune_config=search_config(cfg, space),
+        run_config=run_config,
+    )  # fmt: skip
+    seal_stored(open_storage(run_url(run.storage, name)), [TUNER_PKL])
+    return tuner, False
+
+
+def search_config(cfg: TuneConfig, space: Mapping[str, Domain]) -> Any:
+    """Tune's ``TuneConfig``: the scheduler and the search rank by the trials' rule
+    (:func:`~resdistill.tune.stage.ranking`), ``--max-concurrent`` trials at once (default: what
+    the cluster holds, which needs Ray up)."""
+    from ray import tune
+
+    chosen = ranking(cfg)
+    return tune.TuneConfig(
+        metric=chosen.metric,
+        mode=chosen.mode,
         scheduler=make_scheduler(cfg, space),
         num_samples=cfg.num_samples,
         max_concurrent_trials=cfg.max_concurrent or default_concurrency(cfg),
@@ -94,22 +125,6 @@ def make_tuner(
         reuse_actors=False,
         search_alg=seeded_search(cfg.tune_seed),
     )
-    run_config = tune.RunConfig(
-        name=name,
-        storage_path=path,
-        storage_filesystem=fs,
-        # worker failures are recovered by restarting the trial (see resdistill.tune.trial)
-        failure_config=tune.FailureConfig(max_failures=run.max_failures + cfg.trial_retries),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=trial_checkpoints_kept(cfg)),
-        verbose=cfg.verbose,
-        callbacks=[FreePlacementGroups(), ResumeSeal()],
-    )
-    param_space = {k: d.to_tune() for k, d in space.items()}
-    tuner = tune.Tuner(
-        trainable, param_space=param_space, tune_config=tune_config, run_config=run_config
-    )
-    seal_stored(open_storage(run_url(run.storage, name)), [TUNER_PKL])
-    return tuner, False
 
 
 def check_resume(cfg: TuneConfig, name: str) -> None:
@@ -147,15 +162,17 @@ def tune_run(cfg: TuneConfig) -> TuneSummary:
     make_scheduler(cfg, space)  # its errors before any Ray work
     name = run.name or f"tune-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     epochs = cfg.train.optim.epochs
+    chosen = ranking(cfg, base)
     console.print(
         f"[bold]tune {stage}[/] on {data_url(base)}: {cfg.num_samples} samples, scheduler "
-        f"{cfg.scheduler}, {run.mode} {run.metric} over {epochs} epochs; trials of "
+        f"{cfg.scheduler}, {chosen.mode} {chosen.metric} over {epochs} epochs; trials of "
         f"{run.workers} workers x {run.cpus_per_worker:g} CPU (--device {run.device}) "
         f"+ {cfg.trial_cpus:g} CPU; run {name!r} -> {run_url(run.storage, name)}",
         soft_wrap=True,
     )
     for key, dom in space.items():
         console.print(f"  {key:16s} {dom}")
+    console.print(f"trials ranked by {chosen.describe()}", soft_wrap=True)
     assert base.plan is not None
     check_resume(cfg, name)  # before anything is written or Ray starts
     given = replace(cfg, train=replace(cfg.train, data=replace(cfg.train.data, url=base.data.url),
@@ -172,7 +189,7 @@ def tune_run(cfg: TuneConfig) -> TuneSummary:
         console.print("resuming the interrupted run" if resumed else "[yellow]note[/]: nothing to "
                       "resume under that name: starting it")  # fmt: skip
     grid = tuner.fit()
-    summary = summarize(grid, cfg, name, space, resumed=resumed,
+    summary = summarize(grid, cfg, name, space, resumed=resumed, chosen=chosen,
                         elapsed_s=time.perf_counter() - t0)  # fmt: skip
     print_summary(summary, space, console)
     if cfg.best_json and summary.best is not None:

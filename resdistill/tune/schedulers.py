@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from resdistill.errors import UsageError
+from resdistill.train.selection import Selection
 from resdistill.tune.config import TuneConfig
 from resdistill.tune.space import Domain
 from resdistill.tune.stage import settings
@@ -81,6 +82,20 @@ def trial_checkpoints_kept(cfg: TuneConfig) -> int:
     if cfg.keep_trial_checkpoints is not None:
         return max(1, cfg.keep_trial_checkpoints)
     return 2 * cfg.perturbation_interval + 2 if cfg.scheduler == "pbt" else 2
+
+
+def checkpoint_config(cfg: TuneConfig, chosen: Selection) -> Any:
+    """Tune's ``CheckpointConfig``: :func:`trial_checkpoints_kept` per trial, the best by
+    ``chosen`` (the trials' ranking rule; Tune keeps each trial's latest as well). PBT keeps the
+    newest instead: an exploit restores the donor's latest checkpoint, which has to outlive the
+    donor's next reports whatever it scores."""
+    from ray import tune
+
+    kept = trial_checkpoints_kept(cfg)
+    if cfg.scheduler == "pbt":
+        return tune.CheckpointConfig(num_to_keep=kept)
+    return tune.CheckpointConfig(num_to_keep=kept, checkpoint_score_attribute=chosen.metric,
+                                 checkpoint_score_order=chosen.mode)  # fmt: skip
 
 
 def seeded_search(seed: int | None) -> Any:

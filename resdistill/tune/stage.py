@@ -1,6 +1,6 @@
 """Every place tuning touches the training side, in one module.
 
-A tuning run needs four things from the training stages, and only this module provides them:
+A tuning run needs five things from the training stages, and only this module provides them:
 
 * :func:`base_config` - the planned :class:`~resdistill.config.TrainConfig` every trial starts
   from, checked against the dataset (:func:`resdistill.train.preflight.prepare`);
@@ -8,7 +8,9 @@ A tuning run needs four things from the training stages, and only this module pr
   (:meth:`~resdistill.config.TrainConfig.with_values`);
 * :func:`loop_config` - what the trial's Ray Train workers receive (config + start checkpoint);
 * :func:`train_function` - the Ray Train function those workers run, the same one
-  ``resdistill teacher`` and ``distill`` run (:func:`resdistill.train.worker.train_worker`).
+  ``resdistill teacher`` and ``distill`` run (:func:`resdistill.train.worker.train_worker`);
+* :func:`ranking` - the rule that ranks trials and their checkpoints: the trials' own
+  checkpoint rule (:func:`resdistill.train.selection.selection`).
 
 Which settings are tunable, and which of them PBT may perturb, comes from
 :func:`resdistill.config.tunable` (:func:`settings`).
@@ -21,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from resdistill.config import STAGE_DISTILL, STAGE_TEACHER, TrainConfig, Tunable, tunable
+from resdistill.train.selection import Selection, selection
 from resdistill.tune.config import TuneConfig
 
 #: Names a tuning run accepts besides :func:`resdistill.config.tunable`'s: a student's
@@ -49,6 +52,16 @@ def base_config(cfg: TuneConfig) -> TrainConfig:
     from resdistill.train.preflight import prepare
 
     return prepare(cfg.trial_config())
+
+
+def ranking(cfg: TuneConfig, base: TrainConfig | None = None) -> Selection:
+    """What ranks trials (the schedulers, the table, the best trial) and their checkpoints: the
+    rule each trial keeps its own checkpoint by, ``selection`` of ``base`` (the planned trial
+    config, which counts the labelled validation slides) or of :meth:`TuneConfig.trial_config`
+    (count 0). One rule for both, so choosing among trials reads no more labels than choosing
+    an epoch: none for distillation unless ``--select metric`` (a search that picks by labels
+    spends them as surely as training does: Oliver et al. 2018)."""
+    return selection(base if base is not None else cfg.trial_config())
 
 
 def data_url(config: TrainConfig) -> str:

@@ -1,7 +1,10 @@
 """What a finished tuning run reports: a row per trial, the best trial, the best-json.
 
-The best-json (``--best-json``) is ``{"checkpoint": url, "config": {...}, "metric": name,
-"value": the best checkpoint's value, ...}``, which ``resdistill evaluate`` accepts as a model.
+Trials and their checkpoints are ranked by the trials' own checkpoint rule
+(:func:`resdistill.tune.stage.ranking`). The best-json (``--best-json``) is ``{"checkpoint": url,
+"config": {...}, "metric": name, "value": the best checkpoint's value, "select": the rule,
+"labelled_val_slides": the validation slides whose labels chose (0: label-free), ...}``, which
+``resdistill evaluate`` accepts as a model.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Any
 
 from resdistill.checkpoint import checkpoint_url
 from resdistill.train.runner import run_url
+from resdistill.train.selection import Selection
 from resdistill.tune.config import TuneConfig
 from resdistill.tune.space import Domain
-from resdistill.tune.stage import canonical
+from resdistill.tune.stage import canonical, ranking
 from sharding.magnification import display_mag
 
 
@@ -39,7 +43,8 @@ class TrialRow:
 
 @dataclass
 class TuneSummary:
-    """What a finished tuning run printed and wrote (``--best-json``)."""
+    """What a finished tuning run printed and wrote (``--best-json``): ``metric``/``mode`` rank
+    under rule ``select``; ``labelled_val_slides`` chose by their labels (label budget)."""
 
     name: str
     url: str
@@ -49,6 +54,13 @@ class TuneSummary:
     best: dict[str, Any] | None
     resumed: bool
     elapsed_s: float
+    select: str = "metric"
+    labelled_val_slides: int = 0
+
+    @property
+    def selection(self) -> Selection:
+        """The rule that ranked, as :class:`~resdistill.train.selection.Selection`."""
+        return Selection(self.select, self.metric, self.mode, self.labelled_val_slides)
 
 
 def _num(value: Any) -> float | None:
@@ -85,12 +97,13 @@ def _best_of(df: Any, metric: str, sign: float) -> tuple[float | None, int | Non
     return float(vals[idx]), (int(df["epoch"][idx]) if "epoch" in df else None)
 
 
-def summarize(grid: Any, cfg: TuneConfig, name: str, space: Mapping[str, Domain],
-              *, resumed: bool, elapsed_s: float) -> TuneSummary:  # fmt: skip
-    """Rows per trial (best by the run's metric over every reported epoch) and the best trial's
-    best kept Tune checkpoint (a full copy of the Train checkpoint: ``model.pt``,
-    ``trainer.pt``)."""
-    metric, mode, storage = cfg.train.run.metric, cfg.train.run.mode, cfg.train.run.storage
+def summarize(grid: Any, cfg: TuneConfig, name: str, space: Mapping[str, Domain], *,
+              resumed: bool, elapsed_s: float, chosen: Selection | None = None) -> TuneSummary:  # fmt: skip
+    """Rows per trial (best by ``chosen``, default :func:`~resdistill.tune.stage.ranking` of
+    ``cfg``, over every reported epoch) and the best trial's best kept Tune checkpoint (a full
+    copy of the Train checkpoint: ``model.pt``, ``trainer.pt``)."""
+    chosen = chosen or ranking(cfg)
+    metric, mode, storage = chosen.metric, chosen.mode, cfg.train.run.storage
     sign = 1.0 if mode == "max" else -1.0
     rows: list[TrialRow] = []
     best: dict[str, Any] | None = None
@@ -122,6 +135,8 @@ def summarize(grid: Any, cfg: TuneConfig, name: str, space: Mapping[str, Domain]
                 "config": dict(result.config or {}),
                 "metric": metric,
                 "mode": mode,
+                "select": chosen.rule,
+                "labelled_val_slides": chosen.labelled_val_slides,
                 "value": _num(ckpt_metrics.get(metric, best_val)),
                 "epoch": ckpt_metrics.get("epoch", best_epoch),
                 "trial": trial,
@@ -130,8 +145,8 @@ def summarize(grid: Any, cfg: TuneConfig, name: str, space: Mapping[str, Domain]
                 "run": run_url(storage, name),
             }
     rows.sort(key=lambda r: (r.best is None, -sign * (r.best or 0.0)))
-    return TuneSummary(name, run_url(storage, name), metric, mode, rows, best,
-                       resumed, elapsed_s)  # fmt: skip
+    return TuneSummary(name, run_url(storage, name), metric, mode, rows, best, resumed,
+                       elapsed_s, chosen.rule, chosen.labelled_val_slides)  # fmt: skip
 
 
 def _checkpoint_metrics(result: Any, ckpt: Any) -> dict[str, Any]:
@@ -175,6 +190,9 @@ def print_summary(summary: TuneSummary, space: Mapping[str, Domain], console: An
                       str(row.epochs), _fmt(row.last), _fmt(row.best))  # fmt: skip
     console.print(table)
     console.print(f"run:             {summary.url}")
+    console.print(f"ranked by:       {summary.selection.describe()}", soft_wrap=True)
+    console.print(f"label budget:    {summary.labelled_val_slides} labelled validation slides "
+                  "chose the trial and its checkpoint")  # fmt: skip
     if summary.best is None:
         console.print("[yellow]no trial reported the metric with a checkpoint[/]")
         return
