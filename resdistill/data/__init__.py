@@ -30,7 +30,7 @@ from .augment import (
     hue_matrix,
 )
 from .errors import ShardError
-from .info import READ_COLUMNS, Dataset, DatasetInfo, read_manifest
+from .info import READ_COLUMNS, Dataset, DatasetInfo, read_manifest, slide_patients
 from .loader import Batch, Source, StreamLoader, collate, make_loader
 from .prepare import BatchPrep
 from .sample_plan import (
@@ -69,6 +69,7 @@ __all__ = [
     "hue_matrix",
     "make_loader",
     "read_manifest",
+    "slide_patients",
     "select_labelled_slides",
     "select_train_slides",
     "shard_keys",

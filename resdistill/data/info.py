@@ -165,6 +165,14 @@ def read_manifest(url: str | Storage, columns: Sequence[str] = READ_COLUMNS) -> 
     return _parse_manifest(_read_manifest_bytes(open_storage(url)), columns)
 
 
+def slide_patients(manifest: Any) -> dict[str, str]:
+    """``{slide: patient}`` of a manifest table (:func:`read_manifest` with ``slide`` and
+    ``patient``) for the slides that name a patient: the resampling unit of every interval,
+    since a patient's slides are not independent."""
+    cols = manifest.select(["slide", "patient"]).to_pydict()
+    return {str(s): str(p) for s, p in zip(cols["slide"], cols["patient"], strict=True) if p}
+
+
 def _read_manifest_bytes(store: Storage) -> bytes:
     try:
         return store.read_bytes(MANIFEST)

@@ -35,7 +35,7 @@ split without labelled tiles) or :class:`resdistill.checkpoint.CheckpointError`\
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -223,7 +223,7 @@ def evaluate_models(
     measured with batches of ``bench_batch`` for about ``bench_seconds``). With ``out`` the
     report is written by :func:`write_report`.
     """
-    from resdistill.data import DatasetInfo, read_manifest
+    from resdistill.data import DatasetInfo, read_manifest, slide_patients
     from resdistill.measures.compute import compute_table
 
     if models is None:
@@ -246,7 +246,10 @@ def evaluate_models(
         raise EvaluationError(str(exc)) from None
     for m in models:
         check_compatible(m, info)
-    manifest = read_manifest(info.url, columns=("key", "slide", "split", "label", "shard"))
+    manifest = read_manifest(
+        info.url, columns=("key", "slide", "split", "label", "shard", "patient")
+    )
+    patients = slide_patients(manifest)
     mixed = bool(info.raw.get("annotations"))  # region labels: slides may hold several classes
 
     results: list[ModelEvaluation] = []
@@ -261,7 +264,13 @@ def evaluate_models(
             device=device, manifest=manifest,
         )  # fmt: skip
         tile, slide = score_predictions(
-            preds, m.classes, mixed=mixed, n_boot=cfg.n_boot, alpha=cfg.alpha, seed=cfg.seed
+            preds,
+            m.classes,
+            mixed=mixed,
+            n_boot=cfg.n_boot,
+            alpha=cfg.alpha,
+            seed=cfg.seed,
+            patients=patients,
         )
         say(f"{m.name}: measuring FLOPs and images/s at (3, {px}, {px}) on {device}")
         compute = compute_table(
@@ -283,24 +292,33 @@ def score_predictions(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    patients: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(tile, slide)`` metric reports of one model's predictions on a split.
 
-    Tile level: every tile a sample, intervals from the slide (cluster) bootstrap: slides are
-    resampled with replacement and each drawn slide brings all its tiles, because tiles of a slide
-    are not independent. Slide level: ``P(slide) = mean over its tiles of P(tile)``, the label its
-    tiles' (predominant, with ``mixed`` region labels) label, slides resampled. Both state
-    ``"resample": "slide"`` and ``"n_slides"``; the slide report also lists ``slides``,
-    ``tiles_per_slide`` and ``prob``. ROC points of the tile report are thinned for the JSON.
+    Tile level: every tile a sample, intervals from the cluster bootstrap: units are resampled
+    with replacement (within their class) and each drawn unit brings all its tiles, because tiles
+    of a slide, and slides of a patient, are not independent. The unit is the patient when
+    ``patients`` (``{slide: patient}``, the manifest's) names one for every slide, else the slide.
+    Slide level: ``P(slide) = mean over its tiles of P(tile)``, the label its tiles'
+    (predominant, with ``mixed`` region labels) label, units resampled. Both state
+    ``"resample"`` (``patient`` or ``slide``) and ``"n_slides"``; the slide report also lists
+    ``slides``, ``tiles_per_slide`` and ``prob``. ROC points of the tile report are thinned.
     """
     from resdistill.measures.bootstrap import evaluate_predictions
     from resdistill.measures.metrics import aggregate_slides
 
-    kw = {"n_boot": n_boot, "alpha": alpha, "seed": seed, "unit": "slide"}
-    tile = evaluate_predictions(preds.labels, preds.probs, classes, groups=preds.slides, **kw)
+    slides = [str(s) for s in preds.slides]
+    by_patient = bool(patients) and all(s in patients for s in set(slides))
+    unit = (lambda s: patients[s]) if by_patient else (lambda s: s)  # type: ignore[index]
+    kw = {"n_boot": n_boot, "alpha": alpha, "seed": seed,
+          "unit": "patient" if by_patient else "slide"}  # fmt: skip
+    tile = evaluate_predictions(preds.labels, preds.probs, classes,
+                                groups=np.array([unit(s) for s in slides]), **kw)  # fmt: skip
     _thin_roc(tile)
     agg = aggregate_slides(preds.slides, preds.probs, preds.labels, mixed_labels=mixed)
-    slide = evaluate_predictions(agg.y_true, agg.y_prob, classes, **kw)
+    slide_units = np.array([unit(str(s)) for s in agg.slide_ids])
+    slide = evaluate_predictions(agg.y_true, agg.y_prob, classes, groups=slide_units, **kw)
     tile["n_slides"] = slide["n_slides"] = int(agg.slide_ids.size)
     slide["slides"] = [str(s) for s in agg.slide_ids]
     slide["tiles_per_slide"] = [int(n) for n in agg.n_tiles]

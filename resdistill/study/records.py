@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,23 @@ def load_records(out: Path) -> dict[str, dict[str, Any]]:
     return {cell_of(r).id: r for r in records}
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temp file in the same folder and ``os.replace``: a reader
+    (or a study killed mid-write) sees the previous file or the whole new one, never a part.
+    Every file of the study folder is written this way."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as fh:  # the umask's mode, like a plain write
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_record(out: Path, record: dict[str, Any]) -> None:
-    folder = out / CELLS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{cell_of(record).id}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    write_atomic(out / CELLS_DIR / f"{cell_of(record).id}.json", json.dumps(record).encode())
 
 
 def evaluation_records(
@@ -77,11 +88,11 @@ def evaluation_records(
 
 
 def slide_patients(data: str) -> dict[str, str]:
-    """``{slide: patient}`` from the dataset's manifest, for the slides that name a patient."""
+    """``{slide: patient}`` from the dataset's manifest (:func:`resdistill.data.slide_patients`)."""
     from resdistill.data import read_manifest
+    from resdistill.data import slide_patients as of_manifest
 
-    cols = read_manifest(data, columns=["slide", "patient"]).to_pydict()
-    return {str(s): str(p) for s, p in zip(cols["slide"], cols["patient"], strict=True) if p}
+    return of_manifest(read_manifest(data, columns=["slide", "patient"]))
 
 
 def prediction_fields(preds: Any, patients: dict[str, str]) -> dict[str, Any]:
