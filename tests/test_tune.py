@@ -92,7 +92,8 @@ def test_space_from_command_line_and_file(tmp_path: Path) -> None:
         "space:\n  lr: loguniform:1e-5:1e-3\n  batch_size: [8, 16]\n"
     )
     (tmp_path / "space.json").write_text(json.dumps({"temperature": "choice:2,4"}))
-    base = ["--data", "d", "--teacher", "t", "--student-mag", "5x"]
+    # ranked by labels: the loss settings may vary (tests/test_tune_ranking.py: label-free)
+    base = ["--data", "d", "--teacher", "t", "--student-mag", "5x", "--select", "metric"]
     args = _config([*base, "--space-file", str(tmp_path / "space.yaml"),
                     "--space", "lr=uniform:1e-3:2e-3,temperature=choice:1,3"])  # fmt: skip
     space = build_space(args, "distill")
@@ -119,12 +120,12 @@ def test_config_file_with_flag_overrides(tmp_path: Path, capsys: pytest.CaptureF
         "scheduler": "pbt", "num_samples": 4, "space": ["lr=loguniform:1e-4:1e-2"],
     }))  # fmt: skip
     argv = ["--config", str(file), "--num-samples", "6", "--temperature", "3",
-            "--space", "kd_weight=uniform:0:1", "--space", "lr=uniform:1e-3:2e-3"]  # fmt: skip
+            "--space", "weight_decay=uniform:0:1", "--space", "lr=uniform:1e-3:2e-3"]  # fmt: skip
     cfg = _config(argv)
     assert cfg == TuneConfig(
         TrainConfig("distill", DataConfig(url="/ds", batch_size=16), model=ModelConfig(mag="2.5x"),
                     loss=LossConfig(temperature=3.0), teacher=TeacherRef(checkpoint="/t1")),
-        space=("kd_weight=uniform:0:1", "lr=uniform:1e-3:2e-3"), scheduler="pbt", num_samples=6,
+        space=("weight_decay=uniform:0:1", "lr=uniform:1e-3:2e-3"), scheduler="pbt", num_samples=6,
     )  # fmt: skip
     assert cfg.train.data.jitter == STUDENT_JITTER and cfg.train.run.metric == "val_macro_f1"
     assert build_space(cfg)["lr"] == Domain("uniform", (1e-3, 2e-3))  # the flags' space

@@ -13,10 +13,11 @@ import pytest
 
 from resdistill.commands.generate import parse
 from resdistill.commands.tune import SPEC, main
+from resdistill.errors import UsageError
 from resdistill.tune.config import TuneConfig
 from resdistill.tune.run import search_config, trial_options
 from resdistill.tune.schedulers import checkpoint_config
-from resdistill.tune.space import build_space
+from resdistill.tune.space import Domain, build_space, objective_settings
 from resdistill.tune.stage import base_config, ranking
 from resdistill.tune.trials_table import print_summary, summarize, write_best_json
 
@@ -132,6 +133,25 @@ def test_teacher_trials_rank_by_val_macro_f1_on_counted_slides(
 
 
 DISTILL = ["--data", "/ds", "--teacher", "/t1", "--student-mag", "5x"]
+
+
+def test_label_free_ranking_never_varies_the_loss_it_ranks_by() -> None:
+    """val_distill_loss only compares trials minimising the same loss: under it the default
+    space leaves temperature and the weights out, and a varied one is refused; --select
+    metric tunes them on labels."""
+    assert objective_settings() == {"temperature", "kd_weight", "feature_weight",
+                                    "attention_weight"}  # fmt: skip
+    space = build_space(parse(SPEC, DISTILL))
+    assert set(space) == {"lr", "weight_decay"}
+    fixed = build_space(parse(SPEC, [*DISTILL, "--space", "temperature=2,kd_weight=choice:0.5"]))
+    assert (fixed["temperature"], fixed["kd_weight"]) == (Domain("fixed", (2,)),
+                                                          Domain("choice", (0.5,)))  # fmt: skip
+    for entry in ("temperature=choice:1,4", "feature_weight=uniform:0:1", "kd_weight=grid:1,2"):
+        with pytest.raises(UsageError, match="only compares trials with the same distillation"):
+            build_space(parse(SPEC, [*DISTILL, "--space", entry]))
+    assert main([*DISTILL, "--scheduler", "pbt", "--space", "temperature=choice:1,4"]) == 2
+    by_labels = build_space(parse(SPEC, [*DISTILL, "--select", "metric"]))
+    assert {"temperature", "kd_weight", "feature_weight"} <= set(by_labels)
 
 
 @pytest.mark.parametrize(

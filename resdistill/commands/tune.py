@@ -24,7 +24,7 @@ magnification; student_mag names it too when training a student); when distillin
 kd_weight, feature_weight, attention_weight; with --teacher-mode or --supervised
 label_smoothing. A domain is written loguniform:LOW:HIGH, uniform:LOW:HIGH, randint:LOW:HIGH
 (HIGH exclusive), choice:A,B,C, grid:A,B,C (every value, times --num-samples) or a plain value
-(fixed). --space lr=loguniform:1e-4:1e-2,temperature=choice:1,2,4 overrides entries of the
+(fixed). --space lr=loguniform:1e-4:1e-2,batch_size=choice:16,32 overrides entries of the
 default space (a comma inside a choice or grid belongs to it); --space-file reads a JSON or YAML
 mapping {name: domain} (or {"space": {...}}) first; --no-default-space starts from nothing.
 
@@ -33,10 +33,14 @@ resdistill distill): distillation trials by val_distill_loss, the distillation l
 teacher on --val-split's images with no label read (lower is better); teacher and --supervised
 trials by --metric on the labelled --val-split (default val_macro_f1). --select metric ranks
 distillation trials by --metric too, and --val-split's labelled slides then count in the label
-budget; --select last ranks nothing and is refused. The schedulers (after every epoch, the
-metric all-reduced over the Train ranks), the checkpoints each trial keeps (pbt keeps the
-newest) and its best, the table and --best-json all use that rule; the table and --best-json
-state it with the labelled validation slides that chose (0: label-free):
+budget; --select last ranks nothing and is refused. The schedulers (after every epoch, the metric
+all-reduced over the Train ranks), the checkpoints each trial keeps (pbt keeps the newest) and
+its best, the table and --best-json all use that rule; the table and --best-json state it with
+the labelled validation slides that chose (0: label-free). val_distill_loss only compares trials
+minimising the same loss, so under it temperature, kd_weight, feature_weight and
+attention_weight may be fixed but not varied (the default space leaves them out; varied, the
+ranking would pick whatever shrinks the loss, such as no feature term); --select metric tunes
+them on labels. The schedulers:
   asha  asynchronous successive halving: a trial below the top 1/--reduction-factor at a rung
         (--grace-period x reduction_factor^k epochs) stops.
   pbt   Population Based Training: every --perturbation-interval epochs a trial in the bottom

@@ -33,7 +33,7 @@ class TuneConfig:
                    "highest); a student's is --student-mag")  # fmt: skip
     space: tuple[str, ...] = opt(
         (), "search space entries NAME=DOMAIN[,NAME=DOMAIN...], e.g. "
-        "lr=loguniform:1e-4:1e-2,temperature=choice:1,2,4 (repeatable)", repeat=True,
+        "lr=loguniform:1e-4:1e-2,batch_size=choice:16,32 (repeatable)", repeat=True,
         metavar="NAME=DOMAIN")  # fmt: skip
     space_file: str | None = opt(None, "JSON or YAML {name: domain} read before --space")
     default_space: bool = opt(True, "start from the stage's default space (--no-default-space: "

@@ -6,6 +6,12 @@ value (fixed). A space is the stage's :data:`DEFAULT_SPACE` (unless ``--no-defau
 ``--space-file`` (JSON or YAML ``{name: domain}`` or ``{"space": {...}}``), then ``--space``
 entries (:class:`~resdistill.tune.config.TuneConfig`'s ``default_space``, ``space_file``,
 ``space``); the names are those :func:`resdistill.tune.stage.settings` lists for the stage.
+
+Distillation trials ranked label-free (``--select distill-loss``, their default) compare
+``val_distill_loss``, a number only comparable between trials that minimise the same objective:
+the settings that define it (:func:`objective_settings`) may be fixed but never varied (the
+default space leaves them out). Varied, the ranking would favour whatever shrinks the loss, not
+the student: a smaller weight, no feature term.
 """
 
 from __future__ import annotations
@@ -16,8 +22,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from resdistill.config import STAGE_DISTILL, STAGE_SUPERVISED, STAGE_TEACHER, TrainConfig
+from resdistill.config import (
+    STAGE_DISTILL,
+    STAGE_SUPERVISED,
+    STAGE_TEACHER,
+    TrainConfig,
+    tunable,
+)
 from resdistill.errors import UsageError
+from resdistill.train.selection import resolve_rule
 from resdistill.tune.config import TuneConfig
 from resdistill.tune.stage import apply_hparams, canonical, settings
 
@@ -191,14 +204,26 @@ def load_space_file(path: str) -> dict[str, Any]:
     return dict(doc)
 
 
+def objective_settings() -> frozenset[str]:
+    """The settings that define the distillation loss itself (temperature and the terms'
+    weights): the tunable settings only distillation has."""
+    return frozenset(tunable(STAGE_DISTILL)) - frozenset(tunable(STAGE_SUPERVISED))
+
+
 def build_space(cfg: TuneConfig, stage: str | None = None) -> dict[str, Domain]:
     """The search space for ``stage`` (default: the trials'): its default space (unless
     ``--no-default-space``), then ``--space-file``, then ``--space``; each later entry replaces an
     earlier one of its name. Raises :class:`UsageError` for a name the stage cannot tune, a
-    malformed domain, two names of one setting (``mag`` and ``student_mag``) or an empty space."""
+    malformed domain, two names of one setting (``mag`` and ``student_mag``), an empty space, or
+    an :func:`objective_settings` entry varied while trials rank by ``val_distill_loss`` (see the
+    module docstring; the default space then leaves those out)."""
     stage = stage or cfg.stage
     allowed = settings(stage)
-    raw: dict[str, Any] = dict(DEFAULT_SPACE[stage]) if cfg.default_space else {}
+    by_loss = stage == STAGE_DISTILL and resolve_rule(cfg.train) == "distill-loss"
+    fixed_objective = objective_settings() if by_loss else frozenset()
+    raw: dict[str, Any] = {}
+    if cfg.default_space:
+        raw = {k: v for k, v in DEFAULT_SPACE[stage].items() if k not in fixed_objective}
     if cfg.space_file:
         raw.update(load_space_file(cfg.space_file))
     for text in cfg.space:
@@ -215,6 +240,17 @@ def build_space(cfg: TuneConfig, stage: str | None = None) -> dict[str, Domain]:
         other = seen.setdefault(canonical(name), name)
         if other != name:
             raise UsageError(f"search space: {other!r} and {name!r} name the same setting")
+    varied = [
+        name
+        for name, dom in space.items()
+        if name in fixed_objective and len(set(dom.candidates())) > 1
+    ]
+    if varied:
+        raise UsageError(
+            f"search space {', '.join(map(repr, varied))}: val_distill_loss (--select "
+            "distill-loss, label-free) only compares trials with the same distillation loss: fix "
+            "it (NAME=VALUE) or rank by labels with --select metric"
+        )
     if not space:
         raise UsageError("the search space is empty: pass --space NAME=DOMAIN")
     return space
