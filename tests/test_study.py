@@ -174,6 +174,32 @@ def test_grid_cells() -> None:
     cell = Cell("distilled", "2p5x", 0.1, 1, 0.5)
     assert grid.teacher_of(cell) == Cell("teacher", "10x", 0.1, 1)
     assert grid.teacher_of(Cell("distilled", "2p5x", 1.0, 1, 0.5)) is None
+    assert grid.teacher_of(Cell("baseline", "2p5x", 1.0, 1)) is None
+
+
+def test_grid_controls_share_teachers_and_arms_share_recipes() -> None:
+    grid = Grid("10x", ("2p5x",), (1.0, 0.1), (0.0, 1.0), (0, 1, 2),
+                controls=("same-res", "self-training"))  # fmt: skip
+    kinds = [c.kind for c in grid.cells()]
+    for kind in ("same-res-teacher", "same-res-distilled", "self-training"):
+        assert kinds.count(kind) == 2 * 3  # fractions x seeds, at one share
+    assert {c.unlabelled_share for c in grid.cells() if c.kind == "self-training"} == {1.0}
+    # self-training learns from the baseline cell of its labels and seed: no new teacher
+    st = Cell("self-training", "2p5x", 0.1, 2, 1.0)
+    assert grid.teacher_of(st) == Cell("baseline", "2p5x", 0.1, 2)
+    sr = Cell("same-res-distilled", "2p5x", 0.1, 2, 1.0)
+    assert grid.teacher_of(sr) == Cell("same-res-teacher", "2p5x", 0.1, 2)
+    # six arms per fraction, each tuned with the same number of trials, never a reported seed
+    arms = grid.arms()
+    assert len(arms) == 6 * 2 and len({a.id for a in arms}) == len(arms)
+    trials = [grid.trial_cells(a, 3) for a in arms]
+    assert {len(t) for t in trials} == {3}
+    assert all(c.seed not in grid.seeds and c.id not in {x.id for x in grid.cells()}
+               for t in trials for c in t)  # fmt: skip
+    # a distilling arm is tuned at the largest share, on the first seed's teacher
+    (d0, *_) = grid.trial_cells(next(a for a in arms if a.kind == "distilled"), 3)
+    assert d0.unlabelled_share == 1.0 and grid.teacher_of(d0).seed == 0
+    assert Grid("10x", ("2p5x",)).kinds == ("teacher", "baseline", "distilled")
 
 
 def test_unlabelled_share_keeps_the_labelled_slides_and_nests() -> None:
@@ -196,10 +222,12 @@ def test_study_options_from_flags_yaml_and_python(tmp_path: Path) -> None:
     """The flags, a --config file and StudyConfig agree; the training overrides are the
     training commands' flags, nested as the TrainConfig."""
     argv = ["--teacher", "ckpt1", "--teacher", "0.1=ckpt0.1", "--label-fractions", "1,0.5",
+            "--trials", "1", "--controls", "self-training",
             "--student-args", "--temperature 2 --no-flips --jitter 0.1,0.1,0.1,0"]  # fmt: skip
     from_cli = parse(study.SPEC, argv)
     expected = StudyConfig(
-        teacher=("ckpt1", "0.1=ckpt0.1"), label_fractions=(1.0, 0.5),
+        teacher=("ckpt1", "0.1=ckpt0.1"), label_fractions=(1.0, 0.5), trials=1,
+        controls=("self-training",),
         student_args={"loss": {"temperature": 2.0},
                       "data": {"flips": False, "jitter": (0.1, 0.1, 0.1, 0.0)}},
     )  # fmt: skip
@@ -213,12 +241,22 @@ def test_study_options_from_flags_yaml_and_python(tmp_path: Path) -> None:
     assert (from_yaml.grid_seeds, from_yaml.shares) == (1, (0.0, 1.0))  # --quick's
     assert parse(study.SPEC, ["--config", str(file)]).student_args == {"loss": {"temperature": 3.0}}
     assert (StudyConfig().grid_seeds, StudyConfig().shares) == (3, (0.0, 0.25, 0.5, 1.0))
+    assert (StudyConfig().recipe_trials, from_yaml.recipe_trials) == (4, 1)  # --quick: no search
+    assert StudyConfig().controls == ("same-res", "self-training")
+    assert parse(study.SPEC, ["--controls", "none"]).controls == ()
     for bad, words in (({"label_fractions": (0.0,)}, "--label-fractions 0 is not in (0, 1]"),
                        ({"seeds": 0}, "--seeds must be at least 1"),
                        ({"data": "/ds", "cohort": "sites"}, "--cohort picks"),
                        ({"student_args": "--bogus 1"}, "--student-args: unknown option"),
                        ({"teacher_args": "--jitter 0.5,0.5,0.5,0.2,1"}, "1 to 4 numbers"),
-                       ({"student_args": {"loss": {"temprature": 2}}}, "temprature")):  # fmt: skip
+                       ({"student_args": {"loss": {"temprature": 2}}}, "temprature"),
+                       ({"trials": 0}, "--trials must be at least 1"),
+                       ({"controls": ("same-mag",)}, "--controls 'same-mag' is not one of"),
+                       # a searched setting fixed for one arm would make the contest unequal
+                       ({"student_args": "--jitter 0.2,0.2,0.2,0.05"},
+                        "--student-args sets jitter, which --trials searches"),
+                       ({"teacher_args": "--lr 0.01", "trials": 2},
+                        "--teacher-args sets lr, which --trials searches")):  # fmt: skip
         with pytest.raises(ConfigError, match=re.escape(words)):
             StudyConfig(**bad)
     assert train_options("--compile --no-teacher-eval --hed-jitter=0.05") == {
@@ -236,7 +274,7 @@ def test_cells_are_the_training_commands_configs(
     options, the study's overrides last (built directly, no command line in between)."""
     data, storage = str(tiny_dataset), str(tmp_path / "runs")
     cfg = StudyConfig(data=data, arch="resnet18", batch_size=8, epochs=2, student_epochs=3,
-                      teacher_args="--jitter 0.5,0.5,0.5,0.2",
+                      teacher_args="--jitter 0.5,0.5,0.5,0.2", trials=1,
                       student_args="--temperature 2 --steps-per-epoch 2")  # fmt: skip
     opts = CellOptions(data, storage, teacher_steps=5, student_steps=7)
     common = ["--data", data, "--storage", storage, "--arch", "resnet18", "--batch-size", "8",
@@ -260,6 +298,21 @@ def test_cells_are_the_training_commands_configs(
         *student, "--name", f"x-{d.id}", "--teacher", trained_teacher, "--no-teacher-eval",
         "--label-fraction", "0.5", "--unlabelled-share", "0.5"]))  # fmt: skip
     assert distilled.loss.temperature == 2.0 and distilled.plan.steps_per_epoch == 2
+    # the same-resolution teacher is trained as the teacher is, at the student's magnification
+    sr = Cell("same-res-teacher", "5x", 0.5, 1)
+    assert cell_config(sr, cfg, opts, "x") == prepare(parse(teacher.SPEC, [
+        *common, "--name", f"x-{sr.id}", "--seed", "1", "--mag", "5x", "--epochs", "2",
+        "--label-fraction", "0.5", "--steps-per-epoch", "5", "--jitter", "0.5,0.5,0.5,0.2",
+    ]))  # fmt: skip
+    # self-training: distillation machinery, the KD term alone; the recipe before the overrides
+    st = Cell("self-training", "5x", 0.5, 0, 1.0)
+    recipe = {"optim": {"lr": 0.002}, "data": {"jitter": [0.2, 0.2, 0.2, 0.05]}}
+    selftrain = cell_config(st, cfg, opts, "x", trained_teacher, recipe)
+    assert selftrain == prepare(parse(distill.SPEC, [
+        *student, "--name", f"x-{st.id}", "--teacher", trained_teacher, "--no-teacher-eval",
+        "--lr", "0.002", "--jitter", "0.2,0.2,0.2,0.05", "--feature-weight", "0",
+        "--attention-weight", "0"]))  # fmt: skip
+    assert selftrain.loss.kd_weight == 1.0 and selftrain.loss.feature_weight == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +331,7 @@ def test_two_cell_study_writes_the_report_and_resumes(
             "--student-mags", "5x", "--label-fractions", "1", "--unlabelled-shares", "0.5",
             "--seeds", "1", "--epochs", "1", "--student-epochs", "1", "--batch-size", "8",
             "--loader-workers", "0", "--student-args", "--shuffle-buffer 16 --steps-per-epoch 2",
-            "--address", ray_cluster]  # fmt: skip
+            "--trials", "1", "--controls", "none", "--address", ray_cluster]  # fmt: skip
     assert cli_main(argv) == 0
     cells = sorted(p.stem for p in (out / "cells").glob("*.json"))
     # the two cells run, and the given teacher scored beside them
@@ -309,7 +362,8 @@ def test_two_cell_study_writes_the_report_and_resumes(
     assert train <= read and len(read & unl) == round(0.5 * len(unl))
     assert config["data"]["unlabelled_share"] == 0.5
     experiments = sorted(p.name for p in (out / "runs").iterdir())
-    assert len(experiments) == 1 and experiments[0].startswith("study-students-")
+    # the baseline in the phase of the arms that learn from labels, the distilled one after
+    assert [e.split("-")[1] for e in experiments] == ["distilled", "supervised"]
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert (
         written["resdistill"]["command"] == "study" and len(written["dataset"]["fingerprint"]) == 16
@@ -322,3 +376,144 @@ def test_two_cell_study_writes_the_report_and_resumes(
     assert cli_main([*argv, "--resume"]) == 0
     assert sorted(p.name for p in (out / "runs").iterdir()) == experiments
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol: equal recipe budgets chosen on validation, the controls, --quick's honesty
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_arm_tries_the_same_recipes_and_keeps_its_best_on_validation() -> None:
+    from resdistill.study.grid import Arm
+    from resdistill.study.protocol import tuning_record
+    from resdistill.study.recipes import SPACE, draw_recipes
+    from resdistill.study.tuning import CellResult, chosen_epoch
+
+    recipes = draw_recipes(4, seed=7)
+    assert recipes == draw_recipes(4, seed=7) and recipes != draw_recipes(4, seed=8)
+    assert recipes[0] == {}  # the arm's own defaults are always a candidate
+    for r in recipes[1:]:
+        assert 3e-4 <= r["optim"]["lr"] <= 3e-3 and 1e-6 <= r["optim"]["weight_decay"] <= 1e-3
+        assert tuple(r["data"]["jitter"]) in SPACE["data.jitter"][1]
+
+    def result(val: dict, metric: str, mode: str) -> CellResult:
+        return CellResult("ckpt", val, "metric" if mode == "max" else "distill-loss", metric, mode)
+
+    # a labelled arm keeps its highest validation metric...
+    sup = [result({"val_macro_f1": v}, "val_macro_f1", "max") for v in (0.7, 0.9, 0.9, 0.8)]
+    doc = tuning_record(Arm("baseline", "2p5x", 0.1), recipes, sup)
+    assert doc["chosen"] == 1 and doc["recipe"] == recipes[1]  # a tie goes to the earlier trial
+    # ...a distilling arm its lowest validation distillation loss; a failed trial never wins
+    kd = [result({"val_distill_loss": v}, "val_distill_loss", "min") for v in (0.5, 0.3, 0.2)]
+    kd.append(CellResult(None, {"val_distill_loss": 0.01}, "distill-loss", "val_distill_loss",
+                         "min"))  # fmt: skip
+    doc = tuning_record(Arm("distilled", "2p5x", 0.1), recipes, kd)
+    assert doc["chosen"] == 2 and doc["trials"][3]["score"] is None
+    assert doc["seed"] == 1000 and doc["rule"]["metric"] == "val_distill_loss"
+    # a run's kept epoch: best by its own rule, ties to the later epoch
+    rows = [{"epoch": 1, "val_distill_loss": 0.4}, {"epoch": 2, "val_distill_loss": 0.3},
+            {"epoch": 3, "val_distill_loss": 0.3}, {"epoch": 4}]  # fmt: skip
+    assert chosen_epoch(rows, "val_distill_loss", "min")["epoch"] == 3
+    assert chosen_epoch(rows, "val_accuracy", "max") is None
+
+
+def test_validation_table_holds_no_test_metric_and_quick_says_smoke_test(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from resdistill.study.protocol import protocol_markdown, validation_rows, write_validation
+
+    cells = [Cell("baseline", "2p5x", 0.1, s) for s in (0, 1)]
+    cells += [Cell("self-training", "2p5x", 0.1, s, 1.0) for s in (0, 1)]
+    records = {c.id: {"cell": asdict(c), "accuracy": {"value": 0.99}, "correct": [1, 1],
+                      "validation": {"val": {"val_accuracy": 0.5 + i / 10}, "select": "metric",
+                                     "metric": "val_macro_f1", "mode": "max",
+                                     "labelled_val_slides": 4},
+                      "recipe": {"optim": {"lr": 0.001}}}
+               for i, c in enumerate(cells)}  # fmt: skip
+    rows = validation_rows(records)
+    assert [(r["kind"], r["seeds"]) for r in rows] == [("baseline", 2), ("self-training", 2)]
+    assert rows[0]["val_accuracy"] == pytest.approx(0.55) and rows[0]["recipe"] == "lr 0.001"
+    header = write_validation(records, tmp_path).read_text().splitlines()[0]
+    columns = {c.strip('"') for c in header.split(",")}
+    assert "val_accuracy" in columns and not {"accuracy", "macro_f1", "correct"} & columns
+    grid = Grid("10x", ("2p5x",), (0.1,), (0.0, 1.0), (0,), controls=("self-training",))
+    quick = protocol_markdown(grid, 1, True, {}, (20, 20))
+    assert quick.startswith("**Smoke test, not evidence (`--quick`)**")
+    assert "No recipe search" in quick and "self-training: teacher-free" in quick
+    full = protocol_markdown(grid, 4, False, {}, (20, 20))
+    assert "Smoke test" not in full and "the same 4 recipes" in full
+    assert "- baseline 2.5x, 10% labelled: its defaults (no search)" in full
+    help_text = study.SPEC.description + StudyConfig.__dataclass_fields__["quick"].metadata["help"]
+    assert "smoke test, not evidence" in help_text and "evidence" not in help_text.replace(
+        "not evidence", ""
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # 15 Ray Train runs
+def test_both_controls_and_equal_tuning_on_the_smallest_grid(
+    ray_cluster: str,
+    tiny_dataset: Path,
+    trained_teacher: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The smallest grid with both controls and a recipe search: every arm tries the same two
+    recipes on its own validation rule, the controls learn from the cells the grid shares
+    (self-training from the baseline), each reported cell records its validation metrics and
+    recipe, and the summary judges the teacher against both controls."""
+    from resdistill.study.recipes import draw_recipes
+
+    out = tmp_path / "study"
+    argv = ["study", "--data", str(tiny_dataset), "--teacher", trained_teacher, "--out", str(out),
+            "--student-mags", "5x", "--label-fractions", "1", "--unlabelled-shares", "1",
+            "--seeds", "1", "--epochs", "1", "--student-epochs", "1", "--batch-size", "8",
+            "--loader-workers", "0", "--trials", "2", "--tune-seed", "3",
+            "--teacher-args", "--shuffle-buffer 16 --steps-per-epoch 2",
+            "--student-args", "--shuffle-buffer 16 --steps-per-epoch 2",
+            "--address", ray_cluster]  # fmt: skip
+    assert cli_main(argv) == 0
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert sorted(records) == [
+        "baseline-5x-l1-s0", "distilled-5x-l1-u1-s0", "same-res-distilled-5x-l1-u1-s0",
+        "same-res-teacher-5x-l1-s0", "self-training-5x-l1-u1-s0", "teacher-10x-l1-s0"]  # fmt: skip
+    recipes = draw_recipes(2, 3)
+    tuning = {p.stem: json.loads(p.read_text()) for p in (out / "tuning").glob("*.json")}
+    assert sorted(tuning) == ["baseline-5x-l1", "distilled-5x-l1", "same-res-distilled-5x-l1",
+                              "same-res-teacher-5x-l1", "self-training-5x-l1"]  # fmt: skip
+    for arm, doc in tuning.items():
+        assert [t["recipe"] for t in doc["trials"]] == recipes  # the same recipes, every arm
+        scores = [t["score"] for t in doc["trials"]]
+        assert doc["chosen"] == max(range(2), key=lambda i: (scores[i], -i)), arm
+        kd = arm.split("-5x")[0] in ("distilled", "same-res-distilled", "self-training")
+        # labelled arms choose on validation labels (counted), distilling arms on none
+        assert doc["rule"]["select"] == ("distill-loss" if kd else "metric"), arm
+        assert (doc["rule"]["labelled_val_slides"] == 0) == kd, arm
+        record = next(r for k, r in records.items() if k.startswith(arm))
+        assert record["recipe"] == doc["recipe"]
+        assert record["validation"]["select"] == doc["rule"]["select"]
+        metric = doc["rule"]["metric"]
+        assert isinstance(record["validation"]["val"][metric], float)
+    # the controls' teachers are the grid's own cells
+    config = load_checkpoint(records["self-training-5x-l1-u1-s0"]["checkpoint"], TRAINER_FILE)
+    teacher_dir = Path(config["config"]["teacher"]["checkpoint"])
+    assert teacher_dir == Path(records["baseline-5x-l1-s0"]["checkpoint"])
+    assert config["config"]["loss"]["feature_weight"] == 0.0
+    config = load_checkpoint(records["same-res-distilled-5x-l1-u1-s0"]["checkpoint"], TRAINER_FILE)
+    assert Path(config["config"]["teacher"]["checkpoint"]) == Path(
+        records["same-res-teacher-5x-l1-s0"]["checkpoint"]
+    )
+    assert config["config"]["teacher"]["mag"] == "5x"
+    summary = (out / "summary.md").read_text()
+    assert "## Protocol" in summary and "the same 2 recipes" in summary
+    assert "4. **the high-magnification teacher beats the controls: " in summary
+    for control in ("same-res-distilled", "self-training"):
+        assert f"vs {control}: " in summary and f"distilled - {control} " in summary
+    # each teacher's outputs stored once: the given one, the same-res teacher, the baseline
+    assert len([p for p in (out / "targets").iterdir() if (p / "targets.json").exists()]) == 3
+    validation = (out / "validation.csv").read_text().splitlines()
+    assert "val_accuracy" in validation[0] and len(validation) == 1 + 6
+    # resumed: the tuning and the cells are kept, nothing trains again
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 4  # tuning and cells, per phase
+    assert cli_main([*argv, "--resume"]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == runs

@@ -5,13 +5,20 @@ options: the same fields, defaults, stage presets and checks).
 Every student cell of a magnification takes the same number of optimiser steps per epoch, that
 of reading every training sample once (``train`` and ``unlabeled``): a smaller label fraction or
 unlabelled share cycles fewer slides for as long, so only the data differs between cells, not the
-compute. Teachers take ``train``'s steps whatever their label fraction (as the demo does).
-The study's ``teacher_args`` / ``student_args`` overrides come last and win.
+compute. Teachers, the same-resolution one included, take ``train``'s steps whatever their label
+fraction (as the demo does).
+
+Overrides, in order: the arm's recipe (:mod:`resdistill.study.recipes`), then the study's
+``teacher_args`` (teachers) / ``student_args`` (every other cell), which the config refuses to
+set on a searched setting. Last, what defines a control: self-training learns the KD term
+alone (soft pseudo-labels, no feature or attention term; :mod:`resdistill.study.grid`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from resdistill.config import (
     STAGE_DISTILL,
@@ -25,8 +32,17 @@ from resdistill.config import (
     TrainConfig,
 )
 from resdistill.study.config import StudyConfig
-from resdistill.study.grid import KIND_BASELINE, KIND_TEACHER, Cell
+from resdistill.study.grid import (
+    KIND_BASELINE,
+    KIND_SAME_RES_TEACHER,
+    KIND_SELF_TRAINING,
+    KIND_TEACHER,
+    Cell,
+)
 from resdistill.study.overrides import apply_overrides
+
+#: what makes a distillation run self-training: the KD term alone (soft pseudo-labels)
+SELF_TRAINING_LOSS = {"loss": {"feature_weight": 0.0, "attention_weight": 0.0}}
 
 
 @dataclass(frozen=True)
@@ -46,10 +62,20 @@ def cell_config(
     opts: CellOptions,
     experiment: str,
     teacher_checkpoint: str | None = None,
+    recipe: Mapping[str, Any] | None = None,
+    targets: str | None = None,
 ) -> TrainConfig:
-    """The planned config of ``cell`` (:func:`resdistill.train.preflight.prepare`); distilled cells
-    need their teacher's checkpoint. Raises the configs' :class:`UsageError` on bad options."""
+    """The planned config of ``cell`` (:func:`resdistill.train.preflight.prepare`) with its arm's
+    ``recipe``; the cells that distil need their teacher's checkpoint, and read its stored
+    ``targets`` when given (:mod:`resdistill.study.shared_targets`). Raises the configs'
+    :class:`UsageError` on bad options."""
     from resdistill.train.preflight import prepare
+
+    def finish(cfg: TrainConfig, args: Mapping[str, Any] | None) -> TrainConfig:
+        cfg = apply_overrides(apply_overrides(cfg, recipe), args)
+        if cell.kind == KIND_SELF_TRAINING:
+            cfg = apply_overrides(cfg, SELF_TRAINING_LOSS)
+        return prepare(cfg)
 
     data = DataConfig(url=opts.data, batch_size=study.batch_size,
                       loader_workers=study.loader_workers)  # fmt: skip
@@ -57,25 +83,26 @@ def cell_config(
     run = RunOptions(name=f"{experiment}-{cell.id}", storage=opts.storage, workers=1,
                      cpus_per_worker=study.cpus_per_worker)  # fmt: skip
     fraction = {"label_fraction": cell.label_fraction}
-    if cell.kind == KIND_TEACHER:
+    if cell.kind in (KIND_TEACHER, KIND_SAME_RES_TEACHER):
         cfg = TrainConfig(
             STAGE_TEACHER, replace(data, steps_per_epoch=opts.teacher_steps, **fraction), model,
             OptimConfig(epochs=study.epochs, seed=cell.seed), run=run,
         )  # fmt: skip
-        return prepare(apply_overrides(cfg, study.teacher_args))
+        return finish(cfg, study.teacher_args)
     data = replace(data, steps_per_epoch=opts.student_steps)
     optim = OptimConfig(epochs=study.student_epochs, seed=cell.seed)
     if cell.kind == KIND_BASELINE:
         cfg = TrainConfig(STAGE_SUPERVISED, replace(data, **fraction), model, optim, run=run)
-        return prepare(apply_overrides(cfg, study.student_args))
+        return finish(cfg, study.student_args)
     if teacher_checkpoint is None:
         raise ValueError(f"{cell.id}: a distilled cell needs its teacher's checkpoint")
     share = 1.0 if cell.unlabelled_share is None else cell.unlabelled_share
     if share < 1:  # the teacher's labelled slides stay; a share of the others is added
         data = replace(data, unlabelled_share=share, **fraction)
     teacher = TeacherRef(checkpoint=teacher_checkpoint, evaluate=False)
+    data = replace(data, targets=targets)
     cfg = TrainConfig(STAGE_DISTILL, data, model, optim, run=run, teacher=teacher)
-    return prepare(apply_overrides(cfg, study.student_args))
+    return finish(cfg, study.student_args)
 
 
 def split_samples(data: str, splits: tuple[str, ...], labelled_only: bool = False) -> int:

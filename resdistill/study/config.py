@@ -1,6 +1,11 @@
 """Typed options of ``resdistill study``: the dataset and teachers, the grid, what every cell
 trains with, and where the study runs.
 
+``trials`` and ``controls`` set the protocol (:mod:`resdistill.study.recipes`,
+:mod:`resdistill.study.grid`): every arm tries the same ``trials`` recipes and keeps the one its
+own validation rule prefers; the controls add a same-resolution teacher and teacher-free
+self-training.
+
 ``teacher_args`` / ``student_args`` are overrides of the cells' :class:`TrainConfig`, nested as
 the config (``{"data": {"jitter": [0.5, 0.5, 0.5, 0.2]}}``); on the command line they are
 written with the training commands' flags (``--teacher-args '--jitter 0.5,0.5,0.5,0.2'``) and
@@ -21,8 +26,9 @@ from resdistill.config import (
     STAGE_TEACHER,
 )
 from resdistill.fields import ConfigError, check, check_choice, opt
-from resdistill.study.grid import LABEL_FRACTIONS, SEEDS, UNLABELLED_SHARES
+from resdistill.study.grid import CONTROLS, LABEL_FRACTIONS, SEEDS, UNLABELLED_SHARES
 from resdistill.study.overrides import check_overrides, train_options
+from resdistill.study.recipes import DEFAULT_TRIALS, searched
 
 #: the unlabelled shares of ``--quick``
 QUICK_SHARES = (0.0, 1.0)
@@ -30,6 +36,12 @@ QUICK_SHARES = (0.0, 1.0)
 
 def _listed(values: tuple[float, ...]) -> str:
     return ",".join(f"{v:g}" for v in values)
+
+
+def parse_controls(text: str) -> tuple[str, ...]:
+    """``"same-res,self-training"`` -> a tuple; ``"none"`` (or empty) -> ``()``."""
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    return () if names == ("none",) else names
 
 
 @dataclass(frozen=True)
@@ -58,20 +70,32 @@ class StudyConfig:
         metavar="S,S")  # fmt: skip
     seeds: int | None = opt(None, f"seeds per cell (default: {SEEDS}; 1 with --quick)")
     quick: bool = opt(
-        False, "one student magnification (16x fewer FLOPs), one seed, unlabelled shares "
-        f"{_listed(QUICK_SHARES)}; the full schedules, so its verdicts are evidence")  # fmt: skip
+        False, "a smoke test, not evidence: one student magnification (16x fewer FLOPs), one "
+        f"seed, unlabelled shares {_listed(QUICK_SHARES)}, no recipe search (one trial); its "
+        "verdicts show the pipeline runs, not whether a claim holds")  # fmt: skip
+    trials: int | None = opt(
+        None, "recipes every arm (teacher, baseline, distilled, each control) tries on its "
+        "validation rule before its cells run: the same recipes for every arm, the first its "
+        f"defaults (default: {DEFAULT_TRIALS}; 1 with --quick: no search)")  # fmt: skip
+    tune_seed: int = opt(0, "seed of the recipes the arms try")
+    controls: tuple[str, ...] = opt(
+        tuple(CONTROLS), "comma list of controls, or none: same-res (a teacher at the "
+        "student's magnification, distilled alike), self-training (the baseline pseudo-labels "
+        "the unlabelled slides for a fresh student)", parse=parse_controls,
+        metavar="C,C|none")  # fmt: skip
     arch: str = opt("resnet-small", "teachers' and students' network", choices=ARCH_CHOICES)
     epochs: int = opt(DEFAULT_EPOCHS, "teachers' epochs")
     student_epochs: int = opt(DEFAULT_EPOCHS, "students' epochs")
     batch_size: int = opt(32, "batch size of every cell")
     loader_workers: int = opt(1, "DataLoader processes per run")
     teacher_args: Mapping[str, Any] | None = opt(
-        None, "more options of `resdistill teacher` for the teacher cells, which win over the "
-        "study's (e.g. '--jitter 0.5,0.5,0.5,0.2')", parse=train_options,
-        metavar="OPTIONS")  # fmt: skip
+        None, "more options of `resdistill teacher` for the teacher cells (the same-resolution "
+        "ones too), which win over the study's but may not set what --trials searches (e.g. "
+        "'--label-smoothing 0.1')", parse=train_options, metavar="OPTIONS")  # fmt: skip
     student_args: Mapping[str, Any] | None = opt(
-        None, "more options of `resdistill distill` for the student cells, which win over the "
-        "study's (e.g. '--temperature 4')", parse=train_options, metavar="OPTIONS")  # fmt: skip
+        None, "more options of `resdistill distill` for every other cell, which win over the "
+        "study's but may not set what --trials searches (e.g. '--temperature 4')",
+        parse=train_options, metavar="OPTIONS")  # fmt: skip
     seed: int = opt(0, "seed of the synthetic cohort")
     cohort: str = opt(
         "default", "without --data: the embedded cohort's kind, as `resdistill synth --cohort` "
@@ -101,6 +125,10 @@ class StudyConfig:
         for v in self.unlabelled_shares or ():
             check(0 <= v <= 1, "--unlabelled-shares", f"{v:g} is not in [0, 1]")
         check(self.seeds is None or self.seeds >= 1, "--seeds", "must be at least 1")
+        check(self.trials is None or self.trials >= 1, "--trials", "must be at least 1")
+        object.__setattr__(self, "controls", tuple(self.controls))  # a YAML list
+        for c in self.controls:
+            check(c in CONTROLS, "--controls", f"{c!r} is not one of {', '.join(CONTROLS)}, none")
         check_choice(StudyConfig, self, "device")
         check(not self.data or self.cohort == "default", "--cohort",
               "picks the embedded synthetic cohort: drop it with --data")  # fmt: skip
@@ -120,11 +148,19 @@ class StudyConfig:
                     raise ConfigError(f"{flag}: {exc}") from None
                 object.__setattr__(self, name, value)
             check_overrides(value, stage, flag)
+            fixed = searched(value) if self.recipe_trials > 1 else []
+            check(not fixed, flag, f"sets {', '.join(p.split('.')[1] for p in fixed)}, which "
+                  "--trials searches for every arm alike: drop it, or pass --trials 1")  # fmt: skip
 
     @property
     def grid_seeds(self) -> int:
         """Seeds per cell: ``seeds``, else 1 with ``quick``, else the paper's."""
         return self.seeds if self.seeds is not None else 1 if self.quick else SEEDS
+
+    @property
+    def recipe_trials(self) -> int:
+        """Recipes per arm: ``trials``, else 1 with ``quick``, else the default."""
+        return self.trials if self.trials is not None else 1 if self.quick else DEFAULT_TRIALS
 
     @property
     def shares(self) -> tuple[float, ...]:

@@ -1,12 +1,12 @@
 """The study's two figures, from the report's rows (:class:`resdistill.study.results_table.Row`).
 
 * ``accuracy_vs_flops.png``: test accuracy against FLOPs per tile (log axis), one panel per
-  label fraction: the teacher, and per student magnification the baseline and the distilled
-  student (every unlabelled slide), error bars the 95% slide-bootstrap intervals of the mean over
-  seeds, each point named by its magnification.
+  label fraction: the teacher, and per student magnification the baseline, the distilled
+  student (every unlabelled slide) and the controls, error bars the 95% two-level bootstrap
+  intervals of the mean over seeds, each point named by its magnification.
 * ``accuracy_vs_unlabeled.png``: the distilled student's accuracy against the share of unlabelled
   slides it read, one line per magnification and label fraction, the baseline of the same
-  magnification and labels dashed.
+  magnification and labels dashed, the controls as single points at the share they read.
 """
 
 from __future__ import annotations
@@ -14,6 +14,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+#: kind -> (colour, marker); the controls after the arms they control
+STYLES = {
+    "teacher": ("k", "s"),
+    "same-res-teacher": ("tab:gray", "s"),
+    "baseline": ("tab:blue", "o"),
+    "distilled": ("tab:orange", "^"),
+    "same-res-distilled": ("tab:green", "v"),
+    "self-training": ("tab:purple", "D"),
+}
+
+
+def _has_shares(kind: str) -> bool:
+    """Whether ``kind`` has an unlabelled-share axis (several rows per magnification)."""
+    return kind in ("distilled", "same-res-distilled", "self-training")
 
 
 def _err(rows: Sequence[Any]) -> list[list[float]]:
@@ -35,15 +50,10 @@ def plot_flops(rows: Sequence[Any], path: Path) -> None:
     fractions = sorted({r.label_fraction for r in rows}, reverse=True)
     fig = Figure(figsize=(5.5 * len(fractions), 4.2))
     axes = fig.subplots(1, len(fractions), squeeze=False)[0]
-    styles = {
-        "teacher": ("k", "s"),
-        "baseline": ("tab:blue", "o"),
-        "distilled": ("tab:orange", "^"),
-    }
     for ax, fraction in zip(axes, fractions, strict=True):
-        for kind, (colour, marker) in styles.items():
+        for kind, (colour, marker) in STYLES.items():
             picked = [r for r in rows if r.kind == kind and r.label_fraction == fraction]
-            if kind == "distilled":  # every unlabelled slide: the claims' point
+            if _has_shares(kind):  # every unlabelled slide: the claims' point
                 top = {}
                 for r in picked:
                     if r.mag not in top or (r.unlabelled_share or 0) > (
@@ -62,7 +72,7 @@ def plot_flops(rows: Sequence[Any], path: Path) -> None:
                             xytext=(4, 4), fontsize=8)  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("FLOPs per tile")
-        ax.set_ylabel("test accuracy (mean over seeds, 95% slide CI)")
+        ax.set_ylabel("test accuracy (mean over seeds, 95% CI)")
         ax.set_title(f"{100 * fraction:g}% of the training slides labelled")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
@@ -92,8 +102,16 @@ def plot_unlabelled(rows: Sequence[Any], path: Path) -> None:
         if base:
             ax.axhline(base[0].accuracy, color=colour, linestyle="--", alpha=0.7,
                        label=f"baseline {mag}, {100 * fraction:g}% labelled")  # fmt: skip
+        for kind in ("same-res-distilled", "self-training"):
+            ctl = [r for r in rows if r.kind == kind and r.mag == mag
+                   and r.label_fraction == fraction]  # fmt: skip
+            if ctl:
+                ax.errorbar([100 * (r.unlabelled_share or 0) for r in ctl],
+                            [r.accuracy for r in ctl], yerr=_err(ctl), color=colour,
+                            marker=STYLES[kind][1], linestyle="none", capsize=3,
+                            label=f"{kind} {mag}, {100 * fraction:g}% labelled")  # fmt: skip
     ax.set_xlabel("unlabelled training slides used by distillation (%)")
-    ax.set_ylabel("test accuracy (mean over seeds, 95% slide CI)")
+    ax.set_ylabel("test accuracy (mean over seeds, 95% CI)")
     ax.set_title("accuracy vs unlabelled data")
     ax.grid(alpha=0.3)
     if curves:

@@ -1,7 +1,13 @@
-"""The study's driver: dataset (given, or the embedded synthetic cohort), grid, the teachers'
-phase, the students' phase, evaluation, report. A cell with a record in ``<out>/cells`` is done;
-``resume`` reruns only the others (and rewrites the report from every record). The resolved
-options are written to ``<out>/config.yaml`` with the dataset's fingerprint.
+"""The study's driver: dataset (given, or the embedded synthetic cohort), grid, then two phases,
+each a tuning step and its cells: the arms that learn from labels (teachers, baselines, the
+same-resolution teachers), then the arms that distil (distilled students and the controls, whose
+teachers the first phase trained). In each phase every arm first runs its tuning trials (the same
+recipes for every arm, :mod:`resdistill.study.recipes`) and keeps the recipe its validation rule
+prefers, then its cells train with it at every seed; each cell is scored on the test split once,
+after it was chosen. Then ``validation.csv`` and the report. A cell with a record in
+``<out>/cells`` is done and an arm with a record in ``<out>/tuning`` is tuned: ``resume`` reruns
+only the rest (and rewrites the report from every record). The resolved options are written to
+``<out>/config.yaml`` with the dataset's fingerprint.
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ from typing import Any
 from resdistill.errors import UsageError
 from resdistill.study.config import StudyConfig
 from resdistill.study.grid import (
+    KD_KINDS,
     KIND_DISTILLED,
     KIND_TEACHER,
     LABEL_FRACTIONS,
+    SUPERVISED_KINDS,
+    Arm,
     Cell,
     Grid,
     student_mags_below,
 )
+from resdistill.study.records import cell_of, load_records
 
 #: the embedded cohort: 32 synthetic 20x slides, a quarter without a label (the unlabelled pool),
 #: sharded at the teacher's 10x and students 4x/16x/64x cheaper (5x, 2.5x, 1.25x)
@@ -109,22 +119,66 @@ def build_grid(cfg: StudyConfig, info: Any) -> Grid:
     if cfg.quick and not cfg.student_mags:
         mags = (min(mags, key=lambda m: abs(top / Magnification.parse(m).power - QUICK_RATIO)),)
     return Grid(teacher_mag, mags, fractions, shares, tuple(range(cfg.grid_seeds)),
-                _given_teachers(cfg.teacher))  # fmt: skip
+                _given_teachers(cfg.teacher), cfg.controls)  # fmt: skip
 
 
 def _evaluate(
-    cells: dict[str, Cell], ckpts: dict[str, str | None], cfg: StudyConfig,
+    cells: dict[str, Cell], results: dict[str, Any], recipes: dict[str, Any], cfg: StudyConfig,
     data: str, out: Path, console: Any,
 ) -> None:  # fmt: skip
+    """Score each cell's chosen checkpoint on the test split once and write its record, with
+    the validation metrics that chose it and its recipe. ``results``: cell id -> checkpoint URL
+    (a given teacher) or :class:`~resdistill.study.tuning.CellResult`."""
     from resdistill.study.records import evaluation_records, write_record
 
+    ckpts = {k: r if isinstance(r, str) else r.checkpoint for k, r in results.items()}
     good = {k: v for k, v in ckpts.items() if v}
     for k in sorted(set(ckpts) - set(good)):
         console.print(f"[red]cell {k} left no checkpoint: rerun with --resume[/]")
     if good:
         console.print(f"evaluating {len(good)} cell(s) on the test split")
     for record in evaluation_records(cells, good, data, loader_workers=cfg.loader_workers):
+        cid = cell_of(record).id
+        result = results[cid]
+        record["validation"] = {} if isinstance(result, str) else result.to_dict()
+        record["recipe"] = recipes.get(cid)
         write_record(out, record)
+
+
+def _teacher_ckpt(cell: Cell, grid: Grid, records: dict[str, Any]) -> str | None:
+    """The checkpoint that teaches ``cell`` (a given teacher, or its teacher cell's record);
+    None when it has none yet."""
+    t = grid.teacher_of(cell)
+    if t is None:
+        return grid.given.get(cell.label_fraction) if cell.kind == KIND_DISTILLED else None
+    return records[t.id]["checkpoint"] if t.id in records else None
+
+
+def _tune(arms: list[Arm], grid: Grid, cfg: StudyConfig, build: Any, run: Any,
+          out: Path, console: Any) -> None:  # fmt: skip
+    """Run the tuning trials of ``arms`` as one experiment; each arm's record to ``out``."""
+    from resdistill.study.protocol import tuning_record, write_tuning
+    from resdistill.study.recipes import draw_recipes
+
+    recipes = draw_recipes(cfg.recipe_trials, cfg.tune_seed)
+    records = load_records(out)
+    configs, plan = {}, {}
+    for arm in arms:
+        trial_cells = grid.trial_cells(arm, len(recipes))
+        teacher = _teacher_ckpt(trial_cells[0], grid, records)
+        if arm.kind in KD_KINDS and teacher is None:
+            console.print(f"[yellow]{arm.id}: its teacher of seed {grid.seeds[0]} failed, "
+                          "not tuned[/]")  # fmt: skip
+            continue
+        plan[arm] = [c.id for c in trial_cells]
+        for cell, recipe in zip(trial_cells, recipes, strict=True):
+            configs[cell.id] = build(cell, teacher, recipe)
+    if not configs:
+        return
+    console.rule(f"[bold]tuning: {len(plan)} arm(s) x {len(recipes)} recipes")
+    results = run(configs, "tune")
+    for arm, ids in plan.items():
+        write_tuning(out, tuning_record(arm, recipes, [results.get(i) for i in ids]))
 
 
 def run_study(cfg: StudyConfig) -> tuple[list[Any], list[Any]]:
@@ -136,8 +190,9 @@ def run_study(cfg: StudyConfig) -> tuple[list[Any], list[Any]]:
     from resdistill.fields import to_plain
     from resdistill.run_config import write_run_config
     from resdistill.study.cells import CellOptions, cell_config, split_samples
-    from resdistill.study.records import load_records
+    from resdistill.study.protocol import load_tuning, protocol_markdown, write_validation
     from resdistill.study.results_table import write_report
+    from resdistill.study.shared_targets import share_targets
     from resdistill.study.tuning import TrialOptions, run_cells
     from resdistill.train.runner import run_url
     from sharding.magnification import display_mag
@@ -172,35 +227,58 @@ def run_study(cfg: StudyConfig) -> tuple[list[Any], list[Any]]:
     console.print(
         f"[bold]study[/] on {info.url}: teacher {display_mag(grid.teacher_mag)}, students "
         f"{', '.join(map(display_mag, grid.student_mags))}, label fractions {grid.label_fractions}, unlabelled "
-        f"shares {grid.unlabelled_shares}, seeds {list(grid.seeds)}: {len(grid.cells())} cells, "
+        f"shares {grid.unlabelled_shares}, seeds {list(grid.seeds)}, controls "
+        f"{', '.join(grid.controls) or 'none'}, {cfg.recipe_trials} recipe(s) per arm: "
+        f"{len(grid.cells())} cells, "
         f"{len(grid.cells()) - len(todo)} done, {len(todo)} to run -> {run_url(storage, cfg.name)}",
         soft_wrap=True,
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    built: dict[str, tuple[Cell, str | None, Any]] = {}
+
+    def build(cell: Cell, teacher: str | None, recipe: Any) -> Any:
+        built[cell.id] = (cell, teacher, recipe)
+        return cell_config(cell, cfg, opts, cfg.name, teacher, recipe)
+
+    def rebuild(cid: str, targets: str) -> Any:  # the same run on its teacher's stored outputs
+        cell, teacher, recipe = built[cid]
+        return cell_config(cell, cfg, opts, cfg.name, teacher, recipe, targets)
+
+    def run(configs: dict[str, Any], what: str) -> dict[str, Any]:
+        configs = share_targets(configs, out, rebuild, cfg.address, console)
+        return run_cells(configs, f"{cfg.name}-{what}-{stamp}", trials, console)
+
     given = {f: Cell(KIND_TEACHER, grid.teacher_mag, f, 0) for f in grid.given}
     new_given = {c.id: c for c in given.values() if c.id not in records}
     if new_given:  # a given teacher is scored like a trained one
         _evaluate(new_given, {k: grid.given[c.label_fraction] for k, c in new_given.items()},
-                  cfg, info.url, out, console)  # fmt: skip
-    for phase in ("teachers", "students"):
-        cells = {c.id: c for c in todo if (c.kind == KIND_TEACHER) == (phase == "teachers")}
+                  {}, cfg, info.url, out, console)  # fmt: skip
+    for phase, kinds in (("supervised", SUPERVISED_KINDS), ("distilled", KD_KINDS)):
+        tuned = load_tuning(out)
+        if cfg.recipe_trials > 1:
+            _tune([a for a in grid.arms() if a.kind in kinds and a.id not in tuned], grid, cfg,
+                  build, lambda c, w, p=phase: run(c, f"{w}-{p}"), out, console)  # fmt: skip
+            tuned = load_tuning(out)
+        cells = {c.id: c for c in todo if c.kind in kinds}
         if not cells:
             continue
         records = load_records(out)
-        configs = {}
+        configs, recipes = {}, {}
         for cid, cell in cells.items():
-            teacher = None
-            if cell.kind == KIND_DISTILLED:
+            teacher = _teacher_ckpt(cell, grid, records)
+            if cell.kind in KD_KINDS and teacher is None:
                 t = grid.teacher_of(cell)
-                teacher = grid.given[cell.label_fraction] if t is None else (
-                    records[t.id]["checkpoint"] if t.id in records else None)  # fmt: skip
-                if teacher is None:
-                    console.print(f"[yellow]{cid}: its teacher {t and t.id} failed, skipped[/]")
-                    continue
-            configs[cid] = cell_config(cell, cfg, opts, cfg.name, teacher)
+                console.print(f"[yellow]{cid}: its teacher {t.id if t else '(given)'} failed, "
+                              "skipped[/]")  # fmt: skip
+                continue
+            recipe = (tuned.get(cell.arm.id) or {}).get("recipe") if cfg.recipe_trials > 1 else {}
+            if recipe is None:
+                console.print(f"[yellow]{cid}: no tuning trial of its arm finished, skipped[/]")
+                continue
+            configs[cid], recipes[cid] = build(cell, teacher, recipe), recipe
         console.rule(f"[bold]{phase}: {len(configs)} cell(s)")
-        ckpts = run_cells(configs, f"{cfg.name}-{phase}-{stamp}", trials, console)
-        _evaluate(cells, ckpts, cfg, info.url, out, console)
+        _evaluate(cells, run(configs, phase), recipes, cfg, info.url, out, console)
     records = load_records(out)
     missing = [c.id for c in grid.cells() if c.id not in records]
     minutes = (time.monotonic() - started) / 60
@@ -208,7 +286,10 @@ def run_study(cfg: StudyConfig) -> tuple[list[Any], list[Any]]:
               f"{minutes:.1f} min this run; run storage {run_url(storage, cfg.name)}.")  # fmt: skip
     if missing:
         header += f" Missing cells (rerun with --resume): {', '.join(missing)}."
-    rows, claims = write_report(records, out, header, console)
+    protocol = protocol_markdown(grid, cfg.recipe_trials, cfg.quick, load_tuning(out),
+                                 (cfg.epochs, cfg.student_epochs))  # fmt: skip
+    write_validation(records, out)
+    rows, claims = write_report(records, out, f"{header}\n\n{protocol}", console)
     console.print(f"study report in {out} ({minutes:.1f} min)")
     return rows, claims
 

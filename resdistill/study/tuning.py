@@ -4,8 +4,15 @@ Train V2 refuses ``Tuner(trainer)``, so, as ``resdistill tune`` does, each trial
 (:func:`cell_trial`) that runs its cell's config through :func:`resdistill.tune.trial.
 run_in_trial` (a ``TorchTrainer`` whose epochs and checkpoints it forwards to Tune). The grid is
 ``{"cell": tune.grid_search(cell ids)}``; the configs travel with the trainable
-(``tune.with_parameters``). Results and the best checkpoint of each trial (by the run's metric)
-live in ``<storage>/<experiment>``, the Train runs in ``<storage>/<experiment>/_train``.
+(``tune.with_parameters``). Results live in ``<storage>/<experiment>``, the Train runs in
+``<storage>/<experiment>/_train``.
+
+Which checkpoint a cell keeps is its own config's rule (:func:`resdistill.train.selection.
+selection`: labelled validation metric for the arms that learn from labels, the label-free
+distillation loss for those that distil), so one experiment can hold cells of both: each Train
+run keeps its best checkpoint by its own rule, and :func:`run_cells` returns, per cell, that
+epoch's checkpoint and *validation* metrics (:class:`CellResult`), which choose recipes and fill
+the study's validation table. Nothing here reads the test split.
 
 Trial resources are sized to the cluster: each trial is ``trial_cpus`` for its actor plus one
 Train worker of ``cpus_per_worker`` (and a GPU with ``gpu``), and as many trials run at once as
@@ -14,8 +21,9 @@ the cluster's CPUs (GPUs) hold.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import tune
@@ -32,15 +40,13 @@ class TrialOptions:
     trial_cpus: float = 0.1
     gpu: bool = False
     max_failures: int = 1
-    metric: str = "val_macro_f1"
-    mode: str = "max"
 
     def trainer_options(self, experiment: str) -> dict[str, Any]:
-        """The ``opts`` of :func:`resdistill.tune.trial.run_in_trial`."""
+        """The ``opts`` of :func:`resdistill.tune.trial.run_in_trial` (each cell sets its own
+        ``metric`` and ``mode``, :func:`cell_trial`)."""
         return {"storage": self.storage, "experiment": experiment, "workers": 1,
                 "cpus_per_worker": self.cpus_per_worker, "gpu": self.gpu,
-                "keep": 1, "metric": self.metric,
-                "mode": self.mode}  # fmt: skip
+                "keep": 1}  # fmt: skip
 
     def concurrency(self) -> int:
         """Trials the cluster holds at once: ``floor(CPU / (trial_cpus + cpus_per_worker))``,
@@ -54,38 +60,101 @@ class TrialOptions:
         return max(1, n)
 
 
+@dataclass(frozen=True)
+class CellResult:
+    """What a cell's run left: the checkpoint its rule chose (None when it failed), that epoch's
+    validation metrics (``val_*`` and ``epoch``), and the rule (``select``, ``metric``,
+    ``mode``, ``labelled_val_slides``: the labelled validation slides that chose)."""
+
+    checkpoint: str | None
+    val: dict[str, float] = field(default_factory=dict)
+    select: str = ""
+    metric: str = ""
+    mode: str = "max"
+    labelled_val_slides: int = 0
+
+    @property
+    def score(self) -> float | None:
+        """The chosen epoch's ``metric``, signed so that higher is better."""
+        from resdistill.study.recipes import score_of
+
+        return score_of(self.val, self.metric, self.mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"val": dict(self.val), "select": self.select, "metric": self.metric,
+                "mode": self.mode, "labelled_val_slides": self.labelled_val_slides}  # fmt: skip
+
+
 def cell_trial(
     hparams: dict[str, Any], *, configs: Mapping[str, dict[str, Any]], opts: dict[str, Any]
 ) -> None:
-    """A Tune function trainable: the cell ``hparams["cell"]``'s Ray Train run, continuing the
-    trial's own checkpoint after a retry."""
+    """A Tune function trainable: the cell ``hparams["cell"]``'s Ray Train run, keeping its
+    checkpoints by its own selection rule, continuing the trial's own checkpoint after a retry."""
     import ray.tune
 
     from resdistill.checkpoint import checkpoint_url
+    from resdistill.train.selection import selection
     from resdistill.tune.trial import run_in_trial
 
     cfg = TrainConfig.from_dict(configs[hparams["cell"]])
+    rule = selection(cfg)
+    opts = {**opts, "metric": rule.metric, "mode": rule.mode}
     run_in_trial(cfg, opts, checkpoint_url(ray.tune.get_checkpoint()))
+
+
+def chosen_epoch(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The reported epoch ``metric`` ranks best (``mode``), ties to the later epoch; None when
+    no epoch reported it."""
+    best, key = None, None
+    sign = 1.0 if mode == "max" else -1.0
+    for row in rows:
+        value = row.get(metric)
+        if not isinstance(value, int | float) or math.isnan(value):
+            continue
+        k = (sign * float(value), float(row.get("epoch") or 0))
+        if key is None or k >= key:
+            best, key = row, k
+    return best
+
+
+def _result(result: Any, cfg: TrainConfig) -> CellResult:
+    """The :class:`CellResult` of one finished trial."""
+    from resdistill.train.selection import selection
+    from resdistill.tune.trial import TRAIN_CHECKPOINT_KEY
+
+    rule = selection(cfg)
+    kept = {"select": rule.rule, "metric": rule.metric, "mode": rule.mode,
+            "labelled_val_slides": rule.labelled_val_slides}  # fmt: skip
+    if result.error is not None:
+        return CellResult(None, **kept)
+    df = result.metrics_dataframe
+    rows = df.to_dict("records") if df is not None else []
+    row = chosen_epoch(rows, rule.metric, rule.mode)
+    if row is None or not row.get(TRAIN_CHECKPOINT_KEY):
+        return CellResult(None, **kept)
+    val = {k: float(v) for k, v in row.items()
+           if (k.startswith("val_") or k == "epoch") and isinstance(v, int | float)}  # fmt: skip
+    return CellResult(str(row[TRAIN_CHECKPOINT_KEY]), val, **kept)
 
 
 class CellProgress(tune.Callback):
     """Advances a rich progress bar as cells report and finish. Tune pickles its callbacks with
     the experiment's state: the bar stays with the driver's live object only."""
 
-    def __init__(self, progress: Any, task: Any, metric: str) -> None:
-        self.progress, self.task, self.metric = progress, task, metric
+    def __init__(self, progress: Any, task: Any) -> None:
+        self.progress, self.task = progress, task
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"progress": None, "task": None, "metric": self.metric}
+        return {"progress": None, "task": None}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:  # fmt: skip
         if self.progress is None:
             return
-        value = result.get(self.metric)
-        shown = f"{value:.3f}" if isinstance(value, int | float) else "-"
+        shown = " ".join(f"{k} {result[k]:.3f}" for k in ("val_accuracy", "val_distill_loss")
+                         if isinstance(result.get(k), int | float))  # fmt: skip
         self.progress.update(self.task, description=f"{trial.config.get('cell')} epoch "
-                             f"{result.get('epoch')} {self.metric} {shown}")  # fmt: skip
+                             f"{result.get('epoch')} {shown}")  # fmt: skip
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.progress is not None:
@@ -99,14 +168,11 @@ class CellProgress(tune.Callback):
 
 def run_cells(
     configs: Mapping[str, TrainConfig], experiment: str, opts: TrialOptions, console: Any
-) -> dict[str, str | None]:
+) -> dict[str, CellResult]:
     """Run every config of ``configs`` (cell id -> planned config) as one Tune grid search
-    named ``experiment``; ``{cell id: best checkpoint URL, or None when the cell failed}``."""
-    import contextlib
-
+    named ``experiment``; ``{cell id: its CellResult}`` (checkpoint None when it failed)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from resdistill.checkpoint import checkpoint_url
     from resdistill.train.runner import storage_for
     from resdistill.tune.trial import FreePlacementGroups
 
@@ -126,29 +192,19 @@ def run_cells(
     tuner = tune.Tuner(
         trainable,
         param_space={"cell": tune.grid_search(sorted(configs))},
-        tune_config=tune.TuneConfig(
-            metric=opts.metric, mode=opts.mode, reuse_actors=False,
-            max_concurrent_trials=opts.concurrency(),
-        ),
+        tune_config=tune.TuneConfig(reuse_actors=False, max_concurrent_trials=opts.concurrency()),
         run_config=tune.RunConfig(
             name=experiment, storage_path=path, storage_filesystem=fs, verbose=0,
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=opts.metric,
-                checkpoint_score_order=opts.mode,
-            ),
-            callbacks=[FreePlacementGroups(), CellProgress(progress, task, opts.metric)],
+            # the latest, for a retry; the chosen one is the Train run's (module doc)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[FreePlacementGroups(), CellProgress(progress, task)],
         ),
     )  # fmt: skip
     with progress:
         grid = tuner.fit()
-    out: dict[str, str | None] = {}
+    out: dict[str, CellResult] = {}
     for result in grid:
         cell = (result.config or {}).get("cell")
-        ckpt = None
-        if result.error is None:
-            with contextlib.suppress(Exception):  # no checkpoint kept
-                ckpt = result.get_best_checkpoint(opts.metric, opts.mode)
-            ckpt = ckpt or result.checkpoint
-        out[cell] = checkpoint_url(ckpt)
+        out[cell] = _result(result, configs[cell])
     return out
