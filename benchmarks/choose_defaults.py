@@ -1,17 +1,24 @@
 """The evidence behind the CLI's training defaults: `resdistill study` on several synthetic cohorts,
-once per recipe (the teacher's and the students' options), on the cells that decide a default.
+once per recipe (the teacher's and the students' options), on the cells that decide a default,
+the choice made on VALIDATION metrics only.
 
 Every recipe spells out all the options it compares, so a rerun after the defaults change still
 compares the same recipes. Per cohort and recipe the grid is the teacher at 10x and the 2.5x
-student (baseline and distilled, all unlabelled slides) at label fractions 1 and 0.1, one seed;
-the first recipe writes the cohort's slides and shards, the others reuse them.
+student (baseline and distilled, all unlabelled slides) at label fractions 1 and 0.1, one seed,
+no recipe search inside the study (``--trials 1``: the recipe is what is compared) and no
+controls; the first recipe writes the cohort's slides and shards, the others reuse them.
 
     python benchmarks/choose_defaults.py --out /tmp/defaults            # run (resumable) + table
     python benchmarks/choose_defaults.py --out /tmp/defaults --table    # the table only
 
-Prints one row per cohort and recipe: teacher, distilled and baseline test accuracy at each
-label fraction, the distilled student's gap to its teacher (all labels) and its lead over the
-baseline (10% labels), the two quality bars of the study.
+Reads each study's ``validation.csv`` (:mod:`resdistill.study.protocol`: the validation metrics
+of every cell's kept checkpoint), never ``study.csv`` (the test split, for the report alone):
+:func:`read_validation` refuses a table holding any other metric than ``val_*``. Prints one row
+per cohort and recipe: teacher, distilled and baseline validation accuracy at each label
+fraction, the distilled student's gap to its teacher (all labels) and its lead over the baseline
+(10% labels), and the chosen recipe: the highest mean over cohorts and label fractions of the
+distilled student's validation accuracy, among the recipes every cohort ran. The chosen defaults
+are then scored on test once, by a study of their own.
 """
 
 from __future__ import annotations
@@ -41,6 +48,13 @@ RECIPES: dict[str, tuple[str, str, str, str]] = {
                      "stain", "--student-mags 5x --label-fractions 1"),
 }  # fmt: skip
 COHORTS = ("sites", "subtle", "default")
+#: the only table read: validation metrics of every group of cells
+VALIDATION_CSV = "validation.csv"
+#: the columns of validation.csv that are not metrics; every metric is a ``val_*`` one
+KEY_COLUMNS = frozenset({"kind", "mag", "label_fraction", "unlabelled_share", "seeds", "select",
+                         "labelled_val_slides", "recipe"})  # fmt: skip
+#: the validation metric the choice ranks by
+METRIC = "val_accuracy"
 
 
 def study_fractions(argv: list[str]) -> tuple[float, ...]:
@@ -64,6 +78,7 @@ def run_one(out: Path, cohort: str, recipe: str, epochs: int, extra: list[str]) 
     folder = out / cohort / recipe
     argv = [sys.executable, "-m", "resdistill", "study", "--out", str(folder),
             "--student-mags", "2.5x", "--unlabelled-shares", "1", "--seeds", "1",
+            "--trials", "1", "--controls", "none",
             "--epochs", str(epochs), "--student-epochs", str(epochs),
             "--teacher-args", teacher_args, "--student-args", student_args,
             *shlex.split(more), *extra]  # fmt: skip
@@ -80,20 +95,45 @@ def run_one(out: Path, cohort: str, recipe: str, epochs: int, extra: list[str]) 
     return subprocess.call(argv)
 
 
+def read_validation(path: Path) -> list[dict[str, str]]:
+    """The rows of a study's ``validation.csv``. ValueError when the file holds a column that
+    is neither a key nor a ``val_*`` metric (a test metric, e.g. ``study.csv``'s ``accuracy``):
+    no choice here may read the test split."""
+    if path.name != VALIDATION_CSV:
+        raise ValueError(f"{path}: choices read {VALIDATION_CSV} only, never test metrics")
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        bad = [c for c in reader.fieldnames or () if c not in KEY_COLUMNS and
+               not c.startswith("val_")]  # fmt: skip
+        if bad:
+            raise ValueError(f"{path}: columns {bad} are not validation metrics")
+        return list(reader)
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+    return None if value is None or value != value else value  # NaN: not reported
+
+
 def rows(out: Path) -> list[dict[str, object]]:
-    """One row per cohort and recipe with a study.csv: accuracies and the two bars' gaps."""
+    """One row per cohort and recipe with a validation.csv: validation accuracies and the two
+    bars' gaps, on validation."""
     table = []
     for cohort in COHORTS:
         for recipe in RECIPES:
-            path = out / cohort / recipe / "study.csv"
+            path = out / cohort / recipe / VALIDATION_CSV
             if not path.exists():
                 continue
-            acc, mags = {}, set()
-            with path.open() as f:
-                for r in csv.DictReader(f):
-                    acc[(r["kind"], float(r["label_fraction"]))] = float(r["accuracy"])
-                    mags |= {r["mag"]} if r["kind"] != "teacher" else set()
-            row: dict[str, object] = {"cohort": cohort, "recipe": recipe, "student": ",".join(mags)}
+            acc: dict[tuple[str, float], float | None] = {}
+            mags: set[str] = set()
+            for r in read_validation(path):
+                acc[(r["kind"], float(r["label_fraction"]))] = _number(r.get(METRIC))
+                mags |= {r["mag"]} if r["kind"] != "teacher" else set()
+            row: dict[str, object] = {"cohort": cohort, "recipe": recipe,
+                                      "student": ",".join(sorted(mags))}  # fmt: skip
             for fr in (1.0, 0.1):
                 for kind in ("teacher", "distilled", "baseline"):
                     row[f"{kind}@{fr:g}"] = acc.get((kind, fr))
@@ -103,6 +143,21 @@ def rows(out: Path) -> list[dict[str, object]]:
             row["distilled-baseline@0.1"] = None if None in (d10, b10) else 100 * (d10 - b10)  # type: ignore[operator]
             table.append(row)
     return table
+
+
+def choose(table: list[dict[str, object]]) -> tuple[str | None, dict[str, float]]:
+    """``(recipe, {recipe: score})``: a recipe's score is the mean over cohorts of its distilled
+    student's validation accuracy averaged over the label fractions it has; only recipes with a
+    score on every cohort of the table compete (None when none does)."""
+    cohorts = {str(r["cohort"]) for r in table}
+    per: dict[str, dict[str, float]] = {}
+    for r in table:
+        values = [v for k, v in r.items() if k.startswith("distilled@") and v is not None]
+        if values:
+            per.setdefault(str(r["recipe"]), {})[str(r["cohort"])] = sum(values) / len(values)  # type: ignore[arg-type]
+    scores = {k: sum(v.values()) / len(v) for k, v in per.items() if set(v) == cohorts}
+    best = max(scores, key=lambda k: scores[k], default=None)
+    return best, scores
 
 
 def markdown(table: list[dict[str, object]]) -> str:
@@ -126,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES)
     )
     p.add_argument("--epochs", type=int, default=20, help="teachers' and students' epochs")
-    p.add_argument("--table", action="store_true", help="print the table of finished studies only")
+    p.add_argument("--table", action="store_true",
+                   help="print the validation table and the choice of finished studies only")  # fmt: skip
     p.add_argument("--study-args", default="", help="more `resdistill study` options")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
@@ -140,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             for recipe in recipes:
                 rc = run_one(out, cohort, recipe, args.epochs, shlex.split(args.study_args))
                 failed += rc != 0
-    print(markdown(rows(out)))
+    table = rows(out)
+    print(markdown(table))
+    best, scores = choose(table)
+    ranked = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1]))
+    print(f"\nchosen on validation ({METRIC} of the distilled student, mean over cohorts and "
+          f"label fractions): {best or '-'} ({ranked or 'no recipe ran on every cohort'})")  # fmt: skip
     return 1 if failed else 0
 
 

@@ -1,5 +1,6 @@
-"""``benchmarks/choose_defaults.py``: the table it prints from finished studies, and the
-``resdistill study`` command line of each recipe (dataset and teachers reused)."""
+"""``benchmarks/choose_defaults.py``: the table it prints from finished studies, the recipe it
+chooses on validation metrics alone (a test metric is never read), and the ``resdistill study``
+command line of each recipe (dataset and teachers reused)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,19 @@ def script():  # type: ignore[no-untyped-def]
 
 
 def _study(folder: Path, rows: list[tuple[str, str, float, float]]) -> None:
+    """A finished study's validation.csv (as :mod:`resdistill.study.protocol` writes it) and a
+    study.csv whose test accuracies rank the recipes the other way round."""
     folder.mkdir(parents=True)
+    with (folder / "validation.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["kind", "mag", "label_fraction", "unlabelled_share", "seeds", "val_accuracy",
+                    "val_macro_f1", "select", "labelled_val_slides", "recipe"])  # fmt: skip
+        w.writerows((k, m, fr, "", 1, acc, acc, "metric", 4, "defaults")
+                    for k, m, fr, acc in rows)  # fmt: skip
     with (folder / "study.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["kind", "mag", "label_fraction", "accuracy"])
-        w.writerows(rows)
+        w.writerows((k, m, fr, 1 - acc) for k, m, fr, acc in rows)  # test: the reverse order
 
 
 def test_table_rows_and_gaps(script, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -49,11 +58,42 @@ def test_table_rows_and_gaps(script, tmp_path: Path) -> None:  # type: ignore[no
     assert "| subtle | kd-5x | 5x | 0.700 | 0.800 | - |" in table
 
 
+def test_the_choice_reads_validation_only(script, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two recipes on two cohorts: validation prefers kd4, test (study.csv) the other. The choice
+    follows validation, whether study.csv is poisoned, missing, or its test columns absent; a
+    table holding a test metric is refused, never read."""
+    for cohort in ("sites", "subtle"):
+        _study(tmp_path / cohort / "kd4", [("distilled", "2.5x", 1, 0.9),
+                                           ("distilled", "2.5x", 0.1, 0.8)])  # fmt: skip
+        _study(tmp_path / cohort / "previous", [("distilled", "2.5x", 1, 0.85),
+                                                ("distilled", "2.5x", 0.1, 0.7)])  # fmt: skip
+    _study(tmp_path / "sites" / "stain", [("distilled", "2.5x", 1, 0.99)])  # one cohort only
+    best, scores = script.choose(script.rows(tmp_path))
+    assert best == "kd4" and scores == {"kd4": pytest.approx(0.85),
+                                        "previous": pytest.approx(0.775)}  # fmt: skip
+    for f in tmp_path.glob("*/*/study.csv"):  # poisoned: the test split says the opposite
+        f.write_text("kind,mag,label_fraction,accuracy\ndistilled,2.5x,1,0.0\n")
+    assert script.choose(script.rows(tmp_path))[0] == "kd4"
+    for f in tmp_path.glob("*/*/study.csv"):
+        f.unlink()
+    assert script.choose(script.rows(tmp_path)) == (best, scores)
+    poisoned = tmp_path / "sites" / "kd4" / "validation.csv"
+    text = poisoned.read_text().splitlines()
+    poisoned.write_text("\n".join([text[0] + ",accuracy", *(t + ",0.1" for t in text[1:])]))
+    with pytest.raises(ValueError, match=r"\['accuracy'\] are not validation metrics"):
+        script.rows(tmp_path)
+    with pytest.raises(ValueError, match="never test metrics"):
+        script.read_validation(tmp_path / "subtle" / "kd4" / "study.csv")
+
+
 def test_a_recipe_reuses_the_dataset_and_the_teachers(script, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     calls: list[list[str]] = []
     monkeypatch.setattr(subprocess, "call", lambda argv: calls.append(argv) or 0)
     assert script.run_one(tmp_path, "sites", "previous", 20, []) == 0
     assert calls[-1][calls[-1].index("--cohort") + 1] == "sites"  # nothing made yet: synthesise
+    # the recipe is what is compared: no search inside the study, no controls
+    assert calls[-1][calls[-1].index("--trials") + 1] == "1"
+    assert calls[-1][calls[-1].index("--controls") + 1] == "none"
     (tmp_path / "sites" / "previous" / "dataset").mkdir(parents=True)
     (tmp_path / "sites" / "previous" / "dataset" / "dataset.json").write_text("{}")
     cells = tmp_path / "sites" / "previous" / "cells"
