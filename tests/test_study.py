@@ -244,6 +244,8 @@ def test_study_options_from_flags_yaml_and_python(tmp_path: Path) -> None:
     assert (StudyConfig().recipe_trials, from_yaml.recipe_trials) == (4, 1)  # --quick: no search
     assert StudyConfig().controls == ("same-res", "self-training")
     assert parse(study.SPEC, ["--controls", "none"]).controls == ()
+    assert StudyConfig(controls="none").controls == ()  # a YAML file's text
+    assert StudyConfig(controls=["self-training"]).controls == ("self-training",)
     for bad, words in (({"label_fractions": (0.0,)}, "--label-fractions 0 is not in (0, 1]"),
                        ({"seeds": 0}, "--seeds must be at least 1"),
                        ({"data": "/ds", "cohort": "sites"}, "--cohort picks"),

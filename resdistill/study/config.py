@@ -126,7 +126,9 @@ class StudyConfig:
             check(0 <= v <= 1, "--unlabelled-shares", f"{v:g} is not in [0, 1]")
         check(self.seeds is None or self.seeds >= 1, "--seeds", "must be at least 1")
         check(self.trials is None or self.trials >= 1, "--trials", "must be at least 1")
-        object.__setattr__(self, "controls", tuple(self.controls))  # a YAML list
+        controls = self.controls  # a YAML list, or the command line's text
+        controls = parse_controls(controls) if isinstance(controls, str) else tuple(controls)
+        object.__setattr__(self, "controls", controls)
         for c in self.controls:
             check(c in CONTROLS, "--controls", f"{c!r} is not one of {', '.join(CONTROLS)}, none")
         check_choice(StudyConfig, self, "device")
