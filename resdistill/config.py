@@ -233,6 +233,10 @@ class RunOptions:
     trace_dir: str | None = opt(None, "local folder for a JSON-lines trace of worker starts and "
                                 "epochs (debugging)")  # fmt: skip
     summary_json: str | None = opt(None, "also write the final summary to this JSON file")
+    resume_from: str | None = opt(
+        None, "continue from this checkpoint folder, taking its weights, optimiser state and "
+        "epoch count under this run's options, even where its dataset or settings differ (a "
+        "rerun of --name refuses its own checkpoint when they differ, unless named here)")  # fmt: skip
 
     def __post_init__(self) -> None:
         check(self.workers >= 1, "--workers", "must be at least 1")

@@ -105,7 +105,25 @@ def _check_cascade(model: Any, chain: Any, teacher: Any, tchain: Any) -> None:
 
 def predict_command(cfg: PredictConfig) -> int:
     """The whole command; returns its exit code (0 all done, 1 some slides failed, 2 unusable
-    checkpoint, options or output)."""
+    checkpoint, options or output). It holds the lease on ``--out`` throughout
+    (:mod:`resdistill.train.run_lease`): a second run on that output is refused in one line
+    naming the first (exit 2), and a run that lost its lease stops before the merge."""
+    from resdistill.train.run_lease import output_lease
+    from sharding.storage import StorageError
+
+    try:
+        lease = output_lease(
+            cfg.out, "resdistill predict", lambda line: print(f"note: {line}", file=sys.stderr)
+        )
+    except (UsageError, StorageError) as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return 2
+    with lease:
+        return _predict(cfg, lease)
+
+
+def _predict(cfg: PredictConfig, lease: Any) -> int:
+    """:func:`predict_command` once ``--out`` is leased."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -142,7 +160,7 @@ def predict_command(cfg: PredictConfig) -> int:
     for note in (*slides.notes, *chain_notes):
         err.print(f"[yellow]note[/yellow] {escape(note)}", soft_wrap=True)
     try:
-        failed = _run(cfg, setup, store, slides, annotations, err)
+        failed = _run(cfg, setup, store, slides, annotations, err, lease)
     except (UsageError, StorageError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
@@ -167,7 +185,7 @@ def _portable(cfg: PredictConfig) -> PredictConfig:
     )  # fmt: skip
 
 
-def _run(cfg: PredictConfig, setup: Setup, store, slides, annotations, err) -> int:  # noqa: ANN001
+def _run(cfg: PredictConfig, setup: Setup, store, slides, annotations, err, lease) -> int:  # noqa: ANN001
     """Run the engine over the slides not done, write and merge; returns the failures' count
     (the unreadable slides of ``slides`` included)."""
 
@@ -177,6 +195,7 @@ def _run(cfg: PredictConfig, setup: Setup, store, slides, annotations, err) -> i
     from resdistill.predict.engine import run_engine
     from resdistill.predict.outputs import merge, write_slide
     from resdistill.predict.summary import Progress, summary_table
+    from resdistill.train.run_lease import check_lease
     from sharding.ray_cluster import ray_init
 
     model, chain = setup.model, setup.chain
@@ -220,6 +239,7 @@ def _run(cfg: PredictConfig, setup: Setup, store, slides, annotations, err) -> i
                 progress.slide_done()
 
             run_engine(todo, engine, on_slide, on_tiles=progress.tiles, on_planned=progress.planned)
+    check_lease(lease)  # the merge rewrites the tables: only while --out is still ours
     merge(
         store, [*slides.slides, *slides.failures], records, failures, classes=model.classes,
         read=cfg.read, cascade=setup.teacher is not None, sources=slides.identity,

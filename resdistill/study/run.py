@@ -182,7 +182,18 @@ def _tune(arms: list[Arm], grid: Grid, cfg: StudyConfig, build: Any, run: Any,
 
 
 def run_study(cfg: StudyConfig) -> tuple[list[Any], list[Any]]:
-    """Run (or resume) the study ``cfg`` describes; ``(rows, claims)`` of its report."""
+    """Run (or resume) the study ``cfg`` describes; ``(rows, claims)`` of its report. The study
+    holds the lease on its ``--out`` throughout (:mod:`resdistill.train.run_lease`): a second
+    study there is refused in one line naming the first."""
+    from resdistill.train.run_lease import output_lease
+
+    out = Path(cfg.out).resolve()
+    with output_lease(str(out), "resdistill study") as lease:
+        return _study(cfg, out, lease)
+
+
+def _study(cfg: StudyConfig, out: Path, lease: Any) -> tuple[list[Any], list[Any]]:
+    """:func:`run_study` once ``out`` is leased."""
     from rich.console import Console
 
     from resdistill.config import resolve_device
@@ -194,12 +205,12 @@ def run_study(cfg: StudyConfig) -> tuple[list[Any], list[Any]]:
     from resdistill.study.results_table import write_report
     from resdistill.study.shared_targets import share_targets
     from resdistill.study.tuning import TrialOptions, run_cells
+    from resdistill.train.run_lease import check_lease
     from resdistill.train.runner import run_url
     from sharding.magnification import display_mag
     from sharding.ray_cluster import cluster_gpus, ray_init
 
     console = Console(highlight=False)
-    out = Path(cfg.out).resolve()
     records = load_records(out)
     if records and not cfg.resume:
         raise UsageError(
@@ -288,6 +299,7 @@ def run_study(cfg: StudyConfig) -> tuple[list[Any], list[Any]]:
         header += f" Missing cells (rerun with --resume): {', '.join(missing)}."
     protocol = protocol_markdown(grid, cfg.recipe_trials, cfg.quick, load_tuning(out),
                                  (cfg.epochs, cfg.student_epochs))  # fmt: skip
+    check_lease(lease)
     write_validation(records, out)
     rows, claims = write_report(records, out, f"{header}\n\n{protocol}", console)
     console.print(f"study report in {out} ({minutes:.1f} min)")

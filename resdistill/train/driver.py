@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from dataclasses import asdict, replace
 from typing import Any
@@ -32,8 +33,10 @@ COMMANDS = {STAGE_TEACHER: "teacher", STAGE_SUPERVISED: "distill", STAGE_DISTILL
 
 
 def default_name(cfg: TrainConfig) -> str:
-    """``<stage>-<mag>-<YYYYmmdd-HHMMSS>``: a new run."""
-    return f"{cfg.stage}-{cfg.model.mag}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``<stage>-<mag>-<YYYYmmdd-HHMMSS>-<4 random hex digits>``: a new run. The suffix keeps
+    two runs started in one second apart (a shared name would resume the other's checkpoint);
+    an explicit ``--name`` given twice meets the run folder's lease instead."""
+    return f"{cfg.stage}-{cfg.model.mag}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def describe(cfg: TrainConfig) -> str:
@@ -126,21 +129,25 @@ def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
     """Run ``cfg`` (planned here: see :func:`resdistill.train.preflight.prepare`) on Ray Train;
     print its header, per-epoch progress and a summary table; return the :class:`RunSummary`.
 
-    A rerun with the same ``run.name`` and ``run.storage`` resumes after its latest checkpoint.
-    The run's options (as given, with its name) are written to ``<storage>/<name>/config.yaml``
-    with the resdistill version, the git commit and the dataset's fingerprint
-    (:mod:`resdistill.run_config`), so ``--config`` on that file repeats the run.
-    Raises :class:`~resdistill.errors.UsageError` (options, dataset, teacher, targets) before
-    any Ray work, :class:`~resdistill.data.ShardError` (one line naming the shard) when a worker
-    met an unreadable shard, and Ray's ``TrainingFailedError`` when workers fail beyond
+    The run holds the lease on its folder ``<storage>/<name>`` throughout
+    (:mod:`resdistill.train.run_lease`): a second run of that name is refused while it runs. A
+    rerun with the same ``run.name`` and ``run.storage`` resumes after its latest checkpoint when
+    that checkpoint learnt on the same dataset with the same settings, or when ``--resume-from``
+    names it (:mod:`resdistill.train.resume_guard`); ``--resume-from`` into a new run starts
+    from the checkpoint it names. The run's options (as given, with its name) are written to
+    ``<storage>/<name>/config.yaml`` with the resdistill version, the git commit and the
+    dataset's fingerprint (:mod:`resdistill.run_config`), so ``--config`` on that file repeats
+    the run. Raises :class:`~resdistill.errors.UsageError` (options, dataset, teacher, targets,
+    a held run folder, a checkpoint that is not this run's) before any Ray work,
+    :class:`~resdistill.data.ShardError` (one line naming the shard) when a worker met an
+    unreadable shard, and Ray's ``TrainingFailedError`` when workers fail beyond
     ``max_failures`` for any other reason.
     """
     from rich.console import Console
 
-    from resdistill.config import resolve_device
     from resdistill.train.preflight import prepare
-    from resdistill.train.worker import loop_config, train_worker
-    from sharding.ray_cluster import cluster_gpus, ray_init
+    from resdistill.train.resume_guard import check_resume
+    from resdistill.train.run_lease import check_lease, output_lease
 
     console = console or Console(highlight=False)
     notes: list[str] = []
@@ -149,13 +156,35 @@ def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
     summary_target = summary_json_target(cfg.run.summary_json) if cfg.run.summary_json else None
     name = cfg.run.name or default_name(cfg)
     cfg = replace(cfg, run=replace(cfg.run, name=name))
-    run = cfg.run
+    folder = run_url(cfg.run.storage, name)
+    with output_lease(folder, f"resdistill {COMMANDS[cfg.stage]}", notes.append) as lease:
+        start = check_resume(cfg, folder)
+        summary = _run(cfg, given, start, notes, console)
+        check_lease(lease)
+        if summary_target is not None:
+            write_summary_json(summary_target, {**asdict(summary), "stage": cfg.stage})
+    return summary
+
+
+def _run(cfg: TrainConfig, given: TrainConfig, start: str | None, notes: list[str],
+         console: Any) -> RunSummary:  # fmt: skip
+    """The run of the planned, named ``cfg`` (``given``: as the user gave it) once its folder
+    is leased: its config.yaml, header, the Ray Train run (from ``start`` when a new run
+    continues a checkpoint) and the summary table."""
+    from resdistill.config import resolve_device
+    from resdistill.train.worker import loop_config, train_worker
+    from sharding.ray_cluster import cluster_gpus, ray_init
+
+    run, name = cfg.run, cfg.run.name
     assert cfg.plan is not None
-    given = replace(given, data=replace(given.data, url=cfg.data.url), run=cfg.run, plan=None)
+    run_given = replace(given.run, name=name)  # as given (--select auto stays auto), named
+    given = replace(given, data=replace(given.data, url=cfg.data.url), run=run_given, plan=None)
     write_run_config(run_url(run.storage, name), COMMANDS[cfg.stage], given.to_dict(),
                      dataset=(cfg.data.url, cfg.plan.dataset))  # fmt: skip
     console.print(describe(cfg), soft_wrap=True)
     console.print(f"run {name!r} -> {run_url(run.storage, name)}")
+    if start is not None:
+        console.print(f"starting from {start} (--resume-from)", soft_wrap=True)
     chosen = selection(cfg)
     console.print(f"checkpoint kept: {chosen.describe()}", soft_wrap=True)
     for text in notes:
@@ -165,7 +194,7 @@ def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
     console.print(f"device: {device} ({run.workers} worker(s); --device {run.device})")
     t0 = time.perf_counter()
     try:
-        result = launch(train_worker, loop_config(cfg), name=name, storage=run.storage,
+        result = launch(train_worker, loop_config(cfg, start), name=name, storage=run.storage,
                         workers=run.workers, gpu=device == "cuda", cpus_per_worker=run.cpus_per_worker,
                         max_failures=run.max_failures, keep=run.keep, metric=chosen.metric,
                         mode=chosen.mode)  # fmt: skip
@@ -177,6 +206,4 @@ def train(cfg: TrainConfig, *, console: Any = None) -> RunSummary:
     summary = summarize(result, name=name, storage=run.storage, selection=chosen,
                         elapsed_s=time.perf_counter() - t0)  # fmt: skip
     print_summary(summary, title=f"{TITLES[cfg.stage]} {name}", console=console)
-    if summary_target is not None:
-        write_summary_json(summary_target, {**asdict(summary), "stage": cfg.stage})
     return summary

@@ -94,8 +94,11 @@ def restore(start_checkpoint: str | None = None) -> Restored | None:
     Ray Train V2 hands the latest reported checkpoint to the training function after a worker
     group restart (FailureConfig) and when a new trainer starts with the same ``RunConfig(name,
     storage_path)``. ``start_checkpoint`` is how a Tune trial restarted by Tune (a restore, a PBT
-    exploit) continues from a checkpoint of another Train run. The returned state counts the
-    restore: ``resumes`` + 1 and the checkpoint's URL appended to ``restored_from``.
+    exploit) continues from a checkpoint of another Train run, and how ``--resume-from`` starts a
+    new run from one. The returned state counts the restore: ``resumes`` + 1 and the
+    checkpoint's URL appended to ``restored_from``. Nothing here compares the checkpoint with
+    this run's config: the driver has refused, before Ray started, a run checkpoint that learnt
+    other data or settings (:mod:`resdistill.train.resume_guard`).
     """
     import ray.train
 

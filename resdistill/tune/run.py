@@ -14,6 +14,7 @@ reads no label unless ``--select metric`` asks, and its summary states the label
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -148,10 +149,13 @@ def tune_run(cfg: TuneConfig) -> TuneSummary:
     ``best_json``; return the :class:`TuneSummary`. The resolved options go to
     ``<storage>/<name>/config.yaml`` (with the dataset's fingerprint). Raises
     :class:`~resdistill.errors.UsageError` (and the ``ValueError``/``FileNotFoundError`` of an
-    unusable dataset) before any Ray work."""
+    unusable dataset) before any Ray work, and so is a run folder another tune run holds (its
+    lease, :mod:`resdistill.train.run_lease`, is held until the end)."""
     from rich.console import Console
 
     from resdistill.config import resolve_device
+    from resdistill.errors import UsageError
+    from resdistill.train.run_lease import check_lease, output_lease
     from sharding.ray_cluster import cluster_gpus, ray_init
 
     console = Console(highlight=False)
@@ -160,7 +164,11 @@ def tune_run(cfg: TuneConfig) -> TuneSummary:
     space = build_space(cfg)
     check_space(space, base, cfg)
     make_scheduler(cfg, space)  # its errors before any Ray work
-    name = run.name or f"tune-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run.resume_from:
+        raise UsageError("--resume-from: a tune run continues with --resume (each trial from its "
+                         "own latest checkpoint)")  # fmt: skip
+    # a random suffix: two runs started in one second never share a folder
+    name = run.name or f"tune-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     epochs = cfg.train.optim.epochs
     chosen = ranking(cfg, base)
     console.print(
@@ -174,25 +182,31 @@ def tune_run(cfg: TuneConfig) -> TuneSummary:
         console.print(f"  {key:16s} {dom}")
     console.print(f"trials ranked by {chosen.describe()}", soft_wrap=True)
     assert base.plan is not None
-    check_resume(cfg, name)  # before anything is written or Ray starts
-    given = replace(cfg, train=replace(cfg.train, data=replace(cfg.train.data, url=base.data.url),
-                                       run=replace(run, name=name)))  # fmt: skip
-    write_run_config(run_url(run.storage, name), "tune", to_plain(given),
-                     dataset=(base.data.url, base.plan.dataset))  # fmt: skip
-    ray_init(run.address)
-    device = resolve_device(run.device, cluster_gpus())
-    console.print(f"device: {device} (each trial's {run.workers} worker(s))")
-    cfg = replace(cfg, train=replace(cfg.train, run=replace(run, device=device)))
-    t0 = time.perf_counter()
-    tuner, resumed = make_tuner(cfg, base, space, name)
-    if cfg.resume:
-        console.print("resuming the interrupted run" if resumed else "[yellow]note[/]: nothing to "
-                      "resume under that name: starting it")  # fmt: skip
-    grid = tuner.fit()
-    summary = summarize(grid, cfg, name, space, resumed=resumed, chosen=chosen,
-                        elapsed_s=time.perf_counter() - t0)  # fmt: skip
-    print_summary(summary, space, console)
-    if cfg.best_json and summary.best is not None:
-        write_best_json(cfg.best_json, summary.best)
-        console.print(f"best json:       {cfg.best_json}")
+
+    def note(text: str) -> None:
+        console.print(f"[yellow]note[/]: {text}", soft_wrap=True)
+
+    with output_lease(run_url(run.storage, name), "resdistill tune", note) as lease:
+        check_resume(cfg, name)  # before anything is written or Ray starts
+        given = replace(cfg, train=replace(cfg.train, data=replace(cfg.train.data, url=base.data.url),
+                                           run=replace(run, name=name)))  # fmt: skip
+        write_run_config(run_url(run.storage, name), "tune", to_plain(given),
+                         dataset=(base.data.url, base.plan.dataset))  # fmt: skip
+        ray_init(run.address)
+        device = resolve_device(run.device, cluster_gpus())
+        console.print(f"device: {device} (each trial's {run.workers} worker(s))")
+        cfg = replace(cfg, train=replace(cfg.train, run=replace(run, device=device)))
+        t0 = time.perf_counter()
+        tuner, resumed = make_tuner(cfg, base, space, name)
+        if cfg.resume:
+            console.print("resuming the interrupted run" if resumed else "[yellow]note[/]: nothing to "
+                          "resume under that name: starting it")  # fmt: skip
+        grid = tuner.fit()
+        summary = summarize(grid, cfg, name, space, resumed=resumed, chosen=chosen,
+                            elapsed_s=time.perf_counter() - t0)  # fmt: skip
+        print_summary(summary, space, console)
+        check_lease(lease)
+        if cfg.best_json and summary.best is not None:
+            write_best_json(cfg.best_json, summary.best)
+            console.print(f"best json:       {cfg.best_json}")
     return summary
