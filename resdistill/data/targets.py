@@ -7,11 +7,15 @@ teacher's sha256>``)::
     targets.json                       teacher identity, dataset identity, sizes, shard list
     <split>/shard-NNNNNN.npz           one per dataset shard: keys, logits, feat_<mag> (float16)
 
-``targets.json`` records the teacher checkpoint (URL and sha256 of its ``model.pt``) and the
-dataset (URL and sha256 of ``manifest.parquet``): distillation with ``--targets`` recomputes
-both and refuses targets of another teacher or of a re-sharded dataset
-(:class:`StaleTargetsError`). It is written last, so a killed run leaves no usable half-written
-target set. Which augmentations cached targets allow, and why: see :mod:`resdistill.train.targets`.
+``targets.json`` records the teacher checkpoint (URL and sha256 of its ``model.pt``), the
+dataset (URL and sha256 of ``manifest.parquet``) and the sha256 of every shard's ``.npz``:
+distillation with ``--targets`` recomputes the first two and refuses targets of another teacher
+or of a re-sharded dataset, and checks each ``.npz`` against its recorded sha256 as it reads it
+(:meth:`TargetsIndex.read_shard`), so arrays rewritten since (by a rerun with another teacher
+into the same root) are refused too: :class:`StaleTargetsError`, one line. A (re)write removes
+``targets.json`` first and writes it last, so a killed run leaves no usable target set, never
+an old index over new arrays. Which augmentations cached targets allow, and why: see
+:mod:`resdistill.train.targets`.
 """
 
 from __future__ import annotations
@@ -23,18 +27,31 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from resdistill.data.errors import ShardError
 from resdistill.data.info import Dataset
 
 TARGETS_JSON = "targets.json"
-FORMAT_VERSION = 1
+#: 2: every shard's entry records its ``.npz``'s sha256 (version 1 sets are refused: rewrite)
+FORMAT_VERSION = 2
 KIND = "resdistill-teacher-targets"
 TARGETS_DIR = "_targets"
 #: Resize mode the stored feature maps were pooled with (the paper's default).
 TARGET_RESIZE = "maxpool"
 
 
-class StaleTargetsError(ValueError):
-    """Targets that belong to another teacher checkpoint or another version of the dataset."""
+class StaleTargetsError(ShardError):
+    """Targets that belong to another teacher checkpoint or another version of the dataset, or
+    an ``.npz`` whose bytes are not the ones ``targets.json`` records (one line). A
+    :class:`ShardError` (so a ``ValueError``), so that met by a training worker it ends the run
+    with its one line, as an unreadable shard does."""
+
+    def __init__(self, message: str) -> None:
+        # a DataLoader worker's error comes back as "Caught ...\nOriginal Traceback ...": its
+        # last line holds ours
+        text, name = str(message), f"{type(self).__name__}: "
+        if "\n" in text and name in text:
+            text = [ln for ln in text.splitlines() if name in ln][-1].split(name, 1)[1]
+        super().__init__(text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +112,10 @@ class TargetsIndex:
                 "`resdistill teacher-targets --data ... --teacher ...`"
             ) from None
         if doc.get("kind") != KIND or doc.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{store.child_url(TARGETS_JSON)}: not a v{FORMAT_VERSION} target set")
+            raise ValueError(
+                f"{store.child_url(TARGETS_JSON)}: not a v{FORMAT_VERSION} target set (one "
+                "without each array's sha256, or not a target set): rerun teacher-targets"
+            )
         return cls(store.url, doc)
 
     @property
@@ -157,7 +177,9 @@ class TargetsIndex:
             )
 
     def read_shard(self, shard_rel: str) -> dict[str, Any]:
-        """The arrays of one shard: ``keys`` (str), ``logits`` (N, K) and ``feat_<mag>`` (float16)."""
+        """The arrays of one shard: ``keys`` (str), ``logits`` (N, K) and ``feat_<mag>``
+        (float16), once their bytes match the sha256 ``targets.json`` records for them
+        (:class:`StaleTargetsError` naming the file otherwise)."""
         import numpy as np
 
         from sharding.storage import open_storage
@@ -165,7 +187,15 @@ class TargetsIndex:
         entry = self.doc["shards"].get(shard_rel)
         if entry is None:
             raise StaleTargetsError(f"{self.url}/{TARGETS_JSON}: no targets for {shard_rel}")
-        data = open_storage(self.url).read_bytes(entry["file"])
+        store = open_storage(self.url)
+        data = store.read_bytes(entry["file"])
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.get("sha256"):
+            raise StaleTargetsError(
+                f"{store.child_url(entry['file'])}: stale targets: its sha256 {digest[:12]} is "
+                f"not the {str(entry.get('sha256'))[:12]} {TARGETS_JSON} records (rewritten "
+                "since, e.g. by a teacher-targets run of another teacher); rerun teacher-targets"
+            )
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 

@@ -17,10 +17,13 @@ targets root (default ``<data>/_targets/<first 16 hex of the teacher's sha256>``
     targets.json                       teacher identity, dataset identity, sizes, shard list
     <split>/shard-NNNNNN.npz           one per dataset shard, same relative name
 
-``targets.json`` records the teacher checkpoint (URL and sha256 of its ``model.pt``) and the
-dataset (URL and sha256 of ``manifest.parquet``): distillation with ``--targets`` recomputes both
-and refuses targets of another teacher or of a re-sharded dataset (:class:`StaleTargetsError`).
-``targets.json`` is written last, so a killed run leaves no usable half-written target set.
+``targets.json`` records the teacher checkpoint (URL and sha256 of its ``model.pt``), the
+dataset (URL and sha256 of ``manifest.parquet``) and each ``.npz``'s sha256: distillation with
+``--targets`` recomputes the first two and refuses targets of another teacher or of a re-sharded
+dataset, and checks every ``.npz`` as it reads it (:class:`StaleTargetsError`). A run holds the
+lease on its targets root (:mod:`resdistill.train.run_lease`: a second run there is refused),
+removes ``targets.json`` before it writes anything and writes it last, so a killed run leaves no
+usable target set, never an index over another teacher's arrays.
 
 Distillation with cached targets (``python -m resdistill.distill ... --targets URL``) reads only
 the student tile; the cached-target stream yields ``(x_s, t_logits, t_features)`` in the batch's ``images``
@@ -151,8 +154,11 @@ def _shard_job(
     teacher_mag: str,
     sizes: Mapping[str, Sequence[int]],
     batch_size: int,
-) -> tuple[str, int, float]:
-    """Compute and store one shard's targets; ``(shard rel, samples, seconds)``."""
+) -> tuple[str, int, float, str]:
+    """Compute and store one shard's targets; ``(shard rel, samples, seconds, sha256 of the
+    .npz)``."""
+    import hashlib
+
     import numpy as np
 
     from sharding.storage import open_storage
@@ -170,16 +176,51 @@ def _shard_job(
     )
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    open_storage(out).write_bytes(npz_name(shard_rel), buf.getvalue())
-    return shard_rel, len(keys), time.perf_counter() - t0
+    data_npz = buf.getvalue()
+    open_storage(out).write_bytes(npz_name(shard_rel), data_npz)
+    return shard_rel, len(keys), time.perf_counter() - t0, hashlib.sha256(data_npz).hexdigest()
+
+
+def _run_jobs(
+    args: tuple[str, str, str],
+    keys: Mapping[str, Sequence[str]],
+    tail: tuple[Any, ...],
+    cfg: TargetsConfig,
+    log: Any,
+) -> dict[str, str]:
+    """One :func:`_shard_job` per shard of ``keys``: Ray tasks, or in this process with
+    ``cfg.local``; ``{shard rel: sha256 of its .npz}``."""
+    done: dict[str, str] = {}
+
+    def report(rel: str, n: int, sec: float, sha: str) -> None:
+        done[rel] = sha
+        log(f"{rel}: {n} samples in {sec:.1f} s ({len(done)}/{len(keys)})")
+
+    if cfg.local:
+        for rel, k in keys.items():
+            report(*_shard_job(*args, rel, k, *tail))
+        return done
+    import ray
+
+    from sharding.ray_cluster import ray_init
+
+    ray_init(cfg.address)
+    remote = ray.remote(num_cpus=1)(_shard_job)
+    pending = [remote.remote(*args, rel, k, *tail) for rel, k in keys.items()]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        report(*ray.get(ready[0]))
+    return done
 
 
 def write_targets(cfg: TargetsConfig, log: Any = None) -> TargetsIndex:
     """Compute and store the teacher targets of ``cfg.splits`` (default: every split in the
     manifest) for ``cfg.student_mags`` (default: every dataset magnification below the
-    teacher's); one Ray task per shard, or in this process with ``cfg.local``. The resolved
-    config goes to ``<root>/config.yaml`` (with the dataset's fingerprint) before
-    ``targets.json``, which is written last. Returns the written index."""
+    teacher's); one Ray task per shard, or in this process with ``cfg.local``. Under the
+    root's lease, ``targets.json`` is removed first; the resolved config goes to
+    ``<root>/config.yaml`` (with the dataset's fingerprint); ``targets.json``, with each
+    ``.npz``'s sha256, is written last. Returns the written index. A root another run holds is
+    a one-line :class:`~resdistill.errors.UsageError` before anything is written."""
     from dataclasses import replace
 
     from resdistill.checkpoint import absolute_url
@@ -187,13 +228,14 @@ def write_targets(cfg: TargetsConfig, log: Any = None) -> TargetsIndex:
     from resdistill.fields import to_plain
     from resdistill.run_config import write_run_config
     from resdistill.train.preflight import teacher_ref
+    from resdistill.train.run_lease import check_lease, output_lease
     from sharding.magnification import Magnification
     from sharding.storage import open_storage
 
     data = absolute_url(cfg.data)
     teacher = absolute_url(cfg.teacher)
     splits, student_mags, teacher_mag = cfg.splits, cfg.student_mags, cfg.teacher_mag
-    batch_size, address = cfg.batch_size, cfg.address
+    batch_size = cfg.batch_size
     dataset = Dataset.open(data)
     info = dataset.info
     meta = teacher_ref(teacher, info.classes)
@@ -218,49 +260,37 @@ def write_targets(cfg: TargetsConfig, log: Any = None) -> TargetsIndex:
     out = absolute_url(cfg.out) if cfg.out else default_targets_url(data, t_sha)
     store = open_storage(out)
     log = log or (lambda _msg: None)
-    jobs = [(rel, len(k)) for rel, k in keys.items()]
-    t0 = time.perf_counter()
-    args = (data, teacher, out)
-    tail = (t_mag, {m: list(s) for m, s in sizes.items()}, batch_size)
     given = replace(cfg, data=data, teacher=absolute_url(cfg.teacher), out=out)
-    write_run_config(out, "teacher-targets", to_plain(given), dataset=(info.url, info.raw))
-    if not cfg.local:
-        import ray
-
-        from sharding.ray_cluster import ray_init
-
-        ray_init(address)
-        remote = ray.remote(num_cpus=1)(_shard_job)
-        refs = [remote.remote(*args, rel, keys[rel], *tail) for rel, _n in jobs]
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            rel, n, sec = ray.get(ready[0])
-            log(f"{rel}: {n} samples in {sec:.1f} s ({len(refs) - len(pending)}/{len(refs)})")
-    else:
-        for i, (rel, n) in enumerate(jobs):
-            _rel, _n, sec = _shard_job(*args, rel, keys[rel], *tail)
-            log(f"{rel}: {n} samples in {sec:.1f} s ({i + 1}/{len(jobs)})")
-    doc = {
-        "format_version": FORMAT_VERSION,
-        "kind": KIND,
-        "teacher": {
-            "checkpoint": teacher,
-            "sha256": t_sha,
-            "arch": meta.arch,
-            "mag": meta.mag,
-            "classes": list(meta.classes),
-            "feature_channels": int(meta.feature_channels),
-        },
-        "dataset": {"url": info.url, "manifest_sha256": m_sha},
-        "teacher_mag": t_mag,
-        "feature_resize": TARGET_RESIZE,
-        "sizes": {m: list(s) for m, s in sizes.items()},
-        "dtype": "float16",
-        "splits": chosen,
-        "shards": {rel: {"file": npz_name(rel), "samples": n} for rel, n in jobs},
-        "samples": sum(n for _, n in jobs),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    store.write_bytes(TARGETS_JSON, json.dumps(doc, indent=1).encode())
+    with output_lease(out, "resdistill teacher-targets", log) as lease:
+        store.delete(TARGETS_JSON)  # from here on the root holds no usable target set
+        write_run_config(out, "teacher-targets", to_plain(given), dataset=(info.url, info.raw))
+        t0 = time.perf_counter()
+        tail = (t_mag, {m: list(s) for m, s in sizes.items()}, batch_size)
+        sha = _run_jobs((data, teacher, out), keys, tail, cfg, log)
+        doc = {
+            "format_version": FORMAT_VERSION,
+            "kind": KIND,
+            "teacher": {
+                "checkpoint": teacher,
+                "sha256": t_sha,
+                "arch": meta.arch,
+                "mag": meta.mag,
+                "classes": list(meta.classes),
+                "feature_channels": int(meta.feature_channels),
+            },
+            "dataset": {"url": info.url, "manifest_sha256": m_sha},
+            "teacher_mag": t_mag,
+            "feature_resize": TARGET_RESIZE,
+            "sizes": {m: list(s) for m, s in sizes.items()},
+            "dtype": "float16",
+            "splits": chosen,
+            "shards": {
+                rel: {"file": npz_name(rel), "samples": len(k), "sha256": sha[rel]}
+                for rel, k in keys.items()
+            },
+            "samples": sum(len(k) for k in keys.values()),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        check_lease(lease)
+        store.write_bytes(TARGETS_JSON, json.dumps(doc, indent=1).encode())
     return TargetsIndex(store.url, doc)
