@@ -233,7 +233,8 @@ class RunOptions:
     trace_dir: str | None = opt(None, "local folder for a JSON-lines trace of worker starts and "
                                 "epochs (debugging)")  # fmt: skip
     summary_json: str | None = opt(
-        None, "also write the final summary to this JSON file (a local path or s3://)")
+        None, "also write the final summary to this JSON file (a local path or s3://)"
+    )
     resume_from: str | None = opt(
         None, "continue from this checkpoint folder, taking its weights, optimiser state and "
         "epoch count under this run's options, even where its dataset or settings differ (a "

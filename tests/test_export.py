@@ -200,10 +200,11 @@ def test_errors_are_one_line(
 ) -> None:
     ckpt = str(real["ckpt"])
     assert _cli([ckpt, "--format", "tflite", "--out", str(tmp_path / "m")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()  # an option error: usage, then one line
-    assert (
-        err[-1] == "resdistill export: error: unknown --format 'tflite': choose torchscript or onnx"
-    )
+    err = capsys.readouterr().err.strip().splitlines()  # an option error: one line
+    assert err == [
+        "resdistill export: error: unknown --format 'tflite': choose torchscript or onnx "
+        "(see --help)"
+    ]
 
     assert _cli([str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")]) == 2
     assert "no such checkpoint" in _one_line_error(capsys)
