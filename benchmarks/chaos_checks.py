@@ -10,7 +10,8 @@ output is deterministic, and returns a short line saying what held; it raises
   may differ: a resumed run mixes the slides left over.
 - teacher, distill: every checkpoint folder of the run loads (``resdistill.checkpoint.
   load_model``) and the last is the last epoch asked for; against a clean run of the same
-  options, the final weights' largest difference is reported.
+  options, the final weights' largest difference is reported, not judged: a run resumed after
+  epoch k need not retrace the uninterrupted one (its loader is seeded at its start epoch).
 - teacher-targets: ``targets.json`` checks out (every array's sha256) and every shard's keys,
   logits and feature maps equal the clean set's (float16, so within 1e-2).
 - predict: every slide's row of ``slides.parquet`` has the clean run's status, class, tile
