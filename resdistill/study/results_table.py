@@ -35,7 +35,7 @@ from resdistill.study.claims import (
     rises,
 )
 from resdistill.study.grid import KIND_BASELINE, KIND_DISTILLED, KIND_TEACHER, KINDS
-from resdistill.study.records import cell_of
+from resdistill.study.records import cell_of, write_atomic
 
 N_BOOT = 1000
 Records = Sequence[Mapping[str, Any]]
@@ -226,14 +226,17 @@ def check_claims(rows: Sequence[Row], records: Mapping[str, Mapping[str, Any]]) 
 
 
 def write_table(rows: Sequence[Row], out: Path) -> list[Path]:
-    """``study.csv`` and ``study.parquet``: every row."""
+    """``study.csv`` and ``study.parquet``: every row, each written whole
+    (:func:`~resdistill.study.records.write_atomic`)."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist([asdict(r) for r in rows])
-    pq.write_table(table, out / "study.parquet")
-    pcsv.write_csv(table, out / "study.csv")
+    for name, write in (("study.parquet", pq.write_table), ("study.csv", pcsv.write_csv)):
+        sink = pa.BufferOutputStream()
+        write(table, sink)
+        write_atomic(out / name, sink.getvalue().to_pybytes())
     return [out / "study.csv", out / "study.parquet"]
 
 
@@ -316,7 +319,7 @@ def write_report(records: Mapping[str, Mapping[str, Any]], out: Path, header: st
     rows = build_rows(records)
     claims = check_claims(rows, records)
     write_table(rows, out)
-    (out / "summary.md").write_text(summary_markdown(rows, claims, header))
+    write_atomic(out / "summary.md", summary_markdown(rows, claims, header).encode())
     plot_flops(rows, out / "accuracy_vs_flops.png")
     plot_unlabelled(rows, out / "accuracy_vs_unlabeled.png")
     if console is not None:
