@@ -111,6 +111,11 @@ def predict_command(cfg: PredictConfig) -> int:
     from resdistill.train.run_lease import output_lease
     from sharding.storage import StorageError
 
+    try:  # the models and their read chains first: a refused run leaves no output folder
+        setup = settle(cfg)
+    except (UsageError, StorageError) as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return 2
     try:
         lease = output_lease(
             cfg.out, "resdistill predict", lambda line: print(f"note: {line}", file=sys.stderr)
@@ -119,11 +124,11 @@ def predict_command(cfg: PredictConfig) -> int:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
     with lease:
-        return _predict(cfg, lease)
+        return _predict(cfg, lease, setup)
 
 
-def _predict(cfg: PredictConfig, lease: Any) -> int:
-    """:func:`predict_command` once ``--out`` is leased."""
+def _predict(cfg: PredictConfig, lease: Any, setup: Setup) -> int:
+    """:func:`predict_command` once the models are loaded and ``--out`` is leased."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -136,7 +141,6 @@ def _predict(cfg: PredictConfig, lease: Any) -> int:
 
     err = Console(stderr=True, highlight=False)
     try:
-        setup = settle(cfg)
         store = open_storage(cfg.out)
         slides = settle_slides(
             cfg.slides, store, setup.settings(cfg.read), cfg.on_conflict, bool(cfg.annotations)
