@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,12 +61,14 @@ from benchmarks.chaos_checks import (  # noqa: E402
     check_run,
     check_targets,
 )
-from benchmarks.chaos_env import BUCKET, World, stop_group  # noqa: E402
+from benchmarks.chaos_env import BUCKET, World, group_alive, stop_group  # noqa: E402
 
 COMMANDS = ("shard", "teacher", "teacher-targets", "distill", "predict")
 #: Seconds each command may run before it counts as hung (times --bound-scale).
 BOUND_S = {"synth": 180, "shard": 240, "teacher": 360, "teacher-targets": 300, "distill": 360,
            "predict": 360}  # fmt: skip
+#: Seconds a command's process group may outlive its exit (helper processes winding down).
+LINGER_S = 15
 #: Per command, the markers a kill may wait for (see Chaos.marker for what each polls).
 MARKERS = {
     "shard": ("lease taken", "first slide planned", "first shard published"),
@@ -79,6 +82,8 @@ PY = [sys.executable, "-m", "resdistill"]
 
 @dataclass
 class Row:
+    """One line of the table: a clean reference run, or a kill and its rerun."""
+
     command: str
     round: str
     kill: str = "-"
@@ -91,6 +96,8 @@ class Row:
 
 @dataclass
 class Chaos:
+    """Runs, kills and reruns the commands in ``world`` under ``work``; collects the rows."""
+
     world: World
     work: Path
     quick: bool
@@ -115,12 +122,22 @@ class Chaos:
     def finish(
         self, proc: subprocess.Popen[bytes], argv: list[str], bound: float, t0: float
     ) -> int:
-        """Wait for ``proc`` until ``bound`` s after ``t0``; past it kill its group: a hang."""
+        """Wait for ``proc`` until ``bound`` s after ``t0``; past it kill its group: a hang.
+        Its group must be gone within :data:`LINGER_S` of its exit: a process it left behind
+        is a hang too."""
         try:
-            return proc.wait(timeout=max(0.1, t0 + bound - time.monotonic()))
+            rc = proc.wait(timeout=max(0.1, t0 + bound - time.monotonic()))
         except subprocess.TimeoutExpired:
             stop_group(proc)
             raise CheckFailed(f"hang: ran past its {bound:.0f} s bound: {' '.join(argv)}") from None
+        end = time.monotonic() + LINGER_S
+        while group_alive(proc.pid):
+            if time.monotonic() > end:
+                stop_group(proc)
+                raise CheckFailed(f"hang: left processes running {LINGER_S} s after it exited "
+                                  f"(exit {rc}): {' '.join(argv)}")  # fmt: skip
+            time.sleep(0.1)
+        return rc
 
     def run(self, command: str, argv: list[str], log: str) -> tuple[int, float]:
         t0 = time.monotonic()
@@ -128,7 +145,7 @@ class Chaos:
         return rc, time.monotonic() - t0
 
     def kill_run(self, command: str, argv: list[str], log: str, point: tuple[str, float | str],
-                 marker) -> str:  # fmt: skip
+                 marker: Callable[[], bool] | None) -> str:  # fmt: skip
         """Run ``argv`` and SIGKILL its process group at ``point``; what happened, one line."""
         kind, value = point
         what = f"{float(value):.1f} s" if kind == "delay" else f"'{value}'"
@@ -137,9 +154,9 @@ class Chaos:
         deadline = t0 + self.bound(command)
         while proc.poll() is None and time.monotonic() < deadline:
             now = time.monotonic() - t0
-            if (kind == "delay" and now >= float(value)) or (kind == "marker" and marker()):
+            if (kind == "delay" and now >= float(value)) or (marker is not None and marker()):
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=60)
+                self.finish(proc, argv, LINGER_S, time.monotonic())  # the whole group is gone
                 return f"{kind} {what}: killed at {now:.1f} s"
             time.sleep(0.05 if kind == "delay" else 0.1)
         if proc.poll() is None:
@@ -211,7 +228,7 @@ class Chaos:
             return str(self.work / tag / "predict")
         return f"{command}-{tag}"
 
-    def marker(self, command: str, out: str, name: str):  # noqa: ANN201
+    def marker(self, command: str, out: str, name: str) -> Callable[[], bool]:
         from sharding.lease import LEASE
         from sharding.storage import open_storage
 

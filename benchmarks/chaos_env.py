@@ -51,7 +51,7 @@ def _answers(endpoint: str) -> bool:
         return False
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """True while a process (not a zombie) of process group ``pgid`` is left."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
@@ -169,5 +169,5 @@ class World:
         # Ray's processes all live in the head's group: gone before their temp folder goes.
         for proc in self.procs:
             with contextlib.suppress(TimeoutError):
-                wait_for(lambda p=proc: not _group_alive(p.pid), 60, 0.1, "its group to end")
+                wait_for(lambda p=proc: not group_alive(p.pid), 60, 0.1, "its group to end")
         shutil.rmtree(self.tmp, ignore_errors=True)
