@@ -139,8 +139,14 @@ def fingerprint(path: str | os.PathLike[str]) -> SlideIdentity:
                 return b""
             rng = f"bytes={start}-{end - 1}"
             match = {"IfMatch": before.mtime_or_etag} if before.mtime_or_etag else {}
-            got = _s3(text, lambda c: c.get_object(Bucket=bucket, Key=key, Range=rng, **match))
-            return got["Body"].read()
+            return _retried(
+                text,
+                lambda: (
+                    s3_client()
+                    .get_object(Bucket=bucket, Key=key, Range=rng, **match)["Body"]
+                    .read()
+                ),
+            )
 
         head, tail = read(0, min(size, MIB)), read(tail_at, size)
     else:
@@ -155,6 +161,32 @@ def fingerprint(path: str | os.PathLike[str]) -> SlideIdentity:
             raise SlideError(f"{text}: the file changed while being read: wait for its copy to end")
     digest = hashlib.sha256(size.to_bytes(8, "little") + head + tail).hexdigest()
     return replace(before, sha256=digest)
+
+
+def _retried(url: str, read: Callable[[], bytes]) -> bytes:
+    """``read()`` again after a reset, stall or cut-short body, at most
+    :data:`~sharding.storage.s3_read.READ_RETRIES` times with doubling backoff (the bound of
+    every S3 read); then one :class:`SlideError` line naming the slide."""
+    import time
+
+    from .storage.s3_read import READ_BACKOFF, READ_RETRIES, _one_line, _transient
+
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            return read()
+        except Exception as exc:  # noqa: BLE001 - one line for the user, whatever boto3 raised
+            if not _transient(exc):
+                raise SlideError(
+                    f"{url}: cannot read the slide from S3 ({_one_line(exc)}): check the URL "
+                    "and access"
+                ) from None
+            if attempt == READ_RETRIES:
+                raise SlideError(
+                    f"{url}: reading it failed {READ_RETRIES + 1} times ({_one_line(exc)}): "
+                    "check the network and the endpoint"
+                ) from None
+            time.sleep(READ_BACKOFF * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def identify(path: str, recorded: SlideIdentity | None = None) -> SlideIdentity:
