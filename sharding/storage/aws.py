@@ -55,16 +55,9 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 def read_timeout() -> float:
     """``$RESDISTILL_S3_READ_TIMEOUT`` (seconds), else :data:`DEFAULT_READ_TIMEOUT`."""
-    value = os.environ.get(READ_TIMEOUT_ENV)
-    if not value:
-        return DEFAULT_READ_TIMEOUT
-    try:
-        out = float(value)
-    except ValueError:
-        raise ValueError(f"{READ_TIMEOUT_ENV}={value!r} is not a number of seconds") from None
-    if not out > 0:
-        raise ValueError(f"{READ_TIMEOUT_ENV} must be positive, got {value}")
-    return out
+    from .base import positive_env
+
+    return positive_env(READ_TIMEOUT_ENV, DEFAULT_READ_TIMEOUT, float, "seconds")
 
 
 def s3_client() -> Any:

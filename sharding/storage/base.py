@@ -56,6 +56,21 @@ class Storage(Protocol):
     def check(self) -> None: ...
 
 
+def positive_env(name: str, default: float, cast: type, unit: str) -> float:
+    """``$name`` read with ``cast`` (a tuning knob of the storage layer), else ``default``;
+    ValueError naming the variable when it is not a positive number of ``unit``."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        out = cast(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a number of {unit}") from None
+    if not out > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return out
+
+
 def is_remote(url: str | os.PathLike[str]) -> bool:
     """True for ``s3://`` URLs, False for local paths and ``file://`` URLs."""
     return str(url).lower().startswith("s3://")

@@ -56,16 +56,9 @@ _CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", 
 
 
 def _default_threshold() -> int:
-    value = os.environ.get(MULTIPART_THRESHOLD_ENV)
-    if not value:
-        return DEFAULT_MULTIPART_THRESHOLD
-    try:
-        out = int(value)
-    except ValueError:
-        raise ValueError(f"{MULTIPART_THRESHOLD_ENV}={value!r} is not a number of bytes") from None
-    if out < 1:
-        raise ValueError(f"{MULTIPART_THRESHOLD_ENV} must be positive, got {out}")
-    return out
+    from .base import positive_env
+
+    return int(positive_env(MULTIPART_THRESHOLD_ENV, DEFAULT_MULTIPART_THRESHOLD, int, "bytes"))
 
 
 class S3Storage:
