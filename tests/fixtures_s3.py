@@ -13,6 +13,7 @@ and its objects are removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -141,3 +142,22 @@ def s3_bucket(s3_server: str) -> Iterator[str]:
         except Exception:  # noqa: BLE001 - cleanup of an in-memory server; never mask the test
             pass
         client.close()
+
+
+@contextlib.contextmanager
+def endpoint_ignoring_if_match() -> Iterator[None]:
+    """The S3 client drops ``If-Match`` from PutObject while inside: an endpoint that ignores
+    conditional writes (some S3-compatible stores do)."""
+    from sharding.storage import s3_client
+
+    client = s3_client()
+
+    def drop_condition(request, **_kw) -> None:  # noqa: ANN001 - botocore's event signature
+        if "If-Match" in request.headers:
+            del request.headers["If-Match"]
+
+    client.meta.events.register("before-sign.s3.PutObject", drop_condition)
+    try:
+        yield
+    finally:
+        client.meta.events.unregister("before-sign.s3.PutObject", drop_condition)

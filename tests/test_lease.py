@@ -23,6 +23,7 @@ from sharding.lease import LEASE, Lease, LeaseHeld, LeaseLost
 from sharding.lease_holder import this_boot_id
 from sharding.storage import StorageError, open_storage, s3_client
 from tests.fixtures_ray import wait_for
+from tests.fixtures_s3 import endpoint_ignoring_if_match
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,18 +82,11 @@ def test_endpoint_ignoring_if_match_is_refused_when_the_lease_is_taken(s3_bucket
     """Heartbeats are ``If-Match`` writes: an endpoint that drops the condition is refused when
     the run starts (not minutes later), and the refused run leaves no lease behind."""
     store = open_storage(f"{s3_bucket}/ds")
-    client = s3_client()
-
-    def drop_condition(request, **_kw) -> None:
-        if "If-Match" in request.headers:
-            del request.headers["If-Match"]
-
-    client.meta.events.register("before-sign.s3.PutObject", drop_condition)
-    try:
-        with pytest.raises(StorageError, match=r"ignores conditional writes \(If-Match"):
-            Lease(store).acquire()
-    finally:
-        client.meta.events.unregister("before-sign.s3.PutObject", drop_condition)
+    with (
+        endpoint_ignoring_if_match(),
+        pytest.raises(StorageError, match=r"ignores conditional writes \(If-Match"),
+    ):
+        Lease(store).acquire()
     assert store.list() == []
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sharding.storage import StorageError, open_storage, s3_client
+from sharding.storage import StorageError, open_storage
+from tests.fixtures_s3 import endpoint_ignoring_if_match
 
 MEMBER = "_state/lease.json"
 
@@ -65,18 +66,11 @@ def test_endpoint_ignoring_if_match_is_refused(s3_bucket: str) -> None:
     store = open_storage(s3_bucket)
     store.write_bytes(MEMBER, b"held by someone")
     _, version = store.read_versioned(MEMBER)
-    client = s3_client()
-
-    def drop_condition(request, **_kw) -> None:
-        if "If-Match" in request.headers:
-            del request.headers["If-Match"]
-
-    client.meta.events.register("before-sign.s3.PutObject", drop_condition)
-    try:
-        with pytest.raises(StorageError, match=r"ignores conditional writes \(If-Match") as info:
-            store.replace_if(MEMBER, b"mine", version)
-    finally:
-        client.meta.events.unregister("before-sign.s3.PutObject", drop_condition)
+    with (
+        endpoint_ignoring_if_match(),
+        pytest.raises(StorageError, match=r"ignores conditional writes \(If-Match") as info,
+    ):
+        store.replace_if(MEMBER, b"mine", version)
     assert "\n" not in str(info.value)
     assert store.read_bytes(MEMBER) == b"held by someone", "the refused write changed nothing"
     assert store.list() == [MEMBER]
