@@ -167,6 +167,15 @@ class LossConfig:
     feature_loss: str = opt("mse", "distance of the feature maps", choices=FEATURE_LOSSES)
     feature_resize: str = opt("maxpool", "how the teacher's feature map is brought to the "
                               "student's size", choices=FEATURE_RESIZES)  # fmt: skip
+    feature_grid: int = opt(
+        0, "where the feature term compares maps: 0, the student's last conv map against the "
+        "teacher's pooled to its size (the paper; one cell, the global maximum, on tiles under "
+        "64 px at the student's magnification); N >= 2, an N x N grid: the deepest student "
+        "stage with N x N cells or more, through a learnt 1x1 projection, against the "
+        "teacher's last map, both pooled to N x N (spatial correspondence at 2.5x and 1.25x)")  # fmt: skip
+    kd_threshold: float = opt(
+        0.0, "confidence masking of the KD term (FixMatch): only tiles whose teacher's top "
+        "softmax probability at T=1 reaches this teach (0: every tile, the paper)")  # fmt: skip
     attention_weight: float = opt(
         0.0, "weight of inter-resolution attention transfer (del Amor et al. 2024): the "
         "student's class attention map (Grad-CAM of the teacher's class) matched to the "
@@ -182,6 +191,10 @@ class LossConfig:
         check(0.0 <= self.label_smoothing < 1.0, "--label-smoothing", "must be in [0, 1)")
         check_choice(LossConfig, self, "feature_loss")
         check_choice(LossConfig, self, "feature_resize")
+        check(self.feature_grid == 0 or self.feature_grid >= 2, "--feature-grid",
+              "must be 0 (the last map) or at least 2")  # fmt: skip
+        check(0.0 <= self.kd_threshold < 1.0, "--kd-threshold", "must be in [0, 1)")
+
 
 
 @dataclass(frozen=True)

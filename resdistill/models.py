@@ -116,6 +116,18 @@ class ResNetClassifier(nn.Module):
         f = self.features(x)
         return self.head(f), f
 
+    def stage_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(logits, [layer1(...), layer2(...), layer3(...), layer4(...)])`` in one pass: the
+        output of every stage (strides 4, 8, 16, 32), the last one :meth:`features`' map, for a
+        loss on an earlier stage (``--feature-grid``, :mod:`resdistill.train.feature_tap`)."""
+        n = self.net
+        f = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        maps = []
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+            f = layer(f)
+            maps.append(f)
+        return self.head(f), maps
+
     def config(self) -> dict[str, Any]:
         """Constructor arguments, stored in checkpoints next to the weights."""
         return {"arch": self.arch, "num_classes": self.num_classes}

@@ -112,6 +112,27 @@ def test_kd_rejects_bad_input() -> None:
         KDLoss()(torch.zeros(0, 3), torch.zeros(0, 3))
 
 
+def test_kd_threshold_masks_unconfident_teachers_by_hand() -> None:
+    """FixMatch's rule: a sample teaches only when the teacher's top probability at T=1 reaches
+    the threshold; the sum is over the kept samples, divided by the whole batch."""
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [0.3, 0.1, 0.2]])
+    t = torch.tensor([[6.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 5.0]])
+    top = torch.softmax(t, 1).amax(1)
+    assert top[0] > 0.95 and top[1] < 0.95 and top[2] > 0.95
+    for temperature in (1.0, 4.0):
+        kept = [kd_by_hand(s[i : i + 1], t[i : i + 1], temperature) for i in (0, 2)]
+        loss = KDLoss(temperature, threshold=0.95)
+        assert loss(s, t).item() == pytest.approx(sum(kept) / 3, rel=1e-5)
+        assert loss.confident(t).tolist() == [True, False, True]
+    assert KDLoss(1.0, 0.0)(s, t).item() == pytest.approx(kd_by_hand(s, t, 1.0), rel=1e-5)
+    assert KDLoss(1.0, 0.999)(s, t).item() == 0.0  # nobody confident enough: no signal
+    with pytest.raises(ValueError, match="threshold"):
+        KDLoss(1.0, 1.0)
+    total, parts = DistillLoss(feature_weight=0.0, temperature=1.0, kd_threshold=0.95)(s, t)
+    assert parts["kd_kept"].item() == pytest.approx(2 / 3)
+    assert "kd_kept" not in DistillLoss(feature_weight=0.0)(s, t)[1]
+
+
 # ----------------------------------------------------------------------------- feature maps
 def test_resnet18_feature_map_sides(resnet18_maps: dict[str, torch.Tensor]) -> None:
     for mag, side in EXPECTED_SIDE.items():
@@ -253,6 +274,7 @@ def test_distill_forward_takes_no_labels() -> None:
         "student_features",
         "teacher_features",
         "student_head",
+        "student_hint",  # another student map, for the feature grid
     ]
     with pytest.raises(TypeError):
         DistillLoss()(torch.zeros(2, 3), torch.zeros(2, 3), labels=torch.zeros(2))  # type: ignore[call-arg]

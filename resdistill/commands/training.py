@@ -27,6 +27,8 @@ KD_FIELDS = (
     "loss.feature_loss",
     "loss.feature_resize",
     "loss.attention_weight",
+    "loss.feature_grid",
+    "loss.kd_threshold",
 )
 
 

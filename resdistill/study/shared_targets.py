@@ -9,7 +9,8 @@ loss at the student's cost alone (flips and rotations are applied to the stored 
 :mod:`resdistill.train.targets`).
 
 Only runs the stored outputs can serve read them (:func:`can_share`): no colour or stain jitter
-(the teacher saw the un-jittered tile), max-pooled feature maps, no attention term. The others,
+(the teacher saw the un-jittered tile), max-pooled feature maps on the student's last map (no
+``--feature-grid``: the stored maps are pooled to that map's size), no attention term. The others,
 a recipe with colour jitter for instance, run their teacher online, as does every run's label-free
 validation (:mod:`resdistill.train.selection`). Targets live in ``<out>/targets/<teacher sha256
 [:16]>`` and are kept for ``--resume``; distillation refuses targets of another teacher or
@@ -33,7 +34,8 @@ def can_share(cfg: TrainConfig) -> bool:
     d, loss = cfg.data, cfg.loss
     return (cfg.stage == STAGE_DISTILL and cfg.teacher is not None and not d.targets
             and not any(float(v) for v in d.jitter or ()) and not any(d.hed_jitter)
-            and loss.feature_resize == "maxpool" and loss.attention_weight == 0)  # fmt: skip
+            and loss.feature_resize == "maxpool" and loss.attention_weight == 0
+            and not (loss.feature_grid and loss.feature_weight > 0))  # fmt: skip
 
 
 def share_targets(

@@ -84,6 +84,11 @@ def _check_targets(cfg: TrainConfig, note: Callable[[str], None]) -> TrainConfig
         raise UsageError(
             "--targets stores max-pooled teacher maps: --feature-resize must be maxpool"
         )
+    if cfg.loss.feature_grid and cfg.loss.feature_weight > 0:
+        raise UsageError(
+            "--targets stores teacher maps pooled to the student's last map: --feature-grid "
+            "needs the teacher's own map; distil online (without --targets)"
+        )
     if any(float(v) for v in cfg.data.hed_jitter):
         raise UsageError(
             "--hed-jitter is not allowed with --targets: the teacher's stored outputs are of the "

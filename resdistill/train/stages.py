@@ -24,7 +24,8 @@ from torch import nn
 from resdistill import data as D
 from resdistill.config import STAGE_DISTILL, TrainConfig
 from resdistill.data.augment import paired_augment
-from resdistill.models import build_model
+from resdistill.train.feature_tap import feature_tap
+from resdistill.train.head import HeadStage, build_network
 from resdistill.train.selection import selection
 from resdistill.train.teacher_net import (
     DistillStep,
@@ -129,7 +130,7 @@ class SupervisedStage:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         cfg = ctx.cfg
-        self.network = build_model(cfg.model.arch, ctx.info.num_classes)
+        self.network = build_network(cfg, ctx.info)
         self.trainable = self.network
         self.ce = nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
 
@@ -190,7 +191,7 @@ class DistillStage:
         self.cached = cfg.plan.targets
         # built in this order after the seed: the student's init, then the teacher's, then the
         # loss's projection, so every run with the same seed starts from the same weights
-        self.network = build_model(cfg.model.arch, ctx.info.num_classes)
+        self.network = build_network(cfg, ctx.info)
         self.teacher = None
         self.by_loss = selection(cfg).rule == "distill-loss"
         self.val_pairs: Any = None
@@ -203,8 +204,9 @@ class DistillStage:
         if cfg.loss.attention_weight > 0:
             head = (self.teacher.net.head_weight.detach() if self.teacher is not None
                     else teacher_head_weight(ref.checkpoint))  # fmt: skip
-        self.loss = build_loss(cfg.loss, self.network.feature_channels, ref.feature_channels, head)
-        self.trainable = DistillStep(self.network, self.loss)
+        tap = feature_tap(self.network, ctx.info.tile_px[cfg.model.mag], cfg.loss.feature_grid)
+        self.loss = build_loss(cfg.loss, tap.channels, ref.feature_channels, head)
+        self.trainable = DistillStep(self.network, self.loss, None if tap.last else tap.stage)
         self.find_unused = cfg.loss.kd_weight == 0
         self.teacher_val: dict[str, float] = {}
 
@@ -277,6 +279,7 @@ class DistillStage:
             "train_kd": parts["kd"].detach() * b,
             "train_feature": parts["feature"].detach() * b,
             **({"train_attention": parts["attention"].detach() * b} if self.loss.attention else {}),
+            **({"train_kd_kept": parts["kd_kept"] * b} if "kd_kept" in parts else {}),
             "train_agreement": (logits.detach().argmax(1) == t_logits.argmax(1)).sum(),
         }
 
@@ -307,7 +310,10 @@ class DistillStage:
 
 
 def make_stage(ctx: WorkerContext) -> Stage:
-    """The stage of ``ctx.cfg.stage``: distillation, or supervised (teacher and baseline)."""
+    """The stage of ``ctx.cfg.stage``: distillation, or supervised (teacher and baseline), on a
+    frozen backbone's cached embeddings when the plan has them (:mod:`resdistill.train.head`)."""
     if ctx.cfg.stage == STAGE_DISTILL:
         return DistillStage(ctx)
+    if ctx.cfg.plan is not None and ctx.cfg.plan.embeddings is not None:
+        return HeadStage(ctx)  # a frozen backbone: the head learns from cached embeddings
     return SupervisedStage(ctx)

@@ -98,20 +98,28 @@ class DistillStep(nn.Module):
 
     ``forward(x_s, t_logits, t_features) -> (total, parts, s_logits)`` with ``(s_logits,
     s_features) = student(x_s)`` and ``(total, parts) = loss(s_logits, t_logits, s_features,
-    t_features)``: no label anywhere.
+    t_features)``: no label anywhere. With ``stage`` (1..3, :mod:`resdistill.train.feature_tap`)
+    the feature term reads that stage's map instead of the last one (``student_hint``).
     """
 
-    def __init__(self, student: nn.Module, loss: DistillLoss) -> None:
+    def __init__(self, student: nn.Module, loss: DistillLoss, stage: int | None = None) -> None:
         super().__init__()
         self.student = student
         self.loss = loss
+        self.stage = stage
 
     def forward(
         self, x: torch.Tensor, t_logits: torch.Tensor, t_features: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        s_logits, s_features = self.student(x)
+        hint = None
+        if self.stage is None:
+            s_logits, s_features = self.student(x)
+        else:
+            s_logits, maps = self.student.stage_maps(x)
+            s_features, hint = maps[-1], maps[self.stage - 1]
         head = self.student.head_weight if self.loss.attention is not None else None
-        total, parts = self.loss(s_logits, t_logits, s_features, t_features, head)
+        total, parts = self.loss(s_logits, t_logits, s_features, t_features, head,
+                                 student_hint=hint)  # fmt: skip
         return total, parts, s_logits
 
 
@@ -122,13 +130,15 @@ def build_loss(
     teacher_head: torch.Tensor | None = None,
 ) -> DistillLoss:
     """:class:`DistillLoss` from a :class:`~resdistill.config.LossConfig` (or a mapping of its
-    temperature, kd_weight, feature_weight, feature_loss, feature_resize, attention_weight);
-    with a trainable 1x1 projection ``student_channels -> teacher_channels`` only when the two
-    differ and the feature term is on; ``teacher_head`` (the teacher's head weight) is needed
-    when the attention term is on."""
+    temperature, kd_weight, feature_weight, feature_loss, feature_resize, attention_weight,
+    feature_grid, kd_threshold); with a trainable 1x1 projection ``student_channels ->
+    teacher_channels`` when the two differ or the feature grid is on (``student_channels``:
+    those of the map the feature term reads), and the feature term on; ``teacher_head`` (the
+    teacher's head weight) is needed when the attention term is on."""
     if isinstance(loss_cfg, LossConfig):
         loss_cfg = asdict(loss_cfg)
-    proj = student_channels != teacher_channels
+    grid = int(loss_cfg.get("feature_grid", 0))
+    proj = student_channels != teacher_channels or grid > 0
     return DistillLoss(
         kd_weight=loss_cfg["kd_weight"],
         feature_weight=loss_cfg["feature_weight"],
@@ -139,6 +149,8 @@ def build_loss(
         teacher_channels=teacher_channels if proj else None,
         attention_weight=float(loss_cfg.get("attention_weight", 0.0)),
         teacher_head=teacher_head,
+        kd_threshold=float(loss_cfg.get("kd_threshold", 0.0)),
+        feature_grid=grid,
     )
 
 
