@@ -37,6 +37,7 @@ from resdistill.option_values import (  # noqa: F401 - re-exported: one place to
     DEVICES,
     FEATURE_LOSSES,
     FEATURE_RESIZES,
+    MODEL_FORMS,
     OPTIMIZERS,
     SCHEDULES,
     STAGE_DISTILL,
@@ -267,14 +268,16 @@ class RunOptions:
 class TeacherRef:
     """The frozen teacher of a distillation run.
 
-    From the command line only ``checkpoint``, ``mag`` and ``evaluate`` are known;
-    :func:`resdistill.train.preflight.prepare` reads the checkpoint and fills the rest.
+    From the command line only ``checkpoint`` (any model argument, see
+    :mod:`resdistill.model_spec`), ``mag`` and ``evaluate`` are known;
+    :func:`resdistill.train.preflight.prepare` resolves ``checkpoint`` to the checkpoint folder,
+    reads it and fills the rest.
     """
 
     checkpoint: str = opt(
-        help="teacher checkpoint folder (local or s3://), as printed by `resdistill teacher`; "
-        "required unless --supervised (then only its architecture is used, as --arch's "
-        "default)", flag="--teacher")  # fmt: skip
+        help=f"the teacher: {MODEL_FORMS}, as `resdistill teacher` prints them; required unless "
+        "--supervised (then only its architecture is used, as --arch's default)",
+        flag="--teacher")  # fmt: skip
     arch: str = opt("", cli=False)
     mag: str = opt("", "magnification fed to the teacher (default: the one it was trained at)",
                    flag="--teacher-mag")  # fmt: skip

@@ -40,6 +40,11 @@ ATTENTION_MIN_PX = 64
 #: ``--stain-norm`` methods (see :mod:`resdistill.data.stain_norm`); "" is off.
 STAIN_NORMS = ("reinhard", "macenko")
 DEFAULT_METRIC = "val_macro_f1"
+#: What every model argument accepts (resolved by :func:`resdistill.model_spec.resolve_spec`).
+MODEL_FORMS = (
+    "a checkpoint folder, a run folder (its best checkpoint), a run summary JSON "
+    "(--summary-json) or a tune result JSON; local or s3://"
+)
 #: ``--device`` of every command: ``auto`` is cuda when GPUs are there (the Ray cluster's for
 #: training and prediction, this machine's for evaluation), else cpu (:func:`resolve_device`).
 DEVICES = ("auto", "cpu", "cuda")

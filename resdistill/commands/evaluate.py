@@ -12,8 +12,9 @@ SPEC = CommandSpec(
     config=EvaluateConfig,
     summary="score checkpoints on a split: metrics with CIs, compute table, plots",
     description="""\
-Each CKPT is a checkpoint folder printed by a run (local or s3://.../checkpoint_epochNNNN), its
-model.pt, a tune result JSON {"checkpoint": url, "config": {...}} or a run summary JSON. Every
+Each CKPT (and TEACHER_CKPT) is a checkpoint folder printed by a run (.../checkpoint_epochNNNN),
+its model.pt, a run folder (its best checkpoint), a run summary JSON (--summary-json) or a tune
+result JSON {"checkpoint": url, "config": {...}}, local or s3://. Every
 model reads the split at its own magnification (a teacher at 10x, students at 5x or 2.5x...)
 with its own normalization, in eval mode, without augmentation.
 

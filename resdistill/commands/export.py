@@ -12,8 +12,8 @@ SPEC = CommandSpec(
     config=ExportConfig,
     summary="write a checkpoint as one TorchScript or ONNX file with its normalisation and classes",
     description="""\
-CKPT is a checkpoint folder (local or s3://), its model.pt, a tune result JSON or a run summary
-JSON. The file holds the network and its normalisation, and a metadata document
+CKPT is a checkpoint folder, its model.pt, a run folder (its best checkpoint), a run summary
+JSON (--summary-json) or a tune result JSON, local or s3://. The file holds the network and its normalisation, and a metadata document
 (resdistill.json): class names, magnification, tile size, mean/std, the dataset's read chain,
 the source checkpoint and the resdistill version.
 

@@ -10,7 +10,8 @@ SPEC = CommandSpec(
     config=PredictConfig,
     summary="classify slides and draw tile-probability heatmaps, on Ray Data",
     description="""\
-CKPT is a checkpoint folder (local or s3://), its model.pt or a tune result JSON. Each SLIDE (a
+CKPT (and TEACHER_CKPT) is a checkpoint folder, its model.pt, a run folder (its best checkpoint),
+a run summary JSON (--summary-json) or a tune result JSON, local or s3://. Each SLIDE (a
 file OpenSlide reads, a folder scanned for them, or an s3:// slide or prefix) is read as the
 dataset the model was trained on was sharded (--read as-trained: the checkpoint's read chain,
 the same tissue mask and grid of regions at the dataset's top magnification, each region reduced

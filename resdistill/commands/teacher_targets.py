@@ -26,7 +26,7 @@ or in this process with --local.
 exit codes: 0 done; 2 unusable input (dataset, teacher, splits or magnifications).""",
     examples=(
         "resdistill teacher-targets --data s3://bucket/ds --teacher s3://bucket/runs/t1/ckpt",
-        "resdistill teacher-targets --data ds/ --teacher runs/t1/checkpoint_epoch0020 --local",
+        "resdistill teacher-targets --data ds/ --teacher runs/t1 --local",
         "resdistill teacher-targets --config ds/_targets/TEACHER_SHA/config.yaml --splits train",
     ),
 )

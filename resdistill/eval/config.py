@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from resdistill.cascade.curve import DEFAULT_THRESHOLDS, parse_thresholds
 from resdistill.cascade.rules import check_threshold
-from resdistill.config import DEVICES
+from resdistill.config import DEVICES, MODEL_FORMS
 from resdistill.fields import ConfigError, check, check_choice, opt
 
 __all__ = ["SPLITS", "EvaluateConfig"]
@@ -26,7 +26,7 @@ class EvaluateConfig:
     """Which models are scored on which split, the bootstrap, the speed measurement, a cascade."""
 
     checkpoints: tuple[str, ...] = opt(
-        help="checkpoint folder, model.pt or tune result JSON (one or more)", positional=True,
+        help=f"the models, one or more: {MODEL_FORMS}", positional=True,
         required=True, metavar="CKPT")  # fmt: skip
     data: str = opt(help="dataset root: a folder or s3://bucket/prefix", required=True)
     split: str = opt("test", "split to score", choices=SPLITS)

@@ -1,6 +1,6 @@
 """Evaluate trained models on a dataset split: tile and slide metrics, compute cost.
 
-Pipeline for each model (a checkpoint folder, its ``model.pt``, or a tune result JSON)::
+Pipeline for each model (any model argument, :mod:`resdistill.model_spec`)::
 
     load_model(spec)                      weights + card (stage, arch, classes, mag, tile_px,
                                           normalization) from ``model.pt`` (local or s3://),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from resdistill.config import MODEL_FORMS
 from resdistill.export import FORMATS
 from resdistill.fields import ConfigError, opt
 
@@ -22,8 +23,8 @@ __all__ = ["ExportConfig"]
 class ExportConfig:
     """Which checkpoint is exported, in which format, to which file."""
 
-    checkpoint: str = opt(help="checkpoint folder, model.pt or tune result JSON", positional=True,
-                          required=True, metavar="CKPT")  # fmt: skip
+    checkpoint: str = opt(help=f"the model: {MODEL_FORMS}", positional=True, required=True,
+                          metavar="CKPT")  # fmt: skip
     format: str = opt("torchscript", "file format", choices=tuple(FORMATS),
                       metavar="|".join(FORMATS))  # fmt: skip
     out: str | None = opt(

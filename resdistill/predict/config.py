@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from resdistill.cascade.rules import DEFAULT_ESCALATE, check_threshold
-from resdistill.config import DEVICES
+from resdistill.config import DEVICES, MODEL_FORMS
 from resdistill.fields import ConfigError, check, check_choice, opt
 from resdistill.predict.heatmaps import DEFAULT_HEATMAP_PX
 from resdistill.read_chain import READ_MODES
@@ -25,8 +25,8 @@ __all__ = ["PredictConfig"]
 class PredictConfig:
     """Which model scores which slides, how they are read, and what is drawn and where."""
 
-    checkpoint: str = opt(help="checkpoint folder, model.pt or tune result JSON",
-                          positional=True, required=True, metavar="CKPT")  # fmt: skip
+    checkpoint: str = opt(help=f"the model: {MODEL_FORMS}", positional=True, required=True,
+                          metavar="CKPT")  # fmt: skip
     slides: tuple[str, ...] = opt(
         help="slide files, folders scanned for them, or s3:// slides or prefixes",
         positional=True, required=True, metavar="SLIDE")  # fmt: skip
@@ -47,8 +47,8 @@ class PredictConfig:
         "the model's magnification from the best pyramid level at or above it, the cheap read",
         choices=READ_MODES)  # fmt: skip
     cascade: str | None = opt(
-        None, "teacher checkpoint: tiles the model is unsure of are scored by the teacher",
-        metavar="TEACHER_CKPT")  # fmt: skip
+        None, "the cascade's teacher (any form CKPT takes): tiles the model is unsure of are "
+        "scored by the teacher", metavar="TEACHER_CKPT")  # fmt: skip
     escalate: float | None = opt(
         None, "with --cascade: escalate tiles whose top probability is under T (default: "
         f"{DEFAULT_ESCALATE:g})", metavar="T")  # fmt: skip

@@ -60,8 +60,8 @@ def check(cfg: TrainConfig, note: Callable[[str], None] = _stderr_note) -> Train
     if cfg.stage == STAGE_DISTILL:
         if cfg.teacher is None:
             raise UsageError(
-                "--teacher is required: a teacher checkpoint folder (or pass --supervised for "
-                "the labels-only baseline)"
+                "--teacher is required: a teacher checkpoint, run folder or run summary JSON "
+                "(or pass --supervised for the labels-only baseline)"
             )
         if not loss.temperature > 0:
             raise UsageError("--temperature must be positive")
@@ -127,7 +127,8 @@ def _train_slides(
 
 
 def teacher_ref(url: str, classes: Sequence[str], *, evaluate: bool = True) -> TeacherRef:
-    """Read a teacher checkpoint and check it against the dataset's ``classes``.
+    """Read a teacher checkpoint (``url``: any model argument,
+    :mod:`resdistill.model_spec`) and check it against the dataset's ``classes``.
 
     Read by :func:`resdistill.checkpoint.load_model` (``weights_only=True``; the weights built
     into the stored ``arch`` to prove they fit), as every checkpoint is. The reference's
@@ -137,21 +138,13 @@ def teacher_ref(url: str, classes: Sequence[str], *, evaluate: bool = True) -> T
     :class:`UsageError` (one line) when it is not a readable checkpoint or its classes (names and
     order) differ from the dataset's.
     """
-    from resdistill.checkpoint import (
-        MODEL_FILE,
-        CheckpointError,
-        absolute_url,
-        load_model,
-        normalization_of,
-        resolve_spec,
-    )
+    from resdistill.checkpoint import CheckpointError, absolute_url, load_model, normalization_of
+    from resdistill.model_spec import checkpoint_folder
     from resdistill.models import ARCHITECTURES
 
     url = absolute_url(url)
-    try:
-        if resolve_spec(url)[1] != MODEL_FILE:  # workers reread <folder>/model.pt
-            raise CheckpointError(f"{url}: name the teacher by its checkpoint folder or model.pt")
-        teacher = load_model(url)
+    try:  # any model argument's form; workers reread <folder>/model.pt
+        teacher = load_model(checkpoint_folder(url))
     except CheckpointError as exc:
         raise UsageError(f"cannot load the teacher: {exc}") from None
     t_classes = list(teacher.classes)

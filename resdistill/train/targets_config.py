@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from resdistill.fields import check, opt
+from resdistill.option_values import MODEL_FORMS
 
 __all__ = ["TargetsConfig"]
 
@@ -20,7 +21,7 @@ class TargetsConfig:
     """Which teacher is run over which dataset, for which students, and where it is stored."""
 
     data: str = opt(help="dataset root: a folder or s3://bucket/prefix", required=True)
-    teacher: str = opt(help="teacher checkpoint folder (local or s3)", required=True)
+    teacher: str = opt(help=f"the teacher: {MODEL_FORMS}", required=True)
     out: str | None = opt(None, "targets root (default: <data>/_targets/<teacher sha256[:16]>)")
     splits: tuple[str, ...] | None = opt(None, "comma list of splits (default: every split)")
     student_mags: tuple[str, ...] | None = opt(
