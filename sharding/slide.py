@@ -46,6 +46,10 @@ class SlideInfo:
     level_downsamples: tuple[float, ...]
     level_dimensions: tuple[tuple[int, int], ...]
     vendor: str | None
+    #: level-0 offset of the slide's non-empty region, ``openslide.bounds-x/-y`` (OpenSlide sets
+    #: them for MIRAX and other sparse formats; (0, 0) otherwise): where QuPath, which crops a
+    #: slide to those bounds when it opens it, puts its origin (see :func:`bounds_origin`)
+    origin: tuple[int, int] = (0, 0)
 
 
 def _float(props: dict, key: str) -> float | None:
@@ -54,6 +58,23 @@ def _float(props: dict, key: str) -> float | None:
     except (KeyError, TypeError, ValueError):
         return None
     return value if math.isfinite(value) and value > 0 else None
+
+
+def bounds_origin(props: dict) -> tuple[int, int]:
+    """``(openslide.bounds-x, openslide.bounds-y)`` of a slide's properties, (0, 0) when absent.
+
+    Coordinates in QuPath (its annotations, GeoJSON imports and exports) are those of the image
+    cropped to these bounds unless the image was added with ``--no-crop``: level-0 pixel
+    ``(x, y)`` of OpenSlide is ``(x - bounds-x, y - bounds-y)`` in QuPath.
+    """
+
+    def whole(key: str) -> int:
+        try:
+            return int(props.get(key) or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    return whole("openslide.bounds-x"), whole("openslide.bounds-y")
 
 
 def base_mpp_from_properties(
@@ -145,6 +166,7 @@ def slide_info(slide, path: str, mpp_override: float | None = None) -> SlideInfo
         level_downsamples=tuple(float(d) for d in slide.level_downsamples),
         level_dimensions=tuple((int(w), int(h)) for w, h in slide.level_dimensions),
         vendor=slide.properties.get("openslide.vendor"),
+        origin=bounds_origin(props),
     )
 
 

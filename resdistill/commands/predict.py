@@ -33,7 +33,9 @@ and <slide>.heatmap-classes.png, parts/<slide>.tiles.parquet; at the end slides.
 per slide, failed ones with their reason) and tiles.parquet; config.yaml holds the resolved
 options (--config on it repeats the run). A rerun skips the slides already done. With
 --annotations (QuPath GeoJSON, matched to slides as `resdistill shard --annotations` does) each
-slide's outlines are drawn over its heatmaps.
+slide's outlines are drawn over its heatmaps. With --geojson, <slide>.geojson holds the tiles as
+QuPath detections (class and p_<class> measurements) and/or the merged class regions as
+annotations, in QuPath's pixels (File > Import objects).
 
 exit codes: 0 all slides predicted; 1 some slides failed or annotation files unusable (listed);
 2 unusable checkpoint or options.""",
@@ -41,6 +43,7 @@ exit codes: 0 all slides predicted; 1 some slides failed or annotation files unu
         "resdistill predict runs/s2p5x/checkpoint_epoch0010 slide.svs --out preds/",
         "resdistill predict s3://b/runs/s2p5x/ckpt s3://b/cohort/ --out s3://b/preds --address auto",
         "resdistill predict STUDENT_CKPT slides/ --cascade TEACHER_CKPT --escalate 0.9 --out p/",
+        "resdistill predict runs/s2p5x slides/ --out preds/ --geojson both",
         "resdistill predict --config preds/config.yaml --read native --out preds-native/",
     ),
 )

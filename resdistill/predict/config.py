@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from resdistill.cascade.rules import DEFAULT_ESCALATE, check_threshold
 from resdistill.config import DEVICES, MODEL_FORMS
 from resdistill.fields import ConfigError, check, check_choice, opt
+from resdistill.predict.geojson import GEOJSON_MODES, GeoJSONOptions
 from resdistill.predict.heatmaps import DEFAULT_HEATMAP_PX
 from resdistill.read_chain import READ_MODES
 from sharding.options import ON_CONFLICT
@@ -70,6 +71,15 @@ class PredictConfig:
         None, "folder or s3:// prefix of QuPath GeoJSON exports, one <slide>.geojson per slide "
         "(as for shard): their outlines are drawn over the slide's heatmaps; slides without a "
         "file are predicted without outlines", metavar="DIR_OR_URL")  # fmt: skip
+    geojson: str = opt(
+        "", "also write <slide>.geojson for QuPath's File > Import objects: 'tiles' (the flag "
+        "alone) one detection per region with its class and p_<class> measurements; 'regions' "
+        "one annotation per predicted class, merged; 'both'", choices=GEOJSON_MODES,
+        const="tiles", metavar="{tiles,regions,both}")  # fmt: skip
+    geojson_crop: bool = opt(
+        True, "GeoJSON in the pixels of the slide as QuPath opens it by default, cropped to "
+        "OpenSlide's bounds (openslide.bounds-x/-y: MIRAX and other sparse formats); "
+        "--no-geojson-crop: level-0 pixels, for images added to QuPath with --no-crop")  # fmt: skip
     on_conflict: str = opt(
         "refuse", "a slide whose id (its file stem, '.' and spaces folded to '-') another slide "
         "with other bytes holds, in this run or in --out: 'refuse' stops the run naming both "
@@ -83,6 +93,7 @@ class PredictConfig:
         check(self.actors is None or self.actors >= 1, "--actors", "must be at least 1")
         check_choice(PredictConfig, self, "read")
         check_choice(PredictConfig, self, "on_conflict")
+        check_choice(PredictConfig, self, "geojson")
         check(0.0 <= self.alpha <= 1.0, "--alpha", f"must be within 0..1, got {self.alpha}")
         check(self.min_tissue is None or 0.0 <= self.min_tissue <= 1.0, "--min-tissue",
               f"must be within 0..1, got {self.min_tissue}")  # fmt: skip
@@ -95,6 +106,11 @@ class PredictConfig:
             except ValueError as exc:
                 raise ConfigError(f"--escalate: {exc}") from None
         object.__setattr__(self, "slides", tuple(self.slides))
+
+    @property
+    def geojson_options(self) -> GeoJSONOptions | None:
+        """What ``--geojson`` and ``--geojson-crop`` ask for (None: no GeoJSON)."""
+        return GeoJSONOptions.of(self.geojson, self.geojson_crop)
 
     @property
     def threshold(self) -> float:

@@ -234,7 +234,7 @@ def _run(cfg: PredictConfig, setup: Setup, store, slides, annotations, err, leas
                     records[result.sid] = doc = write_slide(
                         store, result, {**record, **source}, classes=model.classes, which=setup.which,
                         mag=model.mag, cmap=cfg.cmap, alpha=cfg.alpha, flops=setup.flops,
-                        overlay=overlay, pictures=setup.pictures,
+                        overlay=overlay, pictures=setup.pictures, geojson=cfg.geojson_options,
                     )  # fmt: skip
                     new.append(doc)
                 else:
@@ -243,6 +243,12 @@ def _run(cfg: PredictConfig, setup: Setup, store, slides, annotations, err, leas
                 progress.slide_done()
 
             run_engine(todo, engine, on_slide, on_tiles=progress.tiles, on_planned=progress.planned)
+    if cfg.geojson_options is not None and done:  # the skipped slides' files, as asked now
+        from resdistill.predict.geojson import rewrite_geojson
+        from resdistill.predict.outputs import PARTS
+
+        parts = {sid: f"{PARTS}/{sid}.tiles.parquet" for sid in done}
+        rewrite_geojson(store, done, parts, model.classes, cfg.geojson_options)
     check_lease(lease)  # the merge rewrites the tables: only while --out is still ours
     merge(
         store, [*slides.slides, *slides.failures], records, failures, classes=model.classes,

@@ -40,6 +40,7 @@ from sharding.slide_identity import SlideIdentity
 if TYPE_CHECKING:
     from resdistill.predict.annotation_overlay import SlideOverlay
     from resdistill.predict.engine import SlideResult
+    from resdistill.predict.geojson import GeoJSONOptions
     from sharding.storage.base import Storage
 
 __all__ = [
@@ -166,12 +167,14 @@ def write_slide(
     flops: tuple[int, int | None],
     overlay: SlideOverlay | None = None,
     pictures: bool = True,
+    geojson: GeoJSONOptions | None = None,
 ) -> dict[str, Any]:
     """Write the files of one predicted slide (module docstring), ``<slide>.json`` last; returns
     the record written (``record``, which holds the slide's ``source``, plus the slide's
     fields). ``flops`` are the counted FLOPs of
     one tile through the student and, with the cascade, the teacher. ``pictures=False``
-    (``--heatmap none``) writes no PNG: the tables and the ``.npy`` heatmap only."""
+    (``--heatmap none``) writes no PNG: the tables and the ``.npy`` heatmap only. ``geojson``
+    (``--geojson``) adds ``<slide>.geojson`` (:mod:`resdistill.predict.geojson`)."""
     from resdistill.cascade.rules import cascade_flops
     from resdistill.predict.heatmaps import CLASS_MAP, heatmap_pngs
 
@@ -199,14 +202,20 @@ def write_slide(
         store.write_bytes(files[f"heatmap:{name}"], data)
     files["tiles"] = f"{PARTS}/{sid}.tiles.parquet"
     source = record.get("source")
-    store.write_bytes(files["tiles"], _parquet(_tiles_table(result, classes), source))
+    tiles = _tiles_table(result, classes)
+    store.write_bytes(files["tiles"], _parquet(tiles, source))
+    if geojson is not None:
+        from resdistill.predict.geojson import columns, write_geojson
+
+        files["geojson"] = write_geojson(store, sid, columns(tiles), classes, p.size0,
+                                         p.info.origin, geojson)  # fmt: skip
     doc = {
         **record, "slide": p.path, "slide_id": sid, "status": "ok", "class": predicted,
         "probabilities": {c: float(v) for c, v in zip(classes, mean, strict=True)},
         "n_tiles": p.n_tiles, "seconds": round(result.seconds, 3),
         "slide_info": {
             "width": p.info.width, "height": p.info.height, "base_mpp": p.info.base_mpp,
-            "mpp_source": p.info.mpp_source,
+            "mpp_source": p.info.mpp_source, "origin": list(p.info.origin),
         },
         "grid": {
             "rows": p.rows, "cols": p.cols, "size0": p.size0,

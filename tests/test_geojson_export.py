@@ -1,0 +1,190 @@
+"""``predict --geojson``: QuPath objects that re-import as the regions they predict.
+
+QuPath is not installed here (and paquo needs it), so :func:`check_qupath_geojson` checks the
+object format QuPath 0.4+ reads with *File > Import objects* (and writes itself): a
+FeatureCollection of Features with a string ``id``, a Polygon / MultiPolygon ``geometry`` of
+closed rings of finite numbers, and ``properties`` with ``objectType`` ``detection`` or
+``annotation``, ``classification`` ``{"name": str, "color": [r, g, b]}`` and ``measurements``
+``{name: finite number}``. The round trip goes through the project's own readers: the class
+regions re-read by :func:`sharding.annotations.parse_geojson` label each predicted region with
+its predicted class, and ``resdistill shard --annotations`` on those files cuts the same regions
+with the same labels.
+
+Coordinates: QuPath crops a slide to OpenSlide's bounds (``openslide.bounds-x/-y``) when it
+opens it, so the files are in level-0 pixels less that origin. OpenSlide sets the bounds for
+MIRAX and other sparse formats only, none of which the tests can write; the origin is read from
+the properties OpenSlide gives (:func:`sharding.slide.bounds_origin`, checked on an MRXS-like
+property set) and applied by the writer (checked on a slide plan with an origin).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import shapely
+
+from resdistill.commands import predict as predict_cmd
+from resdistill.predict.geojson import GeoJSONOptions, slide_collection
+from sharding.annotations import parse_geojson
+from sharding.options import AnnotationOptions
+from sharding.region_labels import label_regions
+from sharding.slide import bounds_origin
+from tests.slide_factory import blob_image, write_slide
+from tests.test_evaluate import _cli, save_checkpoint
+from tests.test_predict_scale import chain, model
+
+CLASSES = ("benign", "tumor")
+OBJECT_TYPES = ("detection", "annotation")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rings(geometry: dict) -> list[list]:
+    kind, coords = geometry.get("type"), geometry.get("coordinates")
+    assert kind in ("Polygon", "MultiPolygon"), kind
+    polygons = [coords] if kind == "Polygon" else coords
+    return [ring for polygon in polygons for ring in polygon]
+
+
+def check_qupath_geojson(doc: Any, classes: tuple[str, ...]) -> dict[str, list[dict]]:
+    """Assert ``doc`` is a FeatureCollection QuPath imports (module docstring); returns its
+    features by ``objectType``."""
+    assert doc["type"] == "FeatureCollection" and isinstance(doc["features"], list)
+    ids = [f["id"] for f in doc["features"]]
+    assert all(isinstance(i, str) and i for i in ids) and len(set(ids)) == len(ids)
+    out: dict[str, list[dict]] = {t: [] for t in OBJECT_TYPES}
+    for f in doc["features"]:
+        assert f["type"] == "Feature" and set(f) == {"type", "id", "geometry", "properties"}
+        for ring in _rings(f["geometry"]):
+            assert len(ring) >= 4 and ring[0] == ring[-1], ring
+            assert all(len(p) == 2 and all(_finite(v) for v in p) for p in ring)
+        props = f["properties"]
+        assert props["objectType"] in OBJECT_TYPES
+        cls = props["classification"]
+        assert set(cls) == {"name", "color"} and cls["name"] in classes
+        assert len(cls["color"]) == 3 and all(isinstance(v, int) and 0 <= v <= 255
+                                               for v in cls["color"])  # fmt: skip
+        assert all(isinstance(k, str) and _finite(v) for k, v in props["measurements"].items())
+        out[props["objectType"]].append(f)
+    colours = {f["properties"]["classification"]["name"]: tuple(f["properties"]["classification"]
+               ["color"]) for f in doc["features"]}  # fmt: skip
+    assert len(set(colours.values())) == len(colours), "one colour per class"
+    return out
+
+
+def _tiles(rng: np.random.Generator, n_cols: int = 6, size0: int = 64) -> dict[str, np.ndarray]:
+    """A tiles table: a 6 x 4 block of regions at level 0, left half benign, right half tumour."""
+    cols, rows = np.meshgrid(np.arange(n_cols), np.arange(4))
+    xs, ys = 2048 + cols.ravel() * size0, 4096 + rows.ravel() * size0
+    tumour = np.where(cols.ravel() >= n_cols // 2, 0.8, 0.2) + rng.uniform(-0.1, 0.1, xs.size)
+    return {"x": xs, "y": ys, "p_benign": 1 - tumour, "p_tumor": tumour,
+            "tissue": rng.uniform(0.5, 1, xs.size)}  # fmt: skip
+
+
+def test_bounds_of_a_mirax_slide_are_its_qupath_origin() -> None:
+    props = {"openslide.vendor": "mirax", "openslide.bounds-x": "1520",
+             "openslide.bounds-y": "43008", "openslide.bounds-width": "9000"}  # fmt: skip
+    assert bounds_origin(props) == (1520, 43008)
+    assert bounds_origin({"openslide.vendor": "aperio"}) == (0, 0)
+    assert bounds_origin({"openslide.bounds-x": "junk"}) == (0, 0)
+
+
+def test_tiles_and_regions_in_qupath_pixels_round_trip() -> None:
+    tiles = _tiles(np.random.default_rng(0))
+    origin, size0 = (1520, 3008), 64
+    doc = slide_collection("s1", tiles, CLASSES, size0, origin, GeoJSONOptions(regions=True))
+    doc = json.loads(json.dumps(doc))  # as a file holds it
+    kinds = check_qupath_geojson(doc, CLASSES)
+    owner = np.where(tiles["p_tumor"] > tiles["p_benign"], "tumor", "benign")
+    assert len(kinds["detection"]) == len(owner) and len(kinds["annotation"]) == 2
+    for i, f in enumerate(kinds["detection"]):  # the region's square, less the slide's origin
+        (ring,) = f["geometry"]["coordinates"]
+        x0, y0 = tiles["x"][i] - origin[0], tiles["y"][i] - origin[1]
+        assert ring[0] == [x0, y0] and ring[2] == [x0 + size0, y0 + size0]
+        m = f["properties"]["measurements"]
+        assert f["properties"]["classification"]["name"] == owner[i]
+        assert m["p_tumor"] == pytest.approx(tiles["p_tumor"][i], abs=1e-6)
+        assert m["p_benign"] + m["p_tumor"] == pytest.approx(1, abs=1e-5)
+    again = slide_collection("s1", tiles, CLASSES, size0, origin, GeoJSONOptions(regions=True))
+    assert [f["id"] for f in again["features"]] == [f["id"] for f in doc["features"]]
+
+    # re-read as region annotations by the shard reader, moved back by the origin
+    ann, problems = parse_geojson(json.dumps(doc).encode(), "s1.geojson", ignore=())
+    assert problems == [] and set(ann.classes) == set(CLASSES)
+    ann = ann.map(lambda g: shapely.transform(g, lambda xy: xy + np.array(origin)))
+    labels = label_regions(ann, tiles["x"], tiles["y"], size0, AnnotationOptions(source="-"))
+    assert labels.keep.all() and list(labels.labels) == list(owner)
+
+    level0 = slide_collection("s1", tiles, CLASSES, size0, origin, GeoJSONOptions(crop=False))
+    assert level0["features"][0]["geometry"]["coordinates"][0][0] == [2048, 4096]
+    assert all(f["properties"]["objectType"] == "detection" for f in level0["features"])
+
+
+@pytest.fixture(scope="module")
+def slide_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One 1024 x 768 slide at 5x (2 um/px) and a model on a 2.5x (32 px) read chain."""
+    root = tmp_path_factory.mktemp("geojson")
+    (root / "slides").mkdir()
+    write_slide(root / "slides" / "s1.svs", blob_image(1024, 768, seed=3), app_mag=5, mpp=2.0)
+    ckpt = save_checkpoint(root / "model", model(0, 0.2), stage="student", mag="2p5x",
+                           tile_px=32, read_chain=chain())  # fmt: skip
+    return root / "slides", ckpt
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_predict_geojson_reimports_through_shard(
+    slide_and_model: tuple[Path, Path], ray_cluster: str, tmp_path: Path
+) -> None:
+    """``predict --geojson both`` on a real slide: every region a detection with its
+    probabilities; the class regions, given to ``shard --annotations``, label the same regions
+    with the predicted classes. A rerun asking for other GeoJSON rewrites the skipped slide's."""
+    from sharding.pipeline import run_shard
+
+    slides, ckpt = slide_and_model
+    out = tmp_path / "out"
+    argv = [str(ckpt), str(slides), "--out", str(out), "--address", ray_cluster,
+            "--heatmap", "none", "--batch-size", "32"]  # fmt: skip
+    assert _cli(predict_cmd, [*argv, "--geojson", "both"]) == 0
+    tiles = pq.read_table(out / "tiles.parquet").to_pandas()
+    record = _read(out / "s1.json")
+    assert record["files"]["geojson"] == str(out / "s1.geojson")
+    assert record["slide_info"]["origin"] == [0, 0]  # a TIFF: no bounds, QuPath's origin is 0, 0
+    kinds = check_qupath_geojson(_read(out / "s1.geojson"), CLASSES)
+    assert len(kinds["detection"]) == len(tiles) > 20
+    predicted = dict(zip(zip(tiles["x"], tiles["y"], strict=True),
+                         np.array(CLASSES)[tiles[["p_benign", "p_tumor"]].to_numpy().argmax(1)],
+                         strict=True))  # fmt: skip
+    assert {f["properties"]["classification"]["name"] for f in kinds["annotation"]} == set(
+        predicted.values()
+    )
+    for f in kinds["detection"]:
+        x, y = f["geometry"]["coordinates"][0][0]
+        assert f["properties"]["classification"]["name"] == predicted[(x, y)]
+
+    notes = tmp_path / "qupath"  # the folder a QuPath user exports to, one file per slide
+    notes.mkdir()
+    (notes / "s1.geojson").write_bytes((out / "s1.geojson").read_bytes())
+    run_shard([slides / "s1.svs"], str(tmp_path / "ds"), mags="2.5,1.25", tile_px=32,
+              annotations=str(notes), annotated_only=True, workers=0, progress=False)  # fmt: skip
+    manifest = pq.read_table(tmp_path / "ds" / "manifest.parquet").to_pandas()
+    relabelled = dict(zip(zip(manifest["x"], manifest["y"], strict=True), manifest["label"],
+                          strict=True))  # fmt: skip
+    assert relabelled == predicted
+
+    assert _cli(predict_cmd, [*argv, "--geojson", "tiles", "--no-geojson-crop"]) == 0
+    kinds = check_qupath_geojson(_read(out / "s1.geojson"), CLASSES)
+    assert kinds["annotation"] == [] and len(kinds["detection"]) == len(tiles)
+    assert pq.read_table(io.BytesIO((out / "tiles.parquet").read_bytes())).num_rows == len(tiles)
