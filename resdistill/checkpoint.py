@@ -67,7 +67,10 @@ class ModelCard:
     ``"stain"``, the stain normalisation reference its tiles went through first, when one did
     (:mod:`resdistill.data.stain_norm`);
     ``read_chain`` the dataset's :data:`READ_CHAIN_KEYS`; ``teacher`` (students) names the
-    teacher checkpoint, its arch, magnification and classes; ``loss`` the loss settings.
+    teacher checkpoint, its arch, magnification and classes; ``loss`` the loss settings;
+    ``backbone`` a pretrained or timm network's :class:`resdistill.backbones.BackboneSpec`
+    (timm name and arguments, weights file path, sha256 and licence note, frozen, head, input
+    geometry), None for a random-initialised ResNet.
     """
 
     stage: str
@@ -81,6 +84,7 @@ class ModelCard:
     train_splits: tuple[str, ...] | None = None
     teacher: Mapping[str, Any] | None = None
     loss: Mapping[str, Any] | None = None
+    backbone: Mapping[str, Any] | None = None
     format: int = CHECKPOINT_FORMAT
 
     @property
@@ -277,8 +281,8 @@ def load_model(
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise CheckpointError(f"{where}: not a resdistill model checkpoint (no state_dict)")
     card = ModelCard.from_dict({k: v for k, v in payload.items() if k != "state_dict"}, where)
-    try:
-        model = build_model(card.arch, card.num_classes)
+    try:  # a frozen backbone's weights are read from the file its card names (sha256 checked)
+        model = build_model(card.arch, card.num_classes, card.backbone)
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     state = {

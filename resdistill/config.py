@@ -37,6 +37,7 @@ from resdistill.option_values import (  # noqa: F401 - re-exported: one place to
     DEVICES,
     FEATURE_LOSSES,
     FEATURE_RESIZES,
+    HEAD_CHOICES,
     MODEL_FORMS,
     OPTIMIZERS,
     SCHEDULES,
@@ -127,13 +128,33 @@ class DataConfig:
 class ModelConfig:
     """The network that learns and the magnification it reads."""
 
-    arch: str = opt("", "torchvision ResNet, random init (default: a student takes its "
-                    "teacher's; resnet18 otherwise)", choices=("", *ARCH_CHOICES),
-                    metavar="{" + ",".join(ARCH_CHOICES) + "}")  # fmt: skip
+    arch: str = opt("", "torchvision ResNet (random init) or timm:<name>, any timm model, e.g. "
+                    "a pathology foundation model (default: a student takes its teacher's "
+                    "ResNet; resnet18 otherwise)",
+                    metavar="{" + ",".join(ARCH_CHOICES) + ",timm:NAME}")  # fmt: skip
     mag: str = opt("", "magnification to train at (default: the dataset's highest)", tune="yes")
+    weights: str = opt("", "start from this local weights file (safetensors, .pth, .bin, or a "
+                       "downloaded hub folder with config.json); never downloaded, never copied "
+                       "into run folders (the checkpoint records its path and sha256)",
+                       metavar="PATH")  # fmt: skip
+    weights_licence: str = opt("", "a note on the weights' licence, recorded in checkpoints",
+                               metavar="TEXT")  # fmt: skip
+    freeze_backbone: bool = opt(False, "train only the head on a frozen timm backbone, from "
+                                "embeddings computed once per dataset and cached")  # fmt: skip
+    head: str = opt("linear", "classifier on a timm backbone's pooled embedding",
+                    choices=HEAD_CHOICES)  # fmt: skip
+    input_px: int = opt(0, "edge a timm backbone is fed: each tile is resized to it (default: "
+                        "a ViT's own input size, e.g. 224; none for CNNs)")  # fmt: skip
+    backbone_args: str = opt("", "timm create_model arguments: a JSON object or file (a hub "
+                             "config.json works); mean/std keys set the input normalisation",
+                             metavar="JSON")  # fmt: skip
 
     def __post_init__(self) -> None:
-        check_choice(ModelConfig, self, "arch")
+        check(self.arch in ("", *ARCH_CHOICES) or (self.arch.startswith("timm:") and
+              len(self.arch) > 5), "--arch",
+              f"choose one of {', '.join(ARCH_CHOICES)} or timm:<name>, got {self.arch!r}")  # fmt: skip
+        check_choice(ModelConfig, self, "head")
+        check(self.input_px >= 0, "--input-px", "must be 0 or more")
 
 
 @dataclass(frozen=True)
@@ -283,6 +304,7 @@ class TeacherRef:
                    flag="--teacher-mag")  # fmt: skip
     classes: tuple[str, ...] = opt((), cli=False)
     feature_channels: int = opt(0, cli=False)
+    spatial_features: bool = opt(True, cli=False)  # False: a backbone without a spatial map
     normalization: Mapping[str, Any] | None = opt(None, cli=False)  # {"mean": [...], "std": [...]}
     evaluate: bool = opt(True, "score the teacher once on --val-split (reported as "
                          "teacher_val_*)", flag="--teacher-eval")  # fmt: skip
@@ -302,6 +324,8 @@ class DataPlan:
     train_slides: tuple[str, ...] | None = None  # None: every slide of the train splits
     targets: Mapping[str, Any] | None = None  # cached targets: {"url", "doc"} when used
     n_val_slides: int = 0  # slides of the val split holding a labelled sample
+    backbone: Mapping[str, Any] | None = None  # resdistill.backbones.BackboneSpec, when one
+    embeddings: Mapping[str, Any] | None = None  # frozen backbone: the cached embeddings
 
 
 @dataclass(frozen=True)

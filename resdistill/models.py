@@ -9,11 +9,16 @@ region (student). Distillation uses both outputs of :meth:`ResNetClassifier.forw
   ``(N, C, H / 32, W / 32)`` with ``C = 512`` for resnet18/34, ``2048`` for resnet50 and ``256``
   for resnet-small (spatial size rounded up by the strided convolutions, at least 1x1).
 
-Weights always start random (``weights=None``): nothing is downloaded.
+torchvision weights always start random (``weights=None``): nothing is downloaded. A network
+may start from a local weights file instead (``--weights``), and ``--arch timm:<name>`` builds
+any timm model (a pathology foundation model, a small CNN) behind the same two outputs:
+:func:`build_model` with a :class:`resdistill.backbones.BackboneSpec` (see
+:mod:`resdistill.backbones.timm_net` for the ViT's feature grid and input geometry).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -133,6 +138,32 @@ class ResNetClassifier(nn.Module):
         return {"arch": self.arch, "num_classes": self.num_classes}
 
 
-def build_model(arch: str = DEFAULT_ARCH, num_classes: int = 2) -> ResNetClassifier:
-    """A freshly initialised :class:`ResNetClassifier` (random weights, nothing downloaded)."""
-    return ResNetClassifier(arch=arch, num_classes=num_classes)
+def build_model(
+    arch: str = DEFAULT_ARCH,
+    num_classes: int = 2,
+    backbone: Mapping[str, Any] | None = None,
+    *,
+    pretrained: bool = False,
+) -> nn.Module:
+    """The network of ``arch`` with ``num_classes`` outputs: a :class:`ResNetClassifier`, or for
+    ``timm:<name>`` a :class:`resdistill.backbones.timm_net.TimmClassifier` built from
+    ``backbone`` (a :class:`~resdistill.backbones.BackboneSpec` as a dict; None: the
+    architecture's defaults). Random weights, nothing downloaded; with ``pretrained`` the
+    spec's weights file is loaded (a training run's start), and a frozen file-backed backbone
+    always loads it (its weights are not in checkpoints). ValueError (one line) for an unknown
+    architecture or weights that do not fit."""
+    from resdistill.backbones import BackboneSpec, is_timm
+
+    spec = BackboneSpec.from_dict(backbone) if backbone else BackboneSpec(arch=arch)
+    if spec.arch != arch:
+        raise ValueError(f"backbone record is for {spec.arch}, not {arch}")
+    if is_timm(arch):
+        from resdistill.backbones.timm_net import TimmClassifier
+
+        return TimmClassifier(spec, num_classes, pretrained=pretrained)
+    model = ResNetClassifier(arch=arch, num_classes=num_classes)
+    if pretrained and spec.weights:
+        from resdistill.backbones.timm_net import load_backbone_weights
+
+        load_backbone_weights(model.net, spec)
+    return model

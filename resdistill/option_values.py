@@ -16,6 +16,8 @@ STAGES = (STAGE_TEACHER, STAGE_SUPERVISED, STAGE_DISTILL)
 
 #: ``--arch`` choices: the keys of :data:`resdistill.models.ARCHITECTURES` (a test keeps them equal).
 ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet-small")
+#: ``--head`` of a timm backbone: one linear layer, or Linear-GELU-Linear
+HEAD_CHOICES = ("linear", "mlp")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "linear")
 #: ``--amp``: ``auto`` is bf16 autocast on CUDA and none on CPU; ``bf16`` autocasts on any device

@@ -28,6 +28,10 @@ back into the sharding settings (:class:`sharding.options.ShardOptions`). Then, 
    Then encoded as the shards are (:func:`sharding.extract.encode`: format and quality) and
    decoded as the loader decodes it (:func:`resdistill.data.decode_image`), in both modes: only the
    source pixels differ. With ``as-trained`` the model sees the very pixels of its shards.
+3. a timm backbone (a foundation-model teacher) then maps each tile onto its own input inside
+   the model (renormalised, resized to its input edge: :mod:`resdistill.backbones.geometry`);
+   the checkpoint's read chain records that step as ``model_input`` and :meth:`ReadChain.to_json`
+   reports it.
 
 A checkpoint without a read chain (written before checkpoints recorded one) is read as before:
 regions planned at the model's own magnification and tile size, read from the best pyramid level
@@ -81,6 +85,8 @@ class ReadChain:
     source: str  # "checkpoint" (the dataset's read chain) or "pyramid" (no read chain recorded)
     notes: tuple[str, ...] = ()  # one line each, for the user (said once per run)
     read: str = "as-trained"  # one of READ_MODES
+    #: how a timm backbone maps the tile to its input (resdistill.backbones.geometry), or None
+    model_input: dict[str, Any] | None = None
 
     @property
     def tile_px(self) -> int:
@@ -111,6 +117,8 @@ class ReadChain:
         }
         if self.encoded:
             out.update(image_format=o.fmt, quality=o.quality, low_mags_from=o.low_mags_from)
+        if self.model_input:
+            out["model_input"] = dict(self.model_input)
         return out
 
 
@@ -197,7 +205,9 @@ def chain_of(
             f"{model.url}: the read chain has {opts.sizes.get(model.mag)} px tiles at {model.mag} "
             f"but the model was trained on {px} px: the checkpoint is inconsistent"
         )
-    return ReadChain(opts, model.mag, "checkpoint", tuple(notes), read)
+    geometry = recorded.get("model_input")
+    return ReadChain(opts, model.mag, "checkpoint", tuple(notes), read,
+                     dict(geometry) if geometry else None)  # fmt: skip
 
 
 def plan_tiles(slide: Any, path: str, chain: ReadChain) -> TilePlan:

@@ -192,6 +192,10 @@ def _run(cfg: TrainConfig, given: TrainConfig, start: str | None, notes: list[st
     ray_init(run.address)
     device = resolve_device(run.device, cluster_gpus())
     console.print(f"device: {device} ({run.workers} worker(s); --device {run.device})")
+    if cfg.plan.embeddings is not None:  # a frozen backbone: its embeddings, once per dataset
+        from resdistill.train.embeddings import ensure_embeddings
+
+        cfg = ensure_embeddings(cfg, device, lambda text: console.print(text, soft_wrap=True))
     t0 = time.perf_counter()
     try:
         result = launch(train_worker, loop_config(cfg, start), name=name, storage=run.storage,

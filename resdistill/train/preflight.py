@@ -140,7 +140,7 @@ def teacher_ref(url: str, classes: Sequence[str], *, evaluate: bool = True) -> T
     """
     from resdistill.checkpoint import CheckpointError, absolute_url, load_model, normalization_of
     from resdistill.model_spec import checkpoint_folder
-    from resdistill.models import ARCHITECTURES
+    from resdistill.train.backbone_plan import spatial_features
 
     url = absolute_url(url)
     try:  # any model argument's form; workers reread <folder>/model.pt
@@ -160,7 +160,8 @@ def teacher_ref(url: str, classes: Sequence[str], *, evaluate: bool = True) -> T
         arch=teacher.card.arch,
         mag=teacher.card.mag,
         classes=tuple(t_classes),
-        feature_channels=int(ARCHITECTURES[teacher.card.arch]),
+        feature_channels=int(teacher.model.feature_channels),
+        spatial_features=spatial_features(teacher.model, teacher.card.tile_px),
         normalization={"mean": mean, "std": std, **({"stain": stain} if stain else {})},
         evaluate=evaluate,
     )
@@ -184,7 +185,8 @@ def prepare(
     ``model.arch`` / ``model.mag`` resolved and ``data.url`` the dataset's own URL.
 
     Defaults resolved here: the teacher stage's magnification is the dataset's highest; a
-    student's architecture is the teacher's (resnet18 without one); the teacher is fed the
+    student's architecture is the teacher's ResNet (resnet18 without one, or for a timm
+    teacher); the teacher is fed the
     magnification it was trained at; ``--select auto`` becomes the stage's rule
     (:func:`resdistill.train.selection.resolve_rule`), so checkpoints record the rule that chose.
     Remarks for the run's header go to ``notes``.
@@ -236,7 +238,10 @@ def prepare(
             )
         if ref.mag and ref.mag != t_mag:
             notes.append(f"the teacher was trained at {ref.mag} and is fed {t_mag} tiles")
-    arch = cfg.model.arch or (ref.arch if ref is not None else "resnet18")
+    # a student takes its teacher's ResNet; a timm (foundation-model) teacher's student is a
+    # resnet18 unless --arch says otherwise
+    inherit = ref is not None and not ref.arch.startswith("timm:")
+    arch = cfg.model.arch or (ref.arch if inherit else "resnet18")
     splits = [s for s in data.train_splits if s]
     manifest = dataset.manifest()
     if data.label_fraction < 1 and not supervised and data.unlabelled_share >= 1:
@@ -295,7 +300,9 @@ def prepare(
         targets=targets,
         n_val_slides=n_val_slides,
     )
-    return replace(
+    from resdistill.train.backbone_plan import plan_backbone
+
+    planned = replace(
         cfg,
         run=replace(cfg.run, select=resolve_rule(cfg)),
         data=replace(data, url=info.url, train_splits=tuple(splits), **stain),
@@ -303,6 +310,7 @@ def prepare(
         teacher=teacher,
         plan=plan,
     )
+    return plan_backbone(planned, notes)  # --weights, timm backbones, the frozen head's cache
 
 
 def _labelled_slides(manifest: Any, split: str) -> int:

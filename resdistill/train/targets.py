@@ -68,13 +68,14 @@ from resdistill.train.targets_config import TargetsConfig
 
 
 def feature_size(arch: str, tile_px: int) -> tuple[int, int]:
-    """Spatial size ``(h, w)`` of ``arch``'s last feature map on a ``tile_px`` square tile (the
-    same for every supported ResNet: five stride-2 stages, rounded up)."""
+    """Spatial size ``(h, w)`` of a student's last feature map on a ``tile_px`` square tile, for
+    a student of ``arch`` (the same for every supported ResNet: five stride-2 stages, rounded
+    up). A timm teacher's student is a ResNet (its default), so its size is a ResNet's."""
     import torch
 
-    from resdistill.models import build_model
+    from resdistill.models import DEFAULT_ARCH, build_model
 
-    net = build_model(arch, 2).eval()
+    net = build_model(DEFAULT_ARCH if arch.startswith("timm:") else arch, 2).eval()
     with torch.inference_mode():
         f = net.features(torch.zeros(1, 3, tile_px, tile_px))
     return int(f.shape[-2]), int(f.shape[-1])

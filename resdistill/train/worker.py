@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from resdistill import data as D
+from resdistill.backbones.geometry import input_geometry
 from resdistill.checkpoint import ModelCard, read_chain
 from resdistill.config import TrainConfig
 from resdistill.train.loop import (
@@ -57,8 +58,10 @@ def model_card(cfg: TrainConfig, info: D.DatasetInfo, stage: Stage) -> ModelCard
         tile_px=int(info.tile_px.get(mag, 0)),
         normalization={"mean": list(mean), "std": list(std), **stain},
         dataset=info.url,
-        read_chain=read_chain(cfg.plan.dataset if cfg.plan else info.raw),
+        read_chain=read_chain(cfg.plan.dataset if cfg.plan else info.raw)
+        | input_geometry(stage.network),
         train_splits=tuple(cfg.data.train_splits),
+        backbone=cfg.plan.backbone if cfg.plan else None,
         **stage.card_fields(),
     )
 
@@ -138,7 +141,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             return EpochResult(metrics, done, n)
 
         def validate(epoch: int) -> dict[str, float]:
-            scored = evaluate(stage.network, val_loader, env, info.num_classes)
+            own = getattr(stage, "validate", None)  # a head on cached embeddings scores its own
+            scored = own() if own else evaluate(stage.network, val_loader, env, info.num_classes)
             return {**scored, **stage.val_metrics()}
 
         def payload(st: TrainState) -> Payload:
