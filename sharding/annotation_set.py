@@ -26,7 +26,7 @@ from . import annotations as geojson
 from .annotations import AnnotationError, SlideAnnotations, parse_geojson
 from .layout import UnsafeNameError, slide_id
 from .options import AnnotationOptions
-from .slide import open_slide
+from .slide import bounds_origin, open_slide
 from .slide_files import SLIDE_SUFFIXES, SlideError
 from .storage import Storage, StorageError, open_storage
 
@@ -92,14 +92,16 @@ def read_bounded(store: Storage, name: str) -> bytes:
     return data
 
 
-def slide_size(path: str) -> tuple[int, int]:
-    """Level-0 ``(width, height)`` of a slide from its header (:class:`SlideError` if unreadable)."""
+def slide_frame(path: str) -> tuple[int, int, tuple[int, int]]:
+    """Level-0 ``(width, height, origin)`` of a slide from its header, ``origin`` where QuPath's
+    pixel (0, 0) lies (:func:`sharding.slide.bounds_origin`); :class:`SlideError` if unreadable."""
     slide = open_slide(path)
     try:
         width, height = slide.dimensions
+        origin = bounds_origin(dict(slide.properties))
     finally:
         slide.close()
-    return int(width), int(height)
+    return int(width), int(height), origin
 
 
 def read_annotation_set(
@@ -159,7 +161,8 @@ def read_annotation_set(
         majority = None
         if ann.classes and (majority_for is None or sid in majority_for):
             try:
-                majority = ann.majority(*slide_size(slides[sid]))
+                width, height, origin = slide_frame(slides[sid])
+                majority = ann.from_qupath(origin).majority(width, height)
             except (SlideError, OSError, StorageError, ShapelyError) as exc:
                 out.problems.append(_line(exc, slides[sid]))
                 out.skip[sid] = "slide cannot be opened to measure its annotations"

@@ -2,7 +2,9 @@
 
 A file is what QuPath's *File > Export objects as GeoJSON* writes: a FeatureCollection (a list of
 Features and a single Feature are read too) whose Polygon / MultiPolygon geometries are in level-0
-pixel coordinates (x to the right, y down), holes as interior rings. Only objects QuPath calls
+pixel coordinates (x to the right, y down), holes as interior rings; on a slide with OpenSlide
+bounds (MIRAX) relative to their corner, as QuPath crops such a slide
+(:meth:`SlideAnnotations.from_qupath` moves them to the slide's own level 0). Only objects QuPath calls
 annotations are read (``properties.objectType`` absent or ``annotation``); exported detections
 and cells are passed over. Each feature's ``properties.classification.name`` gives its role:
 
@@ -108,6 +110,16 @@ class SlideAnnotations:
             float(b[:, 2].max()),
             float(b[:, 3].max()),
         )
+
+    def from_qupath(self, origin: tuple[int, int]) -> SlideAnnotations:
+        """These annotations, drawn in QuPath on a slide whose level-0 ``origin`` is not
+        (0, 0), moved to OpenSlide's level-0 pixels: QuPath crops a slide to OpenSlide's bounds
+        (``openslide.bounds-x/-y``, :func:`sharding.slide.bounds_origin`), so its pixel (0, 0)
+        is ``origin``."""
+        if not any(origin):
+            return self
+        shift = np.asarray(origin, dtype=np.float64)
+        return self.map(lambda g: shapely.transform(g, lambda xy: xy + shift))
 
     def map(self, fn) -> SlideAnnotations:
         """The same annotations with ``fn`` applied to every geometry (e.g. a clip to the slide)."""

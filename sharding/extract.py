@@ -76,6 +76,7 @@ class SlidePlan:
     width: int
     height: int
     labels: np.ndarray | None = None  # per region: class or None (annotation labels)
+    origin: tuple[int, int] = (0, 0)  # SlideInfo.origin: where QuPath's pixel (0, 0) lies
     fractions: dict[str, np.ndarray] | None = None  # class -> fraction per region
     problems: list[str] = field(default_factory=list)  # one line each, the slide still sharded
     ink: np.ndarray | None = None  # per region: marker ink fraction
@@ -142,6 +143,7 @@ def plan_slide(
         tissue=found.tissue[keep].astype(np.float32),
         width=info.width,
         height=info.height,
+        origin=info.origin,
         ink=mask.ink_fractions(found.xs[keep], found.ys[keep], size0).astype(np.float32),
     )
     if job.annotation is not None and ann_opts is not None:
@@ -154,9 +156,8 @@ def annotate(plan: SlidePlan, ann_opts: AnnotationOptions) -> SlidePlan:
     class (see :mod:`sharding.region_labels`)."""
     job = plan.job
     try:
-        found, problems = slide_region_labels(
-            ann_opts, job.annotation, plan.width, plan.height, plan.xs, plan.ys, plan.size0
-        )
+        found, problems = slide_region_labels(ann_opts, job.annotation, plan.width, plan.height,
+                                              plan.xs, plan.ys, plan.size0, plan.origin)  # fmt: skip
     except (AnnotationError, ExtentError) as exc:
         raise SlideError(f"{job.path}: {exc}") from None
     keep = found.keep

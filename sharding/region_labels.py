@@ -146,8 +146,11 @@ def slide_region_labels(
     xs: np.ndarray,
     ys: np.ndarray,
     size0: int,
+    origin: tuple[int, int] = (0, 0),
 ) -> tuple[RegionLabels, list[str]]:
-    """Read a slide's annotation file (in a slide task), fit it to the slide, label its regions.
+    """Read a slide's annotation file (in a slide task), move it from QuPath's pixels to the
+    slide's level 0 (``origin``: :attr:`sharding.slide.SlideInfo.origin`), fit it to the slide,
+    label its regions.
 
     Raises :class:`sharding.annotations.AnnotationError` or :class:`ExtentError` (one line each;
     a geometry error GEOS raises on this file is an AnnotationError naming it, so that it fails
@@ -155,7 +158,7 @@ def slide_region_labels(
     """
     ann, name = load_annotations(opts, ref)
     try:
-        fitted, problems = fit_to_slide(ann, width, height, name)
+        fitted, problems = fit_to_slide(ann.from_qupath(origin), width, height, name)
         return label_regions(fitted, xs, ys, size0, opts), problems
     except ShapelyError as exc:
         raise AnnotationError(f"{name}: unusable geometry ({exc}): {EXPORT_HINT}") from None

@@ -14,11 +14,13 @@ Coordinates: QuPath crops a slide to OpenSlide's bounds (``openslide.bounds-x/-y
 opens it, so the files are in level-0 pixels less that origin. OpenSlide sets the bounds for
 MIRAX and other sparse formats only, none of which the tests can write; the origin is read from
 the properties OpenSlide gives (:func:`sharding.slide.bounds_origin`, checked on an MRXS-like
-property set) and applied by the writer (checked on a slide plan with an origin).
+property set), subtracted by the writer and added back by the shard reader of annotations
+(:func:`sharding.region_labels.slide_region_labels`), both checked with an origin.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -28,13 +30,13 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import shapely
 
 from resdistill.commands import predict as predict_cmd
 from resdistill.predict.geojson import GeoJSONOptions, slide_collection
+from sharding.annotation_set import AnnotationRef
 from sharding.annotations import parse_geojson
 from sharding.options import AnnotationOptions
-from sharding.region_labels import label_regions
+from sharding.region_labels import label_regions, slide_region_labels
 from sharding.slide import bounds_origin
 from tests.slide_factory import blob_image, write_slide
 from tests.test_evaluate import _cli, save_checkpoint
@@ -98,7 +100,7 @@ def test_bounds_of_a_mirax_slide_are_its_qupath_origin() -> None:
     assert bounds_origin({"openslide.bounds-x": "junk"}) == (0, 0)
 
 
-def test_tiles_and_regions_in_qupath_pixels_round_trip() -> None:
+def test_tiles_and_regions_in_qupath_pixels_round_trip(tmp_path: Path) -> None:
     tiles = _tiles(np.random.default_rng(0))
     origin, size0 = (1520, 3008), 64
     doc = slide_collection("s1", tiles, CLASSES, size0, origin, GeoJSONOptions(regions=True))
@@ -117,12 +119,19 @@ def test_tiles_and_regions_in_qupath_pixels_round_trip() -> None:
     again = slide_collection("s1", tiles, CLASSES, size0, origin, GeoJSONOptions(regions=True))
     assert [f["id"] for f in again["features"]] == [f["id"] for f in doc["features"]]
 
-    # re-read as region annotations by the shard reader, moved back by the origin
-    ann, problems = parse_geojson(json.dumps(doc).encode(), "s1.geojson", ignore=())
+    # re-read by the shard reader as region annotations, as a slide task reads them: moved
+    # from QuPath's pixels to the slide's level 0 by the same origin
+    data = json.dumps(doc).encode()
+    ann, problems = parse_geojson(data, "s1.geojson", ignore=())
     assert problems == [] and set(ann.classes) == set(CLASSES)
-    ann = ann.map(lambda g: shapely.transform(g, lambda xy: xy + np.array(origin)))
-    labels = label_regions(ann, tiles["x"], tiles["y"], size0, AnnotationOptions(source="-"))
-    assert labels.keep.all() and list(labels.labels) == list(owner)
+    (tmp_path / "s1.geojson").write_bytes(data)
+    ref = AnnotationRef("s1.geojson", hashlib.sha256(data).hexdigest(), labels_regions=True)
+    opts = AnnotationOptions(source=str(tmp_path))
+    labels, problems = slide_region_labels(opts, ref, 9000, 9000, tiles["x"], tiles["y"], size0,
+                                           origin)  # fmt: skip
+    assert problems == [] and labels.keep.all() and list(labels.labels) == list(owner)
+    unmoved = label_regions(ann, tiles["x"], tiles["y"], size0, opts)  # without the origin
+    assert list(unmoved.labels) != list(owner)
 
     level0 = slide_collection("s1", tiles, CLASSES, size0, origin, GeoJSONOptions(crop=False))
     assert level0["features"][0]["geometry"]["coordinates"][0][0] == [2048, 4096]

@@ -69,8 +69,10 @@ class AnnotationOverlays:
         for line in self.set.problems:
             say(line)
 
-    def for_slide(self, sid: str) -> SlideOverlay:
-        """Slide ``sid``'s outlines; none (with a note) when it has no usable file."""
+    def for_slide(self, sid: str, origin: tuple[int, int] = (0, 0)) -> SlideOverlay:
+        """Slide ``sid``'s outlines in its level-0 pixels (``origin``: where QuPath's pixel
+        (0, 0) lies on it, :attr:`sharding.slide.SlideInfo.origin`); none (with a note) when it
+        has no usable file."""
         ref = self.set.refs.get(sid)
         if ref is None:
             if sid in self.set.skip:  # its file's line was said when the set was read
@@ -87,4 +89,5 @@ class AnnotationOverlays:
             self.problems += 1
             self.say(str(exc))
             return SlideOverlay(None, ref.sha256, note=str(exc))
-        return SlideOverlay(url, ref.sha256, tuple(annotation_outlines(ann, 1.0)))
+        outlines = annotation_outlines(ann.from_qupath(origin), 1.0)
+        return SlideOverlay(url, ref.sha256, tuple(outlines))

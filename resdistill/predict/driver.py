@@ -229,7 +229,8 @@ def _run(cfg: PredictConfig, setup: Setup, store, slides, annotations, err, leas
 
             def on_slide(result: Any) -> None:
                 if result.ok:
-                    overlay = annotations.for_slide(result.sid) if annotations else None
+                    origin = result.plan.info.origin
+                    overlay = annotations.for_slide(result.sid, origin) if annotations else None
                     source = {"source": slides.identity[result.sid].to_record()}
                     records[result.sid] = doc = write_slide(
                         store, result, {**record, **source}, classes=model.classes, which=setup.which,
