@@ -33,6 +33,8 @@ Rows (``--only`` names in brackets):
 * [ddp] the same cached-target distillation epoch on Ray Train with 2 workers vs 1 (same global
   samples per epoch): ratio of train samples/s, plus where the time goes (start-up, train,
   validation+checkpoint).
+* [fm] a frozen foundation-model teacher's head epoch on cached embeddings vs running the
+  backbone each step (:mod:`bench_fm_head`, a timm ViT at 224 px; target >= 10x).
 
 Every figure depends on the machine and its load: the table header prints the core count and the
 load average; compare ratios, not absolute rates.
@@ -61,7 +63,7 @@ from bench_rows import row, timed  # noqa: E402
 if TYPE_CHECKING:
     from resdistill.config import TrainConfig
 
-ROWS = ("shard", "loader", "s3", "compute", "profile", "predict", "train", "ddp")
+ROWS = ("shard", "loader", "s3", "compute", "profile", "predict", "train", "ddp", "fm")
 MAGS = "10,5,2.5,1.25"
 TILE_PX = 224
 
@@ -404,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             return out
 
         section("train", train_rows)
+        section("fm", lambda: __import__("bench_fm_head").fm_head_rows(data, row=row, quick=q))
         if "ddp" in only:
             section("ddp", lambda: bench_ddp_rows(
                 data, teacher, cached_targets(), work, mag="2p5x", batch=64,
