@@ -313,8 +313,9 @@ def test_cells_are_the_training_commands_configs(
     assert selftrain == prepare(parse(distill.SPEC, [
         *student, "--name", f"x-{st.id}", "--teacher", trained_teacher, "--no-teacher-eval",
         "--lr", "0.002", "--jitter", "0.2,0.2,0.2,0.05", "--feature-weight", "0",
-        "--attention-weight", "0"]))  # fmt: skip
+        "--attention-weight", "0", "--kd-threshold", "0.95"]))  # fmt: skip
     assert selftrain.loss.kd_weight == 1.0 and selftrain.loss.feature_weight == 0.0
+    assert selftrain.loss.kd_threshold == cfg.self_training_threshold == 0.95  # FixMatch's
 
 
 # ---------------------------------------------------------------------------------------------

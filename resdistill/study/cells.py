@@ -10,8 +10,10 @@ fraction (as the demo does).
 
 Overrides, in order: the arm's recipe (:mod:`resdistill.study.recipes`), then the study's
 ``teacher_args`` (teachers) / ``student_args`` (every other cell), which the config refuses to
-set on a searched setting. Last, what defines a control: self-training learns the KD term
-alone (soft pseudo-labels, no feature or attention term; :mod:`resdistill.study.grid`).
+set on a searched setting. Last, what defines a control or an ablation: self-training learns
+the KD term alone (soft pseudo-labels, no feature or attention term), masked by the baseline's
+confidence (``--self-training-threshold``); an ablation cell its variant's feature term
+(:mod:`resdistill.study.ablation`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from resdistill.config import (
     TeacherRef,
     TrainConfig,
 )
+from resdistill.study.ablation import variant_overrides
 from resdistill.study.config import StudyConfig
 from resdistill.study.grid import (
     KIND_BASELINE,
@@ -41,8 +44,15 @@ from resdistill.study.grid import (
 )
 from resdistill.study.overrides import apply_overrides
 
-#: what makes a distillation run self-training: the KD term alone (soft pseudo-labels)
+#: what makes a distillation run self-training: the KD term alone (soft pseudo-labels); the
+#: confidence threshold is the study's (:func:`self_training_loss`)
 SELF_TRAINING_LOSS = {"loss": {"feature_weight": 0.0, "attention_weight": 0.0}}
+
+
+def self_training_loss(threshold: float) -> dict[str, Any]:
+    """The self-training cells' loss override: :data:`SELF_TRAINING_LOSS` and the KD term's
+    confidence mask at ``threshold`` (:class:`resdistill.losses.KDLoss`)."""
+    return {"loss": {**SELF_TRAINING_LOSS["loss"], "kd_threshold": threshold}}
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,8 @@ def cell_config(
     def finish(cfg: TrainConfig, args: Mapping[str, Any] | None) -> TrainConfig:
         cfg = apply_overrides(apply_overrides(cfg, recipe), args)
         if cell.kind == KIND_SELF_TRAINING:
-            cfg = apply_overrides(cfg, SELF_TRAINING_LOSS)
+            cfg = apply_overrides(cfg, self_training_loss(study.self_training_threshold))
+        cfg = apply_overrides(cfg, variant_overrides(cell.kind))
         return prepare(cfg)
 
     data = DataConfig(url=opts.data, batch_size=study.batch_size,

@@ -26,7 +26,8 @@ from resdistill.config import (
     STAGE_TEACHER,
 )
 from resdistill.fields import ConfigError, check, check_choice, opt
-from resdistill.study.grid import CONTROLS, LABEL_FRACTIONS, SEEDS, UNLABELLED_SHARES
+from resdistill.study.ablation import VARIED
+from resdistill.study.grid import ABLATIONS, CONTROLS, LABEL_FRACTIONS, SEEDS, UNLABELLED_SHARES
 from resdistill.study.overrides import check_overrides, train_options
 from resdistill.study.recipes import DEFAULT_TRIALS, searched
 
@@ -83,6 +84,14 @@ class StudyConfig:
         "student's magnification, distilled alike), self-training (the baseline pseudo-labels "
         "the unlabelled slides for a fresh student)", parse=parse_controls,
         metavar="C,C|none")  # fmt: skip
+    self_training_threshold: float = opt(
+        0.95, "the self-training control's pseudo-label rule: a tile teaches only where the "
+        "baseline's top softmax probability reaches this (FixMatch's 0.95, Sohn et al. 2020, "
+        "fixed before any run; 0: every tile, soft labels weighing themselves)")  # fmt: skip
+    ablations: tuple[str, ...] = opt(
+        (), "comma list of ablations, or none: feature-term (the distilled student with the "
+        "feature term off, on its last map, and on a spatial grid; the variant the distilled "
+        "cells run is not repeated)", parse=parse_controls, metavar="A,A|none")  # fmt: skip
     arch: str = opt("resnet-small", "teachers' and students' network", choices=ARCH_CHOICES)
     epochs: int = opt(DEFAULT_EPOCHS, "teachers' epochs")
     student_epochs: int = opt(DEFAULT_EPOCHS, "students' epochs")
@@ -131,6 +140,14 @@ class StudyConfig:
         object.__setattr__(self, "controls", controls)
         for c in self.controls:
             check(c in CONTROLS, "--controls", f"{c!r} is not one of {', '.join(CONTROLS)}, none")
+        check(0.0 <= self.self_training_threshold < 1.0, "--self-training-threshold",
+              "must be in [0, 1)")  # fmt: skip
+        ablations = self.ablations
+        ablations = parse_controls(ablations) if isinstance(ablations, str) else tuple(ablations)
+        object.__setattr__(self, "ablations", ablations)
+        for a in self.ablations:
+            check(a in ABLATIONS, "--ablations",
+                  f"{a!r} is not one of {', '.join(ABLATIONS)}, none")  # fmt: skip
         check_choice(StudyConfig, self, "device")
         check(not self.data or self.cohort == "default", "--cohort",
               "picks the embedded synthetic cohort: drop it with --data")  # fmt: skip
@@ -150,6 +167,10 @@ class StudyConfig:
                     raise ConfigError(f"{flag}: {exc}") from None
                 object.__setattr__(self, name, value)
             check_overrides(value, stage, flag)
+            varied = [k for k in VARIED if k in ((value or {}).get("loss") or {})]
+            check(not (varied and self.ablations and stage == STAGE_DISTILL), flag,
+                  f"sets {', '.join(varied)}, which --ablations feature-term varies: drop it, "
+                  "or pass --ablations none")  # fmt: skip
             fixed = searched(value) if self.recipe_trials > 1 else []
             check(not fixed, flag, f"sets {', '.join(p.split('.')[1] for p in fixed)}, which "
                   "--trials searches for every arm alike: drop it, or pass --trials 1")  # fmt: skip

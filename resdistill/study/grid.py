@@ -18,7 +18,13 @@ A cell is one training run. The arms:
   same-magnification "teacher" and the KD term alone, which is self-training with soft
   pseudo-labels (self-distillation: Furlanello et al. 2018, "Born-Again Neural Networks"; Xie et
   al. 2020, "Self-training with Noisy Student"). It tells "a high-magnification teacher helps"
-  from "pseudo-labels on unlabelled slides help".
+  from "pseudo-labels on unlabelled slides help". The baseline's soft labels teach a tile only
+  where its top probability reaches ``--self-training-threshold`` (FixMatch's confidence mask).
+* ablation ``feature-term``: the distilled student with the feature term off
+  (``feature-off``), on the student's last map (``feature-global``, the paper's rule, one cell
+  at 2.5x and 1.25x on 128 px teacher tiles) and on a spatial grid (``feature-spatial``),
+  everything else as ``distilled``, whose own variant is not run twice (:mod:`resdistill.study.
+  ablation`). It shows whether the feature term earns its place.
 
 The grid (``M`` student magnifications, ``F`` label fractions, ``U`` unlabelled shares, ``S``
 seeds; controls at the largest share, the point the claims compare)::
@@ -29,11 +35,13 @@ seeds; controls at the largest share, the point the claims compare)::
     same-res teachers:   M x F x S        (control same-res)
     same-res distilled:  M x F x S        (control same-res)
     self-training:       M x F x S        (control self-training; its teacher is the baseline cell)
+    feature-*:           2 x M x F x S    (ablation feature-term: the two variants distilled is not)
 
 Teachers are shared: one teacher cell teaches every share of its fraction and seed, one
 baseline cell is also its self-training teacher. Each arm (:class:`Arm`: kind, magnification,
 label fraction) first tries the same recipes in its tuning trials (:meth:`Grid.trial_cells`,
-seed :data:`TUNING_SEED`, never a reported seed), see :mod:`resdistill.study.recipes`.
+seed :data:`TUNING_SEED`, never a reported seed), see :mod:`resdistill.study.recipes`; an
+ablation changes one thing only, so its cells take the distilled arm's recipe.
 """
 
 from __future__ import annotations
@@ -56,6 +64,14 @@ CONTROLS = {
     CONTROL_SAME_RES: (KIND_SAME_RES_TEACHER, KIND_SAME_RES),
     CONTROL_SELF_TRAINING: (KIND_SELF_TRAINING,),
 }
+#: the feature term's variants (:mod:`resdistill.study.ablation`) and their ablation kinds
+FEATURE_VARIANTS = ("off", "global", "spatial")
+ABLATION_FEATURE = "feature-term"
+FEATURE_KINDS = tuple(f"feature-{v}" for v in FEATURE_VARIANTS)
+#: ``--ablations``: the name of each ablation and the kinds it adds (distilled cells that differ
+#: in one setting; they are neither arms of their own nor controls)
+ABLATIONS = {ABLATION_FEATURE: FEATURE_KINDS}
+ABLATION_KINDS = FEATURE_KINDS
 
 #: the paper's grid
 LABEL_FRACTIONS = (1.0, 0.1)
@@ -119,13 +135,24 @@ class Grid:
     seeds: tuple[int, ...] = tuple(range(SEEDS))
     given: Mapping[float, str] = field(default_factory=dict)
     controls: tuple[str, ...] = ()
+    ablations: tuple[str, ...] = ()
+    feature_default: str = "global"  # the feature term's variant the distilled cells run
 
     @property
     def kinds(self) -> tuple[str, ...]:
         """Every kind this grid trains, in phase order (teachers before their students)."""
         extra = {k for c in self.controls for k in CONTROLS[c]}
-        return tuple(k for k in (*SUPERVISED_KINDS, *KD_KINDS)
+        if ABLATION_FEATURE in self.ablations:
+            extra |= {k for k in FEATURE_KINDS if k != f"feature-{self.feature_default}"}
+        return tuple(k for k in (*SUPERVISED_KINDS, *KD_KINDS, *ABLATION_KINDS)
                      if k in (KIND_TEACHER, KIND_BASELINE, KIND_DISTILLED) or k in extra)  # fmt: skip
+
+    def variant(self, kind: str) -> str | None:
+        """The feature term's variant of a ``kind`` that distils like ``distilled`` (its own,
+        or an ablation's); None for the others."""
+        if kind == KIND_DISTILLED:
+            return self.feature_default
+        return kind.removeprefix("feature-") if kind in FEATURE_KINDS else None
 
     @property
     def top_share(self) -> float:
@@ -148,7 +175,8 @@ class Grid:
                 for s in self.seeds:
                     out.append(Cell(KIND_BASELINE, mag, f, s))
                     out += [Cell(KIND_DISTILLED, mag, f, s, u) for u in self.unlabelled_shares]
-                    for kind in (KIND_SAME_RES_TEACHER, KIND_SAME_RES, KIND_SELF_TRAINING):
+                    extra = (KIND_SAME_RES_TEACHER, KIND_SAME_RES, KIND_SELF_TRAINING)
+                    for kind in (*extra, *ABLATION_KINDS):
                         if kind in kinds:
                             share = None if kind == KIND_SAME_RES_TEACHER else self.top_share
                             out.append(Cell(kind, mag, f, s, share))
@@ -158,9 +186,10 @@ class Grid:
         return self.teacher_cells() + self.student_cells()
 
     def arms(self) -> list[Arm]:
-        """Every arm that is trained here (a given teacher's is not), in phase order."""
+        """Every arm that is trained here (a given teacher's is not), in phase order; an
+        ablation's cells are no arm (they take the distilled arm's recipe, :meth:`recipe_arm`)."""
         order = {k: i for i, k in enumerate(self.kinds)}
-        arms = {c.arm for c in self.cells()}
+        arms = {c.arm for c in self.cells() if c.kind not in ABLATION_KINDS}
         return sorted(arms, key=lambda a: (order[a.kind], a.mag, -a.label_fraction))
 
     def trial_cells(self, arm: Arm, trials: int) -> list[Cell]:
@@ -170,13 +199,19 @@ class Grid:
         return [Cell(arm.kind, arm.mag, arm.label_fraction, TUNING_SEED, share, i)
                 for i in range(trials)]  # fmt: skip
 
+    def recipe_arm(self, cell: Cell) -> Arm:
+        """The arm whose chosen recipe ``cell`` trains with: its own, or for an ablation's cell
+        the distilled arm of its magnification and label fraction."""
+        kind = KIND_DISTILLED if cell.kind in ABLATION_KINDS else cell.kind
+        return Arm(kind, cell.mag, cell.label_fraction)
+
     def teacher_of(self, cell: Cell) -> Cell | None:
         """The cell whose checkpoint teaches ``cell`` (None when it is the given teacher of its
         fraction, or ``cell`` learns from labels). A tuning trial learns from the teacher of the
         first seed."""
         seed = self.seeds[0] if cell.trial is not None else cell.seed
         f = cell.label_fraction
-        if cell.kind == KIND_DISTILLED:
+        if cell.kind == KIND_DISTILLED or cell.kind in ABLATION_KINDS:
             return None if f in self.given else Cell(KIND_TEACHER, self.teacher_mag, f, seed)
         if cell.kind == KIND_SAME_RES:
             return Cell(KIND_SAME_RES_TEACHER, cell.mag, f, seed)

@@ -82,10 +82,14 @@ def _mean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def validation_rows(records: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def validation_rows(
+    records: Mapping[str, Mapping[str, Any]], grid: Grid | None = None
+) -> list[dict[str, Any]]:
     """One row per group of cells: kind, magnification, label fraction, unlabelled share,
     seeds, the mean over seeds of each of :data:`VAL_METRICS`, the selection rule, the labelled
-    validation slides that chose, and the recipe. Read from the records' ``validation`` only."""
+    validation slides that chose, the recipe, and (with ``grid``) ``feature_term``: the feature
+    term's variant of the kinds that distil like ``distilled`` (:mod:`resdistill.study.
+    ablation`; empty for the others). Read from the records' ``validation`` only."""
     from sharding.magnification import display_mag
 
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
@@ -103,16 +107,20 @@ def validation_rows(records: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
                                          default=0)  # fmt: skip
         recipe = recs[0].get("recipe")
         row["recipe"] = "given" if recipe is None else describe(recipe)
+        if grid is not None:
+            row["feature_term"] = grid.variant(kind) or ""
         rows.append(row)
     return rows
 
 
-def write_validation(records: Mapping[str, Mapping[str, Any]], out: Path) -> Path:
+def write_validation(
+    records: Mapping[str, Mapping[str, Any]], out: Path, grid: Grid | None = None
+) -> Path:
     """``<out>/validation.csv`` (:func:`validation_rows`), written whole."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    rows = validation_rows(records)
+    rows = validation_rows(records, grid)
     sink = pa.BufferOutputStream()
     if rows:
         pcsv.write_csv(pa.Table.from_pylist(rows), sink)
@@ -140,8 +148,10 @@ def _arm_line(arm: Arm, doc: Mapping[str, Any] | None) -> str:
 
 
 def protocol_markdown(grid: Grid, trials: int, quick: bool,
-                      tuning: Mapping[str, Mapping[str, Any]], epochs: tuple[int, int]) -> str:  # fmt: skip
-    """The report's protocol section: what was chosen on what, the budget, the controls."""
+                      tuning: Mapping[str, Mapping[str, Any]], epochs: tuple[int, int],
+                      threshold: float = 0.95) -> str:  # fmt: skip
+    """The report's protocol section: what was chosen on what, the budget, the controls
+    (``threshold``: the self-training control's confidence threshold)."""
     lines = []
     if quick:
         lines += ["**Smoke test, not evidence (`--quick`)**: one seed, one student "
@@ -182,8 +192,10 @@ def protocol_markdown(grid: Grid, trials: int, quick: bool,
                          "seed pseudo-labels the training slides at the student's "
                          "magnification and a fresh student learns its soft labels (KD term "
                          "alone: self-distillation, Born-Again Networks), with the same "
-                         "unlabelled slides and steps. No confidence threshold: the soft "
-                         "targets weigh each tile by the baseline's confidence.")  # fmt: skip
+                         "unlabelled slides and steps; a tile teaches only where the "
+                         "baseline's top probability reaches the confidence threshold fixed "
+                         "before the study (FixMatch's rule; `--self-training-threshold`, "
+                         f"{threshold:g}).")  # fmt: skip
         lines.append("")
         lines.append(f"Controls run at the largest unlabelled share; tuned like every arm "
                      f"({', '.join(k for k in KD_KINDS if k in kinds)} distil).")  # fmt: skip

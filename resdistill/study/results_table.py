@@ -34,7 +34,7 @@ from resdistill.study.claims import (
     non_inferior,
     rises,
 )
-from resdistill.study.grid import KIND_BASELINE, KIND_DISTILLED, KIND_TEACHER, KINDS
+from resdistill.study.grid import ABLATION_KINDS, KIND_BASELINE, KIND_DISTILLED, KIND_TEACHER, KINDS
 from resdistill.study.records import cell_of, write_atomic
 
 N_BOOT = 1000
@@ -176,8 +176,8 @@ def _slide_note(a: Records, b: Records, what: str) -> str:
 
 def check_claims(rows: Sequence[Row], records: Mapping[str, Mapping[str, Any]]) -> list[Claim]:
     """The claims' checks (:mod:`resdistill.study.claims`) on the cells' records: paired
-    differences of the groups the rules name. Kinds other than teacher, baseline and distilled
-    are controls (claim 4): each is compared with the distilled student of its magnification
+    differences of the groups the rules name. Kinds other than teacher, baseline, distilled and
+    an ablation's are controls (claim 4): each is compared with the distilled student of its magnification
     and label fraction, at its own unlabelled share when it has the distilled one's."""
     from sharding.magnification import Magnification, display_mag
 
@@ -186,7 +186,7 @@ def check_claims(rows: Sequence[Row], records: Mapping[str, Mapping[str, Any]]) 
     full, few = max(fractions, default=1.0), min(fractions, default=1.0)
     mags = sorted({k[1] for k in groups if k[0] != KIND_TEACHER},
                   key=lambda m: -Magnification.parse(m).power)  # fmt: skip
-    controls = sorted({k[0] for k in groups} - set(KINDS))
+    controls = sorted({k[0] for k in groups} - set(KINDS) - set(ABLATION_KINDS))
     ratio = {(r.kind, r.mag, r.label_fraction, r.unlabelled_share): r.flops_ratio for r in rows}
     teacher = next((v for k, v in groups.items() if k[0] == KIND_TEACHER and k[2] == full), None)
     c1: list[Verdict] = []
@@ -264,8 +264,10 @@ def intervals_note(rows: Sequence[Row]) -> str:
             "probability.")  # fmt: skip
 
 
-def summary_markdown(rows: Sequence[Row], claims: Sequence[Claim], header: str) -> str:
-    """``summary.md``: the claims with their rules, checks and verdicts, then the table."""
+def summary_markdown(rows: Sequence[Row], claims: Sequence[Claim], header: str,
+                     sections: str = "") -> str:  # fmt: skip
+    """``summary.md``: the claims with their rules, checks and verdicts, ``sections``, then the
+    table."""
     lines = ["# resdistill study", "", header, "", "## The paper's claims", "",
              intervals_note(rows), ""]  # fmt: skip
     word = {True: "holds", False: "does not hold", None: "not tested"}
@@ -274,6 +276,8 @@ def summary_markdown(rows: Sequence[Row], claims: Sequence[Claim], header: str) 
         for v in c.verdicts:
             lines.append(f"   - {v.what}: {word[v.holds]}; {v.detail}")
         lines.append("")
+    if sections:
+        lines += [sections.rstrip(), ""]
     lines += ["## Every cell (test split, mean over seeds)", "",
               "| model | mag | labels | unlabelled | seeds | accuracy [95% CI] | std "
               "| balanced accuracy [95% CI] | macro F1 [95% CI] | slide accuracy [95% CI] "
@@ -312,14 +316,15 @@ def print_table(rows: Sequence[Row], claims: Sequence[Claim], console: Any) -> N
 
 
 def write_report(records: Mapping[str, Mapping[str, Any]], out: Path, header: str,
-                 console: Any = None) -> tuple[list[Row], list[Claim]]:  # fmt: skip
-    """Write the report folder from the cells' records; ``(rows, claims)``."""
+                 console: Any = None, sections: str = "") -> tuple[list[Row], list[Claim]]:  # fmt: skip
+    """Write the report folder from the cells' records; ``(rows, claims)``. ``sections``:
+    more of ``summary.md`` after the claims (e.g. an ablation's, markdown)."""
     from resdistill.study.plots import plot_flops, plot_unlabelled
 
     rows = build_rows(records)
     claims = check_claims(rows, records)
     write_table(rows, out)
-    write_atomic(out / "summary.md", summary_markdown(rows, claims, header).encode())
+    write_atomic(out / "summary.md", summary_markdown(rows, claims, header, sections).encode())
     plot_flops(rows, out / "accuracy_vs_flops.png")
     plot_unlabelled(rows, out / "accuracy_vs_unlabeled.png")
     if console is not None:

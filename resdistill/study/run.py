@@ -22,8 +22,8 @@ from typing import Any
 from resdistill.errors import UsageError
 from resdistill.study.config import StudyConfig
 from resdistill.study.grid import (
+    ABLATION_KINDS,
     KD_KINDS,
-    KIND_DISTILLED,
     KIND_TEACHER,
     LABEL_FRACTIONS,
     SUPERVISED_KINDS,
@@ -101,6 +101,7 @@ def _given_teachers(values: tuple[str, ...]) -> dict[float, str]:
 
 def build_grid(cfg: StudyConfig, info: Any) -> Grid:
     """The grid of ``cfg`` on the dataset ``info`` (:class:`resdistill.data.DatasetInfo`)."""
+    from resdistill.study.ablation import default_variant
     from sharding.magnification import Magnification
 
     teacher_mag = info.resolve_mag(cfg.teacher_mag or info.highest)
@@ -119,7 +120,8 @@ def build_grid(cfg: StudyConfig, info: Any) -> Grid:
     if cfg.quick and not cfg.student_mags:
         mags = (min(mags, key=lambda m: abs(top / Magnification.parse(m).power - QUICK_RATIO)),)
     return Grid(teacher_mag, mags, fractions, shares, tuple(range(cfg.grid_seeds)),
-                _given_teachers(cfg.teacher), cfg.controls)  # fmt: skip
+                _given_teachers(cfg.teacher), cfg.controls, cfg.ablations,
+                default_variant(cfg.student_args))  # fmt: skip
 
 
 def _evaluate(
@@ -150,7 +152,7 @@ def _teacher_ckpt(cell: Cell, grid: Grid, records: dict[str, Any]) -> str | None
     None when it has none yet."""
     t = grid.teacher_of(cell)
     if t is None:
-        return grid.given.get(cell.label_fraction) if cell.kind == KIND_DISTILLED else None
+        return grid.given.get(cell.label_fraction) if grid.variant(cell.kind) else None
     return records[t.id]["checkpoint"] if t.id in records else None
 
 
@@ -200,6 +202,7 @@ def _study(cfg: StudyConfig, out: Path, lease: Any) -> tuple[list[Any], list[Any
     from resdistill.data import DatasetInfo
     from resdistill.fields import to_plain
     from resdistill.run_config import write_run_config
+    from resdistill.study.ablation import ablation_markdown
     from resdistill.study.cells import CellOptions, cell_config, split_samples
     from resdistill.study.protocol import load_tuning, protocol_markdown, write_validation
     from resdistill.study.results_table import write_report
@@ -265,7 +268,8 @@ def _study(cfg: StudyConfig, out: Path, lease: Any) -> tuple[list[Any], list[Any
     if new_given:  # a given teacher is scored like a trained one
         _evaluate(new_given, {k: grid.given[c.label_fraction] for k, c in new_given.items()},
                   {}, cfg, info.url, out, console)  # fmt: skip
-    for phase, kinds in (("supervised", SUPERVISED_KINDS), ("distilled", KD_KINDS)):
+    for phase, kinds in (("supervised", SUPERVISED_KINDS),
+                         ("distilled", (*KD_KINDS, *ABLATION_KINDS))):  # fmt: skip
         tuned = load_tuning(out)
         if cfg.recipe_trials > 1:
             _tune([a for a in grid.arms() if a.kind in kinds and a.id not in tuned], grid, cfg,
@@ -283,7 +287,8 @@ def _study(cfg: StudyConfig, out: Path, lease: Any) -> tuple[list[Any], list[Any
                 console.print(f"[yellow]{cid}: its teacher {t.id if t else '(given)'} failed, "
                               "skipped[/]")  # fmt: skip
                 continue
-            recipe = (tuned.get(cell.arm.id) or {}).get("recipe") if cfg.recipe_trials > 1 else {}
+            arm = grid.recipe_arm(cell)
+            recipe = (tuned.get(arm.id) or {}).get("recipe") if cfg.recipe_trials > 1 else {}
             if recipe is None:
                 console.print(f"[yellow]{cid}: no tuning trial of its arm finished, skipped[/]")
                 continue
@@ -298,10 +303,12 @@ def _study(cfg: StudyConfig, out: Path, lease: Any) -> tuple[list[Any], list[Any
     if missing:
         header += f" Missing cells (rerun with --resume): {', '.join(missing)}."
     protocol = protocol_markdown(grid, cfg.recipe_trials, cfg.quick, load_tuning(out),
-                                 (cfg.epochs, cfg.student_epochs))  # fmt: skip
+                                 (cfg.epochs, cfg.student_epochs),
+                                 cfg.self_training_threshold)  # fmt: skip
     check_lease(lease)
-    write_validation(records, out)
-    rows, claims = write_report(records, out, f"{header}\n\n{protocol}", console)
+    write_validation(records, out, grid)
+    rows, claims = write_report(records, out, f"{header}\n\n{protocol}", console,
+                                ablation_markdown(grid, records))  # fmt: skip
     console.print(f"study report in {out} ({minutes:.1f} min)")
     return rows, claims
 
