@@ -48,6 +48,8 @@ from resdistill.option_values import (  # noqa: F401 - re-exported: one place to
     STAGES,
     STAIN_NORMS,
     STUDENT_JITTER,
+    TRACKING_HELP,
+    TRACKING_KINDS,
     hed_pair,
     parse_floats,
     parse_hed,
@@ -56,6 +58,7 @@ from resdistill.option_values import (  # noqa: F401 - re-exported: one place to
     preset_text,
     resolve_device,
     shown,
+    tracking_ok,
 )
 
 
@@ -218,7 +221,6 @@ class LossConfig:
         check(0.0 <= self.kd_threshold < 1.0, "--kd-threshold", "must be in [0, 1)")
 
 
-
 @dataclass(frozen=True)
 class SpeedConfig:
     """How the worker runs the model; none of it changes what is learnt."""
@@ -274,8 +276,11 @@ class RunOptions:
         None, "continue from this checkpoint folder, taking its weights, optimiser state and "
         "epoch count under this run's options, even where its dataset or settings differ (a "
         "rerun of --name refuses its own checkpoint when they differ, unless named here)")  # fmt: skip
+    tracking: str = opt("tensorboard", TRACKING_HELP, metavar="KIND[:TARGET]")
 
     def __post_init__(self) -> None:
+        check(tracking_ok(self.tracking), "--tracking", f"must be one of "
+              f"{', '.join(TRACKING_KINDS)} (with :TARGET), got {self.tracking!r}")  # fmt: skip
         check(self.workers >= 1, "--workers", "must be at least 1")
         check(self.cpus_per_worker > 0, "--cpus-per-worker", "must be positive")
         check(self.max_failures >= 0, "--max-failures", "must be 0 or more")

@@ -50,6 +50,20 @@ MODEL_FORMS = (
 #: ``--device`` of every command: ``auto`` is cuda when GPUs are there (the Ray cluster's for
 #: training and prediction, this machine's for evaluation), else cpu (:func:`resolve_device`).
 DEVICES = ("auto", "cpu", "cuda")
+#: ``--tracking KIND[:TARGET]``: where every epoch is recorded (:mod:`resdistill.tracking`)
+TRACKING_KINDS = ("tensorboard", "mlflow", "wandb", "none")
+TRACKING_HELP = (
+    "record params, every epoch's metrics and the best checkpoint (rank 0 only): tensorboard "
+    "(event files in the run folder's tensorboard/, or DIR/<name>), mlflow (the run storage's "
+    "sqlite mlflow.db, or a tracking URI; pip install 'resdistill[mlflow]'), wandb (PROJECT; "
+    "pip install wandb) or none")  # fmt: skip
+
+
+def tracking_ok(text: str) -> bool:
+    """True when ``text`` is a ``--tracking`` value: a kind of :data:`TRACKING_KINDS`, with a
+    ``:TARGET`` unless ``none``."""
+    kind, _, target = text.partition(":")
+    return kind in TRACKING_KINDS and not (kind == "none" and target)
 
 
 def resolve_device(device: str, gpus: float) -> str:

@@ -79,6 +79,13 @@ exit codes: 0 done; 1 no trial produced a checkpoint; 2 unusable options, space 
             "reported metric that ranks trials and picks their checkpoints"
         ),  # fmt: skip
         "train.optim.epochs": Flag(help="epochs of every trial (asha's and fifo's last)"),
+        "train.run.tracking": Flag(
+            help="record every trial's params (its resolved config), epochs and best "
+            "checkpoint: tensorboard (Ray Tune's event files in each trial folder), mlflow[:URI] "
+            "(one run per trial in an experiment named --name; default store: the run storage's "
+            "sqlite mlflow.db; pip install 'resdistill[mlflow]'), wandb[:PROJECT] (pip install "
+            "wandb) or none"
+        ),  # fmt: skip
     },
     switches=(
         training.gpu_switch("train.run.device"),

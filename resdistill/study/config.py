@@ -24,6 +24,9 @@ from resdistill.config import (
     DEVICES,
     STAGE_DISTILL,
     STAGE_TEACHER,
+    TRACKING_HELP,
+    TRACKING_KINDS,
+    tracking_ok,
 )
 from resdistill.fields import ConfigError, check, check_choice, opt
 from resdistill.study.ablation import VARIED
@@ -124,8 +127,12 @@ class StudyConfig:
         choices=DEVICES,
     )
     address: str | None = opt(None, "Ray cluster (default: $RAY_ADDRESS or a local Ray)")
+    tracking: str = opt("tensorboard", TRACKING_HELP + "; one record per cell, tagged with it, "
+                        "in an MLflow experiment named --name", metavar="KIND[:TARGET]")  # fmt: skip
 
     def __post_init__(self) -> None:
+        check(tracking_ok(self.tracking), "--tracking", f"must be one of "
+              f"{', '.join(TRACKING_KINDS)} (with :TARGET), got {self.tracking!r}")  # fmt: skip
         check(bool(self.label_fractions), "--label-fractions", "needs a value")
         for v in self.label_fractions:
             check(0 < v <= 1, "--label-fractions", f"{v:g} is not in (0, 1]")

@@ -208,6 +208,7 @@ def _study(cfg: StudyConfig, out: Path, lease: Any) -> tuple[list[Any], list[Any
     from resdistill.study.results_table import write_report
     from resdistill.study.shared_targets import share_targets
     from resdistill.study.tuning import TrialOptions, run_cells
+    from resdistill.tracking import resolve
     from resdistill.train.run_lease import check_lease
     from resdistill.train.runner import run_url
     from sharding.magnification import display_mag
@@ -221,6 +222,8 @@ def _study(cfg: StudyConfig, out: Path, lease: Any) -> tuple[list[Any], list[Any
         )
     out.mkdir(parents=True, exist_ok=True)
     storage = cfg.storage or str(out / "runs")
+    tracking = resolve(cfg.tracking, storage=storage, name="", folder=None,
+                       experiment=cfg.name)  # fmt: skip
     started = time.monotonic()
     ray_init(cfg.address)
     data = cfg.data or synthetic_dataset(out, cfg.seed, cfg.address, console, cfg.cohort)
@@ -236,7 +239,8 @@ def _study(cfg: StudyConfig, out: Path, lease: Any) -> tuple[list[Any], list[Any
     )  # fmt: skip
     trials = TrialOptions(storage=storage, cpus_per_worker=cfg.cpus_per_worker,
                           trial_cpus=cfg.trial_cpus,
-                          gpu=resolve_device(cfg.device, cluster_gpus()) == "cuda")  # fmt: skip
+                          gpu=resolve_device(cfg.device, cluster_gpus()) == "cuda",
+                          tracking=cfg.tracking, study=cfg.name)  # fmt: skip
     todo = [c for c in grid.cells() if c.id not in records]
     console.print(
         f"[bold]study[/] on {info.url}: teacher {display_mag(grid.teacher_mag)}, students "
@@ -247,6 +251,7 @@ def _study(cfg: StudyConfig, out: Path, lease: Any) -> tuple[list[Any], list[Any
         f"{len(grid.cells()) - len(todo)} done, {len(todo)} to run -> {run_url(storage, cfg.name)}",
         soft_wrap=True,
     )
+    console.print(f"tracking: {tracking.describe()}", soft_wrap=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
     built: dict[str, tuple[Cell, str | None, Any]] = {}

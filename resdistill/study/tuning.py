@@ -40,6 +40,8 @@ class TrialOptions:
     trial_cpus: float = 0.1
     gpu: bool = False
     max_failures: int = 1
+    tracking: str = "tensorboard"  # --tracking (resdistill.tracking)
+    study: str = "study"  # the study's name: its MLflow experiment / W&B group
 
     def trainer_options(self, experiment: str) -> dict[str, Any]:
         """The ``opts`` of :func:`resdistill.tune.trial.run_in_trial` (each cell sets its own
@@ -100,6 +102,36 @@ def cell_trial(
     rule = selection(cfg)
     opts = {**opts, "metric": rule.metric, "mode": rule.mode}
     run_in_trial(cfg, opts, checkpoint_url(ray.tune.get_checkpoint()))
+
+
+def cell_record(configs: Mapping[str, dict[str, Any]], phase: str, hparams: Mapping[str, Any]
+                ) -> tuple[str, dict[str, str], dict[str, str]]:  # fmt: skip
+    """``(label, params, tags)`` of a cell's tracked record (:mod:`resdistill.tracking`):
+    labelled and tagged with the cell (and the phase's Tune experiment); params, its config."""
+    from resdistill.tracking import config_params
+
+    cell = str(hparams.get("cell"))
+    doc = configs.get(cell) or {}
+    tags = {"resdistill.cell": cell, "resdistill.phase": phase, "resdistill.command": "study",
+            "resdistill.stage": str(doc.get("stage", ""))}  # fmt: skip
+    return cell, config_params(doc), tags
+
+
+def tracking_callbacks(configs: Mapping[str, dict[str, Any]], experiment: str,
+                       opts: TrialOptions) -> list[Any]:  # fmt: skip
+    """The Tune callbacks that record each cell of the grid search ``experiment``: one record
+    per cell, in the study's MLflow experiment (W&B group), tagged with the cell."""
+    from functools import partial
+
+    from resdistill.tracking import resolve
+    from resdistill.tracking.hooks import trial_callbacks
+    from resdistill.train.runner import run_url
+    from resdistill.tune.trial import TRAIN_CHECKPOINT_KEY
+
+    tracking = resolve(opts.tracking, storage=opts.storage, name=experiment, folder=None,
+                       experiment=opts.study)  # fmt: skip
+    return trial_callbacks(tracking, run_url(opts.storage, experiment),
+                           partial(cell_record, configs, experiment), TRAIN_CHECKPOINT_KEY)  # fmt: skip
 
 
 def chosen_epoch(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
@@ -179,11 +211,8 @@ def run_cells(
     if not configs:
         return {}
     path, fs = storage_for(opts.storage)
-    fn = tune.with_parameters(
-        cell_trial,
-        configs={k: c.to_dict() for k, c in configs.items()},
-        opts=opts.trainer_options(experiment),
-    )
+    docs = {k: c.to_dict() for k, c in configs.items()}
+    fn = tune.with_parameters(cell_trial, configs=docs, opts=opts.trainer_options(experiment))
     resources = {"CPU": float(opts.trial_cpus)}
     trainable = tune.with_resources(fn, resources)
     progress = Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
@@ -198,7 +227,8 @@ def run_cells(
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             # the latest, for a retry; the chosen one is the Train run's (module doc)
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[FreePlacementGroups(), CellProgress(progress, task)],
+            callbacks=[FreePlacementGroups(), CellProgress(progress, task),
+                       *tracking_callbacks(docs, experiment, opts)],
         ),
     )  # fmt: skip
     with progress:

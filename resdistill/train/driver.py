@@ -172,6 +172,8 @@ def _run(cfg: TrainConfig, given: TrainConfig, start: str | None, notes: list[st
     is leased: its config.yaml, header, the Ray Train run (from ``start`` when a new run
     continues a checkpoint) and the summary table."""
     from resdistill.config import resolve_device
+    from resdistill.tracking import training_run
+    from resdistill.tracking.hooks import train_callbacks
     from resdistill.train.worker import loop_config, train_worker
     from sharding.ray_cluster import cluster_gpus, ray_init
 
@@ -187,6 +189,10 @@ def _run(cfg: TrainConfig, given: TrainConfig, start: str | None, notes: list[st
         console.print(f"starting from {start} (--resume-from)", soft_wrap=True)
     chosen = selection(cfg)
     console.print(f"checkpoint kept: {chosen.describe()}", soft_wrap=True)
+    tracked = training_run(cfg, run_url(run.storage, name), command=COMMANDS[cfg.stage],
+                           tags={"resdistill.select": chosen.describe()})  # fmt: skip
+    tracked.start()
+    console.print(f"tracking: {tracked.tracking.describe()}", soft_wrap=True)
     for text in notes:
         console.print(f"[yellow]note[/]: {text}", soft_wrap=True)
     ray_init(run.address)
@@ -201,12 +207,14 @@ def _run(cfg: TrainConfig, given: TrainConfig, start: str | None, notes: list[st
         result = launch(train_worker, loop_config(cfg, start), name=name, storage=run.storage,
                         workers=run.workers, gpu=device == "cuda", cpus_per_worker=run.cpus_per_worker,
                         max_failures=run.max_failures, keep=run.keep, metric=chosen.metric,
-                        mode=chosen.mode)  # fmt: skip
+                        mode=chosen.mode, callbacks=train_callbacks(tracked, cfg.optim.epochs))  # fmt: skip
     except Exception as exc:
+        tracked.end("FAILED")
         bad = shard_error_of(exc)
         if bad is None:
             raise
         raise bad from None
+    tracked.end("FINISHED")
     summary = summarize(result, name=name, storage=run.storage, selection=chosen,
                         elapsed_s=time.perf_counter() - t0)  # fmt: skip
     print_summary(summary, title=f"{TITLES[cfg.stage]} {name}", console=console)

@@ -18,6 +18,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from resdistill.config import TrainConfig
@@ -32,7 +33,7 @@ from resdistill.tune.schedulers import (
     seeded_search,
 )
 from resdistill.tune.space import Domain, build_space, check_space
-from resdistill.tune.stage import base_config, data_url, ranking
+from resdistill.tune.stage import apply_hparams, base_config, data_url, ranking
 from resdistill.tune.trials_table import TuneSummary, print_summary, summarize, write_best_json
 
 
@@ -52,6 +53,44 @@ def trial_options(cfg: TuneConfig, name: str) -> dict[str, Any]:
         "mode": chosen.mode,
         "fixed_steps": cfg.train.data.steps_per_epoch is not None,
     }
+
+
+def trial_record(base: TrainConfig, opts: Mapping[str, Any], hparams: Mapping[str, Any]
+                 ) -> tuple[str, dict[str, str], dict[str, str]]:  # fmt: skip
+    """``(label, params, tags)`` of a trial's tracked record (:mod:`resdistill.tracking`):
+    labelled by its hyperparameters; params, its resolved config (the base with them set, as
+    :func:`~resdistill.tune.stage.apply_hparams` sets them for the trial itself)."""
+    from resdistill.tracking import config_params
+
+    try:
+        cfg = apply_hparams(base, hparams, opts)
+    except ValueError:  # the trial fails the same way, and says so itself
+        cfg = base
+    label = ",".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in sorted(hparams.items()))  # fmt: skip
+    tags = {"resdistill.stage": cfg.stage, "resdistill.command": "tune",
+            "resdistill.dataset": cfg.data.url}  # fmt: skip
+    return label, config_params(cfg.to_dict()), tags
+
+
+def tracking_of(cfg: TuneConfig, name: str) -> Any:
+    """The tuning run's resolved ``--tracking`` (one MLflow experiment named for the run);
+    :class:`~resdistill.errors.UsageError` when it cannot work here."""
+    from resdistill.tracking import resolve
+
+    run = cfg.train.run
+    return resolve(run.tracking, storage=run.storage, name=name, folder=None, experiment=name)
+
+
+def tracking_callbacks(cfg: TuneConfig, base: TrainConfig, name: str) -> list[Any]:
+    """The Tune callbacks that record every trial (:func:`resdistill.tracking.hooks.
+    trial_callbacks`)."""
+    from resdistill.tracking.hooks import trial_callbacks
+    from resdistill.tune.trial import TRAIN_CHECKPOINT_KEY
+
+    describe = partial(trial_record, base, trial_options(cfg, name))
+    return trial_callbacks(tracking_of(cfg, name), run_url(cfg.train.run.storage, name),
+                           describe, TRAIN_CHECKPOINT_KEY)  # fmt: skip
 
 
 def make_trainable(base: TrainConfig, cfg: TuneConfig, name: str) -> Any:
@@ -98,7 +137,7 @@ def make_tuner(
         failure_config=tune.FailureConfig(max_failures=run.max_failures + cfg.trial_retries),
         checkpoint_config=checkpoint_config(cfg, ranking(cfg)),
         verbose=cfg.verbose,
-        callbacks=[FreePlacementGroups(), ResumeSeal()],
+        callbacks=[FreePlacementGroups(), ResumeSeal(), *tracking_callbacks(cfg, base, name)],
     )
     param_space = {k: d.to_tune() for k, d in space.items()}
     tuner = tune.Tuner(
@@ -181,6 +220,7 @@ def tune_run(cfg: TuneConfig) -> TuneSummary:
     for key, dom in space.items():
         console.print(f"  {key:16s} {dom}")
     console.print(f"trials ranked by {chosen.describe()}", soft_wrap=True)
+    console.print(f"tracking: {tracking_of(cfg, name).describe()}", soft_wrap=True)
     assert base.plan is not None
 
     def note(text: str) -> None:
