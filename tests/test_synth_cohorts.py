@@ -2,7 +2,8 @@
 is today's generator unchanged, and each of the others differs from it exactly as described:
 ``sites`` in staining only (the site is learnable from colour), ``subtle`` in atypical nuclei
 only (a weaker low-magnification cue, the same high-magnification detail), ``unlabeled`` in its
-labelled share only."""
+labelled share only, ``chromatin`` in atypical nuclei (no low-magnification cue at all) and in
+its scanners' optics (blur, shading), never in staining."""
 
 from __future__ import annotations
 
@@ -35,7 +36,15 @@ from sharding.synthetic import (
     slide_plan,
     write_synthetic_slides,
 )
-from sharding.synthetic.cohorts import HUE_SPREAD, STRENGTH_SPREAD, SUBTLE_CUES
+from sharding.synthetic.cohorts import (
+    BLUR_UM,
+    CHROMATIN_CUES,
+    HUE_SPREAD,
+    SHADING,
+    STRENGTH_SPREAD,
+    SUBTLE_CUES,
+)
+from sharding.synthetic.optics import Optics
 
 TINY_UM = (200.0, 160.0)
 
@@ -217,8 +226,11 @@ def test_sites_are_balanced_and_their_stain_is_learnable_from_colour(tmp_path):
 # subtle: atypia's low-magnification cue is weaker, its high-magnification detail is kept
 
 
-def _region(label: str, cohort: str, size_px: int = 1024, mpp: float = 0.25) -> np.ndarray:
+def _region(label: str, cohort: str, size_px: int = 1024, mpp: float = 0.25,
+            optics: Optics | None = None) -> np.ndarray:  # fmt: skip
     scene = make_scene(label, seed=11, index=2, size_um=(1500.0, 1200.0), cohort=cohort)
+    if optics is not None:
+        scene = dataclasses.replace(scene, optics=optics)
     island = max(scene.islands, key=lambda i: i.sx * i.sy)
     x, y = int(island.cx / mpp) - size_px // 2, int(island.cy / mpp) - size_px // 2
     return scene.render(x, y, size_px, size_px, mpp)
@@ -289,3 +301,70 @@ def test_cohorts_combine_by_name():
     assert cohort_named("default+sites").sites == 3
     with pytest.raises(ValueError, match="unknown cohort"):
         cohort_named("sites+nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# chromatin: atypia by chromatin texture alone; scanners that differ in optics, not stain
+
+
+def test_chromatin_cohort_from_the_command_is_deterministic_with_optics_sites(tmp_path):
+    tiny = ["--size-um", "200x160", "--workers", "1", "--slides", "4", "--seed", "3"]
+    digests = []
+    for run in ("a", "b"):
+        assert main(["synth", str(tmp_path / run), "--cohort", "chromatin", *tiny]) == 0
+        digests.append([_digest(_pixels(p)) for p in sorted((tmp_path / run).glob("synth_*"))])
+    assert digests[0] == digests[1] and len(digests[0]) == 4
+    other = _tiny_set(tmp_path / "c", "chromatin", seed=4)
+    assert all(a != b for a, b in zip(digests[0], other, strict=True))
+    truth = _read_csv(tmp_path / "a" / TRUTH_CSV)
+    assert list(truth[0]) == ["slide", "label", "patient", SITE_COLUMN]
+    chromatin = COHORTS["chromatin"]
+    assert (chromatin.sites, chromatin.slides, chromatin.cues) == (3, 24, CHROMATIN_CUES)
+    optics = [chromatin.optics(3, k) for k in range(3)]
+    assert optics == [chromatin.optics(3, k) for k in range(3)]  # deterministic
+    assert sorted(o.blur_um for o in optics) == pytest.approx([0, BLUR_UM / 2, BLUR_UM])
+    assert sorted(o.shading for o in optics) == pytest.approx([0, SHADING / 2, SHADING])
+    assert [chromatin.staining(3, k) for k in range(3)] == [REFERENCE] * 3  # one staining
+    assert COHORTS["sites"].optics(3, 1).ideal  # the stain cohort keeps ideal optics
+    with pytest.raises(ValueError, match="site effects"):
+        cohort_named("sites+chromatin")
+    with pytest.raises(ValueError, match="nuclear cues"):
+        cohort_named("subtle+chromatin")
+
+
+def test_chromatin_sites_change_the_optics_only():
+    """With ideal optics a chromatin slide of another class than atypia is the default
+    cohort's; blur softens and shading darkens, both fixed to slide coordinates."""
+    kw = {"seed": 5, "size_um": (300.0, 300.0)}
+    region = (200, 200, 128, 128, 0.5)
+    for i, label in enumerate(CLASSES):
+        scene = make_scene(label, cohort="chromatin", site=i % 3, index=i, **kw)
+        ideal = dataclasses.replace(scene, optics=Optics())
+        plain = make_scene(label, index=i, **kw)
+        assert np.array_equal(ideal.render(*region), plain.render(*region)) == (label != "atypia")
+    scene = make_scene("benign", index=0, **kw)
+    sharp = scene.render(*region, sensor_noise=False).astype(np.float32)
+    soft = dataclasses.replace(scene, optics=Optics(blur_um=BLUR_UM)).render(
+        *region, sensor_noise=False).astype(np.float32)  # fmt: skip
+    assert np.abs(np.diff(soft, axis=1)).mean() < 0.8 * np.abs(np.diff(sharp, axis=1)).mean()
+    assert abs(soft.mean() - sharp.mean()) < 1.0  # blur moves no light
+    lit = dataclasses.replace(scene, optics=Optics(shading=SHADING)).render(
+        *region, sensor_noise=False).astype(np.float32)  # fmt: skip
+    assert lit.mean() < sharp.mean() - 1.0
+
+
+def test_chromatin_atypia_has_no_low_magnification_cue_and_blur_erases_its_detail():
+    """Atypia and benign tissue are equally dark at 5x (against ~10 grey levels in the default
+    cohort), while atypia's nuclear detail at 40x stays; the blurriest scanner erases part of
+    that detail: the cue is high-magnification only, and site-dependent."""
+    ideal = Optics()
+    benign = _region("benign", "chromatin", optics=ideal)
+    atypia = _region("atypia", "chromatin", optics=ideal)
+    shift = box_downsample(benign, 8).mean() - box_downsample(atypia, 8).mean()
+    assert abs(shift) < 1.0, shift
+    detail = _nuclear_texture(atypia) / _nuclear_texture(benign)
+    assert detail > 1.5, detail
+    blurred = Optics(blur_um=BLUR_UM)
+    soft = _nuclear_texture(_region("atypia", "chromatin", optics=blurred))
+    soft_ratio = soft / _nuclear_texture(_region("benign", "chromatin", optics=blurred))
+    assert soft_ratio < detail - 0.2, (soft_ratio, detail)

@@ -111,7 +111,7 @@ class StudyConfig:
     seed: int = opt(0, "seed of the synthetic cohort")
     cohort: str = opt(
         "default", "without --data: the embedded cohort's kind, as `resdistill synth --cohort` "
-        "(default, sites, subtle, unlabeled, or a+b)")  # fmt: skip
+        "(default, sites, subtle, unlabeled, chromatin, or a+b)")  # fmt: skip
     out: str = opt("study", "report folder (cells/ records inside)")
     storage: str | None = opt(
         None, "run storage for Tune results and checkpoints (default: OUT/runs)"

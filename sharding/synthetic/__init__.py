@@ -8,7 +8,9 @@ Layers, each importing only those above it:
 * :mod:`~sharding.synthetic.layout`: where tissue, vacuoles and glands are (the scene's truth).
 * :mod:`~sharding.synthetic.nuclei`: where nuclei are and how one is drawn.
 * :mod:`~sharding.synthetic.staining`: the colour model (a lab's stain vectors, strengths, glass).
-* :mod:`~sharding.synthetic.cohorts`: named cohorts (scanning sites, subtle cues, unlabelled).
+* :mod:`~sharding.synthetic.optics`: a scanner's focus blur and stripe shading.
+* :mod:`~sharding.synthetic.cohorts`: named cohorts (scanning sites, subtle cues, unlabelled,
+  chromatin cues with scanner optics).
 * :mod:`~sharding.synthetic.config`: the options of ``resdistill synth`` (:class:`SynthConfig`).
 * :mod:`~sharding.synthetic.scene`: the classes and the renderer of a scene.
 * :mod:`~sharding.synthetic.slides`: slide sets on disk with ``labels.csv`` / ``truth.csv``
@@ -19,6 +21,7 @@ from sharding.synthetic.cohorts import COHORTS, Cohort, cohort_named
 from sharding.synthetic.config import SynthConfig
 from sharding.synthetic.layout import Island, TissueLayout
 from sharding.synthetic.nuclei import NuclearCues
+from sharding.synthetic.optics import Optics
 from sharding.synthetic.pyramid import (
     APERIO_PREFIX,
     FORMATS,
@@ -59,6 +62,7 @@ __all__ = [
     "Cohort",
     "Island",
     "NuclearCues",
+    "Optics",
     "PyramidInfo",
     "SlideScene",
     "Staining",

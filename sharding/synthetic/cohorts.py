@@ -18,9 +18,18 @@ stain jitter in every cohort. The cohorts (:data:`COHORTS`):
   and not at high.
 * ``unlabeled``: four times the slides with a quarter of them labelled: as many labelled slides
   as ``default`` plus three times as many unlabelled ones.
+* ``chromatin``: other cues and another site effect. Atypia is told by its chromatin alone
+  (clumps, membrane, nucleoli: detail of 1-3 um seen at 20x and above): its nuclei keep the
+  benign size and their base hematoxylin is lowered so that atypical tissue is as dark as
+  benign tissue at low magnification (:data:`CHROMATIN_CUES`); no class has a colour cue for
+  atypia at 5x or below. Its :data:`SITES` scanners share one staining and differ in their
+  optics (:mod:`~sharding.synthetic.optics`): focus blur up to :data:`BLUR_UM` um, which erases
+  exactly that chromatin detail, and stripe shading up to :data:`SHADING`. 24 slides, as
+  ``sites``.
 
 Names combine with ``+`` (``sites+subtle``): the sites of one, the cues of the other, the most
-slides and the smallest labelled share.
+slides and the smallest labelled share; two different site effects (stain and optics) or two
+different cues are refused.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sharding.synthetic.nuclei import NuclearCues
+from sharding.synthetic.optics import Optics
 from sharding.synthetic.staining import REFERENCE, Staining, unit
 
 #: Scanning sites of the ``sites`` cohort.
@@ -43,12 +53,23 @@ HUE_SPREAD = 30.0
 GLASS_JITTER = 6.0
 #: The ``subtle`` cohort's atypical nuclei (the default is ``NuclearCues()``: 1.4, 1.30).
 SUBTLE_CUES = NuclearCues(atypia_scale=1.15, atypia_h=1.25)
+#: The ``chromatin`` cohort's atypical nuclei: benign size, and a base hematoxylin (1.20 against
+#: the benign 1.35) that offsets what clumps, membrane and nucleoli add: atypical tissue seen at
+#: 5x is as dark as benign tissue (within 0.1 grey level on the renderer, against ~10.5 in
+#: ``default``); set from the renderer alone, before any training
+CHROMATIN_CUES = NuclearCues(atypia_scale=1.0, atypia_h=1.20)
+#: The ``chromatin`` cohort's scanners: blur sigma and shading levels ``k / (sites - 1)`` of these
+BLUR_UM = 0.6
+SHADING = 0.12
+#: site effects a cohort may have
+SITE_EFFECTS = ("stain", "optics")
 
 
 @dataclass(frozen=True)
 class Cohort:
     """A kind of slide set. ``sites`` scanning sites (1: every slide has the reference
-    staining), ``cues`` for atypical nuclei, and the set's default size (``slides``) and
+    staining and ideal optics) differing in ``site_effect`` (their ``stain``, or their
+    ``optics``), ``cues`` for atypical nuclei, and the set's default size (``slides``) and
     labelled share (``labeled_fraction``), which explicit arguments override."""
 
     name: str
@@ -57,6 +78,20 @@ class Cohort:
     cues: NuclearCues = field(default_factory=NuclearCues)
     slides: int = 6
     labeled_fraction: float = 1.0
+    site_effect: str = "stain"
+
+    def optics(self, seed: int, site: int) -> Optics:
+        """The scanner optics of site ``site`` of a set made with ``seed``: ideal unless the
+        site effect is ``optics``. Then blur and shading each take their own seeded
+        permutation of the levels ``k / (sites - 1)``, ``k = 0 .. sites - 1``, of
+        :data:`BLUR_UM` and :data:`SHADING`: one site is sharp, one evenly lit."""
+        if not 0 <= site < self.sites:
+            raise ValueError(f"site must be within [0, {self.sites}), got {site}")
+        if self.sites == 1 or self.site_effect != "optics":
+            return Optics()
+        order = np.random.default_rng([seed, 0x0B71C5])
+        q = [int(order.permutation(self.sites)[site]) / (self.sites - 1) for _ in range(2)]
+        return Optics(blur_um=BLUR_UM * q[0], shading=SHADING * q[1])
 
     def staining(self, seed: int, site: int) -> Staining:
         """The staining of scanning site ``site`` (``0 <= site < sites``) of a set made with ``seed``.
@@ -71,7 +106,7 @@ class Cohort:
         """
         if not 0 <= site < self.sites:
             raise ValueError(f"site must be within [0, {self.sites}), got {site}")
-        if self.sites == 1:
+        if self.sites == 1 or self.site_effect != "stain":
             return REFERENCE
         order = np.random.default_rng([seed, 0x5173])
         q = [(int(order.permutation(self.sites)[site]) + 0.5) / self.sites - 0.5 for _ in range(4)]
@@ -113,6 +148,15 @@ COHORTS: dict[str, Cohort] = {
             cues=SUBTLE_CUES,
         ),
         Cohort(
+            "chromatin",
+            f"atypia told by chromatin texture alone (no low-magnification cue); {SITES} "
+            "scanners differing in focus blur and stripe shading, one staining",
+            sites=SITES,
+            cues=CHROMATIN_CUES,
+            slides=24,
+            site_effect="optics",
+        ),
+        Cohort(
             "unlabeled",
             "4x the slides, a quarter labelled (the default's labelled slides plus 3x unlabelled)",
             slides=24,
@@ -138,6 +182,9 @@ def cohort_named(name: str) -> Cohort:
     cues = {c.cues for c in chosen} - {NuclearCues()}
     if len(cues) > 1:
         raise ValueError(f"cohorts {name!r} set different nuclear cues")
+    effects = {c.site_effect for c in chosen if c.sites > 1}
+    if len(effects) > 1:
+        raise ValueError(f"cohorts {name!r} set different site effects")
     return Cohort(
         name="+".join(c.name for c in chosen),
         models="; ".join(c.models for c in chosen if c.name != "default"),
@@ -145,4 +192,5 @@ def cohort_named(name: str) -> Cohort:
         cues=cues.pop() if cues else NuclearCues(),
         slides=max(c.slides for c in chosen),
         labeled_fraction=min(c.labeled_fraction for c in chosen),
+        site_effect=effects.pop() if effects else "stain",
     )

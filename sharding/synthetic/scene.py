@@ -25,7 +25,7 @@ Classes (:data:`CLASSES`) carry their cue at different physical scales (:data:`C
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from sharding.synthetic.cohorts import Cohort, cohort_named
 from sharding.synthetic.layout import Island, TissueLayout
 from sharding.synthetic.noise import mix, noise_grid, sensor_noise_window
 from sharding.synthetic.nuclei import NuclearCues, place_nuclei, stamp_nuclei
+from sharding.synthetic.optics import Optics
 from sharding.synthetic.staining import REFERENCE, Staining
 
 CLASSES: tuple[str, ...] = ("benign", "glandular", "atypia", "inflamed")
@@ -53,12 +54,13 @@ class SlideScene(TissueLayout):
     atypical nuclei look (``cues``) and the staining; :meth:`render` draws any rectangle.
 
     ``stain`` is the slide's own (hematoxylin, eosin) strength, multiplied by the lab's
-    (``staining``)."""
+    (``staining``); ``optics`` is the scanner's blur and shading (ideal by default)."""
 
     stain: tuple[float, float] = (1.0, 1.0)
     fibre_angles: tuple[float, float] = (0.3, 1.9)
     staining: Staining = REFERENCE
     cues: NuclearCues = NuclearCues()
+    optics: Optics = Optics()
 
     def nuclei(self, x0: float, y0: float, x1: float, y1: float) -> list[dict[str, np.ndarray]]:
         """Nuclei that may touch the um box, in groups sharing a drawing style (:func:`place_nuclei`)."""
@@ -82,7 +84,16 @@ class SlideScene(TissueLayout):
         ``(salt, x0, y0, noise_seed)``, so equal arguments give equal pixels. Everything else is
         a function of scene coordinates: rendering a rectangle at once or tile by tile gives the
         same pixels (up to the linear interpolation of the tissue edge between 8-px nodes).
+        Non-ideal ``optics`` see the noise-free rectangle with a margin, then add the noise
+        (:meth:`~sharding.synthetic.optics.Optics.apply`).
         """
+        if not self.optics.ideal:
+            m = self.optics.margin_px(mpp)
+            ideal = replace(self, optics=Optics())
+            clean = ideal.render(x0 - m, y0 - m, w + 2 * m, h + 2 * m, mpp, sensor_noise=False)
+            noise = (sensor_noise_window(self.salt, x0, y0, w, h, noise_seed) if sensor_noise
+                     else np.zeros((h, w, 3), np.float32))  # fmt: skip
+            return self.optics.apply(clean, x0, mpp, noise)
         xs = ((x0 + np.arange(w) + 0.5) * mpp).astype(np.float32)
         ys = ((y0 + np.arange(h) + 0.5) * mpp).astype(np.float32)
         ux0, ux1, uy0, uy1 = xs[0], xs[-1], ys[0], ys[-1]
@@ -170,7 +181,7 @@ def make_scene(
     Islands sit in equal cells along the longer side; each is an ellipse of ~0.8 of its cell's
     half-size with random low harmonics, kept >= 3% of the short side away from the slide edge.
     The ``cohort`` (:mod:`~sharding.synthetic.cohorts`) sets how atypical nuclei look and the
-    staining of scanning site ``site``; layout and slide stain strength depend only on
+    staining and optics of scanning site ``site``; layout and slide stain strength depend only on
     ``(seed, index)``, so slide ``index`` has the same tissue in every cohort.
     """
     if label not in CLASSES:
@@ -212,4 +223,5 @@ def make_scene(
         fibre_angles=(float(rng.uniform(0, np.pi)), float(rng.uniform(0, np.pi))),
         staining=kind.staining(seed, site),
         cues=kind.cues,
+        optics=kind.optics(seed, site),
     )
