@@ -19,6 +19,13 @@ fraction, the distilled student's gap to its teacher (all labels) and its lead o
 (10% labels), and the chosen recipe: the highest mean over cohorts and label fractions of the
 distilled student's validation accuracy, among the recipes every cohort ran. The chosen defaults
 are then scored on test once, by a study of their own.
+
+The recipe ``feature-term`` runs the study's feature-term ablation (``--ablations feature-term``):
+the distilled student with the feature term off, on its last map (the paper) and on a spatial
+grid. :func:`choose_feature` ranks the three variants by the same rule (mean over cohorts and
+label fractions of their validation accuracy; each row's variant is validation.csv's
+``feature_term``), which is what ``--feature-grid`` / ``--feature-weight``'s defaults follow.
+Run it on cohort seeds the report does not use (``--study-args "--seed 1"``).
 """
 
 from __future__ import annotations
@@ -46,13 +53,15 @@ RECIPES: dict[str, tuple[str, str, str, str]] = {
               "--student-mags 5x --label-fractions 1"),
     "attention-5x": ("", "--temperature 4 --jitter 0 --hed-jitter 0 --attention-weight 1",
                      "stain", "--student-mags 5x --label-fractions 1"),
+    "feature-term": ("", "--temperature 4 --jitter 0 --hed-jitter 0", "stain",
+                     "--ablations feature-term"),
 }  # fmt: skip
-COHORTS = ("sites", "subtle", "default")
+COHORTS = ("sites", "subtle", "default", "chromatin")
 #: the only table read: validation metrics of every group of cells
 VALIDATION_CSV = "validation.csv"
 #: the columns of validation.csv that are not metrics; every metric is a ``val_*`` one
 KEY_COLUMNS = frozenset({"kind", "mag", "label_fraction", "unlabelled_share", "seeds", "select",
-                         "labelled_val_slides", "recipe"})  # fmt: skip
+                         "labelled_val_slides", "recipe", "feature_term"})  # fmt: skip
 #: the validation metric the choice ranks by
 METRIC = "val_accuracy"
 
@@ -160,6 +169,37 @@ def choose(table: list[dict[str, object]]) -> tuple[str | None, dict[str, float]
     return best, scores
 
 
+def feature_rows(out: Path) -> dict[str, dict[str, float]]:
+    """``{cohort: {variant: validation accuracy}}`` of the ``feature-term`` studies: per
+    variant (validation.csv's ``feature_term``) the mean over label fractions."""
+    found: dict[str, dict[str, float]] = {}
+    for cohort in COHORTS:
+        path = out / cohort / "feature-term" / VALIDATION_CSV
+        if not path.exists():
+            continue
+        per: dict[str, list[float]] = {}
+        for r in read_validation(path):
+            value = _number(r.get(METRIC))
+            if r.get("feature_term") and value is not None:
+                per.setdefault(r["feature_term"], []).append(value)
+        found[cohort] = {k: sum(v) / len(v) for k, v in per.items()}
+    return found
+
+
+def choose_feature(found: dict[str, dict[str, float]]) -> tuple[str | None, dict[str, float]]:
+    """``(variant, {variant: score})``: the mean over cohorts of each variant's validation
+    accuracy, among the variants every cohort ran (None when none did). Ties go to the
+    variant listed first of off, global, spatial (the simplest)."""
+    order = ("off", "global", "spatial")
+    common = set(order)
+    for v in found.values():
+        common &= set(v)
+    scores = {k: sum(v[k] for v in found.values()) / len(found) for k in order
+              if k in common and found}  # fmt: skip
+    best = max(scores, key=lambda k: (scores[k], -order.index(k)), default=None)
+    return best, scores
+
+
 def markdown(table: list[dict[str, object]]) -> str:
     if not table:
         return "(no finished study)"
@@ -202,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     ranked = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1]))
     print(f"\nchosen on validation ({METRIC} of the distilled student, mean over cohorts and "
           f"label fractions): {best or '-'} ({ranked or 'no recipe ran on every cohort'})")  # fmt: skip
+    found = feature_rows(out)
+    if found:
+        variant, by = choose_feature(found)
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in by.items()) or "no variant on every cohort"
+        print(f"feature term on validation ({METRIC}, mean over cohorts {sorted(found)} and "
+              f"label fractions): {variant or '-'} ({shown})")  # fmt: skip
     return 1 if failed else 0
 
 

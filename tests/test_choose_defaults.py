@@ -109,3 +109,32 @@ def test_a_recipe_reuses_the_dataset_and_the_teachers(script, tmp_path: Path, mo
         "0.1=ckpt0.1",
     ]
     assert argv[argv.index("--student-args") + 1] == "--temperature 4 --jitter 0 --hed-jitter 0"
+
+
+def test_the_feature_term_follows_the_variants_validation(script, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The feature-term studies: each validation.csv row names its variant; the choice is the
+    best mean over cohorts of validation accuracy, read from validation.csv alone."""
+    for cohort, spatial in (("sites", 0.9), ("chromatin", 0.76)):
+        folder = tmp_path / cohort / "feature-term"
+        folder.mkdir(parents=True)
+        with (folder / "validation.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["kind", "mag", "label_fraction", "unlabelled_share", "seeds",
+                        "val_accuracy", "select", "labelled_val_slides", "recipe",
+                        "feature_term"])  # fmt: skip
+            for fr in (1, 0.1):
+                w.writerow(["teacher", "10x", fr, "", 1, 0.99, "metric", 4, "defaults", ""])
+                w.writerow(["distilled", "2.5x", fr, 1, 1, 0.8, "distill-loss", 0, "d", "global"])
+                w.writerow(["feature-off", "2.5x", fr, 1, 1, 0.78, "distill-loss", 0, "d", "off"])
+                w.writerow(["feature-spatial", "2.5x", fr, 1, 1, spatial, "distill-loss", 0, "d",
+                            "spatial"])  # fmt: skip
+        (folder / "study.csv").write_text("kind,accuracy\nfeature-off,1.0\n")  # never read
+    found = script.feature_rows(tmp_path)
+    assert found["sites"] == {"global": 0.8, "off": 0.78, "spatial": 0.9}
+    best, scores = script.choose_feature(found)
+    assert best == "spatial" and scores == pytest.approx({"off": 0.78, "global": 0.8,
+                                                           "spatial": 0.83})  # fmt: skip
+    tie = {"a": {"off": 0.5, "global": 0.5}}
+    assert script.choose_feature(tie) == ("off", {"off": 0.5, "global": 0.5})  # the simplest
+    assert "--ablations feature-term" in script.RECIPES["feature-term"][3]
+    assert "chromatin" in script.COHORTS
