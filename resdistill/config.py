@@ -146,8 +146,8 @@ class ModelConfig:
                                 "embeddings computed once per dataset and cached")  # fmt: skip
     head: str = opt("linear", "classifier on a timm backbone's pooled embedding",
                     choices=HEAD_CHOICES)  # fmt: skip
-    input_px: int = opt(0, "edge a timm backbone is fed: each tile is resized to it (default: "
-                        "a ViT's own input size, e.g. 224; none for CNNs)")  # fmt: skip
+    input_px: int = opt(0, "edge a timm backbone is fed: each tile is resized to it; 0: a "
+                        "ViT's own input size (e.g. 224), no resize for a CNN")  # fmt: skip
     backbone_args: str = opt("", "timm create_model arguments: a JSON object or file (a hub "
                              "config.json works); mean/std keys set the input normalisation",
                              metavar="JSON")  # fmt: skip

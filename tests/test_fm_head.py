@@ -131,6 +131,11 @@ def test_planner_refusals_and_kd_only_for_pooled_teachers(dataset: Path, weights
     planned = replace(student, plan=prepare(frozen_cfg(dataset, weights), notes=[]).plan)
     with pytest.raises(UsageError, match="a distilled student learns its whole network"):
         plan_backbone(planned, [])
+    attention = replace(planned, model=replace(planned.model, freeze_backbone=False),
+                        teacher=TeacherRef(checkpoint="x", arch=ARCH),
+                        loss=replace(planned.loss, attention_weight=1.0))  # fmt: skip
+    with pytest.raises(UsageError, match="--attention-weight needs a ResNet teacher"):
+        plan_backbone(attention, [])
     pooled = replace(student, teacher=TeacherRef(checkpoint="x", arch=ARCH,
                                                  spatial_features=False))  # fmt: skip
     notes: list[str] = []

@@ -155,17 +155,11 @@ class TimmClassifier(nn.Module):
         return int(self.backbone.num_features)
 
     @property
-    def head_weight(self) -> torch.Tensor:
-        """The linear head's weight ``(K, D)`` over a CNN's average-pooled map (what class
-        attention needs); ValueError for token models and the mlp head."""
-        if (
-            self.spec.head != "linear"
-            or self.prefix_tokens
-            or hasattr(self.backbone, "patch_embed")
-        ):
-            raise ValueError(f"{self.arch}: attention transfer needs a CNN backbone with a linear "
-                             "head (global average pool + linear)")  # fmt: skip
-        return self.classifier.weight
+    def head_weight(self) -> torch.Tensor | None:
+        """The linear head's weight ``(K, D)`` (None for the mlp head). Class attention maps
+        (``--attention-weight``) need a global-average-pool + linear head over the feature map,
+        which a token model's CLS pooling is not: the planner refuses them for timm networks."""
+        return self.classifier.weight if isinstance(self.classifier, nn.Linear) else None
 
     def config(self) -> dict[str, Any]:
         return {"arch": self.arch, "num_classes": self.num_classes,

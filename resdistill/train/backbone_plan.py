@@ -11,7 +11,9 @@ embedding cache, and what a foundation-model teacher allows a student (before an
   :mod:`resdistill.train.embeddings` (its key), which the driver fills before training;
   refused for a distilled student, which learns its whole network;
 * distillation from a teacher whose features have no spatial layout (a backbone that only gives a
-  pooled embedding): KD only, the feature term switched off, said in the run's notes.
+  pooled embedding): KD only, the feature term switched off, said in the run's notes;
+  ``--attention-weight`` with a timm teacher or student is refused (class attention needs a
+  global-average-pool + linear head over the feature map).
 
 Every refusal is one :class:`~resdistill.errors.UsageError` line naming the flag or file.
 """
@@ -66,9 +68,11 @@ def plan_backbone(cfg: TrainConfig, notes: list[str]) -> TrainConfig:
         cfg = _plan_embeddings(cfg, notes)
     if cfg.stage == STAGE_DISTILL and cfg.teacher is not None:
         cfg = _kd_only(cfg, notes)
-    if is_timm(model.arch) and cfg.loss.attention_weight > 0 and cfg.stage == STAGE_DISTILL:
-        raise UsageError("--attention-weight needs a ResNet student (a global-average-pool "
-                         "+ linear head)")  # fmt: skip
+    teacher_arch = cfg.teacher.arch if cfg.teacher is not None else ""
+    timm_pair = is_timm(model.arch) or is_timm(teacher_arch)
+    if timm_pair and cfg.loss.attention_weight > 0 and cfg.stage == STAGE_DISTILL:
+        raise UsageError("--attention-weight needs a ResNet teacher and student (class "
+                         "attention reads a global-average-pool + linear head)")  # fmt: skip
     return cfg
 
 
