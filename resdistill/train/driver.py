@@ -67,8 +67,10 @@ def describe(cfg: TrainConfig) -> str:
         f"({t.checkpoint}) on {data.url}: {plan.n_train} train samples ({plan.n_labelled} "
         f"labelled, {unl} unlabeled) of {splits} in {plan.train_shards} shards, {plan.n_val} val; "
         f"loss = {lo.kd_weight:g} x KD(T={lo.temperature:g}) + {lo.feature_weight:g} x "
-        f"{lo.feature_loss}({lo.feature_resize})"
+        f"{lo.feature_loss}({lo.feature_resize}"
+        + (f", {lo.feature_grid}x{lo.feature_grid} grid)" if lo.feature_grid else ")")
         + (f" + {lo.attention_weight:g} x attention" if lo.attention_weight else "")
+        + (f"; KD on tiles of teacher confidence >= {lo.kd_threshold:g}" if lo.kd_threshold else "")
         + f"; the loss reads no label; {shape}"
     )
 
