@@ -58,6 +58,7 @@ def test_tracking_option_resolves_and_refuses(tmp_path: Path) -> None:
     base = dict(storage=str(tmp_path / "runs"), name="t1")
     tb = resolve("tensorboard", folder=str(tmp_path / "runs" / "t1"), **base)
     assert tb.target == str(tmp_path / "runs" / "t1" / "tensorboard")
+    assert tb.describe().endswith(f"(view: tensorboard --logdir {tmp_path / 'runs'})")
     assert resolve("tensorboard:tb", folder="x", **base).target == str(Path("tb").resolve() / "t1")
     ml = resolve("mlflow", folder="x", **base)
     assert ml.target == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
@@ -166,6 +167,24 @@ def test_mlflow_server_that_does_not_answer_is_refused_at_start(tmp_path: Path) 
     with pytest.raises(UsageError, match=f"^--tracking mlflow:{uri}: ") as err:
         run.start()
     assert "\n" not in str(err.value)
+
+
+def test_wandb_offline_rerun_resumes_its_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where wandb is installed (not in CI): offline, a rerun writes to the same run id."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    folder = tmp_path / "runs" / "t"
+    tracking = resolve("wandb:proj", storage=str(tmp_path / "runs"), name="t", folder=str(folder))
+    for epoch in (1, 2):  # the run, then its rerun
+        run = tracked_run(tracking, RunInfo(str(folder), "t", {"optim.lr": "0.001"}))
+        run.start()
+        run.log({"train_loss": 1.0 / epoch}, epoch)
+        run.best(str(folder / "checkpoint_epoch0001"), epoch, {})
+        run.end()
+    runs = sorted((folder / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run.info.key}") for r in runs)
 
 
 # ---------------------------------------------------------------------------------------------

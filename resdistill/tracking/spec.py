@@ -55,12 +55,14 @@ class Tracking:
     """A resolved ``--tracking``: ``kind``; ``target`` (the TensorBoard folder URL, the MLflow
     tracking URI or the W&B project); ``experiment`` (MLflow experiment, W&B group);
     ``artifacts`` (the artifact location of an MLflow experiment this run creates in a local
-    database, else None)."""
+    database, else None); ``logdir`` (the TensorBoard folder to open to see this run beside
+    the others of its storage)."""
 
     kind: str
     target: str = ""
     experiment: str = ""
     artifacts: str | None = None
+    logdir: str = ""
 
     @property
     def on(self) -> bool:
@@ -69,7 +71,7 @@ class Tracking:
     def describe(self) -> str:
         """One line for a run's header: where the records go and how to look at them."""
         if self.kind == "tensorboard":
-            return f"tensorboard -> {self.target} (view: tensorboard --logdir {self.target})"
+            return f"tensorboard -> {self.target} (view: tensorboard --logdir {self.logdir})"
         if self.kind == "mlflow":
             view = f"mlflow ui --backend-store-uri {self.target}"
             local = self.target.startswith("sqlite:")
@@ -146,9 +148,11 @@ def resolve(text: str, *, storage: str, name: str, folder: str | None = None,
                 raise UsageError("--tracking tensorboard:DIR: tune and study trials keep their "
                                  "TensorBoard files in their own trial folders; drop :DIR")  # fmt: skip
             root = _absolute(storage)
-            return Tracking(kind, f"{root}/{name}" if name else root)
-        base = f"{_absolute(target)}/{name}" if target else f"{_absolute(folder)}/{TENSORBOARD_DIR}"
-        return Tracking(kind, base)
+            where = f"{root}/{name}" if name else root
+            return Tracking(kind, where, logdir=where)
+        root = _absolute(target or storage)
+        base = f"{root}/{name}" if target else f"{_absolute(folder)}/{TENSORBOARD_DIR}"
+        return Tracking(kind, base, logdir=root)
     if kind == "mlflow":
         uri, artifacts = mlflow_uri(target, storage)
         exp = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
