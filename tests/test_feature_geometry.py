@@ -142,3 +142,24 @@ def test_distill_step_on_the_grid_trains_the_tapped_stage():
     plain = DistillStep(student, build_loss(LossConfig(), 256, 256))
     assert plain.stage is None and plain.loss.feature.projection is None
     assert isinstance(plain.loss, DistillLoss)
+
+
+def test_cached_targets_cannot_serve_the_grid():
+    """Stored teacher maps are pooled to the student's last map: a run on the grid is refused
+    them, and the study runs its teacher online."""
+    from dataclasses import replace
+
+    from resdistill.config import DataConfig, ModelConfig, TeacherRef, TrainConfig
+    from resdistill.errors import UsageError
+    from resdistill.study.shared_targets import can_share
+    from resdistill.train.preflight import _check_targets
+
+    cfg = TrainConfig("distill", DataConfig(url="/data", targets="/targets", jitter=(0, 0, 0, 0)),
+                      ModelConfig(mag="2p5x"), loss=LossConfig(feature_grid=2),
+                      teacher=TeacherRef(checkpoint="/t"))  # fmt: skip
+    with pytest.raises(UsageError, match="--feature-grid"):
+        _check_targets(cfg, print)
+    online = replace(cfg, data=replace(cfg.data, targets=None))
+    assert not can_share(online)
+    assert can_share(replace(online, loss=LossConfig()))
+    assert can_share(replace(online, loss=LossConfig(feature_grid=2, feature_weight=0.0)))
