@@ -98,7 +98,16 @@ class HeadStage:
         self.network = build_network(cfg, ctx.info)
         self.trainable = self.network.classifier
         self.ce = nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
-        self.cache = cfg.plan.embeddings
+        self.cache = dict(cfg.plan.embeddings)
+        if "doc" not in self.cache:  # planned but not ensured by this driver (a Tune trial)
+            from resdistill.train.embeddings import load_index
+
+            doc = load_index(self.cache["url"], self.cache["key"])
+            if doc is None:
+                raise ValueError(f"{self.cache['url']}: no embeddings of this backbone yet: run "
+                                 "`resdistill teacher ... --freeze-backbone` once to compute "
+                                 "them")  # fmt: skip
+            self.cache["doc"] = doc
         self.val: EmbeddingLoader | None = None
 
     def _rows(self, splits: Sequence[str], slides: Sequence[str] | None) -> tuple[Any, Any]:
