@@ -13,9 +13,9 @@ SPEC = CommandSpec(
     summary="write a checkpoint as one TorchScript or ONNX file with its normalisation and classes",
     description="""\
 CKPT is a checkpoint folder, its model.pt, a run folder (its best checkpoint), a run summary
-JSON (--summary-json) or a tune result JSON, local or s3://. The file holds the network and its normalisation, and a metadata document
-(resdistill.json): class names, magnification, tile size, mean/std, the dataset's read chain,
-the source checkpoint and the resdistill version.
+JSON (--summary-json) or a tune result JSON, local or s3://. The file holds the network and its
+normalisation, and a metadata document (resdistill.json): class names, magnification, tile
+size, mean/std, the dataset's read chain, the source checkpoint and the resdistill version.
 
 Input contract: uint8 RGB tiles of shape (N, 3, tile_px, tile_px), values 0..255, read from the
 slide as the metadata's read chain says (what `resdistill predict` feeds the model). Outputs:

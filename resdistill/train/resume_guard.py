@@ -36,6 +36,7 @@ from resdistill.config import TrainConfig
 from resdistill.errors import UsageError
 from resdistill.fields import dataclass_of, field_types, flag_of
 from resdistill.model_spec import SNAPSHOT  # Ray Train's record of a run's checkpoints
+
 #: settings that may differ when a run resumes (see the module docstring)
 MAY_DIFFER = frozenset({"optim.epochs", "data.url", "data.loader_workers",
                         "data.eval_batch_size", "teacher.evaluate"})  # fmt: skip
