@@ -13,7 +13,8 @@ from .slide_files import SLIDE_SUFFIXES
 def slide_inputs(inputs: Iterable[str | Path]) -> tuple[list[tuple[str, str]], list[str]]:
     """``(id from the file stem, path)`` of every slide given, once per file (two spellings of one
     file count once), in input order; problems for names that cannot be ids. Two files whose
-    names fold to one id are both listed: :func:`sharding.slide_ids.settle_ids` decides."""
+    names fold to one id are both listed: :func:`sharding.slide_ids.settle_ids` decides. Local
+    paths come back absolute: Ray workers (``ray start``, a cluster) run in another folder."""
     out: list[tuple[str, str]] = []
     seen: dict[str, list[str]] = {}
     problems: list[str] = []
@@ -22,7 +23,7 @@ def slide_inputs(inputs: Iterable[str | Path]) -> tuple[list[tuple[str, str]], l
         if is_s3(str(item)):
             paths.extend(list_s3_slides(str(item)))
             continue
-        p = Path(item)
+        p = Path(item).absolute()
         if p.is_dir():
             paths.extend(
                 sorted(

@@ -236,3 +236,16 @@ def test_unreadable_slides_lock_no_settings(tmp_path: Path) -> None:
     assert [f for f in left if "lease" not in f] == [], left  # the lease's own files aside
     good = _slide(tmp_path / "S1.svs", seed=1)
     assert run_shard([good], out, **{**SMALL, "tile_px": 64}).ok
+
+
+def test_relative_slide_paths_are_made_absolute(tmp_path: Path, monkeypatch) -> None:
+    """A Ray worker of ``ray start`` or a cluster runs in another folder: a relative path given on
+    the command line must reach it as the absolute path of the same file."""
+    from sharding.inputs import slide_inputs
+
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "S1.svs").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    pairs, problems = slide_inputs(["slides/S1.svs", "slides"])
+    assert problems == []
+    assert pairs == [("S1", str(tmp_path / "slides" / "S1.svs"))]
