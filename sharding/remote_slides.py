@@ -13,8 +13,8 @@ non-folder or another user's folder is refused), so no other account can plant o
 * **Pins.** A task using a copy holds a shared ``flock`` on it (:func:`pinned_copy`) from before it
   checks the copy until it is done with it; the kernel drops the locks of a process that dies,
   so a killed task leaves no pin behind.
-* **Eviction** (least recently used first, before a download, until it fits under
-  ``$RESDISTILL_SLIDE_CACHE_GB``, default 50) never blocks and never fails a reader: it takes
+* **Eviction** (least recently used first, before a download, until the blocks the entries
+  hold fit under ``$RESDISTILL_SLIDE_CACHE_GB``, default 50) never blocks and never fails a reader: it takes
   an exclusive ``flock`` on an entry without waiting (refused while any task holds a pin: the
   entry is skipped), renames the entry to a unique ``.trash-*`` name (only one evictor's rename
   can succeed) and deletes it. A reader that opened the file just before finds, once it holds
@@ -26,7 +26,8 @@ non-folder or another user's folder is refused), so no other account can plant o
   (an object replaced meanwhile is fetched again). The small lock files stay.
 
 Only single-file formats can be read this way (SVS, TIFF, NDPI, ...); multi-file formats such as
-MRXS need a shared file system path.
+MRXS need a shared file system path. :mod:`sharding.slide_ranges` reads tiled TIFF slides
+without a whole copy: sparse entries in the same cache, pinned and evicted the same way.
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ def _download(
 
 def _evict(cache: Path, entry: Path) -> bool:
     """Remove ``entry`` unless a task pins it (module docstring); True when it is gone."""
-    files = [p for p in _listdir(entry) if p.name != SOURCE]
+    files = [p for p in _listdir(entry) if p.name != SOURCE and not p.name.startswith(".")]
     if not files:
         return _discard(cache, entry)  # a broken entry (no slide): nothing can pin it
     try:
@@ -313,8 +314,8 @@ def _make_room(cache: Path, need: int, keep: Path) -> None:
             used, last = 0, 0.0
             for f in _listdir(item):
                 with contextlib.suppress(FileNotFoundError):
-                    st = f.stat()
-                    used, last = used + st.st_size, max(last, st.st_mtime)
+                    st = f.stat()  # the blocks it holds: a ranged entry's file is sparse
+                    used, last = used + st.st_blocks * 512, max(last, st.st_mtime)
             entries.append((last, used, item))
     total = sum(used for _, used, _ in entries)
     for _, used, item in sorted(entries):
