@@ -19,7 +19,10 @@ from resdistill.predict.heatmaps import DEFAULT_HEATMAP_PX
 from resdistill.read_chain import READ_MODES
 from sharding.options import ON_CONFLICT
 
-__all__ = ["PredictConfig"]
+__all__ = ["S3_READS", "PredictConfig"]
+
+#: ``--s3-reads`` choices (:mod:`sharding.slide_ranges`, :mod:`sharding.remote_slides`).
+S3_READS = ("ranges", "copy")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,9 @@ class PredictConfig:
     heatmap_px: int = opt(
         DEFAULT_HEATMAP_PX, "long side in pixels of the slide picture under the heatmaps"
     )
-    batch_size: int = opt(64, "tiles per inference batch")
+    batch_size: int | None = opt(
+        None, "tiles per inference batch (default: 64 for tiles of 56 px or more, else as many "
+        "pixels as 64 such tiles: 256 at 28 px)")  # fmt: skip
     min_tissue: float | None = opt(
         None, "minimum tissue fraction of a region (default: the one the model's dataset was "
         "sharded with; 0.5 for a checkpoint without a read chain)")  # fmt: skip
@@ -61,6 +66,10 @@ class PredictConfig:
         "cluster has GPUs (one actor per GPU)",
         choices=DEVICES,
     )
+    s3_reads: str = opt(
+        "ranges", "s3:// slides: 'ranges' fetches only the byte ranges OpenSlide reads (tiled "
+        "JPEG TIFF/SVS; other files are copied whole); 'copy' copies each slide whole to the "
+        "node's slide cache first", choices=S3_READS)  # fmt: skip
     address: str | None = opt(
         None, "Ray cluster address ('auto' for the cluster this node belongs to; default: the "
         "submitted job's cluster, else a local Ray)")  # fmt: skip
@@ -87,11 +96,13 @@ class PredictConfig:
         "id on every rerun", choices=ON_CONFLICT)  # fmt: skip
 
     def __post_init__(self) -> None:
-        check(self.batch_size >= 1, "--batch-size", "must be at least 1")
+        check(self.batch_size is None or self.batch_size >= 1, "--batch-size",
+              "must be at least 1")  # fmt: skip
         check(self.heatmap_px >= 16, "--heatmap-px", f"must be at least 16, got {self.heatmap_px}")
         check_choice(PredictConfig, self, "device")
         check(self.actors is None or self.actors >= 1, "--actors", "must be at least 1")
         check_choice(PredictConfig, self, "read")
+        check_choice(PredictConfig, self, "s3_reads")
         check_choice(PredictConfig, self, "on_conflict")
         check_choice(PredictConfig, self, "geojson")
         check(0.0 <= self.alpha <= 1.0, "--alpha", f"must be within 0..1, got {self.alpha}")

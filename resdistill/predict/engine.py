@@ -5,18 +5,22 @@ the driver holds a bounded number of plans and heatmap backgrounds whatever the 
 
 1. plan every slide as a Ray task (:func:`resdistill.predict.slide_plan.plan_slide`); a slide
    that cannot be planned is reported at once;
-2. one Ray Data dataset over chunks of :data:`CHUNK_TILES` kept regions, each block holding
-   chunks of one slide only (``from_arrow`` -> ``map_batches(read_chunks)`` on CPU tasks ->
-   ``map_batches(Scorer)`` in an actor pool of ``actors`` actors, one GPU each on cuda), with the
-   cascade two more stages (:func:`~resdistill.predict.stages.read_escalated` at the teacher's
-   read chain, then the teacher's :class:`~resdistill.predict.stages.Scorer`);
+2. one Ray Data dataset over chunks of ``chunk_tiles`` kept regions, each block holding
+   chunks of one slide only (``from_arrow``), then either (``fused``, the CPU default) one
+   stage, :class:`~resdistill.predict.stages.ReadScorer` in a pool of ``actors`` actors that
+   read and score their chunks (every core on whatever the model needs, no tile sent between
+   processes), or ``map_batches(read_chunks)`` on CPU tasks -> ``map_batches(Scorer)`` in a
+   pool of ``actors`` actors, one GPU each on cuda; with the cascade two more stages
+   (:func:`~resdistill.predict.stages.read_escalated` at the teacher's read chain, then the
+   teacher's :class:`~resdistill.predict.stages.Scorer`);
 3. the driver streams the rows back (``iter_batches``), fills each slide's tile probabilities and
    hands a slide to ``on_slide`` as soon as all its regions are in.
 
 Every failure is bounded. A region that cannot be read is an error row of its slide
 (:mod:`resdistill.predict.stages`). A read task whose worker process dies (OpenSlide crashing on a
 damaged file, the kernel's OOM killer) is retried :data:`READ_RETRIES` times, not forever (Ray
-Data's default, which hung the run on one such slide); then its block is dropped
+Data's default, which hung the run on one such slide; a fused actor is restarted and its call
+retried as many times); then its block is dropped
 (``DataContext.max_errored_blocks``) and, since a block holds one slide's chunks, only that
 slide fails: its regions never come back and it gets a status saying so. The run goes on.
 
@@ -35,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from resdistill.predict.slide_plan import PlanFailure, SlidePlan, plan_slide
-from resdistill.predict.stages import Scorer, read_chunks, read_escalated
+from resdistill.predict.stages import ReadScorer, Scorer, read_chunks, read_escalated
 from resdistill.read_chain import ReadChain
 
 __all__ = [
@@ -43,7 +47,7 @@ __all__ = [
     "run_engine",
 ]  # fmt: skip
 
-#: Regions read by one read task call (one open of the slide).
+#: Regions read by one read task call, at least (a chunk is one slide's; ``chunk_tiles``).
 CHUNK_TILES = 64
 #: Retries of a read task whose worker process died, before its slide is given up (failed).
 #: Ray's memory monitor kills follow Ray's own OOM policy, which fails a task rather than loop.
@@ -77,6 +81,9 @@ class EngineConfig:
     batch_size: int
     heatmap_px: int
     cascade: Cascade | None = None
+    fused: bool = False  # read and score in the same actors (module docstring)
+    s3_reads: str = "copy"  # how s3:// slides are read (PredictConfig.s3_reads)
+    chunk_tiles: int = CHUNK_TILES  # regions per read call (and per fused model call, at most)
 
 
 @dataclass
@@ -127,7 +134,7 @@ def run_engine(
 
     def submit(wave: list[tuple[str, str]]) -> dict[Any, tuple[str, str]]:
         return {
-            plan_task.remote(sid, path, cfg.chain, cfg.heatmap_px): (sid, path)
+            plan_task.remote(sid, path, cfg.chain, cfg.heatmap_px, cfg.s3_reads): (sid, path)
             for sid, path in wave
         }
 
@@ -160,17 +167,17 @@ def _as_completed(ray: Any, refs: list[Any]) -> Iterator[Any]:
         yield from done
 
 
-def _blocks(plans: Mapping[str, SlidePlan]) -> list[Any]:
-    """The wave's chunks ``{slide, start, stop}`` as Arrow tables, one block each, every block
+def _blocks(plans: Mapping[str, SlidePlan], chunk: int = CHUNK_TILES) -> list[Any]:
+    """The wave's chunks ``{slide, start, stop}`` of ``chunk`` regions as Arrow tables, every block
     holding chunks of one slide only (so a block given up fails one slide, never its
     neighbours), about :data:`MAX_BLOCKS` blocks at most."""
     import pyarrow as pa
 
-    total = sum(-(-p.n_tiles // CHUNK_TILES) for p in plans.values())
+    total = sum(-(-p.n_tiles // chunk) for p in plans.values())
     per_block = max(1, -(-total // MAX_BLOCKS))
     blocks = []
     for sid, p in plans.items():
-        starts = list(range(0, p.n_tiles, CHUNK_TILES))
+        starts = list(range(0, p.n_tiles, chunk))
         for i in range(0, len(starts), per_block):
             group = starts[i : i + per_block]
             blocks.append(
@@ -178,9 +185,7 @@ def _blocks(plans: Mapping[str, SlidePlan]) -> list[Any]:
                     {
                         "slide": pa.array([sid] * len(group), pa.string()),
                         "start": pa.array(group, pa.int64()),
-                        "stop": pa.array(
-                            [min(s + CHUNK_TILES, p.n_tiles) for s in group], pa.int64()
-                        ),
+                        "stop": pa.array([min(s + chunk, p.n_tiles) for s in group], pa.int64()),
                     }
                 )  # fmt: skip
             )
@@ -203,11 +208,22 @@ def _dataset(plans: Mapping[str, SlidePlan], cfg: EngineConfig) -> Any:
         "batch_format": "numpy", "num_cpus": 1, "memory": READ_TASK_MEMORY,
         "max_retries": READ_RETRIES,
     }  # fmt: skip
-    ds = ray.data.from_arrow(_blocks(plans))
-    ds = ds.map_batches(
-        read_chunks, batch_size=1, fn_kwargs={"plans": light, "chain": cfg.chain}, **read
-    )
-    ds = ds.map_batches(Scorer, **_actors(cfg, checkpoint=cfg.checkpoint))
+    ds = ray.data.from_arrow(_blocks(plans, cfg.chunk_tiles))
+    if cfg.fused:
+        ds = ds.map_batches(
+            ReadScorer, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.actor_cpus,
+            fn_constructor_kwargs={
+                "checkpoint": cfg.checkpoint, "device": cfg.device, "plans": light,
+                "chain": cfg.chain, "batch_size": cfg.batch_size,
+            },
+            max_restarts=-1, max_task_retries=READ_RETRIES,
+        )  # fmt: skip
+    else:
+        ds = ds.map_batches(
+            read_chunks, batch_size=1, fn_kwargs={"plans": light, "chain": cfg.chain}, **read
+        )
+        ds = ds.map_batches(Scorer, **_actors(cfg, checkpoint=cfg.checkpoint))
     if cfg.cascade is not None:
         c = cfg.cascade
         ds = ds.map_batches(

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 Batch = dict[str, np.ndarray]
 
-__all__ = ["TEST_CRASH_ENV", "Scorer", "read_chunks", "read_escalated"]
+__all__ = ["TEST_CRASH_ENV", "ReadScorer", "Scorer", "read_chunks", "read_escalated"]
 
 #: Test-only (never set it otherwise): ``RESDISTILL_TEST_CRASH_READ=<file name>`` makes every
 #: read of regions of the slide with that file name end its worker process at once
@@ -48,13 +48,15 @@ def _test_crash_hook(path: str) -> None:
 
 
 def _read(plan: SlidePlan, chain: ReadChain, positions: np.ndarray) -> np.ndarray:
-    """Tiles of the kept regions ``positions`` of ``plan`` read through ``chain``."""
-    from resdistill.predict.slide_plan import opened_slide
-    from resdistill.read_chain import read_tiles
+    """Tiles of the kept regions ``positions`` of ``plan`` read through ``chain``: the read
+    chain's pixels (:func:`resdistill.predict.tile_reads.read_regions`) from the slide this
+    process keeps open (:func:`resdistill.predict.slide_handles.held_slide`)."""
+    from resdistill.predict.slide_handles import held_slide
+    from resdistill.predict.tile_reads import read_regions
 
     _test_crash_hook(plan.path)
-    with opened_slide(plan.path) as slide:
-        return read_tiles(slide, plan.grid(positions), chain, range(len(positions)))  # type: ignore[arg-type]
+    with held_slide(plan.path, plan.version, plan.opened) as slide:
+        return read_regions(slide, plan.grid(positions), chain, np.arange(len(positions)))  # type: ignore[arg-type]
 
 
 def _failure(plan: SlidePlan, exc: Exception) -> str:
@@ -165,3 +167,24 @@ class Scorer:
             rows, (time.perf_counter() - t0) / max(1, rows.sum()), 0.0
         )
         return out
+
+
+class ReadScorer(Scorer):
+    """Reading and scoring in one CPU actor: chunks ``{slide, start, stop}`` ->
+    :func:`read_chunks` -> :class:`Scorer` in batches of ``batch_size`` tiles. On a CPU node this
+    keeps every core on whichever of the two a model needs (a teacher's tiles are mostly model,
+    a small student's partly reading) and sends no tile between processes."""
+
+    def __init__(
+        self, checkpoint: str, device: str, plans: Mapping[str, SlidePlan], chain: ReadChain,
+        batch_size: int,
+    ) -> None:  # fmt: skip
+        super().__init__(checkpoint, device)
+        self.plans, self.chain, self.batch_size = plans, chain, int(batch_size)
+
+    def __call__(self, batch: Batch) -> Batch:
+        rows = read_chunks(batch, plans=self.plans, chain=self.chain)
+        n, b = len(rows["slide"]), self.batch_size
+        parts = [super(ReadScorer, self).__call__({k: v[i : i + b] for k, v in rows.items()})
+                 for i in range(0, n, b)]  # fmt: skip
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
