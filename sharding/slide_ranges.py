@@ -19,8 +19,8 @@ whose levels are JPEG or JPEG 2000 compressed are read this way (:func:`rangeabl
 never fetched cannot pass for pixels: its tile fails to decode. Other slides are copied whole.
 
 **The cache.** An entry is ``<cache>/<version>-ranges/`` (``version`` as for whole copies: the
-URL, size and ETag), holding the sparse file, ``source.json`` and ``.present`` (the byte ranges
-fetched, JSON). It is created in a staging folder and published by one rename, pinned by a shared
+URL, size and ETag), holding the sparse file, ``source.json``, ``.layout.json`` (each level's tile
+byte ranges, parsed once per node) and ``.present`` (the byte ranges fetched). It is created in a staging folder and published by one rename, pinned by a shared
 ``flock`` on the slide file while open (so never evicted in use) and evicted least recently used
 first like whole copies, its size the blocks it really holds. Fetched bytes are written with
 ``pwrite`` and made durable before ``.present`` records them (under an exclusive ``flock`` of
@@ -53,6 +53,8 @@ RANGE_SUFFIXES = (".svs", ".tif", ".tiff")
 #: TIFF compressions whose missing bytes fail to decode (JPEG, Aperio's JPEG 2000 variants).
 SAFE_COMPRESSIONS = {7, 33003, 33005}
 PRESENT = ".present"
+#: The entry's levels (size, tile size, tile byte ranges), parsed once per node.
+LAYOUT = ".layout.json"
 #: Byte ranges closer than this are fetched as one GET.
 MERGE_GAP = 64 * 1024
 #: GETs in flight at once per prefetch.
@@ -333,16 +335,25 @@ def open_ranged(url: str) -> RangedSlide:
     version = hashlib.sha256(f"{url}|{size}|{etag}".encode()).hexdigest()[:16]
     entry = cache / f"{version}-ranges"
     path = entry / Path(key).name
-    ranges, levels = _layout(remote)
     for _ in range(2):
         fd = _pin(path, want)
         if isinstance(fd, int):
+            try:
+                levels = json.loads((entry / LAYOUT).read_text())
+            except (OSError, ValueError):
+                os.close(fd)
+                raise SlideError(
+                    f"{url}: its range cache entry {entry} is damaged: remove it"
+                ) from None
             return RangedSlide(url, entry, Pin(str(path), fd), remote, levels)
-        _create(cache, entry, path.name, want, remote, ranges + levels[-1]["ranges"])
+        ranges, levels = _layout(remote)
+        _create(cache, entry, path.name, want, remote, ranges + levels[-1]["ranges"], levels)
     raise SlideError(f"{url}: its range cache entry was evicted twice in a row: retry")
 
 
-def _create(cache: Path, entry: Path, name: str, want: dict, remote: _Remote, ranges: list) -> None:
+def _create(
+    cache: Path, entry: Path, name: str, want: dict, remote: _Remote, ranges: list, levels: list
+) -> None:
     """Publish a new entry holding ``ranges`` (unless another task just did)."""
     if entry.exists():
         return
@@ -357,6 +368,7 @@ def _create(cache: Path, entry: Path, name: str, want: dict, remote: _Remote, ra
             os.ftruncate(fd, want["size"])  # sparse: no block until written
             (staging / SOURCE).write_text(json.dumps(want))
             (staging / PRESENT).write_text("[]")
+            (staging / LAYOUT).write_text(json.dumps(levels))
             _store(staging, str(staging / name), remote, _merge(ranges, MERGE_GAP))
             with contextlib.suppress(OSError):  # another task published it first
                 os.rename(staging, entry)

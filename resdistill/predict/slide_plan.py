@@ -179,6 +179,9 @@ class _LevelKeeper:
             level = slide.get_best_level_for_downsample(down)
             if float(slide.level_downsamples[level]).is_integer():
                 self._level = level
+                prefetch = getattr(slide, "prefetch", None)  # a slide read by byte ranges:
+                if prefetch is not None:  # the level the tissue detector reads, in one go
+                    prefetch(level, [((0, 0), slide.level_dimensions[level])])
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._slide, name)
