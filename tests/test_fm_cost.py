@@ -105,3 +105,35 @@ def test_accuracy_vs_compute_plot_places_the_fm_teacher(evaluated: dict[str, Any
     xs = {float(x) for line in ax.get_lines() for x in line.get_xdata()}
     for m in evaluated["report"]["models"]:
         assert float(m["compute"]["flops"]) in xs
+
+
+def test_cost_table_per_mm2_of_tissue() -> None:
+    """bench_fm_cost's table: the geometry (one teacher region per student tile, 1 mm^2 =
+    1e6 um^2), FLOPs counted on the networks, and one measured round giving positive ratios."""
+    from benchmarks import bench_fm_cost as B
+    from resdistill.measures.compute import count_flops
+    from tests.test_fm_targets import TINY
+
+    assert B.tiles_per_mm2(224, 20.0) == pytest.approx(1e6 / 112**2)  # 0.5 um/px: 112 um
+    tiny = B.Teacher("tiny", ARCH, {**TINY, "img_size": 32, **B.IMAGENET}, mag=10.0, input_px=32)
+    assert [B.student_px(tiny, m) for m in (5.0, 2.5)] == [16, 8]
+    with pytest.raises(ValueError, match="not a whole tile"):
+        B.student_px(tiny, 3.0)
+    rows = B.cost_table(tiny, "resnet18", (5.0, 2.5), rounds=1, teacher_batch=2,
+                        student_batch=4, student_seconds=0.0, log=lambda _: None)  # fmt: skip
+    teacher, s5, s25 = rows
+    assert [r["px"] for r in rows] == [32, 16, 8]
+    # every model covers the same 32 um region: the same tiles per mm^2
+    assert {round(r["tiles_per_mm2"], 6) for r in rows} == {round(1e6 / 32**2, 6)}
+    from resdistill.models import build_model
+
+    assert s5["flops_per_tile"] == count_flops(build_model("resnet18", 2), (3, 16, 16))
+    assert s25["flops_per_tile"] < s5["flops_per_tile"]
+    for r in rows:
+        assert r["flops_per_mm2"] == pytest.approx(r["flops_per_tile"] * r["tiles_per_mm2"])
+        assert r["flops_ratio"] == pytest.approx(teacher["flops_per_mm2"] / r["flops_per_mm2"])
+        assert r["tiles_per_s"] > 0 and r["speed_ratio"] > 0
+        assert r["speed_range"][0] <= r["speed_ratio"] <= r["speed_range"][1]
+    assert teacher["flops_ratio"] == teacher["speed_ratio"] == 1.0
+    table = B.markdown(rows)
+    assert table.count("\n") == 4 and "| student resnet18 | 2.5x (4) | 8 (32) |" in table
