@@ -11,7 +11,8 @@ magnification (random weights: only speed is measured) and splits each slide's t
 * ``model``: the forward pass and softmax of every tile, in batches.
 
 ``slides/hour = 3600 * slides / (plan + read + replay + model)``. The end-to-end figure of the
-Ray Data pipeline (``resdistill predict``) is measured by :func:`engine_rows`.
+Ray Data pipeline (``resdistill predict``) is measured by :func:`engine_rows`, and at cohort
+scale by :mod:`bench_predict_scale`.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ Rows (``--only`` names in brackets):
   process split into plan / read / replay / model, and end to end through ``resdistill predict``
   (the Ray Data engine) with ``--heatmap none`` and with the default heatmaps. Target: the 2.5x
   student with native reads at least 10x the teacher's slides/hour.
+* [peer] ``resdistill predict`` vs the OpenSlide + DataLoader loop the peers' docs teach, same
+  checkpoint and slides: slides/hour and peak memory (:mod:`bench_peer`).
+* [remote] ``s3://`` slides by byte ranges vs whole copies on a local S3 endpoint: slides/hour
+  and bytes fetched (:mod:`bench_remote`).
 * [ddp] the same cached-target distillation epoch on Ray Train with 2 workers vs 1 (same global
   samples per epoch): ratio of train samples/s, plus where the time goes (start-up, train,
   validation+checkpoint).
@@ -63,7 +67,8 @@ from bench_rows import row, timed  # noqa: E402
 if TYPE_CHECKING:
     from resdistill.config import TrainConfig
 
-ROWS = ("shard", "loader", "s3", "compute", "profile", "predict", "train", "ddp", "fm")
+ROWS = ("shard", "loader", "s3", "compute", "profile", "predict", "peer", "remote", "train", "ddp",
+        "fm")  # fmt: skip
 MAGS = "10,5,2.5,1.25"
 TILE_PX = 224
 
@@ -378,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         section("predict", lambda: bench_predict_rows(
             data, work / "predict", n_slides=6 if q else 12,
             size=(3000.0, 2400.0) if q else (5000.0, 4000.0)))  # fmt: skip
+        section("peer", lambda: __import__("bench_peer").run_all_rows(
+            work / "peer", quick=q, row=row))  # fmt: skip
+        section("remote", lambda: __import__("bench_remote").run_all_rows(
+            work / "remote", quick=q, row=row))  # fmt: skip
         targets: list[Any] = []
 
         def cached_targets() -> Any:

@@ -20,6 +20,17 @@ Assumptions (each a flag):
   ``--student-epochs`` over every slide; targets are one teacher pass over every slide.
 
     python benchmarks/scale_model.py perf.json [--markdown scale.md]
+    python benchmarks/scale_model.py --predict predict.json    # prediction fleet (below)
+
+``--predict`` reads one ``python benchmarks/bench_predict.py --json predict.json`` run (the
+teacher and students through ``resdistill predict`` on N slides, each model's per-slide cost,
+and the per-slide planning, heatmap and read costs) and prints, per model and for the cascade
+(the student on every tile, the teacher on ``--escalated`` of them): CPU core-seconds per slide
+(measured here: the run's metered CPU seconds per slide), then for a slide of ``--tissue-mm2`` (extrapolated: tile work scaled by the
+tiles, planning by the area, the heatmaps as measured), slides/hour per ``shard_cpu`` node
+(16 vCPUs) and per ``train_gpu`` node (the GPU at ``--gpu-tflops`` fed by 7 vCPUs reading at the
+measured read cost), hours and cost per 1,000 slides at ``--cpu-node-usd`` / ``--gpu-node-usd``
+an hour, and the nodes (``max_workers``) that predict ``--slides`` slides in ``--hours``.
 """
 
 from __future__ import annotations
@@ -52,6 +63,9 @@ class Assumptions:
     slide_gb: float = 1.5
     node_gbps: float = 1.2
     hours: float = 2.0  # the wall time a stage should fit in, to size the node counts
+    escalated: float = 0.064  # share of tiles the cascade sends to the teacher (README's demo)
+    cpu_node_usd: float = 0.68  # c6i.4xlarge on demand, us-east-1 (assumed list price)
+    gpu_node_usd: float = 1.212  # g5.2xlarge on demand, us-east-1 (assumed list price)
 
     @property
     def tiles_per_slide(self) -> float:
@@ -141,6 +155,53 @@ def model(rows: list[dict[str, Any]], a: Assumptions, cores: int) -> list[tuple[
     return out
 
 
+def predict_fleet(doc: dict[str, Any], a: Assumptions) -> list[tuple[str, str, str]]:
+    """``(quantity, value, basis)`` lines of the prediction fleet (module docstring) from a
+    ``bench_predict.py --json`` document."""
+    runs, costs, cores = doc["runs"], doc["costs"], int(doc["cores"])
+    mags = list(runs)
+    here_tiles = float(costs["tiles_per_slide"])
+    scale = a.tiles_per_slide / here_tiles
+    fixed_ms = costs["plan_ms"] * scale + costs["heatmaps_ms"]  # per real slide, one core
+    out: list[tuple[str, str, str]] = []
+
+    def core_s(mag: str) -> float:  # measured: metered CPU seconds, else wall x cores
+        r = runs[mag]
+        return r["cpu_per_slide_s"] if "cpu_per_slide_s" in r else r["per_slide_s"] * cores
+
+    def real_core_s(mag: str) -> float:  # tile work scaled to a real slide, plus its fixed part
+        here_fixed = (costs["plan_ms"] + costs["heatmaps_ms"]) / 1e3
+        return max(0.0, core_s(mag) - here_fixed) * scale + fixed_ms / 1e3
+
+    def gpu_slides_h(mag: str) -> float:
+        gpu = a.gpu_tflops * 1e12 / (costs["gflops"][mag] * 1e9) / a.tiles_per_slide
+        feed_s = costs["read_ms_per_tile"][mag] / 1e3 * a.tiles_per_slide + fixed_ms / 1e3
+        return 3600 * min(gpu, (GPU_VCPUS - 1) * a.vcpu_factor / feed_s)
+
+    models = {m: (real_core_s(m), gpu_slides_h(m)) for m in mags}
+    t, s_last = mags[0], mags[-1]
+    esc = a.escalated * (real_core_s(t) - fixed_ms / 1e3)
+    models[f"cascade {s_last}+{t}"] = (
+        real_core_s(s_last) + esc,
+        1 / (1 / models[s_last][1] + a.escalated / models[t][1]),
+    )
+    for m in mags:
+        out.append((f"{m}: CPU core-seconds per slide here ({here_tiles:.0f} tiles)",
+                    f"{core_s(m):.2f} s", f"measured ({doc['args']['slides']} slides, {cores} cores)"))  # fmt: skip
+    for name, (cs, gpu_h) in models.items():
+        cpu_h = SHARD_VCPUS * a.vcpu_factor * 3600 / cs
+        best = "shard_cpu" if a.cpu_node_usd / cpu_h <= a.gpu_node_usd / gpu_h else "train_gpu"
+        rate, usd = (cpu_h, a.cpu_node_usd) if best == "shard_cpu" else (gpu_h, a.gpu_node_usd)
+        nodes = max(1, int(-(-a.slides / (rate * a.hours) // 1)))
+        out.append((f"{name}: slides/hour per shard_cpu / train_gpu node",
+                    f"{cpu_h:,.0f} / {gpu_h:,.0f}", "extrapolated (assumptions above)"))  # fmt: skip
+        out.append((f"{name}: per 1,000 slides on {best}", f"{1000 / rate:,.2f} node-h, "
+                    f"${1000 / rate * usd:,.2f}", "extrapolated"))  # fmt: skip
+        out.append((f"{name}: {a.slides:,} slides in {a.hours:g} h", f"{best}.max_workers: {nodes}",
+                    "extrapolated (cluster/aws.yaml node type)"))  # fmt: skip
+    return out
+
+
 def markdown(lines: list[tuple[str, str, str]], a: Assumptions) -> str:
     head = (f"*Scale model: {a.slides:,} slides at 40x, {a.tissue_mm2:g} mm2 tissue each "
             f"({a.tiles_per_slide:,.0f} 10x tiles), {a.slide_gb:g} GB files fetched at "
@@ -156,14 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("json", help="rows of run_all.py --json")
+    ap.add_argument("json", nargs="?", help="rows of run_all.py --json")
+    ap.add_argument("--predict", help="a bench_predict.py --json run: the prediction fleet")
     ap.add_argument("--markdown", help="also write the table here")
     for f, v in Assumptions.__dataclass_fields__.items():
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(v.default), default=v.default)
     args = ap.parse_args(argv)
     a = Assumptions(**{f: getattr(args, f) for f in Assumptions.__dataclass_fields__})
-    doc = json.loads(Path(args.json).read_text())
-    text = markdown(model(doc["rows"], a, int(doc["cores"])), a)
+    if args.predict:
+        text = markdown(predict_fleet(json.loads(Path(args.predict).read_text()), a), a)
+    elif args.json:
+        doc = json.loads(Path(args.json).read_text())
+        text = markdown(model(doc["rows"], a, int(doc["cores"])), a)
+    else:
+        ap.error("give a run_all.py --json file, or --predict with a bench_predict.py one")
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
