@@ -284,6 +284,8 @@ def test_stain_normalisation_is_planned_recorded_and_applied(tiny_dataset, tmp_p
         assert not torch.allclose(normed.images[m], plain.images[m], atol=1e-2)
 
     class _Stage:
+        network = build_model("resnet18", info.num_classes)  # a ResNet: no model_input record
+
         def card_fields(self) -> dict[str, Any]:
             return {"teacher": None, "loss": None}
 
