@@ -47,8 +47,9 @@ __all__ = [
     "run_engine",
 ]  # fmt: skip
 
-#: Regions read by one read task call, at least (a chunk is one slide's; ``chunk_tiles``).
-CHUNK_TILES = 64
+#: Regions read by one read call, at least (a chunk is one slide's; ``chunk_tiles``): each
+#: chunk costs a call and a result block's bookkeeping, so few large chunks beat many small ones.
+CHUNK_TILES = 256
 #: Retries of a read task whose worker process died, before its slide is given up (failed).
 #: Ray's memory monitor kills follow Ray's own OOM policy, which fails a task rather than loop.
 READ_RETRIES = 2
