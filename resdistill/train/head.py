@@ -87,7 +87,27 @@ class HeadOnly(nn.Module):
         return self.head(e), e
 
 
-class HeadStage:
+class LabelledStageParts:
+    """What a stage trained on labels alone reports beside its loss: no extra validation
+    metrics, no teacher on its model card, no trainer extras, nothing to close. Shared by
+    :class:`HeadStage` and :class:`resdistill.train.stages.SupervisedStage`."""
+
+    ctx: Any
+
+    def val_metrics(self) -> dict[str, float]:
+        return {}
+
+    def card_fields(self) -> dict[str, Any]:
+        return {"teacher": None, "loss": {"label_smoothing": self.ctx.cfg.loss.label_smoothing}}
+
+    def trainer_extras(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class HeadStage(LabelledStageParts):
     """See the module docstring."""
 
     find_unused = False
@@ -152,15 +172,3 @@ class HeadStage:
         assert self.val is not None
         return evaluate(HeadOnly(self.network.classifier), self.val, self.ctx.env,
                         self.ctx.info.num_classes)  # fmt: skip
-
-    def val_metrics(self) -> dict[str, float]:
-        return {}
-
-    def card_fields(self) -> dict[str, Any]:
-        return {"teacher": None, "loss": {"label_smoothing": self.ctx.cfg.loss.label_smoothing}}
-
-    def trainer_extras(self) -> dict[str, Any]:
-        return {}
-
-    def close(self) -> None:
-        pass

@@ -25,7 +25,7 @@ from resdistill import data as D
 from resdistill.config import STAGE_DISTILL, TrainConfig
 from resdistill.data.augment import paired_augment
 from resdistill.train.feature_tap import feature_tap
-from resdistill.train.head import HeadStage, build_network
+from resdistill.train.head import HeadStage, LabelledStageParts, build_network
 from resdistill.train.selection import selection
 from resdistill.train.teacher_net import (
     DistillStep,
@@ -122,7 +122,7 @@ class Stage(Protocol):
         """Release what :meth:`start` opened (loaders); called once, also after a failure."""
 
 
-class SupervisedStage:
+class SupervisedStage(LabelledStageParts):
     """``cross_entropy(network(x), label)`` (label-smoothed when set) on labelled samples."""
 
     find_unused = False
@@ -160,18 +160,6 @@ class SupervisedStage:
             logits, _ = model(x)
         loss = self.ce(logits.float(), y)
         return loss, {"train_accuracy": (logits.detach().argmax(1) == y).sum()}
-
-    def val_metrics(self) -> dict[str, float]:
-        return {}
-
-    def card_fields(self) -> dict[str, Any]:
-        return {"teacher": None, "loss": {"label_smoothing": self.ctx.cfg.loss.label_smoothing}}
-
-    def trainer_extras(self) -> dict[str, Any]:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 class DistillStage:
