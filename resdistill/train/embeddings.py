@@ -36,6 +36,7 @@ from typing import Any
 
 from resdistill.config import TrainConfig
 from resdistill.data.targets import StaleTargetsError, npz_name
+from resdistill.train.batching import batched
 
 INDEX = "embeddings.json"
 KIND = "resdistill-embeddings"
@@ -129,22 +130,13 @@ def _embed_shard(net: Any, info: Any, rel: str, keys: Sequence[str], mag: str, s
     names: list[str] = []
     labels: list[int] = []
     embs: list[Any] = []
-    pending: list[Any] = []
-
-    def flush(tiles: list[Any]) -> None:
-        x = prep.images([torch.stack(tiles).to(device)])[0]
+    for batch in batched(stream, batch_size):
+        for _images, label, key in batch:
+            names.append(key)
+            labels.append(int(label))
+        x = prep.images([torch.stack([images[0] for images, _, _ in batch]).to(device)])[0]
         with torch.inference_mode():
             embs.append(net.embed(x).float().cpu().to(torch.float16).numpy())
-
-    for images, label, key in stream:
-        names.append(key)
-        labels.append(int(label))
-        pending.append(images[0])
-        if len(pending) == batch_size:
-            flush(pending)
-            pending = []
-    if pending:
-        flush(pending)
     return {"keys": np.array(names, dtype=np.str_), "labels": np.array(labels, dtype=np.int64),
             "emb": np.concatenate(embs) if embs else np.zeros((0, 0), np.float16)}  # fmt: skip
 

@@ -64,6 +64,7 @@ from resdistill.data.targets import (
     npz_name,
     teacher_sha256,
 )
+from resdistill.train.batching import batched
 from resdistill.train.targets_config import TargetsConfig
 
 
@@ -106,23 +107,14 @@ def compute_shard(
     logits: list[Any] = []
     feats: dict[str, list[Any]] = {m: [] for m in sizes}
 
-    def flush(batch: list[torch.Tensor]) -> None:
+    for batch in batched(stream, batch_size):
+        read.extend(key for _, _, key in batch)
         with torch.inference_mode():
-            t, f = teacher(prep.images([torch.stack(batch)])[0])
+            t, f = teacher(prep.images([torch.stack([images[0] for images, _, _ in batch])])[0])
         logits.append(t.float().to(torch.float16).numpy())
         for m, hw in sizes.items():
             pooled = F.adaptive_max_pool2d(f.float(), hw)
             feats[m].append(pooled.to(torch.float16).numpy())
-
-    pending: list[torch.Tensor] = []
-    for images, _label, key in stream:
-        read.append(key)
-        pending.append(images[0])
-        if len(pending) == batch_size:
-            flush(pending)
-            pending = []
-    if pending:
-        flush(pending)
     if len(read) != len(keys):
         raise ValueError(
             f"{shard_rel}: read {len(read)} samples, the manifest lists {len(keys)}: the dataset "
