@@ -71,8 +71,13 @@ def file_name(sid: str) -> str:
     return f"{sid}.geojson"
 
 
-def _feature(sid: str, kind: str, key: str, geometry: Mapping[str, Any], props: dict) -> dict:
+def _feature(sid: str, kind: str, key: str, geometry: Mapping[str, Any], object_type: str,
+             classification: dict, measurements: dict, **extra: Any) -> dict:  # fmt: skip
+    """One QuPath feature: its id is fixed by slide, ``kind`` and ``key`` (a rerun writes the same
+    ids); ``extra`` properties stand between the classification and the measurements."""
     fid = str(uuid.uuid5(_NAMESPACE, f"{sid}/{kind}/{key}"))
+    props = {"objectType": object_type, "classification": classification, **extra,
+             "measurements": measurements}  # fmt: skip
     return {"type": "Feature", "id": fid, "geometry": geometry, "properties": props}
 
 
@@ -111,10 +116,9 @@ def slide_collection(
             if escalated is not None:
                 measurements["escalated"] = int(bool(escalated[i]))
             ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-            props = {"objectType": "detection", "classification": kinds[int(owner[i])],
-                     "measurements": measurements}  # fmt: skip
-            features.append(_feature(sid, "tile", f"{xs[i]},{ys[i]}", {"type": "Polygon",
-                                     "coordinates": [ring]}, props))  # fmt: skip
+            geometry = {"type": "Polygon", "coordinates": [ring]}
+            features.append(_feature(sid, "tile", f"{xs[i]},{ys[i]}", geometry, "detection",
+                                     kinds[int(owner[i])], measurements))  # fmt: skip
     if opts.regions:
         features += _regions(sid, qx, qy, size0, owner, classes, kinds)
     return {"type": "FeatureCollection", "features": features}
@@ -134,9 +138,8 @@ def _regions(sid: str, qx: np.ndarray, qy: np.ndarray, size0: int, owner: np.nda
             shapely.box(qx[mine], qy[mine], qx[mine] + size0, qy[mine] + size0)
         )
         geometry = json.loads(shapely.to_geojson(union))
-        props = {"objectType": "annotation", "classification": kinds[k], "isLocked": False,
-                 "measurements": {"tiles": int(mine.sum())}}  # fmt: skip
-        out.append(_feature(sid, "region", c, geometry, props))
+        out.append(_feature(sid, "region", c, geometry, "annotation", kinds[k],
+                            {"tiles": int(mine.sum())}, isLocked=False))  # fmt: skip
     return out
 
 
