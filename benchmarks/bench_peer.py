@@ -21,7 +21,6 @@ within the time allowed, and unpinned it fetches a CUDA torch of its own).
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import sys
 import threading
@@ -182,24 +181,21 @@ def peer_rows(
     ckpt: str, slides: list[Path], work: Path, *, row: Any, workers: int, batch: int = 64
 ) -> list[dict[str, Any]]:
     """``resdistill predict`` vs the docs' loop on the same slides and checkpoint."""
-    from bench_predict import engine_run
+    from bench_predict_scale import CpuMeter
+    from student_runs import metered_run, warm_up
 
     from sharding.ray_cluster import ray_init
 
     ray_init(None, dashboard=False)
-    for old in ("peer-warm", "peer-ours"):  # a rerun would skip the slides done there
-        shutil.rmtree(work / old, ignore_errors=True)
-    engine_run(ckpt, slides[:1], work / "peer-warm", "--read", "native")  # workers' imports
-    from bench_predict_scale import CpuMeter
-
-    with PeakMemory() as mem_ours, CpuMeter() as cpu_ours:
-        ours = engine_run(ckpt, slides, work / "peer-ours", "--read", "native")
+    warm_up(ckpt, slides, work / "peer-warm")
+    with PeakMemory() as mem_ours:
+        ours = metered_run(ckpt, slides, work / "peer-ours", "--read", "native")
     with PeakMemory() as mem_peer, CpuMeter() as cpu_peer:
         peer = peer_run(ckpt, slides, workers=workers, batch=batch)
     gb = 1024**3
     note = (
         f"{len(slides)} slides; tiles: resdistill {ours['tiles']}, loop {peer['tiles']} (its own "
-        f"Otsu mask); CPU seconds: resdistill {cpu_ours.cpu_s:.0f} (heatmaps and tables "
+        f"Otsu mask); CPU seconds: resdistill {ours['cpu_s']:.0f} (heatmaps and tables "
         f"written), loop {cpu_peer.cpu_s:.0f} (writes nothing); peak memory (RSS of the process "
         f"tree): resdistill {mem_ours.peak / gb:.2f} GB, loop {mem_peer.peak / gb:.2f} GB"
     )
@@ -215,39 +211,25 @@ def run_all_rows(work: Path, *, quick: bool, row: Any) -> list[dict[str, Any]]:
     slides of 8 x 6 mm (quick: 4 x 3 mm), TIAToolbox's row noted when it cannot run."""
     import os
 
-    from bench_predict import make_checkpoints
-    from bench_predict_scale import chain_dataset, linked_slides
+    from student_runs import run_all_student
 
-    size = (4000.0, 3000.0) if quick else (8000.0, 6000.0)
-    slides = linked_slides(work, 2 if quick else 4, 2, size, 40.0)
-    ckpt = make_checkpoints(chain_dataset(work / "dataset"), work, ["10x", "2p5x"])["2p5x"]
+    ckpt, slides = run_all_student(work, quick=quick)
     return peer_rows(ckpt, slides, work, row=row, workers=os.cpu_count() or 1)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import os
 
-    from bench_predict import make_checkpoints
-    from bench_predict_scale import chain_dataset, linked_slides
     from bench_rows import row
+    from student_runs import print_rows, student_on_slides, student_parser
 
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--slides", type=int, default=8)
-    ap.add_argument("--mag", default="2p5x")
-    ap.add_argument("--size-um", default="8000,6000")
+    ap = student_parser(__doc__ or "", slides=8)
     ap.add_argument("--tiatoolbox", action="store_true",
                     help="also try TIAToolbox in a venv of its own (slow to install)")  # fmt: skip
     args = ap.parse_args(argv)
     work = Path(args.work)
-    w, h = (float(v) for v in args.size_um.split(","))
-    slides = linked_slides(work, args.slides, 2, (w, h), 40.0)
-    ckpt = make_checkpoints(chain_dataset(work / "dataset"), work, ["10x", args.mag])[args.mag]
-    rows = peer_rows(ckpt, slides, work, row=row, workers=os.cpu_count() or 1)
-    for r in rows:
-        print(f"{r['row']}: {r['ratio']:.2f}x; {r['note']}")
+    ckpt, slides = student_on_slides(work, args.slides, args.size_um, args.mag)
+    print_rows(peer_rows(ckpt, slides, work, row=row, workers=os.cpu_count() or 1))
     py, why = tiatoolbox_python(work / "tiatoolbox-venv") if args.tiatoolbox else (None, "")
     if not args.tiatoolbox:
         why = "not tried: pass --tiatoolbox"

@@ -44,7 +44,7 @@ def remote_rows(
     """The rows of the module docstring; needs an S3 endpoint in the environment and Ray not
     started (its workers take the slide cache folder from this process's environment)."""
     import ray
-    from bench_predict import engine_run
+    from student_runs import metered_run, warm_up
 
     from sharding.ray_cluster import ray_init
     from sharding.remote_slides import CACHE_ENV
@@ -62,18 +62,12 @@ def remote_rows(
     urls = [store.child_url(p.name) for p in slides]
     total = sum(p.stat().st_size for p in slides)
     ray_init(None, dashboard=False)
-    shutil.rmtree(work / "remote-warm", ignore_errors=True)
-    engine_run(ckpt, slides[:1], work / "remote-warm", "--read", "native")  # workers' imports
+    warm_up(ckpt, slides, work / "remote-warm")
     got: dict[str, dict[str, Any]] = {}
     for how in ("copy", "ranges"):
         shutil.rmtree(cache, ignore_errors=True)
-        out = work / f"remote-{how}"
-        shutil.rmtree(out, ignore_errors=True)  # a rerun would skip the slides done there
-        from bench_predict_scale import CpuMeter
-
-        with CpuMeter() as cpu:
-            r = engine_run(ckpt, urls, out, "--read", "native", "--s3-reads", how)  # type: ignore[arg-type]
-        r["bytes"], r["cpu_s"] = cache_bytes(cache)[how], cpu.cpu_s
+        r = metered_run(ckpt, urls, work / f"remote-{how}", "--read", "native", "--s3-reads", how)
+        r["bytes"] = cache_bytes(cache)[how]
         got[how] = r
         log(f"  {how}: {r['wall_s']:.1f}s, {r['bytes'] / 1e6:.1f} MB fetched of {total / 1e6:.1f}")
     c, g = got["copy"], got["ranges"]
@@ -94,12 +88,9 @@ def run_all_rows(work: Path, *, quick: bool, row: Any) -> list[dict[str, Any]]:
     slides of 8 x 6 mm (quick: 4 x 3 mm) on a moto endpoint of its own; Ray is shut down after."""
     import ray
     from bench_loader import moto_endpoint
-    from bench_predict import make_checkpoints
-    from bench_predict_scale import chain_dataset, linked_slides
+    from student_runs import run_all_student
 
-    size = (4000.0, 3000.0) if quick else (8000.0, 6000.0)
-    slides = linked_slides(work, 2 if quick else 4, 2, size, 40.0)
-    ckpt = make_checkpoints(chain_dataset(work / "dataset"), work, ["10x", "2p5x"])["2p5x"]
+    ckpt, slides = run_all_student(work, quick=quick)
     with moto_endpoint(work):
         try:
             return remote_rows(ckpt, slides, work, row=row)
@@ -108,31 +99,19 @@ def run_all_rows(work: Path, *, quick: bool, row: Any) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     from bench_loader import moto_endpoint
-    from bench_predict import make_checkpoints
-    from bench_predict_scale import chain_dataset, linked_slides
     from bench_rows import row
+    from student_runs import print_rows, student_on_slides, student_parser
 
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--slides", type=int, default=4)
-    ap.add_argument("--mag", default="2p5x")
-    ap.add_argument("--size-um", default="8000,6000")
-    args = ap.parse_args(argv)
+    args = student_parser(__doc__ or "", slides=4).parse_args(argv)
     work = Path(args.work)
-    w, h = (float(v) for v in args.size_um.split(","))
-    slides = linked_slides(work, args.slides, 2, (w, h), 40.0)
-    ckpt = make_checkpoints(chain_dataset(work / "dataset"), work, ["10x", args.mag])[args.mag]
+    ckpt, slides = student_on_slides(work, args.slides, args.size_um, args.mag)
     with moto_endpoint(work):
         rows = remote_rows(ckpt, slides, work, row=row)
         import ray
 
         ray.shutdown()
-    for r in rows:
-        print(f"{r['row']}: {r['ratio']:.2f}x; {r['note']}")
+    print_rows(rows)
     return 0
 
 
