@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resdistill.predict import heatmaps
+from resdistill.predict import heatmap_frame, heatmaps
+from resdistill.predict.heatmap_frame import scale_bar
 from resdistill.predict.heatmaps import (
     DEFAULT_HEATMAP_PX,
     EDGE_LIGHTEN,
@@ -72,9 +73,19 @@ def pictures(bg: np.ndarray | None = None, **kw) -> dict[str, bytes]:
 
 
 def figures(monkeypatch: pytest.MonkeyPatch, **kw) -> dict:
-    """The matplotlib figures :func:`heatmap_pngs` would encode, by name."""
+    """What :func:`heatmap_pngs` frames each picture with, by name: ``texts`` (title, subtitle,
+    the scale bar's label), ``legend`` (the legend's labels), ``colorbar`` (its label or None)."""
     drawn: list = []
-    monkeypatch.setattr(heatmaps, "_png", lambda fig: drawn.append(fig) or b"")
+
+    def record(img, title, subtitle, entries, *, colorbar, scale_um_per_px):
+        scale = [] if not scale_um_per_px else [scale_bar(img.shape[1], scale_um_per_px)[1]]
+        drawn.append({
+            "texts": [title, subtitle, *scale], "legend": [e.label for e in entries],
+            "colorbar": f"P({colorbar[0]})" if colorbar else None,
+        })  # fmt: skip
+        return np.zeros((1, 1, 3), np.uint8)
+
+    monkeypatch.setattr(heatmap_frame, "frame", record)
     names = list(pictures(**kw))
     monkeypatch.undo()
     return dict(zip(names, drawn, strict=True))
@@ -158,18 +169,17 @@ def test_escalated_tiles_are_hatched_and_named_in_the_legend(monkeypatch) -> Non
 
 
 def texts(fig) -> list[str]:
-    return [t.get_text() for t in fig.texts]
+    return fig["texts"]
 
 
 def legend_texts(fig) -> list[str]:
-    return [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    return fig["legend"]
 
 
 def test_titles_colorbar_and_legend_name_slide_class_and_magnification(monkeypatch) -> None:
     figs = figures(monkeypatch)
     assert "slide-7: P(Tumor) per tile at 2.5x" in texts(figs["Tumor"])
-    (cbar_ax,) = [ax for ax in figs["Tumor"].axes if ax.get_ylabel()]
-    assert cbar_ax.get_ylabel() == "P(Tumor)"
+    assert figs["Tumor"]["colorbar"] == "P(Tumor)" and figs["classes"]["colorbar"] is None
     assert "slide-7: predicted class per tile at 2.5x" in texts(figs["classes"])
     assert legend_texts(figs["classes"]) == CLASSES
     assert not any("2p5x" in t for fig in figs.values() for t in texts(fig))
@@ -310,3 +320,65 @@ def test_tune_table_says_2_5x() -> None:
     text = console.export_text()
     assert "2.5x" in text and "2p5x" not in text
     assert "student_mag=2.5x" in text
+
+
+def whole_figure(img, title, subtitle, entries, colorbar, um_per_px) -> np.ndarray:
+    """The picture as one matplotlib figure of the frame's size, every part at the pixel offsets
+    :mod:`resdistill.predict.heatmap_frame` documents: what its strips must add up to."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from resdistill.predict.heatmap_frame import CBAR_PX, GAP_PX, MARGIN_PX, SCALE_BAR_PX, column
+
+    h, w = img.shape[:2]
+    cbar_h = min(h, max(160, int(0.6 * h)))
+    col = column(colorbar, cbar_h, entries)
+    fw, fh = LEFT_PX + w + col.shape[1], max(TOP_PX + h + SCALE_BAR_PX + MARGIN_PX, col.shape[0])
+    fig = Figure(figsize=(fw / 100, fh / 100), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return x / fw, 1.0 - y / fh
+
+    fig.text(*at(LEFT_PX, 10), title, va="top", ha="left", fontsize=15, weight="bold")
+    fig.text(*at(LEFT_PX, 38), subtitle, va="top", ha="left", fontsize=11, color="0.25")
+    x_col = LEFT_PX + w + GAP_PX
+    left, top = at(x_col, TOP_PX)
+    cax = fig.add_axes((left, top - cbar_h / fh, CBAR_PX / fw, cbar_h / fh))
+    cmap = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colorbar[1])
+    fig.colorbar(cmap, cax=cax).set_label(f"P({colorbar[0]})", fontsize=12)
+    legend = fig.legend(handles=[heatmap_frame._handle(e) for e in entries], loc="upper left",
+                        frameon=False, fontsize=11)  # fmt: skip
+    legend.set_bbox_to_anchor(at(x_col, TOP_PX + cbar_h + GAP_PX), transform=fig.transFigure)
+    px, label = scale_bar(w, um_per_px)
+    (x0, y), (x1, _) = at(LEFT_PX, TOP_PX + h + 15), at(LEFT_PX + px, 0)
+    fig.add_artist(Line2D([x0, x1], [y, y], color="black", lw=4, solid_capstyle="butt"))
+    fig.text(x1 + 8 / fw, y, label, va="center", ha="left", fontsize=11)
+    canvas.draw()
+    out = np.array(np.asarray(canvas.buffer_rgba())[..., :3])
+    out[TOP_PX : TOP_PX + h, LEFT_PX : LEFT_PX + w] = img
+    return out
+
+
+def test_framed_picture_is_the_whole_figure_and_kept_strips_are_fresh_ones() -> None:
+    from resdistill.predict.heatmap_frame import Entry, column, frame, scale_strip
+
+    ring = np.array([[800, 800], [2400, 800], [2400, 2000], [800, 2000], [800, 800]], float)
+    outlines = [Outline("Tumor", "class", [ring]), Outline("region of interest", "roi", [ring])]
+    entries = heatmaps._overlay_entries(CLASSES, 0, outlines)
+    assert [e.label for e in entries] == ["Tumor (annotation)", "region of interest"]
+    entries += (Entry("patch", CLASS_COLOURS[0], "Normal"),)
+    args = (background(), "slide-7: P(Tumor) per tile at 2.5x", "150 tissue tiles", entries)
+    want = whole_figure(*args, ("Tumor", "magma"), 0.5)
+    column.cache_clear()
+    for _ in range(2):  # drawn, then kept
+        got = frame(*args, colorbar=("Tumor", "magma"), scale_um_per_px=0.5)
+        assert np.array_equal(got, want)
+    assert column.cache_info().hits == 1 and scale_strip.cache_info().hits >= 1
+    cbar_h = min(H, max(160, int(0.6 * H)))
+    fresh = column.__wrapped__(("Tumor", "magma"), cbar_h, entries)
+    assert np.array_equal(column(("Tumor", "magma"), cbar_h, entries), fresh)
+    assert not column(("Tumor", "magma"), cbar_h, entries).flags.writeable  # shared: read-only

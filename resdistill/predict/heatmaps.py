@@ -18,22 +18,22 @@ teacher (named in the legend), the slide's annotation outlines
 (:func:`resdistill.predict.outlines.draw_outlines`, named in the legend), and a scale bar under
 the image when the level-0 microns per pixel are known. Painting is numpy over the whole image
 (one owner map per slide, :mod:`resdistill.predict.tile_paint`), so thousands of tiles cost
-milliseconds; matplotlib only adds the text, colorbar and legend, on a bare ``Figure`` (no
-pyplot), and the image is pasted into the drawn figure unresampled.
+milliseconds; matplotlib only draws the text, colorbar and legend, as strips put together around
+the image by :func:`resdistill.predict.heatmap_frame.frame` (the column and the scale bar drawn
+once per process for each size and legend).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from resdistill.predict.heatmap_frame import LEFT_PX, TOP_PX, Entry
 
+if TYPE_CHECKING:
     from sharding.annotations import Outline
 
 __all__ = ["CLASS_MAP", "DEFAULT_HEATMAP_PX", "LEFT_PX", "TOP_PX", "Marks", "heatmap_pngs", "paint"]
@@ -42,16 +42,6 @@ __all__ = ["CLASS_MAP", "DEFAULT_HEATMAP_PX", "LEFT_PX", "TOP_PX", "Marks", "hea
 DEFAULT_HEATMAP_PX = 1600
 #: The name of the argmax class map among the pictures.
 CLASS_MAP = "classes"
-DPI = 100
-#: Margin around the figure and between the image and its right column, in pixels.
-MARGIN_PX = 12
-GAP_PX = 18
-#: Where the slide image's top left pixel lies in every PNG.
-LEFT_PX, TOP_PX = MARGIN_PX, 64
-#: Room for the scale bar under the image, in pixels.
-SCALE_BAR_PX = 30
-#: Colorbar width and the room its ticks and label take to its right, in pixels.
-CBAR_PX, CBAR_TEXT_PX = 22, 62
 #: Tiles at least this many pixels wide get lines between them.
 EDGE_MIN_PX = 8
 #: Edge lines: the painted colour moved this far to white; hatching: kept at this share (dark).
@@ -95,7 +85,9 @@ def heatmap_pngs(
     """
     import matplotlib
 
+    from resdistill.predict.heatmap_frame import frame
     from resdistill.predict.outlines import outline_colour
+    from resdistill.predict.png import encode_png
     from resdistill.predict.tile_paint import edge_mask, hatch_mask, owner_map, tile_boxes
     from sharding.magnification import display_mag
 
@@ -122,7 +114,7 @@ def heatmap_pngs(
     )
     shown = display_mag(mag)
     counts = f"{n:,} tissue tiles" + (f", {n_esc:,} escalated to the teacher" if n_esc else "")
-    overlay = _overlay_handles(classes, n_esc, marks.outlines)
+    overlay = _overlay_entries(classes, n_esc, marks.outlines)
     scale = None if mpp is None else mpp * slide_size[0] / background.shape[1]
     pngs = {}
     for name in which:
@@ -132,37 +124,16 @@ def heatmap_pngs(
             a = alpha * probs.max(axis=1) if confidence_opacity and n else alpha
             title = f"{slide_id}: predicted class per tile at {shown}"
             sub = counts + ("; opacity = the tile's top probability" if confidence_opacity else "")
-            handles, colorbar = _class_handles(classes) + overlay, None
+            entries, colorbar = _class_entries(classes) + overlay, None
         else:
             p = np.clip(probs[:, classes.index(name)], 0.0, 1.0)
             colours, a = matplotlib.colormaps[cmap](p)[:, :3] * 255.0, alpha
             title, sub = f"{slide_id}: P({name}) per tile at {shown}", counts
-            handles, colorbar = overlay, (name, cmap)
+            entries, colorbar = overlay, (name, cmap)
         img = paint(background, owner, colours, a, marks)
-        fig = _figure(img, title, sub, handles, colorbar=colorbar, scale_um_per_px=scale)
-        pngs[name] = _png(fig)
+        picture = frame(img, title, sub, entries, colorbar=colorbar, scale_um_per_px=scale)
+        pngs[name] = encode_png(picture)
     return pngs
-
-
-def _png(fig: Figure) -> bytes:
-    """The figure drawn once by Agg and encoded by :func:`resdistill.predict.png.encode_png`.
-
-    Its slide images (``figimage``, uint8 RGB, unresampled) are pasted into the drawn buffer
-    instead of drawn, which is the same pixels for a fraction of the time.
-    """
-    from resdistill.predict.png import encode_png
-
-    images = [im for im in fig.images if im.get_visible()]
-    for im in images:
-        im.set_visible(False)
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]  # type: ignore[attr-defined]
-    for im in images:
-        arr = np.asarray(im.get_array())
-        top = rgb.shape[0] - int(im.oy) - arr.shape[0]
-        rgb[top : top + arr.shape[0], int(im.ox) : int(im.ox) + arr.shape[1]] = arr[..., :3]
-        im.set_visible(True)
-    return encode_png(rgb)
 
 
 @dataclass(frozen=True)
@@ -207,106 +178,26 @@ def paint(
     return img
 
 
-def _class_handles(classes: Sequence[str]) -> list[Any]:
-    from matplotlib.patches import Patch
-
+def _class_entries(classes: Sequence[str]) -> tuple[Entry, ...]:
     from resdistill.predict.outlines import outline_colour
 
-    return [
-        Patch(facecolor=np.array(outline_colour(c, "class", classes)) / 255, label=c)
-        for c in classes
-    ]
+    return tuple(Entry("patch", outline_colour(c, "class", classes), c) for c in classes)
 
 
-def _overlay_handles(classes: Sequence[str], n_escalated: int, outlines: Sequence[Outline]) -> list:
+def _overlay_entries(
+    classes: Sequence[str], n_escalated: int, outlines: Sequence[Outline]
+) -> tuple[Entry, ...]:
     """Legend entries for the hatching of escalated tiles and for each annotation outline."""
-    from matplotlib import patheffects
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
     from resdistill.predict.outlines import DASHES, outline_colour
 
-    handles: list[Any] = []
+    entries = []
     if n_escalated:
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="////",
-                             label=f"escalated to the teacher ({n_escalated:,})"))  # fmt: skip
-    halo = [patheffects.withStroke(linewidth=4, foreground="black")]
+        entries.append(
+            Entry("hatch", (255, 255, 255), f"escalated to the teacher ({n_escalated:,})")
+        )
     for o in outlines:
-        dash = DASHES.get(o.role)
-        handles.append(Line2D(
-            [], [], color=np.array(outline_colour(o.name, o.role, classes)) / 255, lw=2.5,
-            linestyle="-" if dash is None else (0, (dash[0] / 2, dash[1] / 2)),
-            path_effects=halo, label=f"{o.name} (annotation)" if o.role == "class" else o.name,
-        ))  # fmt: skip
-    return handles
-
-
-def _figure(
-    img: np.ndarray,
-    title: str,
-    subtitle: str,
-    handles: list[Any],
-    *,
-    colorbar: tuple[str, str] | None,
-    scale_um_per_px: float | None,
-) -> Figure:
-    """``img`` at ``(LEFT_PX, TOP_PX)``, unresampled, with the title band above it, the scale bar
-    below it, and on its right the colorbar (``(class, cmap)``) over the legend; sizes in pixels
-    at :data:`DPI`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
-    h, w = img.shape[:2]
-    fig = Figure(dpi=DPI)
-    canvas = FigureCanvasAgg(fig)
-    legend = None
-    leg_w = leg_h = 0.0
-    if handles:
-        legend = fig.legend(handles=handles, loc="upper left", frameon=False, fontsize=11)
-        box = legend.get_window_extent(canvas.get_renderer())
-        leg_w, leg_h = box.width, box.height
-    cbar_h = min(h, max(160, int(0.6 * h))) if colorbar else 0
-    col_w = max(leg_w, CBAR_PX + CBAR_TEXT_PX if colorbar else 0)
-    col_h = cbar_h + (GAP_PX if colorbar and legend else 0) + leg_h
-    below = SCALE_BAR_PX if scale_um_per_px else 0
-    fw = int(math.ceil(LEFT_PX + w + (GAP_PX + col_w if col_w else 0) + MARGIN_PX))
-    fh = int(math.ceil(TOP_PX + max(h + below, col_h) + MARGIN_PX))
-    fig.set_size_inches(fw / DPI, fh / DPI)
-
-    def frac(x: float, y_from_top: float) -> tuple[float, float]:
-        return x / fw, 1.0 - y_from_top / fh
-
-    fig.figimage(img[..., :3], xo=LEFT_PX, yo=fh - TOP_PX - h, origin="upper")  # unresampled
-    fig.text(*frac(LEFT_PX, 10), title, va="top", ha="left", fontsize=15, weight="bold")
-    fig.text(*frac(LEFT_PX, 38), subtitle, va="top", ha="left", fontsize=11, color="0.25")
-    x_col = LEFT_PX + w + GAP_PX
-    if colorbar:
-        cls, cmap = colorbar
-        left, top = frac(x_col, TOP_PX)
-        cax = fig.add_axes((left, top - cbar_h / fh, CBAR_PX / fw, cbar_h / fh))
-        bar = fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap), cax=cax)
-        bar.set_label(f"P({cls})", fontsize=12)
-    if legend is not None:
-        y = TOP_PX + (cbar_h + GAP_PX if colorbar else 0)
-        legend.set_bbox_to_anchor(frac(x_col, y), transform=fig.transFigure)
-    if scale_um_per_px:
-        _scale_bar(fig, w, h, fw, fh, scale_um_per_px)
-    return fig
-
-
-def _scale_bar(fig: Figure, w: int, h: int, fw: int, fh: int, um_per_px: float) -> None:
-    """Under the image's bottom left: a bar of a round length (1, 2 or 5 x 10^k um) near a sixth
-    of the image's width, and that length."""
-    from matplotlib.lines import Line2D
-
-    want = um_per_px * w / 6
-    step = 10 ** math.floor(math.log10(want))
-    um = max(m * step for m in (1, 2, 5) if m * step <= want)
-    px = um / um_per_px
-    y = 1.0 - (TOP_PX + h + SCALE_BAR_PX / 2) / fh
-    x0, x1 = LEFT_PX / fw, (LEFT_PX + px) / fw
-    fig.add_artist(Line2D([x0, x1], [y, y], color="black", lw=4, solid_capstyle="butt"))
-    label = f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
-    fig.text(x1 + 8 / fw, y, label, va="center", ha="left", fontsize=11)
+        label = f"{o.name} (annotation)" if o.role == "class" else o.name
+        entries.append(
+            Entry("line", outline_colour(o.name, o.role, classes), label, DASHES.get(o.role))
+        )
+    return tuple(entries)
