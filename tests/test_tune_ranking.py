@@ -6,6 +6,7 @@ kept, the table and the best-json all take it, and state the labels that chose."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,19 @@ def test_a_rule_that_would_not_rank_is_refused(
 ) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_tune_drivers_silence_the_snapshot_warning_but_keep_the_users_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tune's forced-snapshot warning fires every few seconds with one kept checkpoint; the
+    drivers turn it off, unless the user set the variable."""
+    from resdistill.tune.trial import QUIET_TUNE_ENV, quiet_tune
+
+    (key,) = QUIET_TUNE_ENV
+    monkeypatch.delenv(key, raising=False)
+    quiet_tune()
+    assert os.environ[key] == "0"
+    monkeypatch.setenv(key, "7")
+    quiet_tune()
+    assert os.environ[key] == "7"

@@ -206,10 +206,11 @@ def run_cells(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from resdistill.train.runner import storage_for
-    from resdistill.tune.trial import FreePlacementGroups
+    from resdistill.tune.trial import FreePlacementGroups, quiet_tune
 
     if not configs:
         return {}
+    quiet_tune()
     path, fs = storage_for(opts.storage)
     docs = {k: c.to_dict() for k, c in configs.items()}
     fn = tune.with_parameters(cell_trial, configs=docs, opts=opts.trainer_options(experiment))

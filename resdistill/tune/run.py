@@ -113,9 +113,10 @@ def make_tuner(
     from ray import tune
 
     from resdistill.tune.seal import TUNER_PKL, ResumeSeal, seal_stored
-    from resdistill.tune.trial import FreePlacementGroups
+    from resdistill.tune.trial import FreePlacementGroups, quiet_tune
     from sharding.storage import open_storage
 
+    quiet_tune()
     run = cfg.train.run
     path, fs = storage_for(run.storage)
     trainable = make_trainable(base, cfg, name)

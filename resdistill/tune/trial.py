@@ -36,6 +36,7 @@ moment, which then holds its CPUs for the rest of the job and starves the next t
 from __future__ import annotations
 
 import contextlib
+import os
 import queue as pyqueue
 import threading
 import uuid
@@ -56,6 +57,19 @@ TRAIN_RUN_KEY = "train_run"
 PLACEMENT_GROUP_KEY = "placement_group"
 #: Keys of a trial's options passed to :func:`resdistill.train.runner.make_trainer`.
 TRAINER_OPTIONS = ("workers", "cpus_per_worker", "gpu", "keep", "metric", "mode")
+
+
+#: Tune forces an experiment snapshot whenever a trial has saved ``num_to_keep`` checkpoints and
+#: warns each time two come within 5 s: with one kept checkpoint and short epochs that is a
+#: multi-line warning every few seconds that buries the progress. The snapshots stay; only the
+#: warning goes.
+QUIET_TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
+def quiet_tune() -> None:
+    """Set :data:`QUIET_TUNE_ENV` in this driver unless the user set those variables."""
+    for key, value in QUIET_TUNE_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 class ForwardToTrial(TuneReportCallback):
