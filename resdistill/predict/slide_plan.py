@@ -166,7 +166,8 @@ class _LevelKeeper:
     number (so a read at level-0 ``(x, y)`` is the level's pixels from ``(x / ds, y / ds)``,
     exactly). The tissue detector reads its level whole, block by block: when that is the
     thumbnail's level, :meth:`background` is the thumbnail made from the kept pixels (the same
-    steps as OpenSlide's ``get_thumbnail``: the same pixels) instead of a second read."""
+    steps as OpenSlide's ``get_thumbnail``: each region over the slide's background colour by its
+    alpha, then Lanczos: the same pixels) instead of a second read."""
 
     def __init__(self, slide: Any, heatmap_px: int) -> None:
         self._slide = slide
@@ -178,7 +179,10 @@ class _LevelKeeper:
             down = max(d / heatmap_px for d in slide.dimensions)
             level = slide.get_best_level_for_downsample(down)
             if float(slide.level_downsamples[level]).is_integer():
+                from openslide import PROPERTY_NAME_BACKGROUND_COLOR
+
                 self._level = level
+                self._colour = "#" + slide.properties.get(PROPERTY_NAME_BACKGROUND_COLOR, "ffffff")
                 prefetch = getattr(slide, "prefetch", None)  # a slide read by byte ranges:
                 if prefetch is not None:  # the level the tissue detector reads, in one go
                     prefetch(level, [((0, 0), slide.level_dimensions[level])])
@@ -194,10 +198,10 @@ class _LevelKeeper:
             ds = int(self._slide.level_downsamples[level])
             x, y = location
             if x % ds == 0 and y % ds == 0:
-                if self._canvas is None:
+                if self._canvas is None:  # OpenSlide's background colour, each region over it
                     dims = self._slide.level_dimensions[level]
-                    self._canvas = Image.new("RGBA", dims, (0, 0, 0, 0))
-                self._canvas.paste(region, (x // ds, y // ds))
+                    self._canvas = Image.new("RGB", dims, self._colour)
+                self._canvas.paste(region, (x // ds, y // ds), region)
                 self._covered += size[0] * size[1]
         return region
 
@@ -208,15 +212,11 @@ class _LevelKeeper:
         w, h = self._slide.level_dimensions[self._level] if self._level >= 0 else (0, 0)
         if self._canvas is None or self._covered != w * h:
             return _background(self._slide, self._px)
-        from openslide import PROPERTY_NAME_BACKGROUND_COLOR
         from PIL import Image
 
-        tile = self._canvas
-        colour = "#" + self._slide.properties.get(PROPERTY_NAME_BACKGROUND_COLOR, "ffffff")
-        thumb = Image.new("RGB", tile.size, colour)
-        thumb.paste(tile, None, tile)
+        thumb, self._canvas = self._canvas, None  # composited as read: resized in place
         thumb.thumbnail((self._px, self._px), Image.Resampling.LANCZOS)
-        return np.asarray(thumb.convert("RGB"), dtype=np.uint8)
+        return np.asarray(thumb, dtype=np.uint8)
 
 
 def _background(slide: Any, heatmap_px: int) -> np.ndarray:
