@@ -106,8 +106,8 @@ def heatmap_pngs(
     marked = np.zeros(n, bool) if escalated is None else np.asarray(escalated, bool).reshape(n)
     n_esc = int(marked.sum())
     marks = Marks(
-        edges=edge_mask(owner) if tile_px >= EDGE_MIN_PX else None,
-        hatch=hatch_mask(owner, marked) if n_esc else None,
+        edges=np.flatnonzero(edge_mask(owner)) if tile_px >= EDGE_MIN_PX else None,
+        hatch=np.flatnonzero(hatch_mask(owner, marked)) if n_esc else None,
         outlines=list(outlines or ()),
         slide_size=slide_size,
         classes=classes,
@@ -139,7 +139,8 @@ def heatmap_pngs(
 @dataclass(frozen=True)
 class Marks:
     """What goes over every picture of a slide besides the tile colours: one-pixel lines between
-    tiles (``edges``), hatching of escalated tiles (``hatch``), both ``(h, w)`` bool masks or
+    tiles (``edges``), hatching of escalated tiles (``hatch``), both the row-major indices of
+    their pixels in the ``(h, w)`` picture (found once per slide, shared by its pictures) or
     None, and annotation ``outlines`` of a slide of ``slide_size`` level-0 pixels."""
 
     edges: np.ndarray | None
@@ -168,11 +169,12 @@ def paint(
     from resdistill.predict.tile_paint import blend
 
     img = blend(background, owner, colours, alpha)
+    pixels = img.reshape(-1, 3)  # a view: the marks' flat indices address it
     if marks.edges is not None:
-        e = img[marks.edges].astype(np.float32)
-        img[marks.edges] = (e + EDGE_LIGHTEN * (255.0 - e) + 0.5).astype(np.uint8)
+        e = pixels[marks.edges].astype(np.float32)
+        pixels[marks.edges] = (e + EDGE_LIGHTEN * (255.0 - e) + 0.5).astype(np.uint8)
     if marks.hatch is not None:
-        img[marks.hatch] = (HATCH_KEEP * img[marks.hatch] + 0.5).astype(np.uint8)
+        pixels[marks.hatch] = (HATCH_KEEP * pixels[marks.hatch] + 0.5).astype(np.uint8)
     if marks.outlines:
         img = draw_outlines(img, marks.slide_size, marks.outlines, marks.classes)
     return img
