@@ -382,3 +382,21 @@ def test_framed_picture_is_the_whole_figure_and_kept_strips_are_fresh_ones() -> 
     fresh = column.__wrapped__(("Tumor", "magma"), cbar_h, entries)
     assert np.array_equal(column(("Tumor", "magma"), cbar_h, entries), fresh)
     assert not column(("Tumor", "magma"), cbar_h, entries).flags.writeable  # shared: read-only
+
+
+def test_blend_is_the_formula_in_float32_everywhere() -> None:
+    """Bit for bit ``round((1 - a) * bg + a * c)`` in float32 on painted pixels, the background
+    elsewhere (blend computes only the painted rows and columns)."""
+    from resdistill.predict.tile_paint import blend
+
+    rng = np.random.default_rng(4)
+    bg = rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
+    owner = np.full((70, 90), -1, np.int32)
+    owner[20:50, 30:80] = rng.integers(-1, 6, size=(30, 50))
+    colours = rng.random((6, 3)) * 255
+    for alpha in (0.55, rng.random(6)):
+        a = np.broadcast_to(np.asarray(alpha, np.float32), (6,))[owner][..., None]
+        c = colours.astype(np.float32)[owner]
+        want = ((1.0 - a) * bg.astype(np.float32) + a * c + 0.5).astype(np.uint8)
+        want[owner < 0] = bg[owner < 0]
+        assert np.array_equal(blend(bg, owner, colours, alpha), want)

@@ -57,21 +57,28 @@ def blend(
 ) -> np.ndarray:
     """``background`` (``(h, w, 3)`` uint8) with tile ``i``'s pixels made
     ``(1 - a_i) * background + a_i * colours[i]`` (``colours`` ``(n, 3)`` in 0..255, ``a_i`` the
-    scalar ``alpha`` or ``alpha[i]``), rounded to uint8; pixels of no tile keep the background."""
+    scalar ``alpha`` or ``alpha[i]``), rounded to uint8; pixels of no tile keep the background.
+    Only the rows and columns between the first and last painted pixel are computed."""
     n = len(colours)
     a_lut = np.zeros(n + 1, dtype=np.float32)  # entry 0: no tile, the background unchanged
     a_lut[1:] = np.broadcast_to(np.asarray(alpha, dtype=np.float32), (n,))
     c_lut = np.zeros((n + 1, 3), dtype=np.float32)
     c_lut[1:] = np.asarray(colours, dtype=np.float32).reshape(n, 3)
-    out = np.empty((*owner.shape, 3), dtype=np.uint8)
-    for r in range(0, owner.shape[0], BLEND_ROWS):  # float temporaries that stay in cache
-        o = owner[r : r + BLEND_ROWS] + 1
-        a = a_lut[o][..., None]
-        mixed = (1.0 - a) * background[r : r + BLEND_ROWS, :, :3].astype(np.float32)
-        mixed += a * c_lut[o]
+    keep_lut, add_lut = 1.0 - a_lut, a_lut[:, None] * c_lut  # per tile, as per pixel (float32)
+    out = np.array(background[..., :3], dtype=np.uint8)  # pixels of no tile: the background
+    painted = owner >= 0
+    rows, cols = np.flatnonzero(painted.any(axis=1)), np.flatnonzero(painted.any(axis=0))
+    if rows.size == 0:
+        return out
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    for r in range(int(rows[0]), int(rows[-1]) + 1, BLEND_ROWS):  # temporaries that stay in cache
+        o = owner[r : r + BLEND_ROWS, x0:x1] + 1
+        mixed = background[r : r + BLEND_ROWS, x0:x1, :3].astype(np.float32)
+        mixed *= keep_lut[o][..., None]
+        mixed += add_lut[o]
         mixed += 0.5
         np.clip(mixed, 0, 255, out=mixed)
-        out[r : r + BLEND_ROWS] = mixed
+        out[r : r + o.shape[0], x0:x1] = mixed
     return out
 
 
