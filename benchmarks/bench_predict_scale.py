@@ -124,12 +124,15 @@ class CpuMeter:
     and actors, which come and go) while inside: each process's CPU time is sampled every
     ``every`` seconds and the last sample of each counts. Unlike wall time it does not grow when
     other work shares the machine's cores, so on a shared machine it is the steadier measure of
-    what a run costs (a dedicated node runs ``cpu_s / cores`` seconds at full occupancy)."""
+    what a run costs (a dedicated node runs ``cpu_s / cores`` seconds at full occupancy). The
+    meter's own sampling (its thread walks the process tree, a cost that grows with the wall
+    time and the machine's process count) is left out: :attr:`own_s`."""
 
     def __init__(self, every: float = 0.25) -> None:
         import threading
 
         self.every, self._stop, self._seen, self._kind = every, threading.Event(), {}, {}
+        self.own_s = 0.0  # CPU seconds of the sampling thread, not counted in cpu_s
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self) -> None:
@@ -153,6 +156,7 @@ class CpuMeter:
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
             self._sample()
+        self.own_s = time.thread_time()  # this thread's CPU since it started
 
     def __enter__(self) -> CpuMeter:
         self._sample()
@@ -166,13 +170,14 @@ class CpuMeter:
 
     @property
     def cpu_s(self) -> float:
-        return sum(last - first for first, last in self._seen.values())
+        return sum(last - first for first, last in self._seen.values()) - self.own_s
 
     @property
     def work_cpu_s(self) -> float:
         """:attr:`cpu_s` less Ray's own daemons (:data:`RAY_DAEMONS`), whose CPU grows with the
         wall time a run lasts (their polling), so with the machine's load."""
-        return sum(b - a for k, (a, b) in self._seen.items() if self._kind.get(k) == "work")
+        work = sum(b - a for k, (a, b) in self._seen.items() if self._kind.get(k) == "work")
+        return work - self.own_s
 
 
 #: Command-line marks of Ray's own daemons (raylet, GCS, dashboard, monitors, agents).
