@@ -140,6 +140,21 @@ def test_controller_polls_at_our_interval_unless_the_user_set_one(
     assert get_env_vars_to_propagate()[runner.HEALTH_CHECK_ENV] == "3"
 
 
+def test_no_preemption_watcher_unless_the_user_asks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher is an extra polling actor and an error-level log line per run that our
+    epoch checkpoints do not use: off by default, a user's setting kept."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    monkeypatch.delenv(runner.PREEMPTION_WATCHER_ENV, raising=False)
+    runner.make_trainer(lambda config: None, {}, name="p", storage=str(tmp_path))
+    assert get_env_vars_to_propagate()[runner.PREEMPTION_WATCHER_ENV] == "0"
+    monkeypatch.setenv(runner.PREEMPTION_WATCHER_ENV, "1")
+    runner.make_trainer(lambda config: None, {}, name="p", storage=str(tmp_path))
+    assert get_env_vars_to_propagate()[runner.PREEMPTION_WATCHER_ENV] == "1"
+
+
 def test_speed_options_run_on_the_cpu() -> None:
     """bf16 autocast, channels-last and torch.compile (the eager backend: no C++ toolchain
     needed) on the CPU, so these GPU-minded paths are exercised by every test run."""

@@ -27,6 +27,12 @@ from resdistill.train.selection import Selection
 #: wait up to one interval: Ray's 2 s default is most of a short epoch. 0.5 s keeps the polls
 #: (one small RPC per worker) negligible. Set the variable to override.
 HEALTH_CHECK_ENV, HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+#: Ray Train starts a node-drain (preemption) watcher actor per run that polls the GCS every 5 s
+#: and logs an error-level line about its restart policy at every start. Its signals serve
+#: training loops that checkpoint just in time (``ray.train.preemption_status``); ours
+#: checkpoint every epoch and resume from the last one, so the watcher costs a polling actor and
+#: a misleading error line per run for nothing. Off unless the environment sets the variable.
+PREEMPTION_WATCHER_ENV, PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"
 
 
 def storage_for(url: str | os.PathLike[str]) -> tuple[str, Any]:
@@ -94,7 +100,8 @@ def make_trainer(
     Backend gloo on CPU; NCCL with one GPU per worker when ``gpu``. ``timeout_s`` bounds every
     collective (a lost peer fails the step instead of hanging; FailureConfig then restarts).
     The controller polls its workers every :data:`HEALTH_CHECK_S` seconds unless the
-    environment sets ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``.
+    environment sets ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, and starts no preemption watcher
+    unless it sets ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` (:data:`PREEMPTION_WATCHER_ENV`).
     ``callbacks``: Ray Train ``UserCallback``s (Tune forwards reports through one).
     """
     from ray.train import ScalingConfig
@@ -102,6 +109,7 @@ def make_trainer(
 
     # read from the driver's environment when the trainer starts its controller
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, PREEMPTION_WATCHER)
     resources: dict[str, float] = {"CPU": float(cpus_per_worker)}
     if gpu:
         resources["GPU"] = 1.0
