@@ -125,34 +125,26 @@ def test_gpu_settings_without_a_gpu(tmp_path: Path) -> None:
     assert not isinstance(cpu_env.autocast(), torch.autocast) and not cpu_env.distributed
 
 
-def test_controller_polls_at_our_interval_unless_the_user_set_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("variable", "ours"),
+    [(runner.HEALTH_CHECK_ENV, "0.5"), (runner.PREEMPTION_WATCHER_ENV, "0")],
+    ids=["poll-interval", "no-preemption-watcher"],
+)  # fmt: skip
+def test_controller_takes_our_settings_unless_the_user_set_them(
+    variable: str, ours: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ray Train's controller reads its poll interval from the driver's environment: the trainer
-    sets ours by default (reports wait on the poll) and leaves a user's value alone."""
+    """Ray Train's controller reads these from the driver's environment: the trainer sets ours
+    by default (reports wait on the 0.5 s poll; no preemption watcher, an extra polling actor
+    and an error-level line per run that our epoch checkpoints do not use) and leaves a user's
+    value alone."""
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
-    monkeypatch.delenv(runner.HEALTH_CHECK_ENV, raising=False)
+    monkeypatch.delenv(variable, raising=False)
     runner.make_trainer(lambda config: None, {}, name="p", storage=str(tmp_path))
-    assert get_env_vars_to_propagate()[runner.HEALTH_CHECK_ENV] == runner.HEALTH_CHECK_S
-    monkeypatch.setenv(runner.HEALTH_CHECK_ENV, "3")
+    assert get_env_vars_to_propagate()[variable] == ours
+    monkeypatch.setenv(variable, "3")
     runner.make_trainer(lambda config: None, {}, name="p", storage=str(tmp_path))
-    assert get_env_vars_to_propagate()[runner.HEALTH_CHECK_ENV] == "3"
-
-
-def test_no_preemption_watcher_unless_the_user_asks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The watcher is an extra polling actor and an error-level log line per run that our
-    epoch checkpoints do not use: off by default, a user's setting kept."""
-    from ray.train.v2._internal.constants import get_env_vars_to_propagate
-
-    monkeypatch.delenv(runner.PREEMPTION_WATCHER_ENV, raising=False)
-    runner.make_trainer(lambda config: None, {}, name="p", storage=str(tmp_path))
-    assert get_env_vars_to_propagate()[runner.PREEMPTION_WATCHER_ENV] == "0"
-    monkeypatch.setenv(runner.PREEMPTION_WATCHER_ENV, "1")
-    runner.make_trainer(lambda config: None, {}, name="p", storage=str(tmp_path))
-    assert get_env_vars_to_propagate()[runner.PREEMPTION_WATCHER_ENV] == "1"
+    assert get_env_vars_to_propagate()[variable] == "3"
 
 
 def test_speed_options_run_on_the_cpu() -> None:
