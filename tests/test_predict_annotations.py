@@ -26,6 +26,7 @@ from resdistill.predict.heatmaps import LEFT_PX, TOP_PX
 from resdistill.predict.outlines import CLASS_COLOURS, IGNORE_COLOUR, ROI_COLOUR
 from sharding.storage import open_storage
 from tests.annotation_factory import collection, feature, ring
+from tests.cli_lines import error_lines
 from tests.slide_factory import blob_image, write_slide
 from tests.test_evaluate import _cli, save_checkpoint
 
@@ -188,7 +189,7 @@ def test_annotations_on_s3(setup: Path, tmp_path: Path, s3_bucket: str, capsys) 
 def test_annotations_source_unusable(setup: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     rc = predict(setup, tmp_path / "o", "--annotations", str(tmp_path / "empty"), slides="a")
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys.readouterr().err)
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("predict: error: --annotations:") and "no .geojson files" in err[0]
     assert not (tmp_path / "o" / "a.json").exists()

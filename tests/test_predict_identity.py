@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sharding.slide_identity import fingerprint
+from tests.cli_lines import error_lines
 from tests.slide_factory import blob_image, write_slide
 from tests.test_evaluate import save_checkpoint
 from tests.test_predict_scale import chain, model, predict, table
@@ -41,7 +42,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _errors(err: str) -> list[str]:
-    return [line for line in err.splitlines() if "error:" in line]
+    return error_lines(err)
 
 
 def test_a_slide_with_a_done_ones_name_is_not_done(

@@ -24,6 +24,7 @@ import torch
 from resdistill.commands import predict as predict_cmd
 from resdistill.models import build_model
 from sharding.storage import open_storage
+from tests.cli_lines import error_lines
 from tests.slide_factory import blob_image, truncate, write_slide
 from tests.test_evaluate import _cli, save_checkpoint
 
@@ -222,7 +223,7 @@ def test_cascade_refuses_another_grid(
         ray_cluster, setup / "student", [str(setup / "slides" / "a.svs")], str(tmp_path / "o"),
         "--cascade", str(setup / "other"),
     )  # fmt: skip
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys.readouterr().err)
     assert rc == 2 and len(err) == 1, err
     assert "32 px at 2.5x" in err[0] and "64 px at 5x" in err[0] and "same region grid" in err[0]
     assert not (tmp_path / "o").exists()
@@ -235,5 +236,5 @@ def test_escalate_needs_a_teacher(setup: Path, tmp_path: Path, capsys) -> None:
         [str(setup / "student"), slide, "--out", str(tmp_path / "o"), "--escalate", "0.5"],
     )
     err = capsys.readouterr().err.strip().splitlines()  # an option error: usage, then one line
-    errors = [line for line in err if "error:" in line]
+    errors = error_lines("\n".join(err))
     assert rc == 2 and len(errors) == 1 and "--escalate needs --cascade" in errors[0], err

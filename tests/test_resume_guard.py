@@ -16,6 +16,7 @@ from resdistill import checkpoint as C
 from resdistill.cli import main as cli_main
 from resdistill.config import STAGE_TEACHER, DataConfig, OptimConfig, RunOptions, TrainConfig
 from sharding.lease import LEASE
+from tests.cli_lines import error_lines
 from tests.fixtures_data import write_dataset
 
 pytestmark = pytest.mark.timeout(600)
@@ -68,7 +69,7 @@ def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """``resdistill ARGV`` exits 2; its one error line."""
     capsys.readouterr()
     assert cli_main(argv) == 2
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1, errors
     return errors[0]
 

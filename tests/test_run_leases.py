@@ -20,6 +20,7 @@ from resdistill.cli import main as cli_main
 from resdistill.config import STAGE_TEACHER, DataConfig, ModelConfig, TrainConfig
 from resdistill.models import build_model
 from sharding.lease import LEASE
+from tests.cli_lines import error_lines
 from tests.slide_factory import blob_image, write_slide
 from tests.test_distill import save_checkpoint, teacher_payload
 from tests.test_evaluate import save_checkpoint as save_model
@@ -63,7 +64,7 @@ def refused(argv: list[str], proc: subprocess.Popen, owner: str, capsys) -> None
     """``resdistill ARGV`` exits 2 with one error line naming the holder ``proc``."""
     capsys.readouterr()
     assert cli_main(argv) == 2
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1, errors
     refused_line(errors[0], proc, owner)
 
@@ -150,7 +151,7 @@ def test_a_predict_out_in_use_is_refused_and_released_after(
     with held(out, "resdistill predict") as proc:
         capsys.readouterr()
         assert predict(ray_cluster, ckpt, [str(slide)], str(out)) == 2
-        errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+        errors = error_lines(capsys.readouterr().err)
         assert len(errors) == 1, errors
         refused_line(errors[0], proc, "resdistill predict")
         assert sorted(p.name for p in out.iterdir()) == ["_state"]
