@@ -16,9 +16,15 @@ of every cell's kept checkpoint), never ``study.csv`` (the test split, for the r
 :func:`read_validation` refuses a table holding any other metric than ``val_*``. Prints one row
 per cohort and recipe: teacher, distilled and baseline validation accuracy at each label
 fraction, the distilled student's gap to its teacher (all labels) and its lead over the baseline
-(10% labels), and the chosen recipe: the highest mean over cohorts and label fractions of the
-distilled student's validation accuracy, among the recipes every cohort ran. The chosen defaults
-are then scored on test once, by a study of their own.
+(10% labels), and per arm (distilled, baseline, teacher) the chosen recipe: the highest mean
+over cohorts and label fractions of *that arm's* validation accuracy, among the recipes every
+cohort ran, so the baseline's defaults follow its own evidence, never the distilled student's.
+The chosen defaults are then scored on test once, by a study of their own.
+
+``--recipes jitter`` (``defaults``, ``students-light``, ``students-paper``) compares the
+students' colour jitter over the study's own jitter space (off, light, the paper's) from one set
+of teachers trained with the CLI's defaults; the teacher's line then compares one teacher with
+itself and is not a choice.
 
 The recipe ``feature-term`` runs the study's feature-term ablation (``--ablations feature-term``):
 the distilled student with the feature term off, on its last map (the paper) and on a spatial
@@ -55,7 +61,16 @@ RECIPES: dict[str, tuple[str, str, str, str]] = {
                      "stain", "--student-mags 5x --label-fractions 1"),
     "feature-term": ("", "--temperature 4 --jitter 0 --hed-jitter 0", "stain",
                      "--ablations feature-term"),
+    # the students' colour jitter, chosen per arm (ARMS) over the study's own jitter space
+    # (resdistill.study.recipes.SPACE: off, light, the paper's) from one set of default teachers
+    "defaults": ("", "", "", ""),
+    "students-light": ("", "--jitter 0.2,0.2,0.2,0.05", "defaults", ""),
+    "students-paper": ("", "--jitter 0.5,0.5,0.5,0.2", "defaults", ""),
 }  # fmt: skip
+#: the recipes of the per-arm jitter choice (``--recipes jitter``)
+JITTER_RECIPES = ("defaults", "students-light", "students-paper")
+#: the arms a choice is made for, each on its own validation score
+ARMS = ("distilled", "baseline", "teacher")
 COHORTS = ("sites", "subtle", "default", "chromatin")
 #: the only table read: validation metrics of every group of cells
 VALIDATION_CSV = "validation.csv"
@@ -154,14 +169,18 @@ def rows(out: Path) -> list[dict[str, object]]:
     return table
 
 
-def choose(table: list[dict[str, object]]) -> tuple[str | None, dict[str, float]]:
-    """``(recipe, {recipe: score})``: a recipe's score is the mean over cohorts of its distilled
-    student's validation accuracy averaged over the label fractions it has; only recipes with a
-    score on every cohort of the table compete (None when none does)."""
+def choose(
+    table: list[dict[str, object]], arm: str = "distilled"
+) -> tuple[str | None, dict[str, float]]:
+    """``(recipe, {recipe: score})`` for one arm (``distilled``, ``baseline`` or ``teacher``):
+    a recipe's score is the mean over cohorts of that arm's validation accuracy averaged over
+    the label fractions it has; only recipes with a score on every cohort of the table compete
+    (None when none does). Each arm is chosen on its own score, so a baseline never inherits
+    the recipe that suits the distilled student (Oliver et al. 2018)."""
     cohorts = {str(r["cohort"]) for r in table}
     per: dict[str, dict[str, float]] = {}
     for r in table:
-        values = [v for k, v in r.items() if k.startswith("distilled@") and v is not None]
+        values = [v for k, v in r.items() if k.startswith(f"{arm}@") and v is not None]
         if values:
             per.setdefault(str(r["recipe"]), {})[str(r["cohort"])] = sum(values) / len(values)  # type: ignore[arg-type]
     scores = {k: sum(v.values()) / len(v) for k, v in per.items() if set(v) == cohorts}
@@ -218,15 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="root of the studies (one folder per cohort)")
     p.add_argument("--cohorts", default=",".join(COHORTS), help="comma list of synth cohorts")
     p.add_argument(
-        "--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES)
-    )
+        "--recipes", default=",".join(RECIPES),
+        help="comma list of " + ", ".join(RECIPES) + "; 'jitter' stands for " +
+        ",".join(JITTER_RECIPES))  # fmt: skip
     p.add_argument("--epochs", type=int, default=20, help="teachers' and students' epochs")
     p.add_argument("--table", action="store_true",
                    help="print the validation table and the choice of finished studies only")  # fmt: skip
     p.add_argument("--study-args", default="", help="more `resdistill study` options")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
-    recipes = [r for r in args.recipes.split(",") if r]
+    recipes = [x for r in args.recipes.split(",") if r
+               for x in (JITTER_RECIPES if r == "jitter" else (r,))]  # fmt: skip
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         p.error(f"unknown recipe(s) {unknown}: use {', '.join(RECIPES)}")
@@ -238,10 +259,16 @@ def main(argv: list[str] | None = None) -> int:
                 failed += rc != 0
     table = rows(out)
     print(markdown(table))
-    best, scores = choose(table)
-    ranked = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1]))
-    print(f"\nchosen on validation ({METRIC} of the distilled student, mean over cohorts and "
-          f"label fractions): {best or '-'} ({ranked or 'no recipe ran on every cohort'})")  # fmt: skip
+    print()
+    for arm in ARMS:
+        best, scores = choose([r for r in table if r["recipe"] in recipes], arm)
+        if len(set(scores.values())) == 1 and len(scores) > 1:
+            print(f"{arm}: one shared model in every recipe compared: not a choice")
+            continue
+        ranked = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(),
+                                                             key=lambda kv: -kv[1]))  # fmt: skip
+        print(f"{arm}: chosen on validation ({METRIC} of the {arm} arm, mean over cohorts and "
+              f"label fractions): {best or '-'} ({ranked or 'no recipe ran on every cohort'})")  # fmt: skip
     found = feature_rows(out)
     if found:
         variant, by = choose_feature(found)

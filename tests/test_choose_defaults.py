@@ -138,3 +138,22 @@ def test_the_feature_term_follows_the_variants_validation(script, tmp_path: Path
     assert script.choose_feature(tie) == ("off", {"off": 0.5, "global": 0.5})  # the simplest
     assert "--ablations feature-term" in script.RECIPES["feature-term"][3]
     assert "chromatin" in script.COHORTS
+
+
+def test_each_arm_is_chosen_on_its_own_validation(script, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The baseline prefers the paper's jitter, the distilled student none: each arm's choice
+    follows its own validation accuracy, never the other arm's."""
+    for cohort in ("sites", "subtle"):
+        _study(tmp_path / cohort / "defaults", [
+            ("distilled", "2.5x", 1, 0.9), ("baseline", "2.5x", 1, 0.7),
+            ("distilled", "2.5x", 0.1, 0.8), ("baseline", "2.5x", 0.1, 0.6)])  # fmt: skip
+        _study(tmp_path / cohort / "students-paper", [
+            ("distilled", "2.5x", 1, 0.85), ("baseline", "2.5x", 1, 0.8),
+            ("distilled", "2.5x", 0.1, 0.75), ("baseline", "2.5x", 0.1, 0.7)])  # fmt: skip
+    table = script.rows(tmp_path)
+    assert script.choose(table, "distilled")[0] == "defaults"
+    best, scores = script.choose(table, "baseline")
+    assert best == "students-paper"
+    assert scores == {"defaults": pytest.approx(0.65), "students-paper": pytest.approx(0.75)}
+    assert script.JITTER_RECIPES == ("defaults", "students-light", "students-paper")
+    assert all(script.RECIPES[r][2] == "defaults" for r in script.JITTER_RECIPES[1:])
