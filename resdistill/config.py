@@ -216,10 +216,15 @@ class LossConfig:
         tune="pbt")  # fmt: skip
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing (teacher, --supervised)",
                                  tune="pbt")  # fmt: skip
+    ce_weight: float = opt(
+        0.0, "weight of a cross-entropy term on the tiles of labelled training slides, added "
+        "to the distillation loss (semi-supervised training, as FixMatch and Noisy Student keep "
+        "one; the study's self-training control uses 1). 0, the default, keeps distillation "
+        "label-free: labels are then never read")  # fmt: skip
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "--temperature", "must be positive")
-        for name in ("kd_weight", "feature_weight", "attention_weight"):
+        for name in ("kd_weight", "feature_weight", "attention_weight", "ce_weight"):
             check(getattr(self, name) >= 0, "--" + name.replace("_", "-"), "must be 0 or more")
         check(0.0 <= self.label_smoothing < 1.0, "--label-smoothing", "must be in [0, 1)")
         check_choice(LossConfig, self, "feature_loss")

@@ -25,6 +25,7 @@ from resdistill.config import TrainConfig
 from resdistill.losses import DistillLoss
 from resdistill.models import build_model
 from resdistill.train.preflight import prepare
+from resdistill.train.stages import labelled_ce
 from resdistill.train.teacher_net import (
     DistillStep,
     FrozenTeacher,
@@ -162,6 +163,21 @@ def test_labels_never_reach_the_distillation_loss() -> None:
     import inspect
 
     assert not [p for p in inspect.signature(DistillLoss.forward).parameters if "label" in p]
+
+
+def test_the_supervised_term_reads_only_known_labels() -> None:
+    """``--ce-weight``'s term: mean cross-entropy over the labelled samples of a batch (-1: a
+    hidden or absent label, skipped); a batch without one gives 0 with a gradient path."""
+    logits = torch.randn(4, 3, requires_grad=True)
+    labels = torch.tensor([2, -1, 0, -1])
+    want = torch.nn.functional.cross_entropy(logits[[0, 2]], labels[[0, 2]])
+    assert torch.allclose(labelled_ce(logits, labels), want)
+    none = labelled_ce(logits, torch.full((4,), -1))
+    none.backward()
+    assert float(none) == 0.0 and logits.grad is not None and not logits.grad.any()
+    argv = ["--data", "d", "--teacher", "t", "--student-mag", "2.5x"]
+    assert parse(distill.SPEC, argv).loss.ce_weight == 0.0  # distillation stays label-free
+    assert parse(distill.SPEC, [*argv, "--ce-weight", "0.5"]).loss.ce_weight == 0.5
 
 
 @pytest.mark.parametrize(

@@ -306,15 +306,17 @@ def test_cells_are_the_training_commands_configs(
         *common, "--name", f"x-{sr.id}", "--seed", "1", "--mag", "5x", "--epochs", "2",
         "--label-fraction", "0.5", "--steps-per-epoch", "5", "--jitter", "0.5,0.5,0.5,0.2",
     ]))  # fmt: skip
-    # self-training: distillation machinery, the KD term alone; the recipe before the overrides
+    # self-training: distillation machinery, the KD term and cross-entropy on the cell's
+    # labelled tiles; the recipe before the overrides
     st = Cell("self-training", "5x", 0.5, 0, 1.0)
     recipe = {"optim": {"lr": 0.002}, "data": {"jitter": [0.2, 0.2, 0.2, 0.05]}}
     selftrain = cell_config(st, cfg, opts, "x", trained_teacher, recipe)
     assert selftrain == prepare(parse(distill.SPEC, [
         *student, "--name", f"x-{st.id}", "--teacher", trained_teacher, "--no-teacher-eval",
         "--lr", "0.002", "--jitter", "0.2,0.2,0.2,0.05", "--feature-weight", "0",
-        "--attention-weight", "0", "--kd-threshold", "0.95"]))  # fmt: skip
+        "--attention-weight", "0", "--kd-threshold", "0.95", "--ce-weight", "1"]))  # fmt: skip
     assert selftrain.loss.kd_weight == 1.0 and selftrain.loss.feature_weight == 0.0
+    assert selftrain.loss.ce_weight == 1.0 and distilled.loss.ce_weight == 0.0  # label-free
     assert selftrain.loss.kd_threshold == cfg.self_training_threshold == 0.95  # FixMatch's
 
 

@@ -11,8 +11,10 @@ fraction (as the demo does).
 Overrides, in order: the arm's recipe (:mod:`resdistill.study.recipes`), then the study's
 ``teacher_args`` (teachers) / ``student_args`` (every other cell), which the config refuses to
 set on a searched setting. Last, what defines a control or an ablation: self-training learns
-the KD term alone (soft pseudo-labels, no feature or attention term), masked by the baseline's
-confidence (``--self-training-threshold``); an ablation cell its variant's feature term
+the KD term (soft pseudo-labels, no feature or attention term), masked by the baseline's
+confidence (``--self-training-threshold``), plus cross-entropy on the cell's labelled tiles
+(``ce_weight`` 1: FixMatch and Noisy Student keep a supervised term; without it a student that
+learns only confident tiles can collapse to one class); an ablation cell its variant's feature term
 (:mod:`resdistill.study.ablation`).
 """
 
@@ -44,9 +46,10 @@ from resdistill.study.grid import (
 )
 from resdistill.study.overrides import apply_overrides
 
-#: what makes a distillation run self-training: the KD term alone (soft pseudo-labels); the
-#: confidence threshold is the study's (:func:`self_training_loss`)
-SELF_TRAINING_LOSS = {"loss": {"feature_weight": 0.0, "attention_weight": 0.0}}
+#: what makes a distillation run self-training: the KD term (soft pseudo-labels) and
+#: cross-entropy on the labelled tiles, equally weighted; the confidence threshold is the
+#: study's (:func:`self_training_loss`)
+SELF_TRAINING_LOSS = {"loss": {"feature_weight": 0.0, "attention_weight": 0.0, "ce_weight": 1.0}}
 
 
 def self_training_loss(threshold: float) -> dict[str, Any]:

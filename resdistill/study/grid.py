@@ -15,9 +15,9 @@ A cell is one training run. The arms:
 * control ``self-training``: teacher-free semi-supervised learning at the student's
   magnification. The ``baseline`` cell of the same labels and seed pseudo-labels the training
   slides and a fresh student learns them: the distillation machinery with the baseline as its
-  same-magnification "teacher" and the KD term alone, which is self-training with soft
-  pseudo-labels (self-distillation: Furlanello et al. 2018, "Born-Again Neural Networks"; Xie et
-  al. 2020, "Self-training with Noisy Student"). It tells "a high-magnification teacher helps"
+  same-magnification "teacher", the KD term and cross-entropy on the cell's labelled tiles, which
+  is self-training with soft pseudo-labels and a supervised term (Xie et al. 2020, "Self-training
+  with Noisy Student"; Sohn et al. 2020, FixMatch). It tells "a high-magnification teacher helps"
   from "pseudo-labels on unlabelled slides help". The baseline's soft labels teach a tile only
   where its top probability reaches ``--self-training-threshold`` (FixMatch's confidence mask).
 * ablation ``feature-term``: the distilled student with the feature term off

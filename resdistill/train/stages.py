@@ -5,8 +5,10 @@
   magnifications; ``--label-fraction`` hides the labels of all but a share of the slides.
 * :class:`DistillStage` - the student at ``model.mag`` learns the frozen teacher's outputs on
   the paired teacher-magnification tile, or on cached teacher targets (another data source, the
-  same loss); labels are never read, and under ``--select distill-loss`` the checkpoint is
-  chosen by that loss on the validation split's images (:mod:`resdistill.train.selection`).
+  same loss); labels are never read unless ``--ce-weight`` adds a cross-entropy term on the
+  labelled tiles (the study's self-training control), and under ``--select distill-loss`` the
+  checkpoint is chosen by that loss on the validation split's images
+  (:mod:`resdistill.train.selection`).
 
 The worker (:mod:`resdistill.train.worker`) owns everything else once for every stage: start-up,
 restore, the epoch loop, validation, checkpoints and failure handling.
@@ -263,7 +265,13 @@ class DistillStage:
             loss, parts, logits, t_logits = distill_batch(
                 model, self.teacher, batch, move=env.input, autocast=env.autocast
             )
+        extra = {}
+        if self.ctx.cfg.loss.ce_weight > 0:
+            ce = labelled_ce(logits, batch.labels.to(env.device, non_blocking=True))
+            loss = loss + self.ctx.cfg.loss.ce_weight * ce
+            extra["train_ce"] = ce.detach() * b
         return loss, {
+            **extra,
             "train_kd": parts["kd"].detach() * b,
             "train_feature": parts["feature"].detach() * b,
             **({"train_attention": parts["attention"].detach() * b} if self.loss.attention else {}),
@@ -295,6 +303,16 @@ class DistillStage:
         if self.val_pairs is not None:
             self.val_pairs.close()
             self.val_pairs = None
+
+
+def labelled_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the samples with a label (``labels >= 0``; -1 is a hidden or
+    absent label); 0, still attached to ``logits`` (DDP reduces every gradient), when the
+    batch has none."""
+    known = labels >= 0
+    if not bool(known.any()):
+        return logits.sum() * 0.0
+    return nn.functional.cross_entropy(logits[known].float(), labels[known])
 
 
 def make_stage(ctx: WorkerContext) -> Stage:
