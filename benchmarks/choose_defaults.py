@@ -23,8 +23,7 @@ The chosen defaults are then scored on test once, by a study of their own.
 
 ``--recipes jitter`` (``defaults``, ``students-light``, ``students-paper``) compares the
 students' colour jitter over the study's own jitter space (off, light, the paper's) from one set
-of teachers trained with the CLI's defaults; the teacher's line then compares one teacher with
-itself and is not a choice.
+of teachers trained with the CLI's defaults; the teacher's line then says it is not a choice.
 
 The recipe ``feature-term`` runs the study's feature-term ablation (``--ablations feature-term``):
 the distilled student with the feature term off, on its last map (the paper) and on a spatial
@@ -262,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for arm in ARMS:
         best, scores = choose([r for r in table if r["recipe"] in recipes], arm)
-        if len(set(scores.values())) == 1 and len(scores) > 1:
-            print(f"{arm}: one shared model in every recipe compared: not a choice")
+        if len(scores) == 1 or (len(scores) > 1 and len(set(scores.values())) == 1):
+            print(f"{arm}: one model shared by the recipes compared: not a choice here")
             continue
         ranked = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(),
                                                              key=lambda kv: -kv[1]))  # fmt: skip
