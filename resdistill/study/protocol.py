@@ -190,12 +190,13 @@ def protocol_markdown(grid: Grid, trials: int, quick: bool,
         if KIND_SELF_TRAINING in kinds:
             lines.append("- self-training: teacher-free; the baseline of the same labels and "
                          "seed pseudo-labels the training slides at the student's "
-                         "magnification and a fresh student learns its soft labels (KD term "
-                         "alone: self-distillation, Born-Again Networks), with the same "
-                         "unlabelled slides and steps; a tile teaches only where the "
-                         "baseline's top probability reaches the confidence threshold fixed "
-                         "before the study (FixMatch's rule; `--self-training-threshold`, "
-                         f"{threshold:g}).")  # fmt: skip
+                         "magnification and a fresh student learns its soft labels (the KD "
+                         "term) and, on the same batches, the labels of its labelled tiles "
+                         "(cross-entropy, as FixMatch and Noisy Student keep), with the same "
+                         "unlabelled slides and steps; a tile's soft label teaches only where "
+                         "the baseline's top probability reaches the confidence threshold "
+                         "fixed before the study (FixMatch's rule; `--self-training-threshold`"
+                         f", {threshold:g}).")  # fmt: skip
         lines.append("")
         lines.append(f"Controls run at the largest unlabelled share; tuned like every arm "
                      f"({', '.join(k for k in KD_KINDS if k in kinds)} distil).")  # fmt: skip
