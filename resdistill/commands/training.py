@@ -29,6 +29,7 @@ KD_FIELDS = (
     "loss.attention_weight",
     "loss.feature_grid",
     "loss.kd_threshold",
+    "loss.ce_weight",
 )
 
 
