@@ -259,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     table = rows(out)
     print(markdown(table))
     print()
+    compared = [r for r in table if r["recipe"] in recipes]
     for arm in ARMS:
-        best, scores = choose([r for r in table if r["recipe"] in recipes], arm)
-        if len(scores) == 1 or (len(scores) > 1 and len(set(scores.values())) == 1):
+        best, scores = choose(compared, arm)
+        if scores and len(set(scores.values())) == 1:  # one model, or one shared by all
             print(f"{arm}: one model shared by the recipes compared: not a choice here")
             continue
         ranked = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(),

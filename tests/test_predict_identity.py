@@ -41,10 +41,6 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
 
 
-def _errors(err: str) -> list[str]:
-    return error_lines(err)
-
-
 def test_a_slide_with_a_done_ones_name_is_not_done(
     ckpt: Path, ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -66,7 +62,7 @@ def test_a_slide_with_a_done_ones_name_is_not_done(
     capsys.readouterr()
 
     rc = predict(ray_cluster, ckpt, [str(case9)], str(out))
-    errors = _errors(capsys.readouterr().err)
+    errors = error_lines(capsys.readouterr().err)
     assert rc == 2 and len(errors) == 1, errors
     assert str(case9) in errors[0] and str(case7) in errors[0] and "--on-conflict" in errors[0]
     assert json.loads((out / "S1.json").read_text()) == record  # nothing already written is lost
@@ -114,7 +110,7 @@ def test_two_slides_folding_to_one_id_are_refused_up_front(
     dashed = _slide(tmp_path / "in" / "A-1.svs", seed=3)
     out = tmp_path / "out"
     rc = predict(ray_cluster, ckpt, [str(tmp_path / "in")], str(out))
-    errors = _errors(capsys.readouterr().err)
+    errors = error_lines(capsys.readouterr().err)
     assert rc == 2 and len(errors) == 1, errors
     assert str(dotted) in errors[0] and str(dashed) in errors[0]
     # refused before anything was written (a lease on --out, if any, is not a result)

@@ -235,6 +235,6 @@ def test_escalate_needs_a_teacher(setup: Path, tmp_path: Path, capsys) -> None:
         predict_cmd,
         [str(setup / "student"), slide, "--out", str(tmp_path / "o"), "--escalate", "0.5"],
     )
-    err = capsys.readouterr().err.strip().splitlines()  # an option error: usage, then one line
-    errors = error_lines("\n".join(err))
+    err = capsys.readouterr().err  # an option error: usage, then one line
+    errors = error_lines(err)
     assert rc == 2 and len(errors) == 1 and "--escalate needs --cascade" in errors[0], err

@@ -198,6 +198,7 @@ class DistillStage:
         self.loss = build_loss(cfg.loss, tap.channels, ref.feature_channels, head)
         self.trainable = DistillStep(self.network, self.loss, None if tap.last else tap.stage)
         self.find_unused = cfg.loss.kd_weight == 0
+        self.ce_weight = cfg.loss.ce_weight
         self.teacher_val: dict[str, float] = {}
 
     def restore(self, trainer: Mapping[str, Any]) -> None:
@@ -266,9 +267,9 @@ class DistillStage:
                 model, self.teacher, batch, move=env.input, autocast=env.autocast
             )
         extra = {}
-        if self.ctx.cfg.loss.ce_weight > 0:
+        if self.ce_weight > 0:  # semi-supervised only: at 0 the labels are never read
             ce = labelled_ce(logits, batch.labels.to(env.device, non_blocking=True))
-            loss = loss + self.ctx.cfg.loss.ce_weight * ce
+            loss = loss + self.ce_weight * ce
             extra["train_ce"] = ce.detach() * b
         return loss, {
             **extra,
