@@ -65,9 +65,31 @@ RECIPES: dict[str, tuple[str, str, str, str]] = {
     "defaults": ("", "", "", ""),
     "students-light": ("", "--jitter 0.2,0.2,0.2,0.05", "defaults", ""),
     "students-paper": ("", "--jitter 0.5,0.5,0.5,0.2", "defaults", ""),
+    # the teacher's colour jitter over the same space, chosen on the teacher's validation alone
+    "teachers-off": ("--jitter 0", "", "", ""),
+    "teachers-paper": ("--jitter 0.5,0.5,0.5,0.2", "", "", ""),
+    # the KD temperature (the paper: 1; the default: 4), students of the chosen teachers
+    "kd-t1": ("", "--temperature 1", "chosen-teacher", ""),
+    "kd-t2": ("", "--temperature 2", "chosen-teacher", ""),
+    "kd-t8": ("", "--temperature 8", "chosen-teacher", ""),
 }  # fmt: skip
+#: a recipe's teachers-from that stands for the teacher recipe chosen on validation
+CHOSEN_TEACHER = "chosen-teacher"
 #: the recipes of the per-arm jitter choice (``--recipes jitter``)
 JITTER_RECIPES = ("defaults", "students-light", "students-paper")
+#: the teacher's jitter (``--recipes teachers``): off, light (the default), the paper's
+TEACHER_RECIPES = ("defaults", "teachers-off", "teachers-paper")
+#: the temperature (``--recipes temperature``): with the chosen teacher recipe (T 4) these run
+TEMPERATURE_RECIPES = ("kd-t1", "kd-t2", "kd-t8")
+#: recipe -> the recipe whose baseline cells it shares: same student options for the baseline
+#: (a teacher's options and the temperature never reach it), so they are not trained again
+BASELINE_FROM = {r: "defaults" for r in ("teachers-off", "teachers-paper", *TEMPERATURE_RECIPES)}
+#: group -> (its recipes, the arms chosen on them); a recipe named alone is a group of its own
+GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "jitter": (JITTER_RECIPES, ("distilled", "baseline")),
+    "teachers": (TEACHER_RECIPES, ("teacher",)),
+    "temperature": ((CHOSEN_TEACHER, *TEMPERATURE_RECIPES), ("distilled",)),
+}
 #: the arms a choice is made for, each on its own validation score
 ARMS = ("distilled", "baseline", "teacher")
 COHORTS = ("sites", "subtle", "default", "chromatin")
@@ -93,12 +115,43 @@ def study_fractions(argv: list[str]) -> tuple[float, ...]:
     ).label_fractions
 
 
-def run_one(out: Path, cohort: str, recipe: str, epochs: int, extra: list[str]) -> int:
+def chosen_teacher(out: Path, cohorts: list[str]) -> str:
+    """The teacher recipe of :data:`TEACHER_RECIPES` the teacher arm chooses on validation over
+    ``cohorts``; ValueError until every one of them ran on every cohort."""
+    table = [r for r in rows(out) if r["recipe"] in TEACHER_RECIPES and r["cohort"] in cohorts]
+    best, scores = choose(table, "teacher")
+    if best is None or set(scores) != set(TEACHER_RECIPES):
+        raise ValueError(f"the teacher recipes {', '.join(TEACHER_RECIPES)} have not all run on "
+                         f"{', '.join(cohorts)}: run --recipes teachers first")  # fmt: skip
+    return best
+
+
+def share_baselines(out: Path, cohort: str, recipe: str) -> None:
+    """Copy the baseline cell records of :data:`BASELINE_FROM`'s recipe into ``recipe``'s cells,
+    so its study keeps them (``--resume``) instead of training the same baselines again."""
+    source = out / cohort / BASELINE_FROM.get(recipe, "") / "cells"
+    if recipe not in BASELINE_FROM or not source.is_dir():
+        return
+    cells = out / cohort / recipe / "cells"
+    cells.mkdir(parents=True, exist_ok=True)
+    for record in source.glob("baseline-*.json"):
+        if not (cells / record.name).exists():
+            (cells / record.name).write_text(record.read_text())
+
+
+def run_one(
+    out: Path, cohort: str, recipe: str, epochs: int, extra: list[str],
+    cohorts: list[str] | None = None,
+) -> int:  # fmt: skip
     """``resdistill study`` for one cohort and recipe (resumed if it has cells already), on the
     cohort's dataset of an earlier recipe if there is one, with the teachers of the recipe it
-    names (their cell records' checkpoints) if any."""
+    names (their cell records' checkpoints; :data:`CHOSEN_TEACHER`: the teacher recipe chosen
+    over ``cohorts``) if any, and the baselines it shares (:func:`share_baselines`)."""
     teacher_args, student_args, teachers_from, more = RECIPES[recipe]
+    if teachers_from == CHOSEN_TEACHER:
+        teachers_from = chosen_teacher(out, cohorts or [cohort])
     folder = out / cohort / recipe
+    share_baselines(out, cohort, recipe)
     argv = [sys.executable, "-m", "resdistill", "study", "--out", str(folder),
             "--student-mags", "2.5x", "--unlabelled-shares", "1", "--seeds", "1",
             "--trials", "1", "--controls", "none",
@@ -231,36 +284,33 @@ def markdown(table: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="root of the studies (one folder per cohort)")
-    p.add_argument("--cohorts", default=",".join(COHORTS), help="comma list of synth cohorts")
-    p.add_argument(
-        "--recipes", default=",".join(RECIPES),
-        help="comma list of " + ", ".join(RECIPES) + "; 'jitter' stands for " +
-        ",".join(JITTER_RECIPES))  # fmt: skip
-    p.add_argument("--epochs", type=int, default=20, help="teachers' and students' epochs")
-    p.add_argument("--table", action="store_true",
-                   help="print the validation table and the choice of finished studies only")  # fmt: skip
-    p.add_argument("--study-args", default="", help="more `resdistill study` options")
-    args = p.parse_args(argv)
-    out = Path(args.out).resolve()
-    recipes = [x for r in args.recipes.split(",") if r
-               for x in (JITTER_RECIPES if r == "jitter" else (r,))]  # fmt: skip
-    unknown = [r for r in recipes if r not in RECIPES]
-    if unknown:
-        p.error(f"unknown recipe(s) {unknown}: use {', '.join(RECIPES)}")
-    failed = 0
-    if not args.table:
-        for cohort in (c for c in args.cohorts.split(",") if c):
-            for recipe in recipes:
-                rc = run_one(out, cohort, recipe, args.epochs, shlex.split(args.study_args))
-                failed += rc != 0
-    table = rows(out)
-    print(markdown(table))
-    print()
-    compared = [r for r in table if r["recipe"] in recipes]
-    for arm in ARMS:
+def groups(text: str) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """``[(name, recipes, arms)]`` of a ``--recipes`` text: each group of :data:`GROUPS` as it
+    is, the recipes named alone together as one group choosing every arm. ValueError naming an
+    unknown recipe."""
+    found: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
+    alone: list[str] = []
+    for item in (x for x in text.split(",") if x):
+        if item in GROUPS:
+            found.append((item, *GROUPS[item]))
+        elif item in RECIPES:
+            alone.append(item)
+        else:
+            raise ValueError(f"unknown recipe {item!r}: use {', '.join([*GROUPS, *RECIPES])}")
+    return found + ([("recipes", tuple(alone), ARMS)] if alone else [])
+
+
+def print_choice(
+    out: Path, cohorts: list[str], members: tuple[str, ...], arms: tuple[str, ...]
+) -> None:  # fmt: skip
+    """Print each arm's choice among ``members`` over ``cohorts``."""
+    try:
+        names = [chosen_teacher(out, cohorts) if r == CHOSEN_TEACHER else r for r in members]
+    except ValueError as e:
+        print(f"not chosen: {e}")
+        return
+    compared = [r for r in rows(out) if r["recipe"] in names and r["cohort"] in cohorts]
+    for arm in arms:
         best, scores = choose(compared, arm)
         if scores and len(set(scores.values())) == 1:  # one model, or one shared by all
             print(f"{arm}: one model shared by the recipes compared: not a choice here")
@@ -268,8 +318,42 @@ def main(argv: list[str] | None = None) -> int:
         ranked = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(),
                                                              key=lambda kv: -kv[1]))  # fmt: skip
         print(f"{arm}: chosen on validation ({METRIC} of the {arm} arm, mean over cohorts and "
-              f"label fractions): {best or '-'} ({ranked or 'no recipe ran on every cohort'})")  # fmt: skip
-    found = feature_rows(out)
+              f"label fractions) among {', '.join(names)}: {best or '-'} "
+              f"({ranked or 'no recipe ran on every cohort'})")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="root of the studies (one folder per cohort)")
+    p.add_argument("--cohorts", default=",".join(COHORTS), help="comma list of synth cohorts")
+    p.add_argument(
+        "--recipes", default=",".join(RECIPES),
+        help="comma list of recipes (" + ", ".join(RECIPES) + ") and groups (" +
+        "; ".join(f"{k}: {', '.join(v[0])}" for k, v in GROUPS.items()) +
+        "), each group run on every cohort before the next")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=20, help="teachers' and students' epochs")
+    p.add_argument("--table", action="store_true",
+                   help="print the validation table and the choice of finished studies only")  # fmt: skip
+    p.add_argument("--study-args", default="", help="more `resdistill study` options")
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    cohorts = [c for c in args.cohorts.split(",") if c]
+    try:
+        planned = groups(args.recipes)
+    except ValueError as e:
+        p.error(str(e))
+    failed = 0
+    for _, members, _ in [] if args.table else planned:
+        for cohort in cohorts:
+            for recipe in (r for r in members if r != CHOSEN_TEACHER):
+                rc = run_one(out, cohort, recipe, args.epochs, shlex.split(args.study_args),
+                             cohorts)  # fmt: skip
+                failed += rc != 0
+    print(markdown([r for r in rows(out) if r["cohort"] in cohorts]))
+    for name, members, arms in planned:
+        print(f"\n{name}:")
+        print_choice(out, cohorts, members, arms)
+    found = {k: v for k, v in feature_rows(out).items() if k in cohorts}
     if found:
         variant, by = choose_feature(found)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in by.items()) or "no variant on every cohort"
