@@ -21,9 +21,15 @@ over cohorts and label fractions of *that arm's* validation accuracy, among the 
 cohort ran, so the baseline's defaults follow its own evidence, never the distilled student's.
 The chosen defaults are then scored on test once, by a study of their own.
 
-``--recipes jitter`` (``defaults``, ``students-light``, ``students-paper``) compares the
-students' colour jitter over the study's own jitter space (off, light, the paper's) from one set
-of teachers trained with the CLI's defaults; the teacher's line then says it is not a choice.
+Groups of recipes, each run on every cohort before the next and each choosing only its arms:
+``jitter`` (``defaults``, ``students-light``, ``students-paper``) the students' colour jitter over
+the study's own jitter space (off, light, the paper's) from one set of default teachers, for the
+distilled and the baseline arm; ``teachers`` (``defaults``, ``teachers-off``, ``teachers-paper``)
+the teacher's jitter over the same space, for the teacher arm; ``temperature`` (``kd-t1``,
+``kd-t2``, ``kd-t8`` beside the chosen teacher recipe's T 4) the KD temperature of students of
+the teachers that ``teachers`` chose, for the distilled arm. The protocol's order: the teacher
+first on its own score, then its students. Recipes that leave the baseline's options alone
+(:data:`BASELINE_FROM`) keep the defaults' baseline cells rather than training them again.
 
 The recipe ``feature-term`` runs the study's feature-term ablation (``--ablations feature-term``):
 the distilled student with the feature term off, on its last map (the paper) and on a spatial

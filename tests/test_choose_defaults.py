@@ -157,3 +157,46 @@ def test_each_arm_is_chosen_on_its_own_validation(script, tmp_path: Path) -> Non
     assert scores == {"defaults": pytest.approx(0.65), "students-paper": pytest.approx(0.75)}
     assert script.JITTER_RECIPES == ("defaults", "students-light", "students-paper")
     assert all(script.RECIPES[r][2] == "defaults" for r in script.JITTER_RECIPES[1:])
+
+
+def test_teacher_jitter_then_temperature_from_the_chosen_teachers(
+    script, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """``--recipes teachers,temperature``: the teacher arm chooses its jitter on its own
+    validation score; the temperature recipes then distil from that recipe's teachers and keep
+    the defaults' baselines (the same models) instead of training them again."""
+    assert script.groups("teachers,temperature,kd4") == [
+        ("teachers", script.TEACHER_RECIPES, ("teacher",)),
+        ("temperature", (script.CHOSEN_TEACHER, *script.TEMPERATURE_RECIPES), ("distilled",)),
+        ("recipes", ("kd4",), script.ARMS),
+    ]
+    with pytest.raises(ValueError, match="unknown recipe 'kd3'"):
+        script.groups("teachers,kd3")
+    teacher_acc = {"defaults": 0.8, "teachers-off": 0.9, "teachers-paper": 0.7}
+    for cohort in ("sites", "subtle"):
+        for recipe, acc in teacher_acc.items():
+            if recipe == "teachers-paper" and cohort == "subtle":
+                continue  # not yet run on every cohort: no choice
+            _study(tmp_path / cohort / recipe, [("teacher", "10x", 1, acc),
+                                                ("teacher", "10x", 0.1, acc - 0.1)])  # fmt: skip
+            cells = tmp_path / cohort / recipe / "cells"
+            cells.mkdir()
+            for f in ("1", "0.1"):
+                (cells / f"teacher-10x-l{f}-s0.json").write_text(
+                    json.dumps({"checkpoint": f"{recipe}-{f}"}))  # fmt: skip
+        (tmp_path / cohort / "defaults" / "cells" / "baseline-2p5x-l1-s0.json").write_text("{}")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "call", lambda argv: calls.append(argv) or 0)
+    with pytest.raises(ValueError, match="run --recipes teachers first"):
+        script.run_one(tmp_path, "sites", "kd-t1", 20, [], ["sites", "subtle"])
+    _study(tmp_path / "subtle" / "teachers-paper", [("teacher", "10x", 1, 0.7)])
+    assert script.chosen_teacher(tmp_path, ["sites", "subtle"]) == "teachers-off"
+    script.run_one(tmp_path, "sites", "kd-t1", 20, [], ["sites", "subtle"])
+    argv = calls[-1]
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--teacher"] == [
+        "1=teachers-off-1", "0.1=teachers-off-0.1"]  # fmt: skip
+    assert argv[argv.index("--student-args") + 1] == "--temperature 1" and "--resume" in argv
+    kept = tmp_path / "sites" / "kd-t1" / "cells" / "baseline-2p5x-l1-s0.json"
+    assert kept.read_text() == "{}"  # the defaults' baseline, kept by --resume
+    assert "--jitter 0" in script.RECIPES["teachers-off"][0]
+    assert script.RECIPES["students-light"][1] and "students-light" not in script.BASELINE_FROM
