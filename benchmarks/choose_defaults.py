@@ -31,9 +31,9 @@ the teachers that ``teachers`` chose, for the distilled arm. The protocol's orde
 first on its own score, then its students. Recipes that leave the baseline's options alone
 (:data:`BASELINE_FROM`) keep the defaults' baseline cells rather than training them again.
 
-The recipe ``feature-term`` runs the study's feature-term ablation (``--ablations feature-term``):
-the distilled student with the feature term off, on its last map (the paper) and on a spatial
-grid. :func:`choose_feature` ranks the three variants by the same rule (mean over cohorts and
+The recipe ``feature-term`` runs the study's feature-term ablation (``--ablations feature-term``)
+with the CLI's defaults on the teachers ``teachers`` chose: the distilled student with the
+feature term off, on its last map (the paper) and on a spatial grid. :func:`choose_feature` ranks the three variants by the same rule (mean over cohorts and
 label fractions of their validation accuracy; each row's variant is validation.csv's
 ``feature_term``), which is what ``--feature-grid`` / ``--feature-weight``'s defaults follow.
 Run it on cohort seeds the report does not use (``--study-args "--seed 1"``).
@@ -64,8 +64,8 @@ RECIPES: dict[str, tuple[str, str, str, str]] = {
               "--student-mags 5x --label-fractions 1"),
     "attention-5x": ("", "--temperature 4 --jitter 0 --hed-jitter 0 --attention-weight 1",
                      "stain", "--student-mags 5x --label-fractions 1"),
-    "feature-term": ("", "--temperature 4 --jitter 0 --hed-jitter 0", "stain",
-                     "--ablations feature-term"),
+    # the feature term's three variants, students of the chosen teachers with the CLI defaults
+    "feature-term": ("", "", "chosen-teacher", "--ablations feature-term"),
     # the students' colour jitter, chosen per arm (ARMS) over the study's own jitter space
     # (resdistill.study.recipes.SPACE: off, light, the paper's) from one set of default teachers
     "defaults": ("", "", "", ""),
@@ -89,7 +89,8 @@ TEACHER_RECIPES = ("defaults", "teachers-off", "teachers-paper")
 TEMPERATURE_RECIPES = ("kd-t1", "kd-t2", "kd-t8")
 #: recipe -> the recipe whose baseline cells it shares: same student options for the baseline
 #: (a teacher's options and the temperature never reach it), so they are not trained again
-BASELINE_FROM = {r: "defaults" for r in ("teachers-off", "teachers-paper", *TEMPERATURE_RECIPES)}
+BASELINE_FROM = {r: "defaults" for r in ("teachers-off", "teachers-paper", *TEMPERATURE_RECIPES,
+                                          "feature-term")}  # fmt: skip
 #: group -> (its recipes, the arms chosen on them); a recipe named alone is a group of its own
 GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "jitter": (JITTER_RECIPES, ("distilled", "baseline")),
