@@ -31,6 +31,7 @@ pytest_plugins = [
     "tests.fixtures_s3",
     "tests.fixtures_slides",
     "tests.fixtures_data",
+    "tests.fixtures_teacher",
 ]
 
 

@@ -28,7 +28,7 @@ from resdistill.train.selection import Selection, selection
 from resdistill.train.teacher_net import DistillStep, FrozenTeacher, build_loss, distill_batch
 from resdistill.train.validate import distill_loss
 from resdistill.train.worker_env import WorkerEnv
-from tests.test_distill import LOSS_CFG, _args, _LabelsForbidden, trained_teacher  # noqa: F401
+from tests.test_distill import LOSS_CFG, _args, _LabelsForbidden
 
 VAL_SLIDES = 4  # tests.fixtures_data.write_dataset: four labelled slides in every split
 CPU = WorkerEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -60,7 +60,7 @@ def test_select_is_a_typed_option_resolved_by_stage(tiny_dataset: Path, capsys) 
 
 def test_prepare_records_the_rule_and_the_labelled_validation_slides(
     tiny_dataset: Path,
-    trained_teacher: str,  # noqa: F811
+    trained_teacher: str,
 ) -> None:
     base = ["--data", str(tiny_dataset), "--student-mag", "5x", "--batch-size", "8"]
     cfg = prepare(parse(distill.SPEC, [*base, "--teacher", trained_teacher]))
@@ -144,7 +144,7 @@ def test_summary_keeps_the_selected_checkpoint_and_states_the_label_budget() -> 
 def test_distilled_student_keeps_its_lowest_validation_distill_loss_epoch(
     ray_cluster: str,
     tiny_dataset: Path,
-    trained_teacher: str,  # noqa: F811
+    trained_teacher: str,
     tmp_path: Path,
 ) -> None:
     """Default options: Ray keeps one best checkpoint, ranked by ``val_distill_loss``; the

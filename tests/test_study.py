@@ -25,7 +25,6 @@ from resdistill.study.config import StudyConfig
 from resdistill.study.grid import Cell, Grid
 from resdistill.study.overrides import train_options
 from resdistill.train.preflight import prepare
-from tests.test_distill import trained_teacher  # noqa: F401 - module fixture: a tiny teacher
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -269,7 +268,7 @@ def test_study_options_from_flags_yaml_and_python(tmp_path: Path) -> None:
 
 def test_cells_are_the_training_commands_configs(
     tiny_dataset: Path,
-    trained_teacher: str,  # noqa: F811
+    trained_teacher: str,
     tmp_path: Path,
 ) -> None:
     """A cell's config is the one ``resdistill teacher`` / ``distill`` make of the same
@@ -328,7 +327,7 @@ def test_cells_are_the_training_commands_configs(
 def test_two_cell_study_writes_the_report_and_resumes(
     ray_cluster: str,
     tiny_dataset: Path,
-    trained_teacher: str,  # noqa: F811
+    trained_teacher: str,
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "study"
@@ -459,7 +458,7 @@ def test_validation_table_holds_no_test_metric_and_quick_says_smoke_test(tmp_pat
 def test_both_controls_and_equal_tuning_on_the_smallest_grid(
     ray_cluster: str,
     tiny_dataset: Path,
-    trained_teacher: str,  # noqa: F811
+    trained_teacher: str,
     tmp_path: Path,
 ) -> None:
     """The smallest grid with both controls and a recipe search: every arm tries the same two

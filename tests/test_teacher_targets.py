@@ -35,12 +35,8 @@ from resdistill.train.teacher_net import (
     load_teacher,
 )
 from tests.fixtures_data import write_dataset
-from tests.test_distill import (
-    LOSS_CFG,
-    save_checkpoint,
-    teacher_payload,
-    trained_teacher,  # noqa: F401 - a module fixture, used below
-)
+from tests.fixtures_teacher import save_checkpoint, teacher_payload
+from tests.test_distill import LOSS_CFG
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -367,7 +363,7 @@ def _student_accuracy(info: D.DatasetInfo, teacher_url: str, targets: TargetsInd
 @pytest.mark.slow
 def test_cached_student_matches_online_student_quality(
     tiny_dataset: Path,
-    trained_teacher: str,  # noqa: F811 - the fixture imported above
+    trained_teacher: str,
     tmp_path: Path,
 ) -> None:
     """Same seeds, same steps: the student distilled from cached targets scores like the one

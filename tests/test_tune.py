@@ -27,7 +27,6 @@ from resdistill.tune.stage import apply_hparams, base_config
 from resdistill.tune.trial import TRAINER_OPTIONS
 from resdistill.tune.trials_table import TrialRow, trial_id_of
 from tests.fixtures_ray import wait_for
-from tests.test_distill import trained_teacher  # noqa: F401 - module fixture: a tiny teacher
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -179,7 +178,7 @@ def test_bad_tuning_options_name_the_flag(capsys: pytest.CaptureFixture) -> None
 
 def test_bad_space_against_the_dataset_exits_2(
     tiny_dataset: Path,
-    trained_teacher: str,  # noqa: F811 - the fixture imported above
+    trained_teacher: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture,
 ) -> None:
@@ -200,7 +199,7 @@ def test_bad_space_against_the_dataset_exits_2(
         assert len(err) == 1 and message in err[-1], (extra, err)
 
 
-def test_trial_config_takes_the_hyperparameters(tiny_dataset: Path, trained_teacher: str) -> None:  # noqa: F811
+def test_trial_config_takes_the_hyperparameters(tiny_dataset: Path, trained_teacher: str) -> None:
     args = _config(
         ["--data", str(tiny_dataset), "--teacher", trained_teacher, "--student-mag", "5x",
          "--batch-size", "8", "--workers", "1"])  # fmt: skip
@@ -226,7 +225,7 @@ def test_trial_config_takes_the_hyperparameters(tiny_dataset: Path, trained_teac
 
 def test_tunable_names_come_from_the_config(
     tiny_dataset: Path,
-    trained_teacher: str,  # noqa: F811 - the fixture imported above
+    trained_teacher: str,
 ) -> None:
     from resdistill.config import tunable
     from resdistill.tune.schedulers import pbt_mutable
@@ -268,7 +267,7 @@ def test_tunable_names_come_from_the_config(
 def test_asha_stops_weak_trials_and_best_json_loads(
     ray_cluster: str,
     tiny_dataset: Path,
-    trained_teacher: str,  # noqa: F811 - the fixture imported above
+    trained_teacher: str,
     tmp_path: Path,
 ) -> None:
     """Two good learning rates start first (max 2 at once); the two tiny ones reach the first
@@ -314,7 +313,7 @@ def test_asha_stops_weak_trials_and_best_json_loads(
 def test_pbt_exploit_continues_from_the_donors_checkpoint(
     ray_cluster: str,
     tiny_dataset: Path,
-    trained_teacher: str,  # noqa: F811 - the fixture imported above
+    trained_teacher: str,
     tmp_path: Path,
 ) -> None:
     """Two trials in synchronous PBT, ranked by their (constant) learning rate so the ranking is
@@ -368,7 +367,7 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(
 def test_tuner_restore_continues_an_interrupted_run(
     ray_cluster: str,
     tiny_dataset: Path,
-    trained_teacher: str,  # noqa: F811 - the fixture imported above
+    trained_teacher: str,
     tmp_path: Path,
 ) -> None:
     """The driver is killed while the second of two trials runs; ``--resume`` finishes the run
