@@ -26,14 +26,15 @@ Groups of recipes, each run on every cohort before the next and each choosing on
 the study's own jitter space (off, light, the paper's) from one set of default teachers, for the
 distilled and the baseline arm; ``teachers`` (``defaults``, ``teachers-off``, ``teachers-paper``)
 the teacher's jitter over the same space, for the teacher arm; ``temperature`` (``kd-t1``,
-``kd-t2``, ``kd-t8`` beside the chosen teacher recipe's T 4) the KD temperature of students of
-the teachers that ``teachers`` chose, for the distilled arm. The protocol's order: the teacher
-first on its own score, then its students. Recipes that leave the baseline's options alone
-(:data:`BASELINE_FROM`) keep the defaults' baseline cells rather than training them again.
+``kd-t2``, ``kd-t4``, ``kd-t8``) the KD temperature of students of the teachers ``teachers``
+chose, for the distilled arm. The protocol's order: the teacher first on its own score, then
+its students. Recipes that leave the baseline's options alone (:data:`BASELINE_FROM`) keep the
+defaults' baseline cells rather than training them again.
 
 The recipe ``feature-term`` runs the study's feature-term ablation (``--ablations feature-term``)
 with the CLI's defaults on the teachers ``teachers`` chose: the distilled student with the
-feature term off, on its last map (the paper) and on a spatial grid. :func:`choose_feature` ranks the three variants by the same rule (mean over cohorts and
+feature term off, on its last map (the paper) and on a spatial grid. :func:`choose_feature`
+ranks the three variants by the same rule (mean over cohorts and
 label fractions of their validation accuracy; each row's variant is validation.csv's
 ``feature_term``), which is what ``--feature-grid`` / ``--feature-weight``'s defaults follow.
 Run it on cohort seeds the report does not use (``--study-args "--seed 1"``).
@@ -77,6 +78,7 @@ RECIPES: dict[str, tuple[str, str, str, str]] = {
     # the KD temperature (the paper: 1; the default: 4), students of the chosen teachers
     "kd-t1": ("", "--temperature 1", "chosen-teacher", ""),
     "kd-t2": ("", "--temperature 2", "chosen-teacher", ""),
+    "kd-t4": ("", "--temperature 4", "chosen-teacher", ""),
     "kd-t8": ("", "--temperature 8", "chosen-teacher", ""),
 }  # fmt: skip
 #: a recipe's teachers-from that stands for the teacher recipe chosen on validation
@@ -85,8 +87,8 @@ CHOSEN_TEACHER = "chosen-teacher"
 JITTER_RECIPES = ("defaults", "students-light", "students-paper")
 #: the teacher's jitter (``--recipes teachers``): off, light (the default), the paper's
 TEACHER_RECIPES = ("defaults", "teachers-off", "teachers-paper")
-#: the temperature (``--recipes temperature``): with the chosen teacher recipe (T 4) these run
-TEMPERATURE_RECIPES = ("kd-t1", "kd-t2", "kd-t8")
+#: the temperature (``--recipes temperature``), each spelt out whatever the default is
+TEMPERATURE_RECIPES = ("kd-t1", "kd-t2", "kd-t4", "kd-t8")
 #: recipe -> the recipe whose baseline cells it shares: same student options for the baseline
 #: (a teacher's options and the temperature never reach it), so they are not trained again
 BASELINE_FROM = {r: "defaults" for r in ("teachers-off", "teachers-paper", *TEMPERATURE_RECIPES,
@@ -95,7 +97,7 @@ BASELINE_FROM = {r: "defaults" for r in ("teachers-off", "teachers-paper", *TEMP
 GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "jitter": (JITTER_RECIPES, ("distilled", "baseline")),
     "teachers": (TEACHER_RECIPES, ("teacher",)),
-    "temperature": ((CHOSEN_TEACHER, *TEMPERATURE_RECIPES), ("distilled",)),
+    "temperature": (TEMPERATURE_RECIPES, ("distilled",)),
 }
 #: the arms a choice is made for, each on its own validation score
 ARMS = ("distilled", "baseline", "teacher")
@@ -311,11 +313,7 @@ def print_choice(
     out: Path, cohorts: list[str], members: tuple[str, ...], arms: tuple[str, ...]
 ) -> None:  # fmt: skip
     """Print each arm's choice among ``members`` over ``cohorts``."""
-    try:
-        names = [chosen_teacher(out, cohorts) if r == CHOSEN_TEACHER else r for r in members]
-    except ValueError as e:
-        print(f"not chosen: {e}")
-        return
+    names = list(members)
     compared = [r for r in rows(out) if r["recipe"] in names and r["cohort"] in cohorts]
     for arm in arms:
         best, scores = choose(compared, arm)
@@ -352,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for _, members, _ in [] if args.table else planned:
         for cohort in cohorts:
-            for recipe in (r for r in members if r != CHOSEN_TEACHER):
+            for recipe in members:
                 rc = run_one(out, cohort, recipe, args.epochs, shlex.split(args.study_args),
                              cohorts)  # fmt: skip
                 failed += rc != 0

@@ -167,7 +167,7 @@ def test_teacher_jitter_then_temperature_from_the_chosen_teachers(
     the defaults' baselines (the same models) instead of training them again."""
     assert script.groups("teachers,temperature,kd4") == [
         ("teachers", script.TEACHER_RECIPES, ("teacher",)),
-        ("temperature", (script.CHOSEN_TEACHER, *script.TEMPERATURE_RECIPES), ("distilled",)),
+        ("temperature", script.TEMPERATURE_RECIPES, ("distilled",)),
         ("recipes", ("kd4",), script.ARMS),
     ]
     with pytest.raises(ValueError, match="unknown recipe 'kd3'"):
