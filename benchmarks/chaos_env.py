@@ -140,25 +140,38 @@ class World:
         self.procs.append(proc)
         return proc
 
-    def _start_ray(self) -> None:
+    def _start_ray(self, attempts: int = 2) -> None:
+        """Start the Ray head; a head that exits while starting is started again, once: on a
+        loaded machine its dashboard can die before it is up, which says nothing of the code
+        under test (attempt n logs to ``ray-<n>.log``, its session under ``ray-<n>/``)."""
         port = self.address.rsplit(":", 1)[1]
-        ports = {flag: str(free_port()) for flag in (
-            "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-            "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")}  # fmt: skip
-        cmd = [ray_bin(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-               "--port", port, "--num-cpus", str(self.ray_cpus), "--num-gpus", "0",
-               "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-               "--temp-dir", str(self.tmp / "ray"), "--disable-usage-stats",
-               *(x for kv in ports.items() for x in kv)]  # fmt: skip
-        head = self._spawn(cmd, "ray", self.env)
+        for attempt in range(1, attempts + 1):
+            ports = {flag: str(free_port()) for flag in (
+                "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+                "--dashboard-agent-grpc-port", "--metrics-export-port",
+                "--runtime-env-agent-port")}  # fmt: skip
+            cmd = [ray_bin(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                   "--port", port, "--num-cpus", str(self.ray_cpus), "--num-gpus", "0",
+                   "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                   "--temp-dir", str(self.tmp / f"ray-{attempt}"), "--disable-usage-stats",
+                   *(x for kv in ports.items() for x in kv)]  # fmt: skip
+            head = self._spawn(cmd, f"ray-{attempt}", self.env)
 
-        def ready() -> bool:
-            if head.poll() is not None:
-                log = (self.tmp / "ray.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"ray start failed:\n{log}")
-            return any((self.tmp / "ray").glob("session_*/logs/raylet.out"))
+            def ready(head: subprocess.Popen[bytes] = head, n: int = attempt) -> bool:
+                if head.poll() is not None:
+                    log = (self.tmp / f"ray-{n}.log").read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"ray start failed:\n{log}")
+                return any((self.tmp / f"ray-{n}").glob("session_*/logs/raylet.out"))
 
-        wait_for(ready, timeout=180, interval=0.2, what="the Ray head to start")
+            try:
+                wait_for(ready, timeout=180, interval=0.2, what="the Ray head to start")
+                return
+            except RuntimeError:
+                stop_group(head)
+                if attempt == attempts:
+                    raise
+                print(f"[chaos] the Ray head exited while starting; starting it again "
+                      f"(attempt {attempt + 1} of {attempts})", flush=True)  # fmt: skip
 
     def close(self) -> None:
         """Stop the proxy, the Ray head's and moto's process groups; remove the temp folder."""
