@@ -119,6 +119,8 @@ def test_grid_refuses_maps_smaller_than_the_grid():
         FeatureLoss(grid=1)
     with pytest.raises(ConfigError, match="--feature-grid"):
         LossConfig(feature_grid=1)
+    with pytest.raises(ConfigError, match="--feature-grid places the feature term, which is off"):
+        LossConfig(feature_grid=2)  # the term is off by default: a grid alone would do nothing
 
 
 def test_distill_step_on_the_grid_trains_the_tapped_stage():
@@ -126,7 +128,7 @@ def test_distill_step_on_the_grid_trains_the_tapped_stage():
     config; the feature term's gradient reaches the tapped stage and the projection."""
     torch.manual_seed(5)
     student, teacher = build_model("resnet-small", 3), build_model("resnet-small", 3).eval()
-    cfg = LossConfig(feature_grid=2, kd_weight=0.0)
+    cfg = LossConfig(feature_grid=2, kd_weight=0.0, feature_weight=1.0)
     tap = feature_tap(student, 32, cfg.feature_grid)
     loss = build_loss(cfg, tap.channels, teacher.feature_channels)
     step = DistillStep(student, loss, tap.stage)
@@ -155,11 +157,11 @@ def test_cached_targets_cannot_serve_the_grid():
     from resdistill.train.preflight import _check_targets
 
     cfg = TrainConfig("distill", DataConfig(url="/data", targets="/targets", jitter=(0, 0, 0, 0)),
-                      ModelConfig(mag="2p5x"), loss=LossConfig(feature_grid=2),
+                      ModelConfig(mag="2p5x"), loss=LossConfig(feature_grid=2, feature_weight=1.0),
                       teacher=TeacherRef(checkpoint="/t"))  # fmt: skip
     with pytest.raises(UsageError, match="--feature-grid"):
         _check_targets(cfg, print)
     online = replace(cfg, data=replace(cfg.data, targets=None))
     assert not can_share(online)
     assert can_share(replace(online, loss=LossConfig()))
-    assert can_share(replace(online, loss=LossConfig(feature_grid=2, feature_weight=0.0)))
+    assert can_share(replace(online, loss=LossConfig(feature_weight=1.0)))

@@ -137,7 +137,8 @@ def test_planner_refusals_and_kd_only_for_pooled_teachers(dataset: Path, weights
     with pytest.raises(UsageError, match="--attention-weight needs a ResNet teacher"):
         plan_backbone(attention, [])
     pooled = replace(student, teacher=TeacherRef(checkpoint="x", arch=ARCH,
-                                                 spatial_features=False))  # fmt: skip
+                                                 spatial_features=False),
+                     loss=replace(student.loss, feature_weight=1.0))  # fmt: skip
     notes: list[str] = []
     kd = _kd_only(pooled, notes)
     assert kd.loss.feature_weight == 0 and "KD only" in notes[0]

@@ -262,7 +262,7 @@ def test_distill_loss_is_weighted_sum() -> None:
     kd_only, parts = DistillLoss(feature_weight=0.0, temperature=2.0)(s, t)
     assert kd_only.item() == pytest.approx(kd, rel=1e-6) and parts["feature"].item() == 0.0
     with pytest.raises(ValueError, match="features"):
-        DistillLoss()(s, t)
+        DistillLoss(feature_weight=1.0)(s, t)
 
 
 def test_distill_forward_takes_no_labels() -> None:

@@ -51,15 +51,15 @@ def test_each_variant_differs_from_distilled_in_the_feature_term_alone():
     base = TrainConfig("distill", DataConfig(url="/data"), ModelConfig(mag="2p5x"))
     got = {k: apply_overrides(base, variant_overrides(f"feature-{k}")).loss
            for k in ("off", "global", "spatial")}  # fmt: skip
-    assert got["off"].feature_weight == 0 and got["global"] == base.loss
+    assert got["off"] == base.loss and got["global"].feature_weight == 1  # off: the default
     assert got["spatial"].feature_grid == SPATIAL_GRID and got["spatial"].feature_weight == 1
     for k, loss in got.items():
         assert variant_of(asdict(loss)) == k
         assert asdict(loss) | {"feature_weight": 0, "feature_grid": 0} == asdict(base.loss) | {
             "feature_weight": 0, "feature_grid": 0}  # fmt: skip
     assert variant_overrides("distilled") is None
-    assert default_variant(None) == "global"
-    assert default_variant({"loss": {"feature_grid": 2}}) == "spatial"
+    assert default_variant(None) == "off"
+    assert default_variant({"loss": {"feature_grid": 2, "feature_weight": 1.0}}) == "spatial"
 
 
 def test_study_options_of_the_ablation_and_the_self_training_threshold():
@@ -67,9 +67,14 @@ def test_study_options_of_the_ablation_and_the_self_training_threshold():
     assert StudyConfig(ablations="feature-term").ablations == ("feature-term",)
     with pytest.raises(ConfigError, match="--ablations 'spatial' is not one of"):
         StudyConfig(ablations="spatial")
-    with pytest.raises(ConfigError, match="--student-args sets feature_grid"):
-        StudyConfig(ablations="feature-term", student_args={"loss": {"feature_grid": 2}})
-    StudyConfig(student_args={"loss": {"feature_grid": 2}})  # without the ablation: fine
+    with pytest.raises(ConfigError, match="--student-args sets feature_weight, feature_grid"):
+        StudyConfig(
+            ablations="feature-term",
+            student_args={"loss": {"feature_grid": 2, "feature_weight": 1.0}},
+        )
+    StudyConfig(
+        student_args={"loss": {"feature_grid": 2, "feature_weight": 1.0}}
+    )  # without the ablation: fine
     # the control's rule, fixed a priori (FixMatch), and what it makes of a cell
     cfg = StudyConfig()
     assert cfg.self_training_threshold == 0.95
