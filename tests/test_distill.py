@@ -333,7 +333,7 @@ def test_python_m_distills_on_unlabeled_data_only(
          "--teacher", trained_teacher, "--student-mag", "5x", "--train-splits", "unlabeled",
          "--storage", str(runs), "--name", "d-unl", "--epochs", "1", "--workers", "2",
          "--batch-size", "4", "--loader-workers", "0", "--feature-loss", "l1",
-         "--feature-resize", "bicubic", "--kd-weight", "0"],
+         "--feature-resize", "bicubic", "--kd-weight", "0", "--feature-weight", "1"],
         env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     out = proc.stdout + proc.stderr

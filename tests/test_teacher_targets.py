@@ -285,6 +285,7 @@ def test_targets_on_s3_with_ray_tasks_and_cached_distillation(
             "--student-mag", "5x", "--storage", f"s3://{bucket}/runs", "--name", "cached",
             "--workers", "2", "--batch-size", "8", "--loader-workers", "1", "--shuffle-buffer",
             "16", "--epochs", "2", "--steps-per-epoch", "3", "--jitter", "0",
+            "--feature-weight", "1",  # the paper's term, so stored maps are read too
             "--no-teacher-eval", "--address", ray_cluster]  # fmt: skip
     summary = train_run(parse(distill.SPEC, argv))
     assert summary.epochs == 2
