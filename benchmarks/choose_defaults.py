@@ -75,7 +75,7 @@ RECIPES: dict[str, tuple[str, str, str, str]] = {
     # the teacher's colour jitter over the same space, chosen on the teacher's validation alone
     "teachers-off": ("--jitter 0", "", "", ""),
     "teachers-paper": ("--jitter 0.5,0.5,0.5,0.2", "", "", ""),
-    # the KD temperature (the paper: 1; the default: 4), students of the chosen teachers
+    # the KD temperature, students of the chosen teachers
     "kd-t1": ("", "--temperature 1", "chosen-teacher", ""),
     "kd-t2": ("", "--temperature 2", "chosen-teacher", ""),
     "kd-t4": ("", "--temperature 4", "chosen-teacher", ""),
@@ -98,6 +98,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "jitter": (JITTER_RECIPES, ("distilled", "baseline")),
     "teachers": (TEACHER_RECIPES, ("teacher",)),
     "temperature": (TEMPERATURE_RECIPES, ("distilled",)),
+    "feature-term": (("feature-term",), ()),  # its variants are chosen by choose_feature
 }
 #: the arms a choice is made for, each on its own validation score
 ARMS = ("distilled", "baseline", "teacher")
@@ -313,8 +314,7 @@ def print_choice(
     out: Path, cohorts: list[str], members: tuple[str, ...], arms: tuple[str, ...]
 ) -> None:  # fmt: skip
     """Print each arm's choice among ``members`` over ``cohorts``."""
-    names = list(members)
-    compared = [r for r in rows(out) if r["recipe"] in names and r["cohort"] in cohorts]
+    compared = [r for r in rows(out) if r["recipe"] in members and r["cohort"] in cohorts]
     for arm in arms:
         best, scores = choose(compared, arm)
         if scores and len(set(scores.values())) == 1:  # one model, or one shared by all
@@ -323,7 +323,7 @@ def print_choice(
         ranked = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(),
                                                              key=lambda kv: -kv[1]))  # fmt: skip
         print(f"{arm}: chosen on validation ({METRIC} of the {arm} arm, mean over cohorts and "
-              f"label fractions) among {', '.join(names)}: {best or '-'} "
+              f"label fractions) among {', '.join(members)}: {best or '-'} "
               f"({ranked or 'no recipe ran on every cohort'})")  # fmt: skip
 
 
@@ -332,10 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="root of the studies (one folder per cohort)")
     p.add_argument("--cohorts", default=",".join(COHORTS), help="comma list of synth cohorts")
     p.add_argument(
-        "--recipes", default=",".join(RECIPES),
+        "--recipes", default="jitter,teachers,temperature,feature-term",
         help="comma list of recipes (" + ", ".join(RECIPES) + ") and groups (" +
         "; ".join(f"{k}: {', '.join(v[0])}" for k, v in GROUPS.items()) +
-        "), each group run on every cohort before the next")  # fmt: skip
+        "), each group run on every cohort before the next; default: the protocol's order, "
+        "the students' jitter, the teacher's, the temperature, then the feature term")  # fmt: skip
     p.add_argument("--epochs", type=int, default=20, help="teachers' and students' epochs")
     p.add_argument("--table", action="store_true",
                    help="print the validation table and the choice of finished studies only")  # fmt: skip
@@ -351,8 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     for _, members, _ in [] if args.table else planned:
         for cohort in cohorts:
             for recipe in members:
-                rc = run_one(out, cohort, recipe, args.epochs, shlex.split(args.study_args),
-                             cohorts)  # fmt: skip
+                try:
+                    rc = run_one(out, cohort, recipe, args.epochs,
+                                 shlex.split(args.study_args), cohorts)  # fmt: skip
+                except ValueError as e:  # a recipe of the chosen teachers before they are chosen
+                    p.error(str(e))
                 failed += rc != 0
     print(markdown([r for r in rows(out) if r["cohort"] in cohorts]))
     for name, members, arms in planned:

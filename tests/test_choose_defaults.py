@@ -170,6 +170,7 @@ def test_teacher_jitter_then_temperature_from_the_chosen_teachers(
         ("temperature", script.TEMPERATURE_RECIPES, ("distilled",)),
         ("recipes", ("kd4",), script.ARMS),
     ]
+    assert script.groups("feature-term") == [("feature-term", ("feature-term",), ())]
     with pytest.raises(ValueError, match="unknown recipe 'kd3'"):
         script.groups("teachers,kd3")
     teacher_acc = {"defaults": 0.8, "teachers-off": 0.9, "teachers-paper": 0.7}
