@@ -142,5 +142,7 @@ def test_planner_refusals_and_kd_only_for_pooled_teachers(dataset: Path, weights
     notes: list[str] = []
     kd = _kd_only(pooled, notes)
     assert kd.loss.feature_weight == 0 and "KD only" in notes[0]
+    gridded = replace(pooled, loss=replace(pooled.loss, feature_grid=2))  # a grid goes with it
+    assert _kd_only(gridded, []).loss == replace(kd.loss, feature_grid=0)
     with pytest.raises(UsageError, match="nothing to learn"):
         _kd_only(replace(pooled, loss=replace(pooled.loss, kd_weight=0.0)), [])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -317,6 +318,11 @@ def test_cells_are_the_training_commands_configs(
     assert selftrain.loss.kd_weight == 1.0 and selftrain.loss.feature_weight == 0.0
     assert selftrain.loss.ce_weight == 1.0 and distilled.loss.ce_weight == 0.0  # label-free
     assert selftrain.loss.kd_threshold == cfg.self_training_threshold == 0.95  # FixMatch's
+    # students given a feature grid: the self-training cell turns the term off, grid and all
+    loss = {**(cfg.student_args.get("loss") or {}), "feature_grid": 2, "feature_weight": 1.0}
+    gridded = replace(cfg, student_args={**cfg.student_args, "loss": loss})
+    st_loss = cell_config(st, gridded, opts, "x", trained_teacher, recipe).loss
+    assert (st_loss.feature_weight, st_loss.feature_grid, st_loss.ce_weight) == (0.0, 0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

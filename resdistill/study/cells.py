@@ -49,7 +49,8 @@ from resdistill.study.overrides import apply_overrides
 #: what makes a distillation run self-training: the KD term (soft pseudo-labels) and
 #: cross-entropy on the labelled tiles, equally weighted; the confidence threshold is the
 #: study's (:func:`self_training_loss`)
-SELF_TRAINING_LOSS = {"loss": {"feature_weight": 0.0, "attention_weight": 0.0, "ce_weight": 1.0}}
+SELF_TRAINING_LOSS = {"loss": {"feature_weight": 0.0, "feature_grid": 0, "attention_weight": 0.0,
+                               "ce_weight": 1.0}}  # fmt: skip
 
 
 def self_training_loss(threshold: float) -> dict[str, Any]:

@@ -103,4 +103,4 @@ def _kd_only(cfg: TrainConfig, notes: list[str]) -> TrainConfig:
                          "embedding): --kd-weight 0 leaves nothing to learn")  # fmt: skip
     notes.append(f"the teacher {teacher.arch} gives no spatial feature map (only a pooled "
                  "embedding): KD only, the feature term is off")  # fmt: skip
-    return replace(cfg, loss=replace(cfg.loss, feature_weight=0.0))
+    return replace(cfg, loss=replace(cfg.loss, feature_weight=0.0, feature_grid=0))
