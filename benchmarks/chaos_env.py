@@ -39,6 +39,21 @@ _AWS = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 _AWS_UNSET = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN")
+#: Longest path Ray appends to its ``--temp-dir``: ``/session_<date>_<time>_<usec>_<7-digit pid>``
+#: then ``/sockets/dash_TaskEventsHead`` (its longest dashboard module socket).
+RAY_SUFFIX_LEN = len("/session_2026-12-07_07-47-04_400380_1234567/sockets/dash_TaskEventsHead")
+#: Linux's AF_UNIX path limit less its terminating NUL (Ray checks the same bound).
+SOCKET_PATH_MAX = 107
+
+
+def short_temp_root(base: str | None = None, leaf_len: int = 16) -> str:
+    """The folder to make the chaos temp folder in: ``base`` (default: the temp folder) when a
+    Ray session under ``<base>/<leaf_len chars>`` keeps every socket path within
+    :data:`SOCKET_PATH_MAX`, else ``/tmp``. A longer path makes a dashboard module die at start
+    ("Module ... failed to start. Received EOF from pipe")."""
+    base = base or tempfile.gettempdir()
+    fits = len(os.fsencode(base)) + leaf_len + RAY_SUFFIX_LEN <= SOCKET_PATH_MAX
+    return base if fits else "/tmp"
 
 
 def _answers(endpoint: str) -> bool:
@@ -81,7 +96,8 @@ class World:
 
     def __init__(self, workdir: Path, ray_cpus: int) -> None:
         self.workdir = workdir
-        self.tmp = Path(tempfile.mkdtemp(prefix="rdchaos-"))  # short: Ray's socket paths
+        # Ray's session lives at <tmp>/r<attempt>: short, for its socket paths (see short_temp_root)
+        self.tmp = Path(tempfile.mkdtemp(prefix="rc-", dir=short_temp_root()))
         self.ray_cpus = ray_cpus
         self.procs: list[subprocess.Popen[bytes]] = []
         self.proxy: FaultProxy | None = None
@@ -143,7 +159,7 @@ class World:
     def _start_ray(self, attempts: int = 2) -> None:
         """Start the Ray head; a head that exits while starting is started again, once: on a
         loaded machine its dashboard can die before it is up, which says nothing of the code
-        under test (attempt n logs to ``ray-<n>.log``, its session under ``ray-<n>/``)."""
+        under test (attempt n logs to ``ray-<n>.log``, its session under ``r<n>/``)."""
         port = self.address.rsplit(":", 1)[1]
         for attempt in range(1, attempts + 1):
             ports = {flag: str(free_port()) for flag in (
@@ -153,7 +169,7 @@ class World:
             cmd = [ray_bin(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                    "--port", port, "--num-cpus", str(self.ray_cpus), "--num-gpus", "0",
                    "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                   "--temp-dir", str(self.tmp / f"ray-{attempt}"), "--disable-usage-stats",
+                   "--temp-dir", str(self.tmp / f"r{attempt}"), "--disable-usage-stats",
                    *(x for kv in ports.items() for x in kv)]  # fmt: skip
             head = self._spawn(cmd, f"ray-{attempt}", self.env)
 
@@ -161,7 +177,7 @@ class World:
                 if head.poll() is not None:
                     log = (self.tmp / f"ray-{n}.log").read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"ray start failed:\n{log}")
-                return any((self.tmp / f"ray-{n}").glob("session_*/logs/raylet.out"))
+                return any((self.tmp / f"r{n}").glob("session_*/logs/raylet.out"))
 
             try:
                 wait_for(ready, timeout=180, interval=0.2, what="the Ray head to start")

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from benchmarks.chaos import COMMANDS, Chaos, CheckFailed
+from benchmarks.chaos_env import World
 from tests.fault_proxy import FaultProxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,26 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+#: What Ray appends to ``--temp-dir`` at most: its session (7-digit pid) and the longest socket.
+_RAY_SUFFIX = "/session_2026-12-07_07-47-04_400380_1234567/sockets/dash_TaskEventsHead"
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+def test_the_ray_session_fits_unix_socket_paths_under_a_long_tmpdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth: int
+) -> None:
+    """Under a nested TMPDIR (a test session's own) the head's dashboard sockets must stay within
+    Linux's 107-byte AF_UNIX limit, or a dashboard module dies at start and the head with it."""
+    base = tmp_path.joinpath(*(["nested-temp-folder"] * depth))
+    base.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr("tempfile.tempdir", str(base))
+    world = World(tmp_path / "work", ray_cpus=2)
+    try:
+        assert len(os.fsencode(str(world.tmp / "r2") + _RAY_SUFFIX)) <= 107
+    finally:
+        world.close()
 
 
 def test_a_command_past_its_bound_is_a_hang_naming_it(tmp_path: Path) -> None:
