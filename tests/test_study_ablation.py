@@ -60,6 +60,8 @@ def test_each_variant_differs_from_distilled_in_the_feature_term_alone():
     assert variant_overrides("distilled") is None
     assert default_variant(None) == "off"
     assert default_variant({"loss": {"feature_grid": 2, "feature_weight": 1.0}}) == "spatial"
+    # a partial mapping reads the rest from LossConfig: the term's default weight is 0
+    assert variant_of({}) == "off" and variant_of({"feature_weight": 1.0}) == "global"
 
 
 def test_study_options_of_the_ablation_and_the_self_training_threshold():

@@ -39,21 +39,22 @@ VARIED = ("feature_weight", "feature_grid")
 
 
 def variant_of(loss: Mapping[str, Any]) -> str:
-    """The variant a loss config (a mapping of its fields) runs: ``off`` without the feature
-    term, ``global`` on the last map, ``spatial`` on a grid."""
-    if float(loss.get("feature_weight", 1.0)) == 0:
-        return "off"
-    return "spatial" if int(loss.get("feature_grid", 0)) else "global"
-
-
-def default_variant(student_args: Mapping[str, Any] | None) -> str:
-    """The variant of the distilled cells: the loss defaults with ``student_args``' loss."""
+    """The variant a loss config (a mapping of some of its fields, the rest
+    :class:`~resdistill.config.LossConfig`'s defaults) runs: ``off`` without the feature term,
+    ``global`` on the last map, ``spatial`` on a grid."""
     from dataclasses import asdict
 
     from resdistill.config import LossConfig
 
-    loss = {**asdict(LossConfig()), **((student_args or {}).get("loss") or {})}
-    return variant_of(loss)
+    full = {**asdict(LossConfig()), **loss}
+    if float(full["feature_weight"]) == 0:
+        return "off"
+    return "spatial" if int(full["feature_grid"] or 0) else "global"
+
+
+def default_variant(student_args: Mapping[str, Any] | None) -> str:
+    """The variant of the distilled cells: the loss defaults with ``student_args``' loss."""
+    return variant_of((student_args or {}).get("loss") or {})
 
 
 def variant_overrides(kind: str) -> dict[str, Any] | None:
