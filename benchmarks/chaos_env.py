@@ -46,13 +46,17 @@ RAY_SUFFIX_LEN = len("/session_2026-12-07_07-47-04_400380_1234567/sockets/dash_T
 SOCKET_PATH_MAX = 107
 
 
-def short_temp_root(base: str | None = None, leaf_len: int = 16) -> str:
-    """The folder to make the chaos temp folder in: ``base`` (default: the temp folder) when a
-    Ray session under ``<base>/<leaf_len chars>`` keeps every socket path within
-    :data:`SOCKET_PATH_MAX`, else ``/tmp``. A longer path makes a dashboard module die at start
-    ("Module ... failed to start. Received EOF from pipe")."""
-    base = base or tempfile.gettempdir()
-    fits = len(os.fsencode(base)) + leaf_len + RAY_SUFFIX_LEN <= SOCKET_PATH_MAX
+#: What :class:`World` puts between that folder and Ray's session: ``/rc-<8 random>/r<attempt>``.
+WORLD_LEAF_LEN = len("/rc-12345678/r9")
+
+
+def short_temp_root() -> str:
+    """The folder to make the chaos temp folder in: the temp folder when a Ray session under it
+    (``WORLD_LEAF_LEN`` more characters) keeps every socket path within :data:`SOCKET_PATH_MAX`,
+    else ``/tmp``. A longer path makes a dashboard module die at start ("Module ... failed to
+    start. Received EOF from pipe")."""
+    base = tempfile.gettempdir()
+    fits = len(os.fsencode(base)) + WORLD_LEAF_LEN + RAY_SUFFIX_LEN <= SOCKET_PATH_MAX
     return base if fits else "/tmp"
 
 
