@@ -35,7 +35,7 @@ def can_share(cfg: TrainConfig) -> bool:
     return (cfg.stage == STAGE_DISTILL and cfg.teacher is not None and not d.targets
             and not any(float(v) for v in d.jitter or ()) and not any(d.hed_jitter)
             and loss.feature_resize == "maxpool" and loss.attention_weight == 0
-            and not (loss.feature_grid and loss.feature_weight > 0))  # fmt: skip
+            and not loss.feature_grid)  # fmt: skip
 
 
 def share_targets(

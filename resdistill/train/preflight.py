@@ -84,7 +84,7 @@ def _check_targets(cfg: TrainConfig, note: Callable[[str], None]) -> TrainConfig
         raise UsageError(
             "--targets stores max-pooled teacher maps: --feature-resize must be maxpool"
         )
-    if cfg.loss.feature_grid and cfg.loss.feature_weight > 0:
+    if cfg.loss.feature_grid:  # LossConfig: a grid only with the feature term on
         raise UsageError(
             "--targets stores teacher maps pooled to the student's last map: --feature-grid "
             "needs the teacher's own map; distil online (without --targets)"
