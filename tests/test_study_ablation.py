@@ -24,7 +24,9 @@ from resdistill.study.overrides import apply_overrides
 from resdistill.study.protocol import protocol_markdown, validation_rows
 from resdistill.study.results_table import check_claims
 
-GRID = Grid("10x", ("2p5x",), (1.0, 0.1), (0.0, 1.0), (0, 1), ablations=("feature-term",))
+#: the distilled cells on the paper's rule (the last map), the ablation adding off and spatial
+GRID = Grid("10x", ("2p5x",), (1.0, 0.1), (0.0, 1.0), (0, 1), ablations=("feature-term",),
+            feature_default="global")  # fmt: skip
 
 
 def test_the_ablation_adds_the_two_other_variants_at_the_top_share():
@@ -43,6 +45,8 @@ def test_the_ablation_adds_the_two_other_variants_at_the_top_share():
     assert [GRID.variant(k) for k in ("distilled", "feature-off", "baseline")] == [
         "global", "off", None]  # fmt: skip
     spatial = Grid("10x", ("2p5x",), ablations=("feature-term",), feature_default="spatial")
+    # without feature_default, the distilled cells run the loss defaults' variant (off)
+    assert Grid("10x", ("2p5x",)).variant("distilled") == default_variant(None) == "off"
     assert {c.kind for c in spatial.cells()} >= {"feature-off", "feature-global"}
     assert "feature-spatial" not in {c.kind for c in spatial.cells()}
 
@@ -105,7 +109,8 @@ def _record(kind: str, fraction: float, seed: int, correct: list[int]) -> dict:
 
 
 def test_report_compares_the_variants_paired_and_keeps_them_out_of_the_claims():
-    grid = Grid("10x", ("2p5x",), (1.0,), (1.0,), (0, 1), ablations=("feature-term",))
+    grid = Grid("10x", ("2p5x",), (1.0,), (1.0,), (0, 1), ablations=("feature-term",),
+                feature_default="global")  # fmt: skip
     good, half = [1] * 20, [1, 0] * 10
     records = {}
     for kind, correct in (("distilled", good), ("feature-off", half),

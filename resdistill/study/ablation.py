@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from resdistill.study.grid import FEATURE_KINDS, KIND_DISTILLED, Grid
+from resdistill.study.grid import FEATURE_KINDS, KIND_DISTILLED, Grid, variant_of
 
 #: the grid of the ``spatial`` variant: 2 x 2 keeps the deepest student stage under the term
 #: (stage 3 at 2.5x, stage 2 at 1.25x on 32/16 px tiles)
@@ -36,20 +36,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 #: the settings an ablation varies: a study with the ablation may not fix them
 VARIED = ("feature_weight", "feature_grid")
-
-
-def variant_of(loss: Mapping[str, Any]) -> str:
-    """The variant a loss config (a mapping of some of its fields, the rest
-    :class:`~resdistill.config.LossConfig`'s defaults) runs: ``off`` without the feature term,
-    ``global`` on the last map, ``spatial`` on a grid."""
-    from dataclasses import asdict
-
-    from resdistill.config import LossConfig
-
-    full = {**asdict(LossConfig()), **loss}
-    if float(full["feature_weight"]) == 0:
-        return "off"
-    return "spatial" if int(full["feature_grid"] or 0) else "global"
 
 
 def default_variant(student_args: Mapping[str, Any] | None) -> str:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 KIND_TEACHER, KIND_BASELINE, KIND_DISTILLED = "teacher", "baseline", "distilled"
 KIND_SAME_RES_TEACHER, KIND_SAME_RES = "same-res-teacher", "same-res-distilled"
@@ -123,6 +124,20 @@ class Arm:
         return f"{self.kind}-{self.mag}-l{self.label_fraction:g}"
 
 
+def variant_of(loss: Mapping[str, Any]) -> str:
+    """The feature term's variant a loss config (a mapping of some of its fields, the rest
+    :class:`~resdistill.config.LossConfig`'s defaults) runs: ``off`` without the feature term,
+    ``global`` on the last map, ``spatial`` on a grid."""
+    from dataclasses import asdict
+
+    from resdistill.config import LossConfig
+
+    full = {**asdict(LossConfig()), **loss}
+    if float(full["feature_weight"]) == 0:
+        return "off"
+    return "spatial" if int(full["feature_grid"] or 0) else "global"
+
+
 @dataclass(frozen=True)
 class Grid:
     """The study's axes; ``given`` maps a label fraction to a teacher checkpoint given by the
@@ -136,7 +151,8 @@ class Grid:
     given: Mapping[float, str] = field(default_factory=dict)
     controls: tuple[str, ...] = ()
     ablations: tuple[str, ...] = ()
-    feature_default: str = "global"  # the feature term's variant the distilled cells run
+    #: the feature term's variant the distilled cells run (default: the loss defaults')
+    feature_default: str = field(default_factory=lambda: variant_of({}))
 
     @property
     def kinds(self) -> tuple[str, ...]:
