@@ -42,8 +42,8 @@ class PredictConfig:
         DEFAULT_HEATMAP_PX, "long side in pixels of the slide picture under the heatmaps"
     )
     batch_size: int | None = opt(
-        None, "tiles per inference batch (default: 64 for tiles of 56 px or more, else as many "
-        "pixels as 64 such tiles: 256 at 28 px)")  # fmt: skip
+        None, "tiles per inference batch (default: as many pixels as 64 tiles of 56 px, 4 to "
+        "1024 tiles: 256 at 28 px, 4 at 224 px; at least 64 on a GPU)")  # fmt: skip
     min_tissue: float | None = opt(
         None, "minimum tissue fraction of a region (default: the one the model's dataset was "
         "sharded with; 0.5 for a checkpoint without a read chain)")  # fmt: skip

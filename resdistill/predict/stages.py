@@ -119,7 +119,8 @@ def read_escalated(
 class Scorer:
     """An inference actor: ``p = softmax(model((stain(tile / 255) - mean) / std))``, ``stain``
     the checkpoint's stain normalisation (identity without one), ``mean``, ``std`` its
-    :func:`resdistill.checkpoint.normalization_of`, for the rows of a
+    :func:`resdistill.checkpoint.normalization_of`, ``model`` the forward pass of
+    :func:`resdistill.predict.cpu_forward.scoring_forward` (TorchScript on a CPU), for the rows of a
     batch without an error (and, with ``only``, where that bool column is set); other rows get
     zeros. ``tiles`` is replaced by ``probs``; worker seconds are added to ``seconds``."""
 
@@ -135,6 +136,9 @@ class Scorer:
         self.device = device
         self.model = load_model(checkpoint, device=device)
         self.net = self.model.model.eval().to(device)
+        # set at the first batch, from its tile size (cpu_forward.scoring_forward)
+        self.forward: Any = None
+        self.layout: Any = None
         mean, std = normalization_of(self.model)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -154,12 +158,18 @@ class Scorer:
             rows &= batch[self.only]
         probs = np.zeros((len(batch["slide"]), len(self.model.classes)), np.float32)
         if rows.any():
+            if self.forward is None:
+                from resdistill.predict.cpu_forward import scoring_forward
+
+                px = batch[self.tiles].shape[1]
+                self.forward, self.layout = scoring_forward(self.net, px, self.device)
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(batch[self.tiles][rows]))
                 x = x.to(self.device).permute(0, 3, 1, 2).float() / 255.0
                 if self.stain is not None:
                     x = self.stain(x)
-                logits, _ = self.net((x - self.mean) / self.std)
+                x = ((x - self.mean) / self.std).contiguous(memory_format=self.layout)
+                logits, _ = self.forward(x)
                 probs[rows] = torch.softmax(logits.float(), dim=1).cpu().numpy()
         out = {k: v for k, v in batch.items() if k != self.tiles}
         out[self.probs] = probs
