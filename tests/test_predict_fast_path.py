@@ -135,3 +135,22 @@ def test_a_worker_opens_a_slide_once_and_never_reads_a_changed_file(
         assert len(opens) == 2
     finally:
         slide_handles.release_all()
+
+
+def test_read_plans_are_light_and_described_in_one_line(slide40: Path) -> None:
+    """The read stages' plans carry no background, look up by slide id, and are what Ray Data's
+    description of a stage's arguments prints in one line, not every region's numbers."""
+    from collections.abc import Mapping
+
+    from ray.data._internal.metadata_exporter import sanitize_for_struct
+
+    from resdistill.predict.slide_plan import ReadPlans
+
+    plan = plan_slide("s", str(slide40), CHAINS["2.5x native (16x level, half-pixel phase)"], 400)
+    plans = ReadPlans({"s": plan, "t": plan})
+    assert len(plans) == 2 and plans["s"].background.size == 0 and plan.background.size > 0
+    assert np.array_equal(plans["t"].xs, plan.xs) and plans["s"].n_tiles == plan.n_tiles
+    assert not isinstance(plans, Mapping)
+    assert sanitize_for_struct({"plans": plans}) == {"plans": "ReadPlans(2 slides)"}
+    # what a mapping of the plans was described as: every array printed
+    assert len(str(sanitize_for_struct({"s": plan.light()}))) > 20 * plan.n_tiles

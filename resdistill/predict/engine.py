@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from resdistill.predict.slide_plan import PlanFailure, SlidePlan, plan_slide
+from resdistill.predict.slide_plan import PlanFailure, ReadPlans, SlidePlan, plan_slide
 from resdistill.predict.stages import ReadScorer, Scorer, read_chunks, read_escalated
 from resdistill.read_chain import ReadChain
 
@@ -200,7 +200,7 @@ def _dataset(plans: Mapping[str, SlidePlan], cfg: EngineConfig) -> Any:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the command shows its own progress
     ctx.print_on_execution_start = False
-    light = {sid: p.light() for sid, p in plans.items()}
+    light = ReadPlans(plans)
     # Read tasks reserve memory for OpenSlide's caches and a chunk of regions; asking for it
     # also keeps Ray Data from fusing reading into the inference actors (other resources).
     # Ray 2.60 names no parameter for a task's retries: ``max_retries`` goes as a remote arg

@@ -19,7 +19,7 @@ A :class:`SlidePlan` holds only the kept regions; :meth:`SlidePlan.grid` hands a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from sharding.regions import RegionGrid
     from sharding.slide import SlideInfo
 
-__all__ = ["PlanFailure", "SlidePlan", "opened_slide", "plan_slide"]
+__all__ = ["PlanFailure", "ReadPlans", "SlidePlan", "opened_slide", "plan_slide"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,26 @@ class SlidePlan:
             info=self.info, size0=self.size0, xs=self.xs[pos], ys=self.ys[pos],
             tissue=self.tissue[pos], keep=np.ones(pos.size, bool), mask=None,  # type: ignore[arg-type]
         )  # fmt: skip
+
+
+class ReadPlans:
+    """The light plans (:meth:`SlidePlan.light`) of a wave's slides, by slide id, as the read
+    stages receive them. Deliberately not a ``Mapping`` nor a dataclass: Ray Data describes
+    every stage's arguments for its dashboard when a dataset starts (recursing into mappings
+    and dataclasses, printing each numpy array in full), which cost the driver about 20 ms per
+    slide of a wave; this object it prints as its one-line ``repr``."""
+
+    def __init__(self, plans: Mapping[str, SlidePlan]) -> None:
+        self._plans = {sid: p.light() for sid, p in plans.items()}
+
+    def __getitem__(self, sid: str) -> SlidePlan:
+        return self._plans[sid]
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def __repr__(self) -> str:
+        return f"ReadPlans({len(self._plans)} slides)"
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from resdistill.predict.slide_plan import SlidePlan
+    from resdistill.predict.slide_plan import ReadPlans, SlidePlan
     from resdistill.read_chain import ReadChain
 
 Batch = dict[str, np.ndarray]
@@ -65,7 +64,7 @@ def _failure(plan: SlidePlan, exc: Exception) -> str:
     return str(exc) if isinstance(exc, SlideError) else f"{plan.path}: reading failed ({exc})"
 
 
-def read_chunks(batch: Batch, *, plans: Mapping[str, SlidePlan], chain: ReadChain) -> Batch:
+def read_chunks(batch: Batch, *, plans: ReadPlans, chain: ReadChain) -> Batch:
     """Chunks ``{slide, start, stop}`` of kept regions -> one row per tile, or one error row
     (``n = stop - start``) per chunk that cannot be read."""
     out: dict[str, list[Any]] = {k: [] for k in ("slide", "pos", "n", "error", "seconds", "tile")}
@@ -91,9 +90,7 @@ def read_chunks(batch: Batch, *, plans: Mapping[str, SlidePlan], chain: ReadChai
     }  # fmt: skip
 
 
-def read_escalated(
-    batch: Batch, *, plans: Mapping[str, SlidePlan], chain: ReadChain, threshold: float
-) -> Batch:
+def read_escalated(batch: Batch, *, plans: ReadPlans, chain: ReadChain, threshold: float) -> Batch:
     """Marks the rows the cascade escalates (``esc``: the student's top probability under
     ``threshold``, :func:`resdistill.cascade.rules.escalate`) and reads their regions through the
     teacher's ``chain`` into ``ttile`` (zeros for the other rows)."""
@@ -186,7 +183,7 @@ class ReadScorer(Scorer):
     a small student's partly reading) and sends no tile between processes."""
 
     def __init__(
-        self, checkpoint: str, device: str, plans: Mapping[str, SlidePlan], chain: ReadChain,
+        self, checkpoint: str, device: str, plans: ReadPlans, chain: ReadChain,
         batch_size: int,
     ) -> None:  # fmt: skip
         super().__init__(checkpoint, device)
