@@ -77,9 +77,9 @@ class SlidePlan:
 class ReadPlans:
     """The light plans (:meth:`SlidePlan.light`) of a wave's slides, by slide id, as the read
     stages receive them. Deliberately not a ``Mapping`` nor a dataclass: Ray Data describes
-    every stage's arguments for its dashboard when a dataset starts (recursing into mappings
-    and dataclasses, printing each numpy array in full), which cost the driver about 20 ms per
-    slide of a wave; this object it prints as its one-line ``repr``."""
+    every stage's arguments for its dashboard when a dataset starts, recursing into mappings
+    and dataclasses and printing each numpy array in full (every region's coordinates, in the
+    driver, for every slide of a wave); this object it prints as its one-line ``repr``."""
 
     def __init__(self, plans: Mapping[str, SlidePlan]) -> None:
         self._plans = {sid: p.light() for sid, p in plans.items()}
