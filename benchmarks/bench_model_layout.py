@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -41,18 +40,12 @@ def tiles_per_cpu_s(
 
 
 def cell(net: Any, x: Any, fmt: Any, jit: bool) -> Callable[[Any], Any]:
-    """``net`` in memory format ``fmt``, eager or (``jit``) traced on ``x``, frozen and optimised
-    for inference by TorchScript."""
-    import torch
+    """``net`` in memory format ``fmt``, eager or (``jit``) as predict traces it
+    (:func:`resdistill.predict.cpu_forward.torchscript`) on ``x``."""
+    from resdistill.predict.cpu_forward import torchscript
 
     net.to(memory_format=fmt)
-    if not jit:
-        return net
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation
-        return torch.jit.optimize_for_inference(
-            torch.jit.freeze(torch.jit.trace(net, x, check_trace=False))
-        )
+    return torchscript(net, x) if jit else net
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["AGREE_ATOL", "NHWC_FROM_PX", "TRACE_MAX_PARAMS", "layout_for", "scoring_forward"]
+__all__ = [
+    "AGREE_ATOL", "NHWC_FROM_PX", "TRACE_MAX_PARAMS", "layout_for", "scoring_forward", "torchscript",
+]  # fmt: skip
 
 #: Eager tiles of at least this many pixels a side are scored in NHWC on a CPU, smaller in NCHW.
 NHWC_FROM_PX = 112
@@ -56,18 +58,26 @@ def layout_for(tile_px: int, device: str) -> Any:
     return torch.channels_last if tile_px >= NHWC_FROM_PX else torch.contiguous_format
 
 
+def torchscript(net: Any, example: Any) -> Any:
+    """``net`` (eval mode) traced on the batch ``example``, frozen and optimised for inference
+    by TorchScript, its deprecation and tracer warnings silenced. Raises what tracing raises."""
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, example, check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
 def _traced(net: Any, tile_px: int) -> Any:
-    """``net`` traced on 2 blank tiles, frozen and optimised for inference, or ``None`` when
-    that fails or disagrees with ``net`` on 3 random tiles (another batch size on purpose)."""
+    """:func:`torchscript` of ``net`` on 2 blank tiles, or ``None`` when that fails or disagrees
+    with ``net`` on 3 random tiles (another batch size on purpose)."""
     import torch
 
     try:
+        module = torchscript(net, torch.zeros(2, 3, tile_px, tile_px))
         with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer warnings
-            example = torch.zeros(2, 3, tile_px, tile_px)
-            module = torch.jit.optimize_for_inference(
-                torch.jit.freeze(torch.jit.trace(net, example, check_trace=False))
-            )
+            warnings.simplefilter("ignore")  # a traced module's first calls may warn too
             x = torch.rand(3, 3, tile_px, tile_px, generator=torch.Generator().manual_seed(0))
             want, got = net(x), module(x)
             if not torch.allclose(got[0], want[0], rtol=0.0, atol=AGREE_ATOL):
