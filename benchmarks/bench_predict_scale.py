@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
 
-    from bench_rows import row
+    from bench_rows import cpu_model, row
 
     from sharding.ray_cluster import ray_init
 
@@ -302,14 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     rows, res = scale_rows(ckpts, slides, work, small=args.small, read=args.read,
                            pictures=not args.no_heatmaps, row=row)  # fmt: skip
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"{os.cpu_count()} cores, load average {load}; Ray start {ray_start:.1f}s; per slide "
+    print(f"{os.cpu_count()} cores ({cpu_model()}), load average {load}; Ray start "
+          f"{ray_start:.1f}s; per slide "
           f"(CPU, one process): planning {costs['plan_ms']:.0f} ms, heatmaps "
           f"{costs['heatmaps_ms']:.0f} ms")  # fmt: skip
     for r in rows:
         print(f"{r['row']}: {r['ratio']:.2f}x ({r['target']}); {r['note']}")
     if args.json:
         doc = {"rows": rows, "runs": res, "costs": costs, "ray_start_s": ray_start,
-               "loadavg": os.getloadavg(), "cores": os.cpu_count(), "args": vars(args)}  # fmt: skip
+               "loadavg": os.getloadavg(), "cores": os.cpu_count(), "cpu": cpu_model(),
+               "args": vars(args)}  # fmt: skip
         Path(args.json).write_text(json.dumps(doc, indent=1))
     import ray
 

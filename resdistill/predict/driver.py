@@ -278,7 +278,7 @@ def _engine_config(cfg: PredictConfig, setup: Setup, resources: dict) -> Any:
     on CPU without the cascade one actor per CPU that reads and scores (``fused``); with the
     cascade a quarter of the CPUs per model, each actor asking for less than a CPU when whole
     CPUs would leave none to reading."""
-    from resdistill.predict.engine import CHUNK_TILES, Cascade, EngineConfig
+    from resdistill.predict.engine import Cascade, EngineConfig, chunk_limit
 
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     device = resolve_device(cfg.device, gpus)
@@ -298,5 +298,6 @@ def _engine_config(cfg: PredictConfig, setup: Setup, resources: dict) -> Any:
         checkpoint=setup.model.url, chain=setup.chain, classes=tuple(setup.model.classes),
         device=device, actors=actors, actor_cpus=actor_cpus, batch_size=batch,
         heatmap_px=cfg.heatmap_px if setup.pictures else 0, cascade=cascade, fused=fused,
-        chunk_tiles=max(CHUNK_TILES, batch), s3_reads=cfg.s3_reads,
+        chunk_tiles=chunk_limit(setup.chain.tile_px, batch), s3_reads=cfg.s3_reads,
+        readers=actors if fused else cpus,
     )  # fmt: skip

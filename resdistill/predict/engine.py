@@ -5,7 +5,7 @@ the driver holds a bounded number of plans and heatmap backgrounds whatever the 
 
 1. plan every slide as a Ray task (:func:`resdistill.predict.slide_plan.plan_slide`); a slide
    that cannot be planned is reported at once;
-2. one Ray Data dataset over chunks of ``chunk_tiles`` kept regions, each block holding
+2. one Ray Data dataset over chunks of kept regions (:func:`chunk_size`), each block holding
    chunks of one slide only (``from_arrow``), then either (``fused``, the CPU default) one
    stage, :class:`~resdistill.predict.stages.ReadScorer` in a pool of ``actors`` actors that
    read and score their chunks (every core on whatever the model needs, no tile sent between
@@ -44,12 +44,15 @@ from resdistill.read_chain import ReadChain
 
 __all__ = [
     "CHUNK_TILES", "READ_RETRIES", "WAVE_SLIDES", "Cascade", "EngineConfig", "SlideResult",
-    "run_engine",
+    "chunk_limit", "chunk_size", "run_engine",
 ]  # fmt: skip
 
-#: Regions read by one read call, at least (a chunk is one slide's; ``chunk_tiles``): each
-#: chunk costs a call and a result block's bookkeeping, so few large chunks beat many small ones.
+#: A chunk (the regions of one slide read by one call) holds at most as many pixels as this many
+#: tiles of 224 px: its tiles are held in memory at once (38 MB of RGB).
 CHUNK_TILES = 256
+#: Chunks a wave is cut into per reading process, at least, where its slides allow
+#: (:func:`chunk_size`).
+CHUNKS_PER_READER = 4
 #: Retries of a read task whose worker process died, before its slide is given up (failed).
 #: Ray's memory monitor kills follow Ray's own OOM policy, which fails a task rather than loop.
 READ_RETRIES = 2
@@ -84,7 +87,8 @@ class EngineConfig:
     cascade: Cascade | None = None
     fused: bool = False  # read and score in the same actors (module docstring)
     s3_reads: str = "copy"  # how s3:// slides are read (PredictConfig.s3_reads)
-    chunk_tiles: int = CHUNK_TILES  # regions per read call (and per fused model call, at most)
+    chunk_tiles: int = CHUNK_TILES  # regions per read call, at most (chunk_size)
+    readers: int = 1  # processes reading chunks at once: the fused actors, or the read tasks
 
 
 @dataclass
@@ -168,25 +172,47 @@ def _as_completed(ray: Any, refs: list[Any]) -> Iterator[Any]:
         yield from done
 
 
-def _blocks(plans: Mapping[str, SlidePlan], chunk: int = CHUNK_TILES) -> list[Any]:
-    """The wave's chunks ``{slide, start, stop}`` of ``chunk`` regions as Arrow tables, every block
-    holding chunks of one slide only (so a block given up fails one slide, never its
-    neighbours), about :data:`MAX_BLOCKS` blocks at most."""
+def chunk_size(total: int, most: int, readers: int, least: int) -> int:
+    """Regions per chunk of a wave of ``total`` regions: ``ceil(total / (readers x``
+    :data:`CHUNKS_PER_READER` ``))`` within ``[least, most]``. Every chunk costs a call and a
+    result block's bookkeeping, so few large chunks beat many small ones once every reading
+    process has several to take (a wave of a few slides is still spread over all of them);
+    ``most`` bounds the tiles held at once, ``least`` is a model call's batch."""
+    spread = -(-total // max(1, readers * CHUNKS_PER_READER))
+    return max(1, least, min(most, spread))
+
+
+def chunk_limit(tile_px: int, batch: int) -> int:
+    """The most regions of ``tile_px`` in a chunk: as many pixels as :data:`CHUNK_TILES` tiles
+    of 224 px, and at least one model call's ``batch``."""
+    return max(batch, CHUNK_TILES * 224 * 224 // (tile_px * tile_px))
+
+
+def _blocks(plans: Mapping[str, SlidePlan], cfg: EngineConfig) -> list[Any]:
+    """The wave's chunks ``{slide, start, stop}`` as Arrow tables (:func:`chunk_size`; a slide's
+    regions in chunks of equal size, give or take one), every block holding chunks of one slide
+    only (so a block given up fails one slide, never its neighbours), about :data:`MAX_BLOCKS`
+    blocks at most."""
     import pyarrow as pa
 
-    total = sum(-(-p.n_tiles // chunk) for p in plans.values())
-    per_block = max(1, -(-total // MAX_BLOCKS))
-    blocks = []
+    size = chunk_size(
+        sum(p.n_tiles for p in plans.values()), cfg.chunk_tiles, cfg.readers, cfg.batch_size
+    )
+    bounds = {}
     for sid, p in plans.items():
-        starts = list(range(0, p.n_tiles, chunk))
-        for i in range(0, len(starts), per_block):
-            group = starts[i : i + per_block]
+        edges = np.linspace(0, p.n_tiles, -(-p.n_tiles // size) + 1).round().astype(np.int64)
+        bounds[sid] = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+    per_block = max(1, -(-sum(len(b) for b in bounds.values()) // MAX_BLOCKS))
+    blocks = []
+    for sid, chunks in bounds.items():
+        for i in range(0, len(chunks), per_block):
+            group = chunks[i : i + per_block]
             blocks.append(
                 pa.table(
                     {
                         "slide": pa.array([sid] * len(group), pa.string()),
-                        "start": pa.array(group, pa.int64()),
-                        "stop": pa.array([min(s + chunk, p.n_tiles) for s in group], pa.int64()),
+                        "start": pa.array([a for a, _ in group], pa.int64()),
+                        "stop": pa.array([b for _, b in group], pa.int64()),
                     }
                 )  # fmt: skip
             )
@@ -209,7 +235,7 @@ def _dataset(plans: Mapping[str, SlidePlan], cfg: EngineConfig) -> Any:
         "batch_format": "numpy", "num_cpus": 1, "memory": READ_TASK_MEMORY,
         "max_retries": READ_RETRIES,
     }  # fmt: skip
-    ds = ray.data.from_arrow(_blocks(plans, cfg.chunk_tiles))
+    ds = ray.data.from_arrow(_blocks(plans, cfg))
     if cfg.fused:
         ds = ds.map_batches(
             ReadScorer, batch_size=1, batch_format="numpy",
