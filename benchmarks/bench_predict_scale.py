@@ -139,6 +139,7 @@ class CpuMeter:
         import threading
 
         self.every, self._stop, self._seen, self._kind = every, threading.Event(), {}, {}
+        self._titles: dict[tuple[int, float], set[str]] = {}  # a worker's title changes
         self.own_s = 0.0  # CPU seconds of the sampling thread, not counted in cpu_s
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -149,8 +150,9 @@ class CpuMeter:
         for p in [me, *me.children(recursive=True)]:
             try:
                 key = (p.pid, p.create_time())
+                line = " ".join(p.cmdline())
+                self._titles.setdefault(key, set()).add(line.split(" ", 1)[0])
                 if key not in self._kind:
-                    line = " ".join(p.cmdline())
                     daemon = any(d in line for d in RAY_DAEMONS) and not (
                         line.startswith("ray::") or "default_worker.py" in line
                     )  # a worker's command line names the dashboard's port too
@@ -186,6 +188,24 @@ class CpuMeter:
         work = sum(b - a for k, (a, b) in self._seen.items() if self._kind.get(k) == "work")
         return work - self.own_s
 
+    @property
+    def by_process(self) -> dict[str, float]:
+        """:attr:`cpu_s` by kind of process: ``driver`` (this process, less the meter),
+        ``actors`` (Ray Data's actors: predict's inference), ``tasks`` (Ray's other workers:
+        planning, read tasks), ``ray`` (Ray's daemons), from the titles Ray gives its workers."""
+        import os
+
+        out = dict.fromkeys(("driver", "actors", "tasks", "ray"), 0.0)
+        for key, (first, last) in self._seen.items():
+            titles = " ".join(self._titles.get(key, ()))
+            kind = (
+                "driver" if key[0] == os.getpid() else "ray" if self._kind.get(key) == "ray"
+                else "actors" if "MapWorker" in titles else "tasks"
+            )  # fmt: skip
+            out[kind] += last - first
+        out["driver"] -= self.own_s
+        return out
+
 
 #: Command-line marks of Ray's own daemons (raylet, GCS, dashboard, monitors, agents).
 RAY_DAEMONS = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env")
@@ -201,7 +221,8 @@ def scale_rows(
     student's end-to-end slides/hour over the teacher's (all slides) and its per-slide ratio."""
     extra = ("--read", read, *(() if pictures else ("--heatmap", "none")))
     n, runs = len(slides), 0
-    res: dict[str, dict[str, float]] = {}
+    res: dict[str, dict[str, Any]] = {}
+    parts: dict[tuple[str, int], dict[str, float]] = {}
 
     def run(mag: str, count: int) -> float:
         nonlocal runs
@@ -212,6 +233,7 @@ def scale_rows(
         shutil.rmtree(out, ignore_errors=True)
         log(f"  {mag}: {count} slides, {got['tiles']} tiles in {got['wall_s']:.1f}s, "
             f"{cpu.cpu_s:.1f} CPU s ({cpu.work_cpu_s:.1f} s outside Ray's daemons)")  # fmt: skip
+        parts[(mag, count)] = cpu.by_process
         return got["wall_s"], cpu.cpu_s, cpu.work_cpu_s
 
     run(list(ckpts)[-1], 1)  # warm-up: Ray Data's first dataset, the workers' imports
@@ -223,7 +245,11 @@ def scale_rows(
                     "slides_per_hour": 3600.0 * n / full, "cpu_s": full_cpu,
                     "cpu_per_slide_s": per_cpu, "cpu_fixed_s": few_cpu - small * per_cpu,
                     "work_cpu_s": full_work, "work_cpu_per_slide_s": per_work,
-                    "work_cpu_fixed_s": few_work - small * per_work}  # fmt: skip
+                    "work_cpu_fixed_s": few_work - small * per_work,
+                    "cpu_per_slide_by_process_s": {
+                        k: (v - parts[(mag, small)][k]) / (n - small)
+                        for k, v in parts[(mag, n)].items()
+                    }}  # fmt: skip
     teacher = res[next(iter(ckpts))]
     rows = []
     what = "heatmaps on" if pictures else "--heatmap none"
@@ -308,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{costs['heatmaps_ms']:.0f} ms")  # fmt: skip
     for r in rows:
         print(f"{r['row']}: {r['ratio']:.2f}x ({r['target']}); {r['note']}")
+    for mag, r in res.items():
+        split = ", ".join(f"{k} {v:.3f}" for k, v in r["cpu_per_slide_by_process_s"].items())
+        print(f"{display(mag)}: CPU s per slide by process: {split}")
     if args.json:
         doc = {"rows": rows, "runs": res, "costs": costs, "ray_start_s": ray_start,
                "loadavg": os.getloadavg(), "cores": os.cpu_count(), "cpu": cpu_model(),
