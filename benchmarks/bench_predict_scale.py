@@ -185,8 +185,7 @@ class CpuMeter:
     def work_cpu_s(self) -> float:
         """:attr:`cpu_s` less Ray's own daemons (:data:`RAY_DAEMONS`), whose CPU grows with the
         wall time a run lasts (their polling), so with the machine's load."""
-        work = sum(b - a for k, (a, b) in self._seen.items() if self._kind.get(k) == "work")
-        return work - self.own_s
+        return self.cpu_s - self.by_process["ray"]
 
     @property
     def by_process(self) -> dict[str, float]:

@@ -44,3 +44,4 @@ def test_cpu_by_process_sums_to_the_total_and_names_the_child() -> None:
     # (the test session's own Ray cluster and S3 server are children too: their CPU, if any,
     # lands in "ray" and "tasks")
     assert sum(parts.values()) == pytest.approx(cpu.cpu_s)
+    assert cpu.work_cpu_s == pytest.approx(cpu.cpu_s - parts["ray"])
